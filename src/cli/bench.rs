@@ -1,0 +1,110 @@
+//! `kfrtrl bench`: prints one line (table row or JSON object) per configuration.
+
+use clap::Args;
+
+use kfrtrl::bench::{BenchConfig, run as run_bench};
+use kfrtrl::core::{CellKind, LearnerKind, ModelConfig, OptimizerKind};
+
+/// Flags of `kfrtrl bench`; every list flag takes comma-separated values.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Cells: tanh, rhn, lstm.
+    #[arg(long, value_delimiter = ',', default_value = "tanh", value_parser = parse_cell)]
+    cell: Vec<CellKind>,
+    /// Hidden sizes.
+    #[arg(long, value_delimiter = ',', default_value = "64,128,256")]
+    hidden: Vec<usize>,
+    /// Streams stepped together.
+    #[arg(long, value_delimiter = ',', default_value = "1,32")]
+    batch: Vec<usize>,
+    /// Learners: kf-rtrl, uoro, rtrl, tbptt[:K], frozen.
+    #[arg(long, value_delimiter = ',', default_value = "kf-rtrl")]
+    learner: Vec<String>,
+    /// Optimizer: sgd (as the peer benchmarks) or adam (the service default).
+    #[arg(long, default_value = "sgd", value_parser = parse_optimizer)]
+    optimizer: OptimizerKind,
+    /// Vocabulary size.
+    #[arg(long, default_value_t = 256)]
+    vocab: usize,
+    /// Repetitions per configuration (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// Seconds per repetition.
+    #[arg(long, default_value_t = 1.0)]
+    seconds: f64,
+    /// Threads for the GEMM and per-stream work (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// One JSON object per configuration on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_cell(s: &str) -> Result<CellKind, String> {
+    CellKind::parse(s).ok_or_else(|| format!("unknown cell {s:?} (tanh, rhn, lstm)"))
+}
+
+fn parse_optimizer(s: &str) -> Result<OptimizerKind, String> {
+    OptimizerKind::parse(s).ok_or_else(|| format!("unknown optimizer {s:?} (adam, sgd)"))
+}
+
+/// Parses `kf-rtrl`, `uoro`, `rtrl`, `frozen`, `tbptt` or `tbptt:K`.
+pub fn parse_learner(s: &str) -> Result<(LearnerKind, Option<usize>), String> {
+    if let Some(k) = s.strip_prefix("tbptt:") {
+        let k: usize = k.parse().map_err(|_| format!("bad window in {s:?}"))?;
+        return Ok((LearnerKind::Tbptt, Some(k)));
+    }
+    LearnerKind::parse(s)
+        .map(|l| (l, None))
+        .ok_or_else(|| format!("unknown learner {s:?} (kf-rtrl, uoro, rtrl, tbptt:K, frozen)"))
+}
+
+pub fn run(args: BenchArgs) -> Result<(), String> {
+    if let Some(t) = args.threads {
+        rayon::ThreadPoolBuilder::new().num_threads(t).build_global().map_err(|e| e.to_string())?;
+    }
+    if !args.json {
+        println!(
+            "{:<5} {:<8} {:>6} {:>5} {:>12} {:>12} {:>12} {:>8} {:>8} {:>6}",
+            "cell", "learner", "hidden", "batch", "tokens/s", "min", "max", "GFLOP/s", "peak", "%peak"
+        );
+    }
+    for &cell in &args.cell {
+        for learner in &args.learner {
+            let (learner, window) = parse_learner(learner)?;
+            for &hidden in &args.hidden {
+                for &batch in &args.batch {
+                    let model = ModelConfig {
+                        vocab_size: args.vocab,
+                        cell,
+                        hidden,
+                        learner,
+                        tbptt_window: window.unwrap_or(25),
+                        optimizer: args.optimizer,
+                        ..ModelConfig::default()
+                    };
+                    let cfg = BenchConfig { model, batch, reps: args.reps, rep_seconds: args.seconds };
+                    let r = run_bench(&cfg).map_err(|e| e.to_string())?;
+                    if args.json {
+                        println!("{}", serde_json::to_string(&r).map_err(|e| e.to_string())?);
+                    } else {
+                        println!(
+                            "{:<5} {:<8} {:>6} {:>5} {:>12.0} {:>12.0} {:>12.0} {:>8.1} {:>8.1} {:>5.0}%",
+                            r.cell,
+                            r.learner,
+                            r.hidden,
+                            r.batch,
+                            r.tokens_per_sec,
+                            r.tokens_per_sec_min,
+                            r.tokens_per_sec_max,
+                            r.gflops,
+                            r.peak_gflops,
+                            100.0 * r.fraction_of_peak
+                        );
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}

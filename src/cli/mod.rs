@@ -1,0 +1,36 @@
+//! Command-line parsing and the subcommands' front ends.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod bench;
+
+/// Online next-token learning with Kronecker-factored RTRL.
+#[derive(Debug, Parser)]
+#[command(name = "kfrtrl", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Measure the throughput of one online learning step.
+    Bench(bench::BenchArgs),
+}
+
+/// Parses the command line and runs the subcommand.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Bench(args) => bench::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kfrtrl: {e}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,232 @@
+//! Recurrent cells of the KF-RTRL class (KF-RTRL.md §1): every pre-activation is one affine map
+//! `z^q = W^q a_t` of the shared vector `a_t = [x_t; h_{t-1}; 1]`, and the state update is
+//! element-wise in the pre-activations.
+//!
+//! A cell's state has `k` blocks of `n` units (tanh and RHN: `[h]`; LSTM: `[c; h]`); the last block
+//! is `h`, the part that feeds `a_t` and the readout. Besides the next state, [`CellKind::forward`]
+//! returns the element-wise derivatives that define the influence recursion:
+//! - `d[(blk·r + q)·n + j] = ∂state[blk·n + j] / ∂z^q_j` (the diagonal blocks of `D_t`),
+//! - `carry[(bi·k + bj)·n + j] = ∂state[bi·n + j] / ∂state_prev[bj·n + j]` holding the recurrent
+//!   weights fixed (the element-wise part of `H_t`; the rest is `Σ_q diag(D^q) W^q_h`).
+
+use serde::{Deserialize, Serialize};
+
+use super::float::Float;
+
+/// The recurrent cell of a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CellKind {
+    /// `h_t = tanh(W a_t)`.
+    Tanh,
+    /// One-layer Recurrent Highway Network with coupled gates (KF-RTRL.md §2.3):
+    /// `c = 2σ(z_c) − 1`, `f = σ(z_f)`, `h_t = f⊙h_{t-1} + (1−f)⊙c`; gate order `[c, f]`.
+    Rhn,
+    /// LSTM with state `(c, h)` (KF-RTRL.md §2.2); gate order `[i, f, o, g]`.
+    Lstm,
+}
+
+impl CellKind {
+    /// All cells, for tests and reports.
+    pub const ALL: [CellKind; 3] = [CellKind::Tanh, CellKind::Rhn, CellKind::Lstm];
+
+    /// Number of weight matrices `r` (gates), each `n × m`.
+    pub fn gates(self) -> usize {
+        match self {
+            CellKind::Tanh => 1,
+            CellKind::Rhn => 2,
+            CellKind::Lstm => 4,
+        }
+    }
+
+    /// Number of `n`-unit blocks in the state (`k`); the last one is `h`.
+    pub fn state_blocks(self) -> usize {
+        match self {
+            CellKind::Tanh | CellKind::Rhn => 1,
+            CellKind::Lstm => 2,
+        }
+    }
+
+    /// The wire name (`tanh`, `rhn`, `lstm`).
+    pub fn name(self) -> &'static str {
+        match self {
+            CellKind::Tanh => "tanh",
+            CellKind::Rhn => "rhn",
+            CellKind::Lstm => "lstm",
+        }
+    }
+
+    /// Parses a wire name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "tanh" => Some(CellKind::Tanh),
+            "rhn" => Some(CellKind::Rhn),
+            "lstm" => Some(CellKind::Lstm),
+            _ => None,
+        }
+    }
+
+    /// Advances one state: `z` holds the `r·n` pre-activations, `prev` and `next` the `k·n` states;
+    /// `d` (`k·r·n`) and `carry` (`k·k·n`) receive the derivatives described in the module docs.
+    pub fn forward<T: Float>(
+        self,
+        n: usize,
+        z: &[T],
+        prev: &[T],
+        next: &mut [T],
+        d: &mut [T],
+        carry: &mut [T],
+    ) {
+        let one = T::one();
+        let two = one + one;
+        match self {
+            CellKind::Tanh => {
+                for j in 0..n {
+                    let h = z[j].tanh();
+                    next[j] = h;
+                    d[j] = one - h * h;
+                    carry[j] = T::zero();
+                }
+            }
+            CellKind::Rhn => {
+                let (zc, zf) = z.split_at(n);
+                let (dc, df) = d.split_at_mut(n);
+                for j in 0..n {
+                    let sc = sigmoid(zc[j]);
+                    let f = sigmoid(zf[j]);
+                    let c = two * sc - one;
+                    let hp = prev[j];
+                    next[j] = f * hp + (one - f) * c;
+                    dc[j] = (one - f) * two * sc * (one - sc);
+                    df[j] = (hp - c) * f * (one - f);
+                    carry[j] = f;
+                }
+            }
+            CellKind::Lstm => {
+                // d blocks: c-rows [i f o g] then h-rows [i f o g]; carry: [cc, ch, hc, hh].
+                let (c_prev, _h_prev) = prev.split_at(n);
+                let (c_next, h_next) = next.split_at_mut(n);
+                let (d_c, d_h) = d.split_at_mut(4 * n);
+                for j in 0..n {
+                    let i = sigmoid(z[j]);
+                    let f = sigmoid(z[n + j]);
+                    let o = sigmoid(z[2 * n + j]);
+                    let g = z[3 * n + j].tanh();
+                    let c = f * c_prev[j] + i * g;
+                    let tc = c.tanh();
+                    let h = o * tc;
+                    let kappa = o * (one - tc * tc);
+                    c_next[j] = c;
+                    h_next[j] = h;
+                    let dci = g * i * (one - i);
+                    let dcf = c_prev[j] * f * (one - f);
+                    let dcg = i * (one - g * g);
+                    d_c[j] = dci;
+                    d_c[n + j] = dcf;
+                    d_c[2 * n + j] = T::zero();
+                    d_c[3 * n + j] = dcg;
+                    d_h[j] = kappa * dci;
+                    d_h[n + j] = kappa * dcf;
+                    d_h[2 * n + j] = tc * o * (one - o);
+                    d_h[3 * n + j] = kappa * dcg;
+                    carry[j] = f; // ∂c/∂c_prev
+                    carry[n + j] = T::zero(); // ∂c/∂h_prev (through W only)
+                    carry[2 * n + j] = kappa * f; // ∂h/∂c_prev
+                    carry[3 * n + j] = T::zero(); // ∂h/∂h_prev (through W only)
+                }
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for CellKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The logistic function, in a form that neither overflows nor loses precision for large |x|.
+#[inline]
+pub fn sigmoid<T: Float>(x: T) -> T {
+    let one = T::one();
+    if x >= T::zero() {
+        one / (one + (-x).exp())
+    } else {
+        let e = x.exp();
+        e / (one + e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(seed: &mut u64) -> f64 {
+        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((*seed >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+    }
+
+    /// The element-wise derivatives agree with central finite differences of `forward` itself.
+    #[test]
+    fn derivatives_match_finite_differences_for_every_cell() {
+        let n = 3;
+        for cell in CellKind::ALL {
+            let (r, k) = (cell.gates(), cell.state_blocks());
+            let mut seed = 11;
+            let z: Vec<f64> = (0..r * n).map(|_| 1.5 * lcg(&mut seed)).collect();
+            let prev: Vec<f64> = (0..k * n).map(|_| 0.8 * lcg(&mut seed)).collect();
+            let mut next = vec![0.0; k * n];
+            let mut d = vec![0.0; k * r * n];
+            let mut carry = vec![0.0; k * k * n];
+            cell.forward(n, &z, &prev, &mut next, &mut d, &mut carry);
+            let eval = |z: &[f64], prev: &[f64]| {
+                let mut s = vec![0.0; k * n];
+                let mut dd = vec![0.0; k * r * n];
+                let mut cc = vec![0.0; k * k * n];
+                cell.forward(n, z, prev, &mut s, &mut dd, &mut cc);
+                s
+            };
+            let h = 1e-6;
+            for q in 0..r {
+                for j in 0..n {
+                    let mut zp = z.clone();
+                    zp[q * n + j] += h;
+                    let mut zm = z.clone();
+                    zm[q * n + j] -= h;
+                    let (sp, sm) = (eval(&zp, &prev), eval(&zm, &prev));
+                    for blk in 0..k {
+                        let fd = (sp[blk * n + j] - sm[blk * n + j]) / (2.0 * h);
+                        let an = d[(blk * r + q) * n + j];
+                        assert!((fd - an).abs() < 1e-8, "{cell} dz q{q} j{j} blk{blk}: {fd} vs {an}");
+                        // Off-diagonal units do not depend on z^q_j.
+                        for other in (0..n).filter(|&o| o != j) {
+                            assert_eq!(sp[blk * n + other], sm[blk * n + other]);
+                        }
+                    }
+                }
+            }
+            // Carry: derivative w.r.t. the previous state with z held fixed.
+            for bj in 0..k {
+                for j in 0..n {
+                    let mut pp = prev.clone();
+                    pp[bj * n + j] += h;
+                    let mut pm = prev.clone();
+                    pm[bj * n + j] -= h;
+                    let (sp, sm) = (eval(&z, &pp), eval(&z, &pm));
+                    for bi in 0..k {
+                        let fd = (sp[bi * n + j] - sm[bi * n + j]) / (2.0 * h);
+                        let an = carry[(bi * k + bj) * n + j];
+                        assert!((fd - an).abs() < 1e-8, "{cell} carry {bi}{bj} j{j}: {fd} vs {an}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn sigmoid_is_stable_at_extremes() {
+        assert_eq!(sigmoid(1000.0f64), 1.0);
+        assert_eq!(sigmoid(-1000.0f64), 0.0);
+        assert!((sigmoid(0.3f64) - 1.0 / (1.0 + (-0.3f64).exp())).abs() < 1e-16);
+    }
+}

@@ -1,0 +1,383 @@
+//! Kronecker-factored RTRL (KF-RTRL.md §3): each stream keeps `G_t ≈ u_t ⊗ A_t`, with `u_t` over
+//! the input columns of `W` (length `m`) and `A_t` over (state unit, gate row), `k·n × r·n`.
+//!
+//! Layout: `A` of slot `b` is column block `b` of a `k·n × (capacity·r·n)` slab, stored as
+//! `A_true = scale_b · A_stored`, so that the scalar `1/p1` of the compression never costs a pass
+//! over the matrix. Two slabs alternate: a step reads slot `b`'s block from one and writes the
+//! new block into the other (`parity_b` says which holds the current one).
+//!
+//! The product `B_t = H_t A_{t-1}` is computed one of two ways:
+//! - [`KfStrategy::Wide`] (tanh cell, `r = 1`, no carry): `W_h [A_1 … A_B]` as one GEMM over all
+//!   consecutive slots, then the per-stream row scaling `diag(d_t)`;
+//! - [`KfStrategy::Jacobian`] (any cell): per stream, the explicit `H_t` (`k·n × k·n`, cost
+//!   `O(r n²)`) times `A`. For `r > 1` this is `r` times fewer flops than multiplying every `W^q_h`
+//!   by `A`, which is why gated cells use it.
+
+use ndarray::{Array1, Array2, Array3, ArrayView2, ArrayViewMut2, Axis, s};
+use rayon::prelude::*;
+
+use super::StepInputs;
+use super::raw::{SlotBlocks, SlotRows};
+use crate::core::cell::CellKind;
+use crate::core::float::{Float, sum_squares};
+use crate::core::linalg::{Par, gemm, jacobian};
+use crate::core::model::{ModelSpec, Params};
+use crate::core::optim::Gradients;
+use crate::core::rng;
+use crate::core::streams::SlotStep;
+
+/// How `H_t A_{t-1}` is multiplied out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KfStrategy {
+    /// One GEMM `W_h [A_1 … A_B]` over side-by-side slots, then row scalings (tanh only).
+    Wide,
+    /// Per stream, the explicit Jacobian `H_t` times `A_{t-1}` (every cell).
+    Jacobian,
+}
+
+impl KfStrategy {
+    /// The cheaper strategy for a cell.
+    pub fn best_for(cell: CellKind) -> Self {
+        if cell == CellKind::Tanh { KfStrategy::Wide } else { KfStrategy::Jacobian }
+    }
+}
+
+/// KF-RTRL state of every slot.
+#[derive(Debug, Clone)]
+pub struct KfRtrl<T> {
+    strategy: KfStrategy,
+    /// `capacity × m`.
+    u: Array2<T>,
+    /// The two alternating `k·n × capacity·r·n` slabs.
+    a: [Array2<T>; 2],
+    parity: Vec<u8>,
+    scale: ndarray::Array1<T>,
+    forced_sign: Vec<Option<f64>>,
+    /// Scratch: `v = δᵀA` per input (`capacity × r·n`), `u` of the inputs (`capacity × m`).
+    v: Array2<T>,
+    urows: Array2<T>,
+    /// Scratch: explicit Jacobians, `capacity × s × s` (Jacobian strategy only).
+    jac: Array3<T>,
+    /// Scratch: the input index of every slot in the current step, or `usize::MAX`.
+    slot_input: Vec<usize>,
+}
+
+impl<T: Float> KfRtrl<T> {
+    /// Zeroed factors for `capacity` slots, with the cell's best strategy.
+    pub fn new(spec: &ModelSpec, capacity: usize) -> Self {
+        Self::with_strategy(spec, capacity, KfStrategy::best_for(spec.cell()))
+    }
+
+    /// Zeroed factors with an explicit strategy (`Wide` needs the tanh cell).
+    pub fn with_strategy(spec: &ModelSpec, capacity: usize, strategy: KfStrategy) -> Self {
+        assert!(
+            strategy == KfStrategy::Jacobian || spec.cell() == CellKind::Tanh,
+            "the wide strategy needs a cell without gates or carry (tanh)"
+        );
+        let (s, rn, m) = (spec.state_len(), spec.gate_rows(), spec.m);
+        let jac_len = if strategy == KfStrategy::Jacobian { capacity } else { 0 };
+        Self {
+            strategy,
+            u: Array2::zeros((capacity, m)),
+            a: [Array2::zeros((s, capacity * rn)), Array2::zeros((s, capacity * rn))],
+            parity: vec![0; capacity],
+            scale: ndarray::Array1::from_elem(capacity, T::one()),
+            forced_sign: vec![None; capacity],
+            v: Array2::zeros((capacity, rn)),
+            urows: Array2::zeros((capacity, m)),
+            jac: Array3::zeros((jac_len, s, s)),
+            slot_input: vec![usize::MAX; capacity],
+        }
+    }
+
+    /// The strategy in use.
+    pub fn strategy(&self) -> KfStrategy {
+        self.strategy
+    }
+
+    /// Switches the strategy (`Wide` needs the tanh cell); the factors are unchanged.
+    pub fn set_strategy(&mut self, spec: &ModelSpec, strategy: KfStrategy) {
+        let state = self.clone();
+        *self = Self::with_strategy(spec, self.u.nrows(), strategy);
+        self.u = state.u;
+        self.a = state.a;
+        self.parity = state.parity;
+        self.scale = state.scale;
+        self.forced_sign = state.forced_sign;
+    }
+
+    /// Forces the sign `s = c1·c2` of a slot's next advances (`None`: the seeded RNG). For
+    /// oracle tests that enumerate sign paths.
+    pub fn force_sign(&mut self, slot: usize, sign: Option<f64>) {
+        self.forced_sign[slot] = sign;
+    }
+
+    /// `(u, A)` of a slot, with `A` unscaled to its true value.
+    pub fn factors(&self, slot: usize, spec: &ModelSpec) -> (Array1<T>, Array2<T>) {
+        let rn = spec.gate_rows();
+        let a = self.a[self.parity[slot] as usize].slice(s![.., slot * rn..(slot + 1) * rn]);
+        (self.u.row(slot).to_owned(), a.mapv(|x| x * self.scale[slot]))
+    }
+
+    /// The raw stored form of a slot: `(u, A_stored, scale)` with `A = scale·A_stored`.
+    pub fn raw_factors(&self, slot: usize, spec: &ModelSpec) -> (ndarray::ArrayView1<'_, T>, ArrayView2<'_, T>, T) {
+        let rn = spec.gate_rows();
+        let a = self.a[self.parity[slot] as usize].slice(s![.., slot * rn..(slot + 1) * rn]);
+        (self.u.row(slot), a, self.scale[slot])
+    }
+
+    /// Restores the raw stored form of a slot (the inverse of [`KfRtrl::raw_factors`]).
+    pub fn set_raw_factors(&mut self, slot: usize, spec: &ModelSpec, u: &[T], a: ArrayView2<'_, T>, scale: T) {
+        let rn = spec.gate_rows();
+        self.u.row_mut(slot).assign(&ndarray::ArrayView1::from(u));
+        let p = self.parity[slot] as usize;
+        self.a[p].slice_mut(s![.., slot * rn..(slot + 1) * rn]).assign(&a);
+        self.scale[slot] = scale;
+    }
+
+    pub(super) fn reset(&mut self, slot: usize) {
+        let rn = self.v.ncols();
+        self.u.row_mut(slot).fill(T::zero());
+        let p = self.parity[slot] as usize;
+        self.a[p].slice_mut(s![.., slot * rn..(slot + 1) * rn]).fill(T::zero());
+        self.scale[slot] = T::one();
+    }
+
+    pub(super) fn copy_slot(&mut self, src: usize, dst: usize) {
+        let rn = self.v.ncols();
+        let row = self.u.row(src).to_owned();
+        self.u.row_mut(dst).assign(&row);
+        let p = self.parity[src] as usize;
+        let block = self.a[p].slice(s![.., src * rn..(src + 1) * rn]).to_owned();
+        self.a[p].slice_mut(s![.., dst * rn..(dst + 1) * rn]).assign(&block);
+        self.parity[dst] = self.parity[src];
+        self.scale[dst] = self.scale[src];
+        self.forced_sign[dst] = self.forced_sign[src];
+    }
+
+    /// `∇W += Σ_inputs (δᵀA) ⊗ u`, as per-stream `δᵀA` then one GEMM over the batch.
+    pub(super) fn gradient(
+        &mut self,
+        spec: &ModelSpec,
+        inputs: &[SlotStep],
+        delta_h: ArrayView2<'_, T>,
+        grad: &mut Gradients<T>,
+    ) -> f64 {
+        let nb = inputs.len();
+        let (n, rn, hoff) = (spec.n, spec.gate_rows(), spec.h_offset());
+        let a = &self.a;
+        let parity = &self.parity;
+        let scale = &self.scale;
+        let u = &self.u;
+        self.v
+            .axis_iter_mut(Axis(0))
+            .into_par_iter()
+            .zip(self.urows.axis_iter_mut(Axis(0)))
+            .zip(inputs.par_iter())
+            .enumerate()
+            .for_each(|(i, ((mut v, mut urow), x))| {
+                if !x.learn {
+                    v.fill(T::zero());
+                    urow.fill(T::zero());
+                    return;
+                }
+                let b = x.slot;
+                let block = a[parity[b] as usize].slice(s![hoff..hoff + n, b * rn..(b + 1) * rn]);
+                let vs = v.as_slice_mut().expect("contiguous");
+                vs.fill(T::zero());
+                let delta = delta_h.row(i);
+                for (j, row) in block.axis_iter(Axis(0)).enumerate() {
+                    let dj = delta[j];
+                    if dj != T::zero() {
+                        for (vv, &aa) in vs.iter_mut().zip(row.iter()) {
+                            *vv = *vv + dj * aa;
+                        }
+                    }
+                }
+                let sc = scale[b];
+                vs.iter_mut().for_each(|x| *x = *x * sc);
+                urow.assign(&u.row(b));
+            });
+        gemm(
+            T::one(),
+            self.v.slice(s![..nb, ..]).t(),
+            self.urows.slice(s![..nb, ..]),
+            T::one(),
+            grad.w.view_mut(),
+            Par::Pool,
+        );
+        inputs.iter().filter(|x| x.learn).count() as f64
+    }
+
+    /// Follows one advance: `B = H_t A_{t-1}`, then the unbiased rank-one compression.
+    pub(super) fn advance(&mut self, spec: &ModelSpec, params: &Params<T>, step: &StepInputs<'_, T>) {
+        let inputs = step.inputs;
+        let nb = inputs.len();
+        let rn = spec.gate_rows();
+        let w_h = params.w_h(spec);
+        self.slot_input.fill(usize::MAX);
+        for (i, x) in inputs.iter().enumerate() {
+            self.slot_input[x.slot] = i;
+        }
+        let [a0, a1] = &mut self.a;
+        let slabs = [SlotBlocks::new(a0, rn), SlotBlocks::new(a1, rn)];
+        let urows = SlotRows::new(&mut self.u);
+        let parity = &self.parity;
+        let forced = &self.forced_sign;
+
+        if self.strategy == KfStrategy::Wide {
+            // One GEMM per run of consecutive slots that share a parity (one run when the whole
+            // set steps together).
+            let mut i = 0;
+            while i < nb {
+                let b0 = inputs[i].slot;
+                let p = parity[b0] as usize;
+                let mut j = i + 1;
+                while j < nb && inputs[j].slot == inputs[j - 1].slot + 1 && parity[inputs[j].slot] as usize == p {
+                    j += 1;
+                }
+                let cols = b0 * rn..(b0 + (j - i)) * rn;
+                let (src, dst) = if p == 0 { (&*a0, &mut *a1) } else { (&*a1, &mut *a0) };
+                i = j;
+                let src_view = src.slice(s![.., cols.clone()]);
+                let dst_view = dst.slice_mut(s![.., cols]);
+                gemm(T::one(), w_h, src_view, T::zero(), dst_view, Par::Pool);
+            }
+            // The slabs were borrowed by the GEMMs above; take fresh raw handles for the pass.
+            let slabs = [SlotBlocks::new(a0, rn), SlotBlocks::new(a1, rn)];
+            let results = SlotRows::new(&mut self.scale);
+            (0..nb).into_par_iter().for_each(|i| {
+                let x = inputs[i];
+                let b = x.slot;
+                let p = parity[b] as usize;
+                // SAFETY: every input names a distinct slot, so each task owns block `b` of the
+                // destination slab, row `b` of `u` and entry `b` of `scale`.
+                let (mut dst, u, sc) = unsafe { (slabs[1 - p].block(b), urows.row(b), results.row(b)) };
+                let d = step.d.row(i);
+                let d = d.as_slice().expect("contiguous");
+                let sb = sc[0];
+                let mut nb2 = 0.0f64;
+                for (mut row, &dj) in dst.axis_iter_mut(Axis(0)).zip(d) {
+                    let c = sb * dj;
+                    let rs = row.as_slice_mut().expect("contiguous rows");
+                    for x in rs.iter_mut() {
+                        *x = *x * c;
+                    }
+                    nb2 += sum_squares(rs);
+                }
+                let sign = sign_for(forced, step, b);
+                sc[0] = compress(spec, u, dst.view_mut(), nb2, step, i, sign);
+            });
+        } else {
+            let jac = SlotRows::new(&mut self.jac);
+            let s_len = spec.state_len();
+            let results = SlotRows::new(&mut self.scale);
+            let par = if nb > 1 { Par::Single } else { Par::Pool };
+            (0..nb).into_par_iter().for_each(|i| {
+                let x = inputs[i];
+                let b = x.slot;
+                let p = parity[b] as usize;
+                // SAFETY: every input names a distinct slot (validated by the stream set), so each
+                // task owns block `b` of both slabs, row `b` of `u`, `scale` and row `i` of `jac`.
+                let (src, mut dst, u, sc, h) = unsafe {
+                    (slabs[p].block(b), slabs[1 - p].block(b), urows.row(b), results.row(b), jac.row(i))
+                };
+                let mut h = ArrayViewMut2::from_shape((s_len, s_len), h).expect("jacobian shape");
+                jacobian(
+                    spec,
+                    w_h,
+                    step.d.row(i).as_slice().expect("contiguous"),
+                    step.carry.row(i).as_slice().expect("contiguous"),
+                    h.view_mut(),
+                );
+                gemm(sc[0], h.view(), src.view(), T::zero(), dst.view_mut(), par);
+                let nb2: f64 = dst.axis_iter(Axis(0)).map(|r| sum_squares(r.as_slice().expect("rows"))).sum();
+                let sign = sign_for(forced, step, b);
+                sc[0] = compress(spec, u, dst.view_mut(), nb2, step, i, sign);
+            });
+        }
+        for x in inputs {
+            self.parity[x.slot] ^= 1;
+        }
+    }
+}
+
+fn sign_for<T>(forced: &[Option<f64>], step: &StepInputs<'_, T>, slot: usize) -> f64 {
+    forced[slot].unwrap_or_else(|| rng::sign(step.sign_key[slot], step.position[slot]))
+}
+
+/// The unbiased rank-one compression of `u ⊗ B + a ⊗ D` (KF-RTRL.md §3.2 and the exact zero-factor
+/// branches of §8): updates `u` in place, turns `dst` (holding the true `B`) into the stored new
+/// `A`, and returns its scale. `nb2 = ‖B‖²`.
+fn compress<T: Float>(
+    spec: &ModelSpec,
+    u: &mut [T],
+    mut dst: ArrayViewMut2<'_, T>,
+    nb2: f64,
+    step: &StepInputs<'_, T>,
+    i: usize,
+    sign: f64,
+) -> T {
+    let (n, r, k) = (spec.n, spec.r, spec.k);
+    let d = step.d.row(i);
+    let d = d.as_slice().expect("contiguous");
+    let prev = step.prev.row(i);
+    let h_prev = &prev.as_slice().expect("contiguous")[spec.h_offset()..];
+    let token = step.inputs[i].token as usize;
+    let nu2 = sum_squares(u);
+    let nd2 = sum_squares(d);
+    let na2 = 2.0 + sum_squares(h_prev);
+    let nu = nu2.sqrt();
+    let nbn = nb2.sqrt();
+    let (nd, na) = (nd2.sqrt(), na2.sqrt());
+    let old_term_zero = nu * nbn == 0.0;
+    let add_a = |u: &mut [T], c: T| {
+        u[token] = u[token] + c;
+        for (uj, &hj) in u[spec.h_col()..spec.h_col() + n].iter_mut().zip(h_prev) {
+            *uj = *uj + c * hj;
+        }
+        let bias = spec.bias_col();
+        u[bias] = u[bias] + c;
+    };
+    let add_d = |dst: &mut ArrayViewMut2<'_, T>, c: T| {
+        for blk in 0..k {
+            for q in 0..r {
+                for j in 0..n {
+                    let dv = d[(blk * r + q) * n + j];
+                    if dv != T::zero() {
+                        let e = &mut dst[[blk * n + j, q * n + j]];
+                        *e = *e + c * dv;
+                    }
+                }
+            }
+        }
+    };
+    if old_term_zero && nd == 0.0 {
+        u.fill(T::zero());
+        dst.fill(T::zero());
+        T::one()
+    } else if old_term_zero {
+        // Exact: u = p2·a, A = D/p2.
+        let p2 = nd.sqrt() / na.sqrt();
+        u.fill(T::zero());
+        add_a(u, T::from_f64_rounded(p2));
+        dst.fill(T::zero());
+        add_d(&mut dst, T::one());
+        T::from_f64_rounded(1.0 / p2)
+    } else if nd == 0.0 {
+        // Exact: u = p1·u, A = B/p1.
+        let p1 = nbn.sqrt() / nu.sqrt();
+        let c = T::from_f64_rounded(p1);
+        u.iter_mut().for_each(|x| *x = *x * c);
+        T::from_f64_rounded(1.0 / p1)
+    } else {
+        // u = p1·u + s·p2·a, A = B/p1 + s·D/p2 = (1/p1)(B + s·(p1/p2)·D).
+        let p1 = nbn.sqrt() / nu.sqrt();
+        let p2 = nd.sqrt() / na.sqrt();
+        let c = T::from_f64_rounded(p1);
+        u.iter_mut().for_each(|x| *x = *x * c);
+        add_a(u, T::from_f64_rounded(sign * p2));
+        add_d(&mut dst, T::from_f64_rounded(sign * p1 / p2));
+        T::from_f64_rounded(1.0 / p1)
+    }
+}

@@ -1,0 +1,143 @@
+//! Gradient estimators for the recurrent weights, one per [`LearnerKind`], each keeping its
+//! per-stream state in the slots of a [`crate::core::streams::StreamSet`].
+//!
+//! Every learner answers the same two calls of a batched step:
+//! - `gradient`: given `δ = ∂L/∂h` of each scored input, add its estimate of `∂L/∂W` (and, for
+//!   TBPTT, of `∂L/∂V`) to the batch gradient and say how many contributions it added;
+//! - `advance`: follow the state update `s_{t-1} → s_t` with its influence estimate.
+
+mod kf;
+mod rtrl;
+mod tbptt;
+mod uoro;
+mod raw;
+
+pub mod reference;
+
+pub use kf::{KfRtrl, KfStrategy};
+pub use rtrl::Rtrl;
+pub use tbptt::Tbptt;
+pub use uoro::Uoro;
+
+use ndarray::{Array2, ArrayView2};
+
+use super::float::Float;
+use super::model::{LearnerKind, ModelSpec, Params};
+use super::optim::Gradients;
+use super::streams::SlotStep;
+
+/// What the learners see of one advance: the inputs and, row by row, the state before the step
+/// and the cell's element-wise derivatives.
+#[derive(Debug)]
+pub struct StepInputs<'a, T> {
+    /// The batch, slots strictly increasing.
+    pub inputs: &'a [SlotStep],
+    /// State before the step, one row per input.
+    pub prev: ArrayView2<'a, T>,
+    /// `D` blocks, one row per input (`k·r·n`).
+    pub d: ArrayView2<'a, T>,
+    /// Element-wise carry, one row per input (`k·k·n`).
+    pub carry: ArrayView2<'a, T>,
+    /// Position of every slot before this step (the counter of its random signs).
+    pub position: &'a [u64],
+    /// Sign key of every slot.
+    pub sign_key: &'a [u64],
+}
+
+/// The learner of a model with its per-slot state.
+#[derive(Debug, Clone)]
+pub enum Learner<T: Float> {
+    /// Kronecker-factored RTRL.
+    KfRtrl(KfRtrl<T>),
+    /// UORO.
+    Uoro(Uoro<T>),
+    /// Exact RTRL.
+    Rtrl(Rtrl<T>),
+    /// Truncated BPTT.
+    Tbptt(Tbptt<T>),
+    /// No learning.
+    Frozen,
+}
+
+impl<T: Float> Learner<T> {
+    /// The learner the spec asks for, with `capacity` zeroed slots.
+    pub fn new(spec: &ModelSpec, capacity: usize) -> Self {
+        match spec.learner() {
+            LearnerKind::KfRtrl => Learner::KfRtrl(KfRtrl::new(spec, capacity)),
+            LearnerKind::Uoro => Learner::Uoro(Uoro::new(spec, capacity)),
+            LearnerKind::Rtrl => Learner::Rtrl(Rtrl::new(spec, capacity)),
+            LearnerKind::Tbptt => Learner::Tbptt(Tbptt::new(spec, capacity)),
+            LearnerKind::Frozen => Learner::Frozen,
+        }
+    }
+
+    /// Whether the readout gradient is taken immediately at every scored token (all but TBPTT,
+    /// which accumulates it over its window).
+    pub fn immediate_readout_gradient(&self) -> bool {
+        !matches!(self, Learner::Tbptt(_))
+    }
+
+    /// Zeroes a slot's learner state (a new sequence).
+    pub fn reset(&mut self, slot: usize) {
+        match self {
+            Learner::KfRtrl(l) => l.reset(slot),
+            Learner::Uoro(l) => l.reset(slot),
+            Learner::Rtrl(l) => l.reset(slot),
+            Learner::Tbptt(l) => l.reset(slot),
+            Learner::Frozen => {}
+        }
+    }
+
+    /// Copies a slot's learner state to another slot.
+    pub fn copy_slot(&mut self, src: usize, dst: usize) {
+        match self {
+            Learner::KfRtrl(l) => l.copy_slot(src, dst),
+            Learner::Uoro(l) => l.copy_slot(src, dst),
+            Learner::Rtrl(l) => l.copy_slot(src, dst),
+            Learner::Tbptt(l) => l.copy_slot(src, dst),
+            Learner::Frozen => {}
+        }
+    }
+
+    /// Adds the gradient estimates of the scored inputs to `grad`; returns their count.
+    /// `delta_h`, `err` and `h1` hold one row per input: `∂L/∂h`, `softmax − onehot` and `[h; 1]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gradient(
+        &mut self,
+        spec: &ModelSpec,
+        params: &Params<T>,
+        inputs: &[SlotStep],
+        delta_h: ArrayView2<'_, T>,
+        err: ArrayView2<'_, T>,
+        h1: ArrayView2<'_, T>,
+        states: &Array2<T>,
+        grad: &mut Gradients<T>,
+    ) -> f64 {
+        match self {
+            Learner::KfRtrl(l) => l.gradient(spec, inputs, delta_h, grad),
+            Learner::Uoro(l) => l.gradient(spec, inputs, delta_h, grad),
+            Learner::Rtrl(l) => l.gradient(spec, inputs, delta_h, grad),
+            Learner::Tbptt(l) => l.gradient(spec, params, inputs, err, h1, states, grad),
+            Learner::Frozen => 0.0,
+        }
+    }
+
+    /// Follows one advance of the batch.
+    pub fn advance(&mut self, spec: &ModelSpec, params: &Params<T>, step: &StepInputs<'_, T>) {
+        match self {
+            Learner::KfRtrl(l) => l.advance(spec, params, step),
+            Learner::Uoro(l) => l.advance(spec, params, step),
+            Learner::Rtrl(l) => l.advance(spec, params, step),
+            Learner::Tbptt(l) => l.advance(step),
+            Learner::Frozen => {}
+        }
+    }
+}
+
+/// Writes the dense `a_t = [onehot(token); h_prev; 1]` (length `m`).
+pub fn dense_input<T: Float>(spec: &ModelSpec, token: u32, h_prev: &[T], a: &mut [T]) {
+    a.fill(T::zero());
+    a[token as usize] = T::one();
+    a[spec.h_col()..spec.h_col() + spec.n].copy_from_slice(h_prev);
+    a[spec.bias_col()] = T::one();
+}

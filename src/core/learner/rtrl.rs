@@ -1,0 +1,116 @@
+//! Exact RTRL (KF-RTRL.md §2): the full influence matrix `G_t = H_t G_{t-1} + F_t` per stream,
+//! `k·n × P`. It costs `O(k²n²P)` per step and is the oracle the estimators are tested against.
+
+use ndarray::{Array3, ArrayView2, ArrayViewMut2, Axis, s};
+use rayon::prelude::*;
+
+use super::StepInputs;
+use super::raw::SlotRows;
+use crate::core::float::Float;
+use crate::core::linalg::{Par, gemm, jacobian};
+use crate::core::model::{ModelSpec, Params};
+use crate::core::optim::Gradients;
+use crate::core::streams::SlotStep;
+
+/// Exact influence matrices of every slot.
+#[derive(Debug, Clone)]
+pub struct Rtrl<T> {
+    /// `capacity × s × P`, columns ordered like the entries of `W` (row-major).
+    g: Array3<T>,
+    tmp: Array3<T>,
+    jac: Array3<T>,
+}
+
+impl<T: Float> Rtrl<T> {
+    /// Zero influence for `capacity` slots.
+    pub fn new(spec: &ModelSpec, capacity: usize) -> Self {
+        let (s_len, p) = (spec.state_len(), spec.recurrent_params());
+        Self {
+            g: Array3::zeros((capacity, s_len, p)),
+            tmp: Array3::zeros((capacity, s_len, p)),
+            jac: Array3::zeros((capacity, s_len, s_len)),
+        }
+    }
+
+    /// The influence matrix `dstate/dW` of a slot, `s × P`.
+    pub fn influence(&self, slot: usize) -> ArrayView2<'_, T> {
+        self.g.index_axis(Axis(0), slot)
+    }
+
+    pub(super) fn reset(&mut self, slot: usize) {
+        self.g.index_axis_mut(Axis(0), slot).fill(T::zero());
+    }
+
+    pub(super) fn copy_slot(&mut self, src: usize, dst: usize) {
+        let g = self.g.index_axis(Axis(0), src).to_owned();
+        self.g.index_axis_mut(Axis(0), dst).assign(&g);
+    }
+
+    pub(super) fn gradient(
+        &mut self,
+        spec: &ModelSpec,
+        inputs: &[SlotStep],
+        delta_h: ArrayView2<'_, T>,
+        grad: &mut Gradients<T>,
+    ) -> f64 {
+        let hoff = spec.h_offset();
+        let gw = grad.w.as_slice_mut().expect("contiguous gradient");
+        let mut count = 0.0;
+        for (i, x) in inputs.iter().enumerate().filter(|(_, x)| x.learn) {
+            let g = self.g.index_axis(Axis(0), x.slot);
+            for (j, &dj) in delta_h.row(i).iter().enumerate() {
+                if dj != T::zero() {
+                    for (o, &gv) in gw.iter_mut().zip(g.row(hoff + j).iter()) {
+                        *o = *o + dj * gv;
+                    }
+                }
+            }
+            count += 1.0;
+        }
+        count
+    }
+
+    pub(super) fn advance(&mut self, spec: &ModelSpec, params: &Params<T>, step: &StepInputs<'_, T>) {
+        let (n, r, k, m, s_len, p) = (spec.n, spec.r, spec.k, spec.m, spec.state_len(), spec.recurrent_params());
+        let hoff = spec.h_offset();
+        let w_h = params.w_h(spec);
+        let gs = SlotRows::new(&mut self.g);
+        let tmps = SlotRows::new(&mut self.tmp);
+        let jacs = SlotRows::new(&mut self.jac);
+        (0..step.inputs.len()).into_par_iter().for_each(|i| {
+            let x = step.inputs[i];
+            let b = x.slot;
+            // SAFETY: slots in one step are distinct; each task owns row `b` of each slab.
+            let (g, tmp, jac) = unsafe { (gs.row(b), tmps.row(b), jacs.row(b)) };
+            let mut h = ArrayViewMut2::from_shape((s_len, s_len), jac).expect("shape");
+            let d = step.d.row(i);
+            let d = d.as_slice().expect("contiguous");
+            jacobian(spec, w_h, d, step.carry.row(i).as_slice().expect("contiguous"), h.view_mut());
+            let g_view = ndarray::ArrayView2::from_shape((s_len, p), &*g).expect("shape");
+            let tmp_view = ArrayViewMut2::from_shape((s_len, p), &mut *tmp).expect("shape");
+            gemm(T::one(), h.view(), g_view, T::zero(), tmp_view, Par::Single);
+            g.copy_from_slice(tmp);
+            // + F_t: F[blk·n + j, (q·n + j)·m + col] = D[blk, q, j] · a[col].
+            let prev = step.prev.row(i);
+            let h_prev = &prev.as_slice().expect("contiguous")[hoff..];
+            let mut gm = ArrayViewMut2::from_shape((s_len, p), g).expect("shape");
+            for blk in 0..k {
+                for q in 0..r {
+                    for j in 0..n {
+                        let dv = d[(blk * r + q) * n + j];
+                        if dv == T::zero() {
+                            continue;
+                        }
+                        let base = (q * n + j) * m;
+                        let mut row = gm.slice_mut(s![blk * n + j, base..base + m]);
+                        row[x.token as usize] = row[x.token as usize] + dv;
+                        for (l, &hv) in h_prev.iter().enumerate() {
+                            row[spec.h_col() + l] = row[spec.h_col() + l] + dv * hv;
+                        }
+                        row[m - 1] = row[m - 1] + dv;
+                    }
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,235 @@
+//! Truncated BPTT with window `K`: each stream records its last `K` advances (previous state and
+//! token) and the readout error of the token scored after each; once `K` are complete, the
+//! window's `K` losses are backpropagated through its `K` advances (the state at the window's start
+//! is a constant) and the window restarts. With streams in step, that is one update every `K`
+//! steps. A reset drops an incomplete window, as at any sequence boundary.
+
+use ndarray::{Array2, Array3, ArrayView2, Axis, s};
+
+use crate::core::float::Float;
+use crate::core::model::{ModelSpec, Params};
+use crate::core::optim::Gradients;
+use crate::core::streams::SlotStep;
+
+use super::StepInputs;
+
+/// Truncated-BPTT windows of every slot.
+#[derive(Debug, Clone)]
+pub struct Tbptt<T> {
+    window: usize,
+    /// State before each recorded advance, `capacity × K × s`.
+    prev: Array3<T>,
+    tokens: Array2<u32>,
+    /// `softmax − onehot` of the token scored after each advance, `capacity × K × vocab`.
+    err: Array3<T>,
+    len: Vec<usize>,
+    learned: Vec<usize>,
+    scratch: Scratch<T>,
+}
+
+#[derive(Debug, Clone)]
+struct Scratch<T> {
+    z: Vec<T>,
+    next: Vec<T>,
+    d: Vec<T>,
+    carry: Vec<T>,
+    g: Vec<T>,
+    g2: Vec<T>,
+    dz: Vec<T>,
+}
+
+impl<T: Float> Tbptt<T> {
+    /// Empty windows for `capacity` slots.
+    pub fn new(spec: &ModelSpec, capacity: usize) -> Self {
+        let (n, r, k, s_len, kw) = (spec.n, spec.r, spec.k, spec.state_len(), spec.config.tbptt_window);
+        Self {
+            window: kw,
+            prev: Array3::zeros((capacity, kw, s_len)),
+            tokens: Array2::zeros((capacity, kw)),
+            err: Array3::zeros((capacity, kw, spec.vocab)),
+            len: vec![0; capacity],
+            learned: vec![0; capacity],
+            scratch: Scratch {
+                z: vec![T::zero(); r * n],
+                next: vec![T::zero(); s_len],
+                d: vec![T::zero(); k * r * n],
+                carry: vec![T::zero(); k * k * n],
+                g: vec![T::zero(); s_len],
+                g2: vec![T::zero(); s_len],
+                dz: vec![T::zero(); r * n],
+            },
+        }
+    }
+
+    /// The truncation window `K`.
+    pub fn window(&self) -> usize {
+        self.window
+    }
+
+    /// Advances recorded in a slot's current window.
+    pub fn pending(&self, slot: usize) -> usize {
+        self.len[slot]
+    }
+
+    pub(super) fn reset(&mut self, slot: usize) {
+        self.len[slot] = 0;
+        self.learned[slot] = 0;
+    }
+
+    pub(super) fn copy_slot(&mut self, src: usize, dst: usize) {
+        let p = self.prev.index_axis(Axis(0), src).to_owned();
+        self.prev.index_axis_mut(Axis(0), dst).assign(&p);
+        let t = self.tokens.row(src).to_owned();
+        self.tokens.row_mut(dst).assign(&t);
+        let e = self.err.index_axis(Axis(0), src).to_owned();
+        self.err.index_axis_mut(Axis(0), dst).assign(&e);
+        self.len[dst] = self.len[src];
+        self.learned[dst] = self.learned[src];
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn gradient(
+        &mut self,
+        spec: &ModelSpec,
+        params: &Params<T>,
+        inputs: &[SlotStep],
+        err: ArrayView2<'_, T>,
+        h1: ArrayView2<'_, T>,
+        states: &Array2<T>,
+        grad: &mut Gradients<T>,
+    ) -> f64 {
+        let mut count = 0.0;
+        for (i, x) in inputs.iter().enumerate() {
+            let b = x.slot;
+            let len = self.len[b];
+            if len == 0 {
+                // Scored from the start of a sequence: only the readout has a gradient.
+                if x.learn {
+                    outer_add(&mut grad.v, err.row(i).as_slice().expect("row"), h1.row(i).as_slice().expect("row"));
+                    count += 1.0;
+                }
+                continue;
+            }
+            self.err.slice_mut(s![b, len - 1, ..]).assign(&err.row(i));
+            if x.learn {
+                self.learned[b] += 1;
+            }
+            if len == self.window {
+                if self.learned[b] > 0 {
+                    self.flush(spec, params, b, states.row(b).as_slice().expect("row"), grad);
+                    count += self.learned[b] as f64;
+                }
+                self.len[b] = 0;
+                self.learned[b] = 0;
+            }
+        }
+        count
+    }
+
+    /// Backpropagates slot `b`'s complete window into `grad`.
+    fn flush(&mut self, spec: &ModelSpec, params: &Params<T>, b: usize, current: &[T], grad: &mut Gradients<T>) {
+        let (n, r, k, m) = (spec.n, spec.r, spec.k, spec.m);
+        let hoff = spec.h_offset();
+        let len = self.len[b];
+        let w_h = params.w_h(spec);
+        let v_h = params.v.slice(s![.., ..n]);
+        let sc = &mut self.scratch;
+        sc.g.fill(T::zero());
+        for j in (0..len).rev() {
+            let after: &[T] = if j + 1 < len {
+                self.prev.slice(s![b, j + 1, ..]).to_slice().expect("row")
+            } else {
+                current
+            };
+            let e = self.err.slice(s![b, j, ..]);
+            // Readout: ∇V += e ⊗ [h; 1], ∂L/∂h += V_hᵀ e.
+            for (o, &ev) in e.iter().enumerate() {
+                if ev == T::zero() {
+                    continue;
+                }
+                let mut row = grad.v.row_mut(o);
+                for l in 0..n {
+                    row[l] = row[l] + ev * after[hoff + l];
+                    sc.g[hoff + l] = sc.g[hoff + l] + ev * v_h[[o, l]];
+                }
+                row[n] = row[n] + ev;
+            }
+            // Recompute advance j (prev_j, token_j) for its derivatives.
+            let prev = self.prev.slice(s![b, j, ..]);
+            let prev = prev.to_slice().expect("row");
+            let token = self.tokens[[b, j]] as usize;
+            let h_prev = &prev[hoff..];
+            for (q_row, z) in sc.z.iter_mut().enumerate() {
+                let mut acc = params.w[[q_row, token]] + params.w[[q_row, spec.bias_col()]];
+                for (l, &h) in h_prev.iter().enumerate() {
+                    acc = acc + w_h[[q_row, l]] * h;
+                }
+                *z = acc;
+            }
+            spec.cell().forward(n, &sc.z, prev, &mut sc.next, &mut sc.d, &mut sc.carry);
+            for q in 0..r {
+                for l in 0..n {
+                    let mut acc = T::zero();
+                    for blk in 0..k {
+                        acc = acc + sc.g[blk * n + l] * sc.d[(blk * r + q) * n + l];
+                    }
+                    sc.dz[q * n + l] = acc;
+                }
+            }
+            for (q_row, &dzv) in sc.dz.iter().enumerate() {
+                if dzv == T::zero() {
+                    continue;
+                }
+                let mut row = grad.w.row_mut(q_row);
+                row[token] = row[token] + dzv;
+                for (l, &h) in h_prev.iter().enumerate() {
+                    row[spec.h_col() + l] = row[spec.h_col() + l] + dzv * h;
+                }
+                row[m - 1] = row[m - 1] + dzv;
+            }
+            for bj in 0..k {
+                for l in 0..n {
+                    let mut acc = T::zero();
+                    for bi in 0..k {
+                        acc = acc + sc.carry[(bi * k + bj) * n + l] * sc.g[bi * n + l];
+                    }
+                    sc.g2[bj * n + l] = acc;
+                }
+            }
+            for l in 0..n {
+                let mut acc = T::zero();
+                for (q_row, &dzv) in sc.dz.iter().enumerate() {
+                    acc = acc + w_h[[q_row, l]] * dzv;
+                }
+                sc.g2[hoff + l] = sc.g2[hoff + l] + acc;
+            }
+            std::mem::swap(&mut sc.g, &mut sc.g2);
+        }
+    }
+
+    pub(super) fn advance(&mut self, step: &StepInputs<'_, T>) {
+        for (i, x) in step.inputs.iter().enumerate() {
+            let b = x.slot;
+            if self.len[b] == self.window {
+                // The window was never scored (advance without score): start a new one.
+                self.len[b] = 0;
+                self.learned[b] = 0;
+            }
+            let len = self.len[b];
+            self.prev.slice_mut(s![b, len, ..]).assign(&step.prev.row(i));
+            self.tokens[[b, len]] = x.token;
+            self.len[b] = len + 1;
+        }
+    }
+}
+
+fn outer_add<T: Float>(dst: &mut Array2<T>, col: &[T], row: &[T]) {
+    for (o, &c) in col.iter().enumerate() {
+        if c != T::zero() {
+            let mut r = dst.row_mut(o);
+            for (x, &v) in r.iter_mut().zip(row) {
+                *x = *x + c * v;
+            }
+        }
+    }
+}

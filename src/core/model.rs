@@ -1,0 +1,355 @@
+//! Model configuration (checked once at the boundary, as linfa's `ParamGuard` does) and the
+//! shared weights: the recurrent matrix `W` and the softmax readout `V`.
+//!
+//! `W` stacks the `r` gate matrices row-wise, `(r·n) × m` with `m = vocab + n + 1`, columns ordered
+//! as `a_t = [x_t; h_{t-1}; 1]`: input tokens are one-hot, so a token selects one column of `W`.
+//! `V` is `vocab × (n + 1)`, the last column being the readout bias.
+
+use ndarray::{Array2, ArrayView2, s};
+use serde::{Deserialize, Serialize};
+
+use super::cell::CellKind;
+use super::float::Float;
+use super::rng::{CounterRng, derive_key};
+
+/// How a model estimates the gradient of its recurrent weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum LearnerKind {
+    /// Kronecker-factored RTRL: unbiased, `O(r n³)` per step, memory `O(r n²)` per stream.
+    #[serde(rename = "kf-rtrl")]
+    KfRtrl,
+    /// Unbiased Online Recurrent Optimization: unbiased, `O(P)` per step, high variance.
+    #[serde(rename = "uoro")]
+    Uoro,
+    /// Exact RTRL: the full influence matrix, `O(r n⁴)` per step; an oracle for small `n`.
+    #[serde(rename = "rtrl")]
+    Rtrl,
+    /// Truncated BPTT with a window of `tbptt_window` steps; one update per window.
+    #[serde(rename = "tbptt")]
+    Tbptt,
+    /// No learning: the weights never change.
+    #[serde(rename = "frozen")]
+    Frozen,
+}
+
+impl LearnerKind {
+    /// The wire name.
+    pub fn name(self) -> &'static str {
+        match self {
+            LearnerKind::KfRtrl => "kf-rtrl",
+            LearnerKind::Uoro => "uoro",
+            LearnerKind::Rtrl => "rtrl",
+            LearnerKind::Tbptt => "tbptt",
+            LearnerKind::Frozen => "frozen",
+        }
+    }
+
+    /// Parses a wire name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "kf-rtrl" | "kfrtrl" => LearnerKind::KfRtrl,
+            "uoro" => LearnerKind::Uoro,
+            "rtrl" => LearnerKind::Rtrl,
+            "tbptt" => LearnerKind::Tbptt,
+            "frozen" => LearnerKind::Frozen,
+            _ => return None,
+        })
+    }
+}
+
+impl std::fmt::Display for LearnerKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The optimizer applied to the averaged gradient of each step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    /// Adam (β1 0.9, β2 0.999, ε 1e-8).
+    Adam,
+    /// Plain stochastic gradient descent.
+    Sgd,
+}
+
+impl OptimizerKind {
+    /// The wire name.
+    pub fn name(self) -> &'static str {
+        match self {
+            OptimizerKind::Adam => "adam",
+            OptimizerKind::Sgd => "sgd",
+        }
+    }
+
+    /// Parses a wire name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "adam" => Some(OptimizerKind::Adam),
+            "sgd" => Some(OptimizerKind::Sgd),
+            _ => None,
+        }
+    }
+}
+
+/// The paper's learning rate, 10^-3.5.
+pub const DEFAULT_LR: f64 = 3.162_277_660_168_379_5e-4;
+
+/// Unchecked model configuration, as read from a user; [`ModelConfig::check`] turns it into a
+/// [`ModelSpec`] that every kernel can rely on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Number of distinct tokens (inputs and outputs).
+    pub vocab_size: usize,
+    /// The recurrent cell.
+    pub cell: CellKind,
+    /// Hidden units `n`.
+    pub hidden: usize,
+    /// Gradient estimator.
+    pub learner: LearnerKind,
+    /// Window of truncated BPTT (only with `learner = tbptt`).
+    pub tbptt_window: usize,
+    /// Optimizer.
+    pub optimizer: OptimizerKind,
+    /// Learning rate.
+    pub lr: f64,
+    /// Clip the global gradient norm (all weights) to this value; 0 disables clipping.
+    pub clip: f64,
+    /// Seed of the weights' initialisation and of every random sign.
+    pub seed: u64,
+    /// Standard deviation of the Gaussian initialisation of `W` and `V`.
+    pub init_std: f64,
+    /// UORO's ε0, inside and outside the square roots of its scale factors.
+    pub uoro_epsilon: f64,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            vocab_size: 256,
+            cell: CellKind::Rhn,
+            hidden: 128,
+            learner: LearnerKind::KfRtrl,
+            tbptt_window: 25,
+            optimizer: OptimizerKind::Adam,
+            lr: DEFAULT_LR,
+            clip: 1.0,
+            seed: 0,
+            init_std: 0.01,
+            uoro_epsilon: 1e-7,
+        }
+    }
+}
+
+/// Hard limits that keep one model's memory and time per step bounded.
+pub mod limits {
+    /// Largest vocabulary.
+    pub const MAX_VOCAB: usize = 1 << 20;
+    /// Largest hidden size.
+    pub const MAX_HIDDEN: usize = 4096;
+    /// Largest hidden size for exact RTRL, whose influence matrix has `k·n·r·n·m` entries.
+    pub const MAX_RTRL_HIDDEN: usize = 64;
+    /// Largest truncation window.
+    pub const MAX_TBPTT_WINDOW: usize = 4096;
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("invalid model config: {field}: {reason}")]
+pub struct ConfigError {
+    /// The offending field.
+    pub field: &'static str,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError { field, reason: reason.into() }
+}
+
+impl ModelConfig {
+    /// Validates every field and derives the sizes.
+    pub fn check(&self) -> Result<ModelSpec, ConfigError> {
+        if !(2..=limits::MAX_VOCAB).contains(&self.vocab_size) {
+            return Err(invalid("vocab_size", format!("must be in 2..={}", limits::MAX_VOCAB)));
+        }
+        if !(1..=limits::MAX_HIDDEN).contains(&self.hidden) {
+            return Err(invalid("hidden", format!("must be in 1..={}", limits::MAX_HIDDEN)));
+        }
+        if self.learner == LearnerKind::Rtrl && self.hidden > limits::MAX_RTRL_HIDDEN {
+            return Err(invalid(
+                "hidden",
+                format!("exact RTRL is limited to hidden <= {}", limits::MAX_RTRL_HIDDEN),
+            ));
+        }
+        if self.learner == LearnerKind::Tbptt
+            && !(1..=limits::MAX_TBPTT_WINDOW).contains(&self.tbptt_window)
+        {
+            return Err(invalid(
+                "tbptt_window",
+                format!("must be in 1..={}", limits::MAX_TBPTT_WINDOW),
+            ));
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0 && self.lr <= 10.0) {
+            return Err(invalid("lr", "must be a finite number in (0, 10]"));
+        }
+        if !(self.clip.is_finite() && self.clip >= 0.0) {
+            return Err(invalid("clip", "must be a finite number >= 0 (0 disables clipping)"));
+        }
+        if !(self.init_std.is_finite() && self.init_std >= 0.0 && self.init_std <= 10.0) {
+            return Err(invalid("init_std", "must be a finite number in [0, 10]"));
+        }
+        if !(self.uoro_epsilon.is_finite() && self.uoro_epsilon >= 0.0) {
+            return Err(invalid("uoro_epsilon", "must be a finite number >= 0"));
+        }
+        let n = self.hidden;
+        let r = self.cell.gates();
+        let k = self.cell.state_blocks();
+        let m = self.vocab_size + n + 1;
+        Ok(ModelSpec { config: self.clone(), n, r, k, m, vocab: self.vocab_size })
+    }
+}
+
+/// A validated configuration with its derived sizes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelSpec {
+    /// The configuration it was checked from.
+    pub config: ModelConfig,
+    /// Hidden units.
+    pub n: usize,
+    /// Gates (weight matrices).
+    pub r: usize,
+    /// State blocks; the state has `k·n` entries.
+    pub k: usize,
+    /// Length of `a_t = [x; h; 1]`.
+    pub m: usize,
+    /// Vocabulary size.
+    pub vocab: usize,
+}
+
+impl ModelSpec {
+    /// Entries of the state vector.
+    pub fn state_len(&self) -> usize {
+        self.k * self.n
+    }
+    /// Offset of `h` inside the state vector.
+    pub fn h_offset(&self) -> usize {
+        (self.k - 1) * self.n
+    }
+    /// Rows of `W`, `r·n`.
+    pub fn gate_rows(&self) -> usize {
+        self.r * self.n
+    }
+    /// The cell.
+    pub fn cell(&self) -> CellKind {
+        self.config.cell
+    }
+    /// The learner.
+    pub fn learner(&self) -> LearnerKind {
+        self.config.learner
+    }
+    /// Number of recurrent parameters, `r·n·m`.
+    pub fn recurrent_params(&self) -> usize {
+        self.r * self.n * self.m
+    }
+    /// Number of all parameters (recurrent and readout).
+    pub fn total_params(&self) -> usize {
+        self.recurrent_params() + self.vocab * (self.n + 1)
+    }
+    /// Column of `W` where the `h` block starts.
+    pub fn h_col(&self) -> usize {
+        self.vocab
+    }
+    /// Column of `W` holding the bias.
+    pub fn bias_col(&self) -> usize {
+        self.m - 1
+    }
+}
+
+/// The shared weights of one model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Params<T> {
+    /// Recurrent weights, `(r·n) × m`.
+    pub w: Array2<T>,
+    /// Readout weights, `vocab × (n + 1)`.
+    pub v: Array2<T>,
+}
+
+impl<T: Float> Params<T> {
+    /// Zero weights of the right shapes.
+    pub fn zeros(spec: &ModelSpec) -> Self {
+        Self {
+            w: Array2::zeros((spec.gate_rows(), spec.m)),
+            v: Array2::zeros((spec.vocab, spec.n + 1)),
+        }
+    }
+
+    /// Gaussian initialisation `N(0, init_std²)` from the model's seed (KF-RTRL.md §2.3).
+    pub fn init(spec: &ModelSpec) -> Self {
+        let mut p = Self::zeros(spec);
+        let std = spec.config.init_std;
+        let mut rng = CounterRng::new(derive_key(spec.config.seed, 0x5745_4947_4854)); // "WEIGHT"
+        p.w.iter_mut().for_each(|x| *x = T::from_f64_rounded(std * rng.normal()));
+        p.v.iter_mut().for_each(|x| *x = T::from_f64_rounded(std * rng.normal()));
+        p
+    }
+
+    /// The block of `W` that multiplies `h_{t-1}`, `(r·n) × n`.
+    pub fn w_h(&self, spec: &ModelSpec) -> ArrayView2<'_, T> {
+        self.w.slice(s![.., spec.h_col()..spec.h_col() + spec.n])
+    }
+
+    /// Converts to another float type (for f32/f64 comparisons).
+    pub fn cast<U: Float>(&self) -> Params<U> {
+        Params {
+            w: self.w.mapv(|x| U::from_f64_rounded(x.to_f64_lossless())),
+            v: self.v.mapv(|x| U::from_f64_rounded(x.to_f64_lossless())),
+        }
+    }
+
+    /// True when every weight is finite.
+    pub fn all_finite(&self) -> bool {
+        self.w.iter().chain(self.v.iter()).all(|x| x.is_finite())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_papers_setup_and_valid() {
+        let spec = ModelConfig::default().check().unwrap();
+        assert_eq!(spec.config.cell, CellKind::Rhn);
+        assert_eq!((spec.n, spec.r, spec.k, spec.m), (128, 2, 1, 385));
+        assert!((spec.config.lr - 10f64.powf(-3.5)).abs() < 1e-18);
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let bad = |f: fn(&mut ModelConfig), field: &str| {
+            let mut c = ModelConfig::default();
+            f(&mut c);
+            assert_eq!(c.check().unwrap_err().field, field);
+        };
+        bad(|c| c.hidden = 0, "hidden");
+        bad(|c| c.vocab_size = 1, "vocab_size");
+        bad(|c| c.lr = f64::NAN, "lr");
+        bad(|c| c.lr = 0.0, "lr");
+        bad(|c| c.clip = -1.0, "clip");
+        bad(|c| c.clip = f64::INFINITY, "clip");
+        bad(|c| { c.learner = LearnerKind::Rtrl; c.hidden = 65 }, "hidden");
+        bad(|c| { c.learner = LearnerKind::Tbptt; c.tbptt_window = 0 }, "tbptt_window");
+    }
+
+    #[test]
+    fn init_is_deterministic_in_the_seed() {
+        let mut c = ModelConfig { hidden: 4, vocab_size: 5, ..Default::default() };
+        let a = Params::<f64>::init(&c.check().unwrap());
+        let b = Params::<f64>::init(&c.check().unwrap());
+        assert_eq!(a, b);
+        c.seed = 1;
+        assert_ne!(a, Params::<f64>::init(&c.check().unwrap()));
+    }
+}

@@ -1,0 +1,222 @@
+//! Optimizers (SGD, Adam) with clipping by global norm, and the gradient buffers they consume.
+//!
+//! A step whose gradient is not finite is refused before it touches the weights: the caller gets
+//! [`UpdateOutcome::NonFinite`] and the weights and optimizer moments stay exactly as they were.
+
+use ndarray::{Array2, Zip};
+
+use super::float::{Float, sum_squares};
+use super::model::{ModelSpec, OptimizerKind, Params};
+
+/// Gradients of all weights, shaped like [`Params`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gradients<T> {
+    /// Gradient of `W`.
+    pub w: Array2<T>,
+    /// Gradient of `V`.
+    pub v: Array2<T>,
+}
+
+impl<T: Float> Gradients<T> {
+    /// Zero gradients for a model.
+    pub fn zeros(spec: &ModelSpec) -> Self {
+        let p = Params::<T>::zeros(spec);
+        Self { w: p.w, v: p.v }
+    }
+
+    /// Sets every entry to zero.
+    pub fn clear(&mut self) {
+        self.w.fill(T::zero());
+        self.v.fill(T::zero());
+    }
+
+    /// Multiplies every entry by `c`.
+    pub fn scale(&mut self, c: T) {
+        self.w.mapv_inplace(|x| x * c);
+        self.v.mapv_inplace(|x| x * c);
+    }
+
+    /// `self += other`.
+    pub fn add(&mut self, other: &Self) {
+        self.w.scaled_add(T::one(), &other.w);
+        self.v.scaled_add(T::one(), &other.v);
+    }
+
+    /// Euclidean norm over all entries, accumulated in f64.
+    pub fn norm(&self) -> f64 {
+        let w = self.w.as_slice().map_or_else(|| self.w.iter().map(|x| x.to_f64_lossless().powi(2)).sum(), sum_squares);
+        let v = self.v.as_slice().map_or_else(|| self.v.iter().map(|x| x.to_f64_lossless().powi(2)).sum(), sum_squares);
+        (w + v).sqrt()
+    }
+}
+
+/// What one optimizer call did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum UpdateOutcome {
+    /// The weights were updated; `grad_norm` is the norm before clipping.
+    Applied {
+        /// Global gradient norm before clipping.
+        grad_norm: f64,
+        /// Whether clipping scaled the gradient down.
+        clipped: bool,
+    },
+    /// The gradient had a NaN or infinity: nothing changed.
+    NonFinite,
+}
+
+/// Optimizer state for one model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Optimizer<T> {
+    kind: OptimizerKind,
+    lr: f64,
+    clip: f64,
+    /// Number of updates applied so far.
+    pub steps: u64,
+    /// Adam's first moments (empty for SGD).
+    pub m: Option<Gradients<T>>,
+    /// Adam's second moments (empty for SGD).
+    pub v: Option<Gradients<T>>,
+}
+
+const BETA1: f64 = 0.9;
+const BETA2: f64 = 0.999;
+const ADAM_EPS: f64 = 1e-8;
+
+impl<T: Float> Optimizer<T> {
+    /// A fresh optimizer for a model, as its config says.
+    pub fn new(spec: &ModelSpec) -> Self {
+        let c = &spec.config;
+        let adam = c.optimizer == OptimizerKind::Adam;
+        Self {
+            kind: c.optimizer,
+            lr: c.lr,
+            clip: c.clip,
+            steps: 0,
+            m: adam.then(|| Gradients::zeros(spec)),
+            v: adam.then(|| Gradients::zeros(spec)),
+        }
+    }
+
+    /// The optimizer kind.
+    pub fn kind(&self) -> OptimizerKind {
+        self.kind
+    }
+
+    /// Applies one update with gradient `g` (already averaged), clipping it by global norm first.
+    pub fn apply(&mut self, params: &mut Params<T>, g: &Gradients<T>) -> UpdateOutcome {
+        let norm = g.norm();
+        if !norm.is_finite() {
+            return UpdateOutcome::NonFinite;
+        }
+        let clipped = self.clip > 0.0 && norm > self.clip;
+        let gscale = if clipped { self.clip / norm } else { 1.0 };
+        self.steps += 1;
+        match self.kind {
+            OptimizerKind::Sgd => {
+                let c = T::from_f64_rounded(-self.lr * gscale);
+                params.w.scaled_add(c, &g.w);
+                params.v.scaled_add(c, &g.v);
+            }
+            OptimizerKind::Adam => {
+                let t = self.steps as f64;
+                let bc1 = 1.0 - BETA1.powf(t);
+                let bc2 = 1.0 - BETA2.powf(t);
+                // θ -= lr/bc1 · m / (sqrt(v/bc2) + ε), with m, v of the clipped gradient.
+                let step = T::from_f64_rounded(self.lr / bc1);
+                let inv_sqrt_bc2 = T::from_f64_rounded(1.0 / bc2.sqrt());
+                let eps = T::from_f64_rounded(ADAM_EPS);
+                let gs = T::from_f64_rounded(gscale);
+                let b1 = T::from_f64_rounded(BETA1);
+                let b2 = T::from_f64_rounded(BETA2);
+                let one = T::one();
+                let (m, v) = (self.m.as_mut().expect("adam m"), self.v.as_mut().expect("adam v"));
+                for (p, gg, mm, vv) in [
+                    (&mut params.w, &g.w, &mut m.w, &mut v.w),
+                    (&mut params.v, &g.v, &mut m.v, &mut v.v),
+                ] {
+                    Zip::from(p).and(gg).and(mm).and(vv).for_each(|p, &g, m, v| {
+                        let g = g * gs;
+                        *m = b1 * *m + (one - b1) * g;
+                        *v = b2 * *v + (one - b2) * g * g;
+                        *p = *p - step * *m / ((*v).sqrt() * inv_sqrt_bc2 + eps);
+                    });
+                }
+            }
+        }
+        UpdateOutcome::Applied { grad_norm: norm, clipped }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::model::ModelConfig;
+
+    fn spec(opt: OptimizerKind, clip: f64) -> ModelSpec {
+        ModelConfig { vocab_size: 3, hidden: 2, optimizer: opt, lr: 0.1, clip, ..Default::default() }
+            .check()
+            .unwrap()
+    }
+
+    #[test]
+    fn sgd_moves_against_the_gradient_by_lr() {
+        let s = spec(OptimizerKind::Sgd, 0.0);
+        let mut p = Params::<f64>::zeros(&s);
+        let mut g = Gradients::zeros(&s);
+        g.w[[0, 0]] = 2.0;
+        g.v[[1, 1]] = -1.0;
+        let mut o = Optimizer::new(&s);
+        assert!(matches!(o.apply(&mut p, &g), UpdateOutcome::Applied { clipped: false, .. }));
+        assert_eq!(p.w[[0, 0]], -0.2);
+        assert_eq!(p.v[[1, 1]], 0.1);
+    }
+
+    #[test]
+    fn clipping_rescales_to_the_clip_norm() {
+        let s = spec(OptimizerKind::Sgd, 1.0);
+        let mut p = Params::<f64>::zeros(&s);
+        let mut g = Gradients::zeros(&s);
+        g.w[[0, 0]] = 3.0;
+        g.v[[0, 0]] = 4.0;
+        let mut o = Optimizer::new(&s);
+        let out = o.apply(&mut p, &g);
+        assert_eq!(out, UpdateOutcome::Applied { grad_norm: 5.0, clipped: true });
+        assert!((p.w[[0, 0]] + 0.1 * 0.6).abs() < 1e-15);
+        assert!((p.v[[0, 0]] + 0.1 * 0.8).abs() < 1e-15);
+    }
+
+    #[test]
+    fn adam_first_step_moves_each_weight_by_lr_in_sign_direction() {
+        let s = spec(OptimizerKind::Adam, 0.0);
+        let mut p = Params::<f64>::zeros(&s);
+        let mut g = Gradients::zeros(&s);
+        g.w[[0, 1]] = 0.5;
+        g.w[[1, 2]] = -3.0;
+        let mut o = Optimizer::new(&s);
+        o.apply(&mut p, &g);
+        // With bias correction, step 1 is lr·g/(|g| + ε).
+        assert!((p.w[[0, 1]] + 0.1).abs() < 1e-6);
+        assert!((p.w[[1, 2]] - 0.1).abs() < 1e-6);
+        assert_eq!(p.w[[0, 0]], 0.0);
+        // Step 2 with the same gradient: m/sqrt(v) stays ±1 after bias correction.
+        o.apply(&mut p, &g);
+        assert!((p.w[[0, 1]] + 0.2).abs() < 1e-6);
+    }
+
+    #[test]
+    fn non_finite_gradient_changes_nothing() {
+        for kind in [OptimizerKind::Adam, OptimizerKind::Sgd] {
+            let s = spec(kind, 1.0);
+            let mut p = Params::<f32>::init(&s);
+            let before = p.clone();
+            let mut g = Gradients::zeros(&s);
+            g.w[[0, 0]] = 1.0;
+            g.v[[0, 0]] = f32::NAN;
+            let mut o = Optimizer::new(&s);
+            let o_before = o.clone();
+            assert_eq!(o.apply(&mut p, &g), UpdateOutcome::NonFinite);
+            assert_eq!(p, before);
+            assert_eq!(o, o_before);
+        }
+    }
+}

@@ -1,0 +1,405 @@
+//! The streams of one model: every stream's state lives in a slot of a [`StreamSet`], side by side
+//! with the others, so that any subset of slots advances as one batched step.
+//!
+//! One step of a batch, for each input `(slot, token)`:
+//! 1. [`StreamSet::score`]: the slot's current prediction `softmax(V [h; 1])` is scored against
+//!    `token` (the loss is taken before learning from it), and the gradient of that loss is
+//!    estimated by the model's learner and averaged over the batch;
+//! 2. the caller applies the optimizer ([`StreamSet::step`] does all three);
+//! 3. [`StreamSet::advance`]: the state consumes `token` (`a_t = [x_t; h_{t-1}; 1]`) and the
+//!    learner's influence estimate follows it.
+//!
+//! Nothing here allocates after construction: every buffer is sized for the full capacity.
+
+use ndarray::{Array2, ArrayView2, s};
+
+use super::float::Float;
+use super::learner::{Learner, StepInputs};
+use super::linalg::{Par, gemm};
+use super::model::{LearnerKind, ModelSpec, Params};
+use super::optim::{Gradients, Optimizer, UpdateOutcome};
+use super::rng::derive_key;
+
+/// One token for one slot in a batched step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotStep {
+    /// The slot (stream) that consumes the token.
+    pub slot: usize,
+    /// The token: the target of the slot's current prediction and its next input.
+    pub token: u32,
+    /// Whether this token's loss trains the weights.
+    pub learn: bool,
+    /// Whether the stream starts a new sequence (state and learner factors zeroed) first.
+    pub reset: bool,
+}
+
+impl SlotStep {
+    /// A learning step without reset.
+    pub fn learn(slot: usize, token: u32) -> Self {
+        Self { slot, token, learn: true, reset: false }
+    }
+}
+
+/// Why a batch was refused (nothing was changed).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StepError {
+    /// The batch names a slot outside the set.
+    #[error("slot {0} is out of range")]
+    SlotOutOfRange(usize),
+    /// Slots must be strictly increasing (each slot at most once per step).
+    #[error("slots must be strictly increasing; slot {0} is out of order or repeated")]
+    SlotOrder(usize),
+    /// The token is not in the vocabulary.
+    #[error("token {token} is outside the vocabulary of {vocab}")]
+    TokenOutOfRange {
+        /// The token.
+        token: u32,
+        /// The vocabulary size.
+        vocab: usize,
+    },
+}
+
+/// What one [`StreamSet::step`] did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepReport {
+    /// Number of gradient contributions averaged (0: no update).
+    pub contributions: f64,
+    /// The optimizer's outcome, when an update was attempted.
+    pub update: Option<UpdateOutcome>,
+}
+
+/// The per-stream states of one model in slots, and the scratch of its batched step.
+#[derive(Debug, Clone)]
+pub struct StreamSet<T: Float> {
+    spec: ModelSpec,
+    capacity: usize,
+    /// `capacity × (k·n)` states.
+    state: Array2<T>,
+    position: Vec<u64>,
+    sign_key: Vec<u64>,
+    learner: Learner<T>,
+    scratch: Scratch<T>,
+    grad: Gradients<T>,
+}
+
+#[derive(Debug, Clone)]
+struct Scratch<T> {
+    /// Rows `[h; 1]` of the scored inputs, `capacity × (n + 1)`.
+    h1: Array2<T>,
+    /// Logits, then `softmax − onehot` (zero rows for inputs that do not learn), `capacity × vocab`.
+    err: Array2<T>,
+    /// `∂L/∂h` of each input, `capacity × n`.
+    delta_h: Array2<T>,
+    /// States before the advance, `capacity × (k·n)`.
+    prev: Array2<T>,
+    /// Pre-activations, `capacity × (r·n)`.
+    z: Array2<T>,
+    /// Element-wise derivatives `D`, `capacity × (k·r·n)`.
+    d: Array2<T>,
+    /// Element-wise carry, `capacity × (k·k·n)`.
+    carry: Array2<T>,
+    /// Losses in nats of the scored inputs.
+    loss: Vec<f64>,
+}
+
+impl<T: Float> StreamSet<T> {
+    /// A set of `capacity` slots, every one at the start of a sequence.
+    pub fn new(spec: &ModelSpec, capacity: usize) -> Self {
+        assert!(capacity > 0, "a stream set needs at least one slot");
+        let (n, r, k, vocab) = (spec.n, spec.r, spec.k, spec.vocab);
+        let s = k * n;
+        let seed = spec.config.seed;
+        Self {
+            spec: spec.clone(),
+            capacity,
+            state: Array2::zeros((capacity, s)),
+            position: vec![0; capacity],
+            sign_key: (0..capacity as u64).map(|b| derive_key(seed, b)).collect(),
+            learner: Learner::new(spec, capacity),
+            scratch: Scratch {
+                h1: Array2::zeros((capacity, n + 1)),
+                err: Array2::zeros((capacity, vocab)),
+                delta_h: Array2::zeros((capacity, n)),
+                prev: Array2::zeros((capacity, s)),
+                z: Array2::zeros((capacity, r * n)),
+                d: Array2::zeros((capacity, k * r * n)),
+                carry: Array2::zeros((capacity, k * k * n)),
+                loss: vec![0.0; capacity],
+            },
+            grad: Gradients::zeros(spec),
+        }
+    }
+
+    /// The model spec the set was built for.
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    /// Number of slots.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Tokens consumed by a slot since its last reset.
+    pub fn position(&self, slot: usize) -> u64 {
+        self.position[slot]
+    }
+
+    /// The state vector of a slot (`[h]`, or `[c; h]` for LSTM).
+    pub fn state(&self, slot: usize) -> &[T] {
+        self.state.row(slot).to_slice().expect("state rows are contiguous")
+    }
+
+    /// `h` of a slot.
+    pub fn hidden(&self, slot: usize) -> &[T] {
+        &self.state(slot)[self.spec.h_offset()..]
+    }
+
+    /// The key of a slot's random signs; signs depend on `(key, position)` only, so a stream
+    /// that keeps its key gets the same signs whatever slot or batch it is stepped in.
+    pub fn sign_key(&self, slot: usize) -> u64 {
+        self.sign_key[slot]
+    }
+
+    /// Sets a slot's sign key (e.g. derived from the model seed and the stream's name).
+    pub fn set_sign_key(&mut self, slot: usize, key: u64) {
+        self.sign_key[slot] = key;
+    }
+
+    /// The gradient accumulated by the last [`StreamSet::score`] (averaged).
+    pub fn gradients(&self) -> &Gradients<T> {
+        &self.grad
+    }
+
+    /// The learner state (for inspection by tests and checkpoints).
+    pub fn learner(&self) -> &Learner<T> {
+        &self.learner
+    }
+
+    /// Mutable learner state (forced signs in oracle tests).
+    pub fn learner_mut(&mut self) -> &mut Learner<T> {
+        &mut self.learner
+    }
+
+    /// Starts a new sequence in a slot: state, position and learner factors to zero.
+    pub fn reset(&mut self, slot: usize) {
+        self.state.row_mut(slot).fill(T::zero());
+        self.position[slot] = 0;
+        self.learner.reset(slot);
+    }
+
+    /// Writes `softmax(V [h; 1])` of a slot into `probs` (length vocab); returns nothing else.
+    pub fn predict(&self, params: &Params<T>, slot: usize, probs: &mut [T]) {
+        let n = self.spec.n;
+        let h = self.hidden(slot);
+        for (o, p) in probs.iter_mut().enumerate() {
+            let row = params.v.row(o);
+            let mut acc = row[n];
+            for j in 0..n {
+                acc = acc + row[j] * h[j];
+            }
+            *p = acc;
+        }
+        softmax_in_place(probs);
+    }
+
+    fn validate(&self, inputs: &[SlotStep]) -> Result<(), StepError> {
+        let mut last: Option<usize> = None;
+        for x in inputs {
+            if x.slot >= self.capacity {
+                return Err(StepError::SlotOutOfRange(x.slot));
+            }
+            if last.is_some_and(|l| l >= x.slot) {
+                return Err(StepError::SlotOrder(x.slot));
+            }
+            last = Some(x.slot);
+            if x.token as usize >= self.spec.vocab {
+                return Err(StepError::TokenOutOfRange { token: x.token, vocab: self.spec.vocab });
+            }
+        }
+        if inputs.len() > self.capacity {
+            return Err(StepError::SlotOutOfRange(self.capacity));
+        }
+        Ok(())
+    }
+
+    /// Phase 1: applies resets, scores every input's token (losses in nats into `losses`), and
+    /// leaves the averaged gradient estimate in [`StreamSet::gradients`]. Returns the number of
+    /// gradient contributions averaged (0 when nothing learns).
+    pub fn score(
+        &mut self,
+        params: &Params<T>,
+        inputs: &[SlotStep],
+        losses: &mut [f64],
+    ) -> Result<f64, StepError> {
+        self.validate(inputs)?;
+        assert!(losses.len() >= inputs.len(), "losses buffer too short");
+        let nb = inputs.len();
+        let n = self.spec.n;
+        for x in inputs.iter().filter(|x| x.reset) {
+            self.reset(x.slot);
+        }
+        self.grad.clear();
+        if nb == 0 {
+            return Ok(0.0);
+        }
+        let hoff = self.spec.h_offset();
+        let sc = &mut self.scratch;
+        for (i, x) in inputs.iter().enumerate() {
+            let mut row = sc.h1.row_mut(i);
+            row.slice_mut(s![..n]).assign(&self.state.slice(s![x.slot, hoff..]));
+            row[n] = T::one();
+        }
+        let h1 = sc.h1.slice(s![..nb, ..]);
+        gemm(T::one(), h1, params.v.t(), T::zero(), sc.err.slice_mut(s![..nb, ..]), Par::Pool);
+        let mut learners = 0usize;
+        for (i, x) in inputs.iter().enumerate() {
+            let mut row = sc.err.row_mut(i);
+            let logits = row.as_slice_mut().expect("contiguous");
+            let target_logit = logits[x.token as usize].to_f64_lossless();
+            let loss = softmax_in_place(logits) - target_logit;
+            losses[i] = loss;
+            sc.loss[i] = loss;
+            if x.learn {
+                logits[x.token as usize] = logits[x.token as usize] - T::one();
+                learners += 1;
+            } else {
+                logits.fill(T::zero());
+            }
+        }
+        if learners == 0 || self.spec.learner() == LearnerKind::Frozen {
+            return Ok(0.0);
+        }
+        let err = sc.err.slice(s![..nb, ..]);
+        let v_h = params.v.slice(s![.., ..n]);
+        gemm(T::one(), err, v_h, T::zero(), sc.delta_h.slice_mut(s![..nb, ..]), Par::Pool);
+        if self.learner.immediate_readout_gradient() {
+            gemm(T::one(), err.t(), h1, T::zero(), self.grad.v.view_mut(), Par::Pool);
+        }
+        let contributions = self.learner.gradient(
+            &self.spec,
+            params,
+            inputs,
+            sc.delta_h.view(),
+            err,
+            h1,
+            &self.state,
+            &mut self.grad,
+        );
+        if contributions > 0.0 {
+            let c = T::from_f64_rounded(1.0 / contributions);
+            self.grad.scale(c);
+        }
+        Ok(contributions)
+    }
+
+    /// Phase 3: every input's slot consumes its token, with the weights as they are now.
+    pub fn advance(&mut self, params: &Params<T>, inputs: &[SlotStep]) -> Result<(), StepError> {
+        self.validate(inputs)?;
+        let nb = inputs.len();
+        if nb == 0 {
+            return Ok(());
+        }
+        let spec = &self.spec;
+        let (n, hoff) = (spec.n, spec.h_offset());
+        let sc = &mut self.scratch;
+        for (i, x) in inputs.iter().enumerate() {
+            sc.prev.row_mut(i).assign(&self.state.row(x.slot));
+        }
+        // z = W_h h_prev + W[:, token] + W[:, bias] for all inputs at once.
+        let hprev = sc.prev.slice(s![..nb, hoff..hoff + n]);
+        gemm(T::one(), hprev, params.w_h(spec).t(), T::zero(), sc.z.slice_mut(s![..nb, ..]), Par::Pool);
+        let bias = params.w.column(spec.bias_col());
+        let cell = spec.cell();
+        for (i, x) in inputs.iter().enumerate() {
+            let col = params.w.column(x.token as usize);
+            let mut z = sc.z.row_mut(i);
+            for (q, zq) in z.iter_mut().enumerate() {
+                *zq = *zq + col[q] + bias[q];
+            }
+            let mut next = self.state.row_mut(x.slot);
+            cell.forward(
+                n,
+                z.as_slice().expect("contiguous"),
+                sc.prev.row(i).as_slice().expect("contiguous"),
+                next.as_slice_mut().expect("contiguous"),
+                sc.d.row_mut(i).into_slice().expect("contiguous"),
+                sc.carry.row_mut(i).into_slice().expect("contiguous"),
+            );
+        }
+        let step = StepInputs {
+            inputs,
+            prev: sc.prev.slice(s![..nb, ..]),
+            d: sc.d.slice(s![..nb, ..]),
+            carry: sc.carry.slice(s![..nb, ..]),
+            position: &self.position,
+            sign_key: &self.sign_key,
+        };
+        self.learner.advance(spec, params, &step);
+        for x in inputs {
+            self.position[x.slot] += 1;
+        }
+        Ok(())
+    }
+
+    /// One full online step: score, update the weights with `optimizer` (if anything learned),
+    /// advance. `losses` receives each input's loss in nats.
+    pub fn step(
+        &mut self,
+        params: &mut Params<T>,
+        optimizer: &mut Optimizer<T>,
+        inputs: &[SlotStep],
+        losses: &mut [f64],
+    ) -> Result<StepReport, StepError> {
+        let contributions = self.score(params, inputs, losses)?;
+        let update = (contributions > 0.0).then(|| optimizer.apply(params, &self.grad));
+        if update == Some(UpdateOutcome::NonFinite) {
+            // A non-finite estimate came from some stream's factors: restart the learners of the
+            // batch so the fault cannot persist (KF-RTRL.md §8; the weights were not touched).
+            for x in inputs {
+                self.learner.reset(x.slot);
+            }
+        }
+        self.advance(params, inputs)?;
+        Ok(StepReport { contributions, update })
+    }
+
+    /// Views of all states (`capacity × k·n`), for snapshots.
+    pub fn states(&self) -> ArrayView2<'_, T> {
+        self.state.view()
+    }
+
+    /// Mean of the last scored losses (nats), for quick reporting.
+    pub fn last_losses(&self, count: usize) -> &[f64] {
+        &self.scratch.loss[..count]
+    }
+
+    /// Copies another slot's complete state (hidden state, position, learner factors) into `dst`.
+    pub fn copy_slot(&mut self, src: usize, dst: usize) {
+        if src == dst {
+            return;
+        }
+        let row = self.state.row(src).to_owned();
+        self.state.row_mut(dst).assign(&row);
+        self.position[dst] = self.position[src];
+        self.sign_key[dst] = self.sign_key[src];
+        self.learner.copy_slot(src, dst);
+    }
+}
+
+/// Replaces logits by their softmax and returns `ln Σ_o exp(x_o)` (accumulated in f64), so that
+/// the loss of token `y` is `returned − x_y` without ever taking the log of a rounded probability.
+fn softmax_in_place<T: Float>(x: &mut [T]) -> f64 {
+    let max = x.iter().fold(T::neg_infinity(), |a, &b| a.max(b));
+    let mut sum = 0.0f64;
+    for v in x.iter_mut() {
+        let e = (*v - max).exp();
+        *v = e;
+        sum += e.to_f64_lossless();
+    }
+    let inv = T::from_f64_rounded(1.0 / sum);
+    for v in x.iter_mut() {
+        *v = *v * inv;
+    }
+    max.to_f64_lossless() + sum.ln()
+}

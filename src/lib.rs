@@ -1,0 +1,17 @@
+//! # kfrtrl
+//!
+//! Online next-token learning from live token streams with Kronecker-Factored Real-Time Recurrent
+//! Learning (KF-RTRL; Mujika, Meier & Steger, NeurIPS 2018).
+//!
+//! Layers, dependencies pointing down only:
+//! - [`core`]: pure numerics. Cells ([`core::CellKind`]: tanh, RHN, LSTM), the softmax readout,
+//!   learners ([`core::LearnerKind`]: KF-RTRL, UORO, exact RTRL, truncated BPTT, frozen),
+//!   optimizers, a counter-based RNG, and [`core::StreamSet`], which steps many streams of one
+//!   model as one batch.
+//! - [`bench`]: the throughput benchmark behind `kfrtrl bench`.
+//!
+//! A model's weights are shared and read-only during a step's forward pass; every stream owns its
+//! state (hidden state and learner factors) in a slot of a [`core::StreamSet`].
+
+pub mod bench;
+pub mod core;
