@@ -107,15 +107,23 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchResult, crate::core::model::ConfigE
             t += 1;
         }
     };
-    // Warm up, then size repetitions to the target duration.
-    let steps_per_rep = calibrate(cfg.rep_seconds, |k| run_steps(k, &mut params));
+    // Run the loop on a pool thread, as the engine's worker does: the step's parallel sections
+    // then fork from inside the pool instead of handing work across from an outside thread.
     let mut rates = Vec::with_capacity(cfg.reps);
-    for _ in 0..cfg.reps.max(1) {
-        let start = Instant::now();
-        run_steps(steps_per_rep, &mut params);
-        rates.push((steps_per_rep * b) as f64 / start.elapsed().as_secs_f64());
-    }
-    let peak = gemm_peak(&spec, b, cfg.reps.max(1), cfg.rep_seconds);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(rayon::current_num_threads())
+        .build()
+        .expect("thread pool");
+    pool.install(|| {
+        // Warm up, then size repetitions to the target duration.
+        let steps_per_rep = calibrate(cfg.rep_seconds, |k| run_steps(k, &mut params));
+        for _ in 0..cfg.reps.max(1) {
+            let start = Instant::now();
+            run_steps(steps_per_rep, &mut params);
+            rates.push((steps_per_rep * b) as f64 / start.elapsed().as_secs_f64());
+        }
+    });
+    let peak = pool.install(|| gemm_peak(&spec, b, cfg.reps.max(1), cfg.rep_seconds));
     let flops = flops_per_token(&spec, b);
     let tps = median(&mut rates);
     let gflops = tps * flops / 1e9;

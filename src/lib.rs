@@ -8,6 +8,7 @@
 //!   learners ([`core::LearnerKind`]: KF-RTRL, UORO, exact RTRL, truncated BPTT, frozen),
 //!   optimizers, a counter-based RNG, and [`core::StreamSet`], which steps many streams of one
 //!   model as one batch.
+//! - [`corpus`] and [`train`]: corpora and the online training loop behind `kfrtrl train`.
 //! - [`bench`]: the throughput benchmark behind `kfrtrl bench`.
 //!
 //! A model's weights are shared and read-only during a step's forward pass; every stream owns its
@@ -15,3 +16,5 @@
 
 pub mod bench;
 pub mod core;
+pub mod corpus;
+pub mod train;

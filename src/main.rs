@@ -1,4 +1,4 @@
-//! The `kfrtrl` command line: `bench` (and, as the service grows, `serve`, `train`, `experiment`).
+//! The `kfrtrl` command line: `train` and `bench` (the server comes with the service).
 
 mod cli;
 

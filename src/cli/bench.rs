@@ -40,11 +40,11 @@ pub struct BenchArgs {
     json: bool,
 }
 
-fn parse_cell(s: &str) -> Result<CellKind, String> {
+pub fn parse_cell(s: &str) -> Result<CellKind, String> {
     CellKind::parse(s).ok_or_else(|| format!("unknown cell {s:?} (tanh, rhn, lstm)"))
 }
 
-fn parse_optimizer(s: &str) -> Result<OptimizerKind, String> {
+pub fn parse_optimizer(s: &str) -> Result<OptimizerKind, String> {
     OptimizerKind::parse(s).ok_or_else(|| format!("unknown optimizer {s:?} (adam, sgd)"))
 }
 

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod train;
 
 /// Online next-token learning with Kronecker-factored RTRL.
 #[derive(Debug, Parser)]
@@ -18,6 +19,8 @@ struct Cli {
 enum Command {
     /// Measure the throughput of one online learning step.
     Bench(bench::BenchArgs),
+    /// Train online on a corpus and report bits per symbol.
+    Train(train::TrainArgs),
 }
 
 /// Parses the command line and runs the subcommand.
@@ -25,6 +28,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Bench(args) => bench::run(args),
+        Command::Train(args) => train::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

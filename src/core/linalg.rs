@@ -43,8 +43,9 @@ pub fn gemm<T: Float>(
         Par::Single => gemm::Parallelism::None,
         Par::Pool => {
             let threads = rayon::current_num_threads();
-            // Below this much work the threads cost more than they save.
-            if threads > 1 && (m as u64) * (n as u64) * (k as u64) >= 1 << 17 {
+            // Measured on the target machine: below about 256·256·2048 a second thread costs more
+            // (wake-up latency) than it saves.
+            if threads > 1 && (m as u64) * (n as u64) * (k as u64) >= 1 << 27 {
                 gemm::Parallelism::Rayon(threads)
             } else {
                 gemm::Parallelism::None

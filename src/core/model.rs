@@ -183,13 +183,9 @@ impl ModelConfig {
                 format!("exact RTRL is limited to hidden <= {}", limits::MAX_RTRL_HIDDEN),
             ));
         }
-        if self.learner == LearnerKind::Tbptt
-            && !(1..=limits::MAX_TBPTT_WINDOW).contains(&self.tbptt_window)
+        if self.learner == LearnerKind::Tbptt && !(1..=limits::MAX_TBPTT_WINDOW).contains(&self.tbptt_window)
         {
-            return Err(invalid(
-                "tbptt_window",
-                format!("must be in 1..={}", limits::MAX_TBPTT_WINDOW),
-            ));
+            return Err(invalid("tbptt_window", format!("must be in 1..={}", limits::MAX_TBPTT_WINDOW)));
         }
         if !(self.lr.is_finite() && self.lr > 0.0 && self.lr <= 10.0) {
             return Err(invalid("lr", "must be a finite number in (0, 10]"));
@@ -279,10 +275,7 @@ pub struct Params<T> {
 impl<T: Float> Params<T> {
     /// Zero weights of the right shapes.
     pub fn zeros(spec: &ModelSpec) -> Self {
-        Self {
-            w: Array2::zeros((spec.gate_rows(), spec.m)),
-            v: Array2::zeros((spec.vocab, spec.n + 1)),
-        }
+        Self { w: Array2::zeros((spec.gate_rows(), spec.m)), v: Array2::zeros((spec.vocab, spec.n + 1)) }
     }
 
     /// Gaussian initialisation `N(0, init_std²)` from the model's seed (KF-RTRL.md §2.3).
@@ -339,8 +332,20 @@ mod tests {
         bad(|c| c.lr = 0.0, "lr");
         bad(|c| c.clip = -1.0, "clip");
         bad(|c| c.clip = f64::INFINITY, "clip");
-        bad(|c| { c.learner = LearnerKind::Rtrl; c.hidden = 65 }, "hidden");
-        bad(|c| { c.learner = LearnerKind::Tbptt; c.tbptt_window = 0 }, "tbptt_window");
+        bad(
+            |c| {
+                c.learner = LearnerKind::Rtrl;
+                c.hidden = 65
+            },
+            "hidden",
+        );
+        bad(
+            |c| {
+                c.learner = LearnerKind::Tbptt;
+                c.tbptt_window = 0
+            },
+            "tbptt_window",
+        );
     }
 
     #[test]

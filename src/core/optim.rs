@@ -44,8 +44,14 @@ impl<T: Float> Gradients<T> {
 
     /// Euclidean norm over all entries, accumulated in f64.
     pub fn norm(&self) -> f64 {
-        let w = self.w.as_slice().map_or_else(|| self.w.iter().map(|x| x.to_f64_lossless().powi(2)).sum(), sum_squares);
-        let v = self.v.as_slice().map_or_else(|| self.v.iter().map(|x| x.to_f64_lossless().powi(2)).sum(), sum_squares);
+        let w = self
+            .w
+            .as_slice()
+            .map_or_else(|| self.w.iter().map(|x| x.to_f64_lossless().powi(2)).sum(), sum_squares);
+        let v = self
+            .v
+            .as_slice()
+            .map_or_else(|| self.v.iter().map(|x| x.to_f64_lossless().powi(2)).sum(), sum_squares);
         (w + v).sqrt()
     }
 }
@@ -130,10 +136,9 @@ impl<T: Float> Optimizer<T> {
                 let b2 = T::from_f64_rounded(BETA2);
                 let one = T::one();
                 let (m, v) = (self.m.as_mut().expect("adam m"), self.v.as_mut().expect("adam v"));
-                for (p, gg, mm, vv) in [
-                    (&mut params.w, &g.w, &mut m.w, &mut v.w),
-                    (&mut params.v, &g.v, &mut m.v, &mut v.v),
-                ] {
+                for (p, gg, mm, vv) in
+                    [(&mut params.w, &g.w, &mut m.w, &mut v.w), (&mut params.v, &g.v, &mut m.v, &mut v.v)]
+                {
                     Zip::from(p).and(gg).and(mm).and(vv).for_each(|p, &g, m, v| {
                         let g = g * gs;
                         *m = b1 * *m + (one - b1) * g;

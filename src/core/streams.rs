@@ -286,7 +286,7 @@ impl<T: Float> StreamSet<T> {
             &self.state,
             &mut self.grad,
         );
-        if contributions > 0.0 {
+        if contributions > 0.0 && contributions != 1.0 {
             let c = T::from_f64_rounded(1.0 / contributions);
             self.grad.scale(c);
         }

@@ -14,10 +14,9 @@
 //!   by `A`, which is why gated cells use it.
 
 use ndarray::{Array1, Array2, Array3, ArrayView2, ArrayViewMut2, Axis, s};
-use rayon::prelude::*;
 
-use super::StepInputs;
 use super::raw::{SlotBlocks, SlotRows};
+use super::{StepInputs, for_each_input};
 use crate::core::cell::CellKind;
 use crate::core::float::{Float, sum_squares};
 use crate::core::linalg::{Par, gemm, jacobian};
@@ -120,14 +119,25 @@ impl<T: Float> KfRtrl<T> {
     }
 
     /// The raw stored form of a slot: `(u, A_stored, scale)` with `A = scale·A_stored`.
-    pub fn raw_factors(&self, slot: usize, spec: &ModelSpec) -> (ndarray::ArrayView1<'_, T>, ArrayView2<'_, T>, T) {
+    pub fn raw_factors(
+        &self,
+        slot: usize,
+        spec: &ModelSpec,
+    ) -> (ndarray::ArrayView1<'_, T>, ArrayView2<'_, T>, T) {
         let rn = spec.gate_rows();
         let a = self.a[self.parity[slot] as usize].slice(s![.., slot * rn..(slot + 1) * rn]);
         (self.u.row(slot), a, self.scale[slot])
     }
 
     /// Restores the raw stored form of a slot (the inverse of [`KfRtrl::raw_factors`]).
-    pub fn set_raw_factors(&mut self, slot: usize, spec: &ModelSpec, u: &[T], a: ArrayView2<'_, T>, scale: T) {
+    pub fn set_raw_factors(
+        &mut self,
+        slot: usize,
+        spec: &ModelSpec,
+        u: &[T],
+        a: ArrayView2<'_, T>,
+        scale: T,
+    ) {
         let rn = spec.gate_rows();
         self.u.row_mut(slot).assign(&ndarray::ArrayView1::from(u));
         let p = self.parity[slot] as usize;
@@ -169,35 +179,33 @@ impl<T: Float> KfRtrl<T> {
         let parity = &self.parity;
         let scale = &self.scale;
         let u = &self.u;
-        self.v
-            .axis_iter_mut(Axis(0))
-            .into_par_iter()
-            .zip(self.urows.axis_iter_mut(Axis(0)))
-            .zip(inputs.par_iter())
-            .enumerate()
-            .for_each(|(i, ((mut v, mut urow), x))| {
-                if !x.learn {
-                    v.fill(T::zero());
-                    urow.fill(T::zero());
-                    return;
-                }
-                let b = x.slot;
-                let block = a[parity[b] as usize].slice(s![hoff..hoff + n, b * rn..(b + 1) * rn]);
-                let vs = v.as_slice_mut().expect("contiguous");
-                vs.fill(T::zero());
-                let delta = delta_h.row(i);
-                for (j, row) in block.axis_iter(Axis(0)).enumerate() {
-                    let dj = delta[j];
-                    if dj != T::zero() {
-                        for (vv, &aa) in vs.iter_mut().zip(row.iter()) {
-                            *vv = *vv + dj * aa;
-                        }
+        let vrows = SlotRows::new(&mut self.v);
+        let urows = SlotRows::new(&mut self.urows);
+        for_each_input(nb, |i| {
+            let x = inputs[i];
+            // SAFETY: each task owns row `i` of the two scratch matrices.
+            let (v, urow) = unsafe { (vrows.row(i), urows.row(i)) };
+            if !x.learn {
+                v.fill(T::zero());
+                urow.fill(T::zero());
+                return;
+            }
+            let b = x.slot;
+            let block = a[parity[b] as usize].slice(s![hoff..hoff + n, b * rn..(b + 1) * rn]);
+            v.fill(T::zero());
+            let delta = delta_h.row(i);
+            for (j, row) in block.axis_iter(Axis(0)).enumerate() {
+                let dj = delta[j];
+                if dj != T::zero() {
+                    for (vv, &aa) in v.iter_mut().zip(row.iter()) {
+                        *vv = *vv + dj * aa;
                     }
                 }
-                let sc = scale[b];
-                vs.iter_mut().for_each(|x| *x = *x * sc);
-                urow.assign(&u.row(b));
-            });
+            }
+            let sc = scale[b];
+            v.iter_mut().for_each(|x| *x = *x * sc);
+            urow.copy_from_slice(u.row(b).as_slice().expect("contiguous"));
+        });
         gemm(
             T::one(),
             self.v.slice(s![..nb, ..]).t(),
@@ -233,7 +241,10 @@ impl<T: Float> KfRtrl<T> {
                 let b0 = inputs[i].slot;
                 let p = parity[b0] as usize;
                 let mut j = i + 1;
-                while j < nb && inputs[j].slot == inputs[j - 1].slot + 1 && parity[inputs[j].slot] as usize == p {
+                while j < nb
+                    && inputs[j].slot == inputs[j - 1].slot + 1
+                    && parity[inputs[j].slot] as usize == p
+                {
                     j += 1;
                 }
                 let cols = b0 * rn..(b0 + (j - i)) * rn;
@@ -246,7 +257,7 @@ impl<T: Float> KfRtrl<T> {
             // The slabs were borrowed by the GEMMs above; take fresh raw handles for the pass.
             let slabs = [SlotBlocks::new(a0, rn), SlotBlocks::new(a1, rn)];
             let results = SlotRows::new(&mut self.scale);
-            (0..nb).into_par_iter().for_each(|i| {
+            for_each_input(nb, |i| {
                 let x = inputs[i];
                 let b = x.slot;
                 let p = parity[b] as usize;
@@ -273,7 +284,7 @@ impl<T: Float> KfRtrl<T> {
             let s_len = spec.state_len();
             let results = SlotRows::new(&mut self.scale);
             let par = if nb > 1 { Par::Single } else { Par::Pool };
-            (0..nb).into_par_iter().for_each(|i| {
+            for_each_input(nb, |i| {
                 let x = inputs[i];
                 let b = x.slot;
                 let p = parity[b] as usize;

@@ -7,10 +7,10 @@
 //! - `advance`: follow the state update `s_{t-1} → s_t` with its influence estimate.
 
 mod kf;
+mod raw;
 mod rtrl;
 mod tbptt;
 mod uoro;
-mod raw;
 
 pub mod reference;
 
@@ -140,4 +140,11 @@ pub fn dense_input<T: Float>(spec: &ModelSpec, token: u32, h_prev: &[T], a: &mut
     a[token as usize] = T::one();
     a[spec.h_col()..spec.h_col() + spec.n].copy_from_slice(h_prev);
     a[spec.bias_col()] = T::one();
+}
+
+/// Runs `f(i)` for every input index, on the pool when there is more than one: for a single
+/// stream the hand-off to another thread costs more than the work.
+pub(crate) fn for_each_input(nb: usize, f: impl Fn(usize) + Sync + Send) {
+    use rayon::prelude::*;
+    if nb <= 1 { (0..nb).for_each(f) } else { (0..nb).into_par_iter().for_each(f) }
 }

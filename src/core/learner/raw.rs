@@ -69,7 +69,7 @@ impl<T> SlotRows<T> {
     pub fn new<D: ndarray::Dimension>(m: &mut ndarray::Array<T, D>) -> Self {
         assert!(m.is_standard_layout());
         let slots = m.shape()[0];
-        let len = if slots == 0 { 0 } else { m.len() / slots };
+        let len = m.len().checked_div(slots).unwrap_or(0);
         Self { ptr: m.as_mut_ptr(), len, slots }
     }
 

@@ -31,7 +31,14 @@ pub fn step_terms<T: Float>(spec: &ModelSpec, params: &Params<T>, prev: &[T], to
     let mut next = Array1::zeros(s_len);
     let mut dv = vec![T::zero(); k * r * n];
     let mut carry = vec![T::zero(); k * k * n];
-    spec.cell().forward(n, z.as_slice().expect("contiguous"), prev, next.as_slice_mut().expect("c"), &mut dv, &mut carry);
+    spec.cell().forward(
+        n,
+        z.as_slice().expect("contiguous"),
+        prev,
+        next.as_slice_mut().expect("c"),
+        &mut dv,
+        &mut carry,
+    );
     let mut d = Array2::zeros((s_len, r * n));
     for blk in 0..k {
         for q in 0..r {
@@ -58,7 +65,12 @@ pub fn kf_compress<T: Float>(
 ) -> (Array1<T>, Array2<T>) {
     let f = |x: f64| T::from_f64_rounded(x);
     let norm = |it: &mut dyn Iterator<Item = T>| it.map(|x| x.to_f64_lossless().powi(2)).sum::<f64>().sqrt();
-    let (nu, nb, nd, na) = (norm(&mut u.iter().copied()), norm(&mut b.iter().copied()), norm(&mut d.iter().copied()), norm(&mut a.iter().copied()));
+    let (nu, nb, nd, na) = (
+        norm(&mut u.iter().copied()),
+        norm(&mut b.iter().copied()),
+        norm(&mut d.iter().copied()),
+        norm(&mut a.iter().copied()),
+    );
     if nu * nb == 0.0 && nd == 0.0 {
         return (Array1::zeros(u.len()), Array2::zeros(b.dim()));
     }

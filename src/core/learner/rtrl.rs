@@ -2,10 +2,9 @@
 //! `k·n × P`. It costs `O(k²n²P)` per step and is the oracle the estimators are tested against.
 
 use ndarray::{Array3, ArrayView2, ArrayViewMut2, Axis, s};
-use rayon::prelude::*;
 
-use super::StepInputs;
 use super::raw::SlotRows;
+use super::{StepInputs, for_each_input};
 use crate::core::float::Float;
 use crate::core::linalg::{Par, gemm, jacobian};
 use crate::core::model::{ModelSpec, Params};
@@ -71,13 +70,14 @@ impl<T: Float> Rtrl<T> {
     }
 
     pub(super) fn advance(&mut self, spec: &ModelSpec, params: &Params<T>, step: &StepInputs<'_, T>) {
-        let (n, r, k, m, s_len, p) = (spec.n, spec.r, spec.k, spec.m, spec.state_len(), spec.recurrent_params());
+        let (n, r, k, m, s_len, p) =
+            (spec.n, spec.r, spec.k, spec.m, spec.state_len(), spec.recurrent_params());
         let hoff = spec.h_offset();
         let w_h = params.w_h(spec);
         let gs = SlotRows::new(&mut self.g);
         let tmps = SlotRows::new(&mut self.tmp);
         let jacs = SlotRows::new(&mut self.jac);
-        (0..step.inputs.len()).into_par_iter().for_each(|i| {
+        for_each_input(step.inputs.len(), |i| {
             let x = step.inputs[i];
             let b = x.slot;
             // SAFETY: slots in one step are distinct; each task owns row `b` of each slab.

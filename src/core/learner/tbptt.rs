@@ -105,7 +105,11 @@ impl<T: Float> Tbptt<T> {
             if len == 0 {
                 // Scored from the start of a sequence: only the readout has a gradient.
                 if x.learn {
-                    outer_add(&mut grad.v, err.row(i).as_slice().expect("row"), h1.row(i).as_slice().expect("row"));
+                    outer_add(
+                        &mut grad.v,
+                        err.row(i).as_slice().expect("row"),
+                        h1.row(i).as_slice().expect("row"),
+                    );
                     count += 1.0;
                 }
                 continue;
@@ -127,7 +131,14 @@ impl<T: Float> Tbptt<T> {
     }
 
     /// Backpropagates slot `b`'s complete window into `grad`.
-    fn flush(&mut self, spec: &ModelSpec, params: &Params<T>, b: usize, current: &[T], grad: &mut Gradients<T>) {
+    fn flush(
+        &mut self,
+        spec: &ModelSpec,
+        params: &Params<T>,
+        b: usize,
+        current: &[T],
+        grad: &mut Gradients<T>,
+    ) {
         let (n, r, k, m) = (spec.n, spec.r, spec.k, spec.m);
         let hoff = spec.h_offset();
         let len = self.len[b];

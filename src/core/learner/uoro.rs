@@ -6,10 +6,9 @@
 //! which makes the estimator exactly unbiased when `ε0 = 0`.
 
 use ndarray::{Array2, Array3, ArrayView2, Axis, s};
-use rayon::prelude::*;
 
-use super::StepInputs;
 use super::raw::SlotRows;
+use super::{StepInputs, for_each_input};
 use crate::core::float::{Float, sum_squares};
 use crate::core::model::{ModelSpec, Params};
 use crate::core::optim::Gradients;
@@ -101,7 +100,7 @@ impl<T: Float> Uoro<T> {
         let nus = SlotRows::new(&mut self.nu);
         let ws = SlotRows::new(&mut self.w);
         let forced = &self.forced;
-        (0..step.inputs.len()).into_par_iter().for_each(|i| {
+        for_each_input(step.inputs.len(), |i| {
             let x = step.inputs[i];
             let b = x.slot;
             // SAFETY: slots in one step are distinct, so each task owns row `b` of every slab.
@@ -133,7 +132,9 @@ impl<T: Float> Uoro<T> {
                 Some(signs) => nu.iter_mut().zip(signs).for_each(|(v, &sgn)| *v = T::from_f64_rounded(sgn)),
                 None => {
                     let key = rng::derive_key(step.sign_key[b], step.position[b]);
-                    nu.iter_mut().enumerate().for_each(|(idx, v)| *v = T::from_f64_rounded(rng::sign(key, idx as u64)));
+                    nu.iter_mut()
+                        .enumerate()
+                        .for_each(|(idx, v)| *v = T::from_f64_rounded(rng::sign(key, idx as u64)));
                 }
             }
             // w[(q, j)] = Σ_blk ν[blk·n + j] D[blk, q, j], so that νᵀF_t = w ⊗ a.

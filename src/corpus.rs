@@ -1,0 +1,133 @@
+//! Corpora for training and evaluation: raw bytes (vocabulary 256) or the character-level Penn
+//! Treebank format (symbols separated by single spaces, the line end a symbol of its own).
+
+use std::collections::BTreeMap;
+
+/// How a corpus file is split into symbols.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// Every byte is a token; the vocabulary is 256.
+    Bytes,
+    /// Character-level PTB: space-separated symbols, newline a symbol; vocabulary from the data.
+    PtbChar,
+}
+
+impl Format {
+    /// Parses `bytes` or `ptb-char`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "bytes" => Some(Format::Bytes),
+            "ptb-char" => Some(Format::PtbChar),
+            _ => None,
+        }
+    }
+}
+
+/// The symbols of a corpus and their token ids.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Vocab {
+    /// Symbol text by token id (empty for byte vocabularies).
+    pub symbols: Vec<String>,
+    index: BTreeMap<String, u32>,
+    /// Vocabulary size.
+    pub size: usize,
+}
+
+impl Vocab {
+    /// The 256 bytes.
+    pub fn bytes() -> Self {
+        Self { symbols: Vec::new(), index: BTreeMap::new(), size: 256 }
+    }
+}
+
+/// Why a corpus could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum CorpusError {
+    /// The corpus has no symbols.
+    #[error("the corpus is empty")]
+    Empty,
+    /// A symbol of an evaluation file is not in the training vocabulary.
+    #[error("symbol {0:?} is not in the training vocabulary")]
+    UnknownSymbol(String),
+    /// The file is not UTF-8 (ptb-char only).
+    #[error("the corpus is not UTF-8 text: {0}")]
+    NotUtf8(#[from] std::str::Utf8Error),
+}
+
+fn ptb_symbols(text: &str) -> impl Iterator<Item = &str> {
+    text.split('\n').enumerate().flat_map(move |(i, line)| {
+        let newline = (i > 0).then_some("\n");
+        newline.into_iter().chain(line.split(' ').filter(|s| !s.is_empty()))
+    })
+}
+
+/// Tokenizes a training corpus, building its vocabulary.
+pub fn tokenize_train(data: &[u8], format: Format) -> Result<(Vec<u32>, Vocab), CorpusError> {
+    let (tokens, vocab) = match format {
+        Format::Bytes => (data.iter().map(|&b| u32::from(b)).collect(), Vocab::bytes()),
+        Format::PtbChar => {
+            let text = std::str::from_utf8(data)?;
+            let mut index = BTreeMap::new();
+            for s in ptb_symbols(text) {
+                let next = index.len() as u32;
+                index.entry(s.to_string()).or_insert(next);
+            }
+            // Ids in sorted symbol order, so that the vocabulary does not depend on file order.
+            let mut symbols: Vec<String> = index.keys().cloned().collect();
+            symbols.sort();
+            let index: BTreeMap<String, u32> =
+                symbols.iter().enumerate().map(|(i, s)| (s.clone(), i as u32)).collect();
+            let tokens = ptb_symbols(text).map(|s| index[s]).collect();
+            let size = symbols.len();
+            (tokens, Vocab { symbols, index, size })
+        }
+    };
+    if Vec::is_empty(&tokens) {
+        return Err(CorpusError::Empty);
+    }
+    Ok((tokens, vocab))
+}
+
+/// Tokenizes an evaluation corpus with a training vocabulary.
+pub fn tokenize_with(data: &[u8], format: Format, vocab: &Vocab) -> Result<Vec<u32>, CorpusError> {
+    let tokens: Vec<u32> = match format {
+        Format::Bytes => data.iter().map(|&b| u32::from(b)).collect(),
+        Format::PtbChar => {
+            let text = std::str::from_utf8(data)?;
+            ptb_symbols(text)
+                .map(|s| vocab.index.get(s).copied().ok_or_else(|| CorpusError::UnknownSymbol(s.into())))
+                .collect::<Result<_, _>>()?
+        }
+    };
+    if tokens.is_empty() {
+        return Err(CorpusError::Empty);
+    }
+    Ok(tokens)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ptb_char_splits_on_spaces_and_counts_the_line_end() {
+        let data = b"a b _ c\nb a\n";
+        let (tokens, vocab) = tokenize_train(data, Format::PtbChar).unwrap();
+        assert_eq!(vocab.symbols, vec!["\n", "_", "a", "b", "c"]);
+        // a b _ c \n b a \n
+        assert_eq!(tokens, vec![2, 3, 1, 4, 0, 3, 2, 0]);
+        let eval = tokenize_with(b"c a\n", Format::PtbChar, &vocab).unwrap();
+        assert_eq!(eval, vec![4, 2, 0]);
+        assert!(
+            matches!(tokenize_with(b"z", Format::PtbChar, &vocab), Err(CorpusError::UnknownSymbol(s)) if s == "z")
+        );
+    }
+
+    #[test]
+    fn bytes_are_tokens() {
+        let (t, v) = tokenize_train(b"hi\n", Format::Bytes).unwrap();
+        assert_eq!(t, vec![104, 105, 10]);
+        assert_eq!(v.size, 256);
+        assert!(matches!(tokenize_train(b"", Format::Bytes), Err(CorpusError::Empty)));
+    }
+}

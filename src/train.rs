@@ -1,0 +1,171 @@
+//! Online training on a corpus (`kfrtrl train`): `B` streams read the text from evenly spaced
+//! offsets, every step scores each stream's next symbol before learning from it (prequential
+//! loss) and updates the weights, and evaluation passes run with the weights frozen.
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::core::model::ConfigError;
+use crate::core::{LearnerKind, ModelConfig, ModelSpec, Optimizer, Params, SlotStep, StreamSet};
+
+/// What to train and for how long.
+#[derive(Debug, Clone)]
+pub struct TrainConfig {
+    /// The model.
+    pub model: ModelConfig,
+    /// Parallel streams.
+    pub batch: usize,
+    /// Steps to run (each consumes one symbol per stream).
+    pub steps: u64,
+    /// Zero every stream's state whenever its position is a multiple of this (the paper's PTB
+    /// runs: 100).
+    pub reset_every: Option<u64>,
+    /// Evaluate on the held-out corpus every this many symbols (all streams counted).
+    pub eval_every: Option<u64>,
+}
+
+/// One evaluation during training.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalPoint {
+    /// Training symbols consumed when it was taken.
+    pub symbols: u64,
+    /// Held-out bits per symbol.
+    pub bpc: f64,
+}
+
+/// The outcome of a training run.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainReport {
+    /// Learner name.
+    pub learner: String,
+    /// Cell name.
+    pub cell: String,
+    /// Hidden units.
+    pub hidden: usize,
+    /// Streams.
+    pub batch: usize,
+    /// Vocabulary size.
+    pub vocab: usize,
+    /// Training symbols consumed.
+    pub symbols: u64,
+    /// Prequential bits per symbol over the whole run.
+    pub train_bpc: f64,
+    /// Prequential bits per symbol over the last 10% of the run.
+    pub train_bpc_final: f64,
+    /// Held-out bits per symbol after training (weights frozen, one pass, no reset).
+    pub eval_bpc: Option<f64>,
+    /// Evaluations during training.
+    pub evals: Vec<EvalPoint>,
+    /// Optimizer updates skipped because the gradient was not finite.
+    pub nonfinite_updates: u64,
+    /// Training throughput.
+    pub symbols_per_sec: f64,
+    /// Wall time of training (evaluations excluded).
+    pub seconds: f64,
+}
+
+/// Progress of a run, reported after every step.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    /// Symbols consumed.
+    pub symbols: u64,
+    /// Planned symbols.
+    pub total: u64,
+    /// Running prequential bits per symbol (recent symbols).
+    pub recent_bpc: f64,
+}
+
+/// Mean bits per symbol of `tokens` under frozen weights: one sequential pass from a zero state.
+pub fn evaluate(spec: &ModelSpec, params: &Params<f32>, tokens: &[u32]) -> f64 {
+    let frozen = ModelConfig { learner: LearnerKind::Frozen, ..spec.config.clone() }
+        .check()
+        .expect("a checked config stays valid when frozen");
+    let mut set = StreamSet::<f32>::new(&frozen, 1);
+    let mut loss = [0.0];
+    let mut sum = 0.0;
+    for &t in tokens {
+        let input = [SlotStep { slot: 0, token: t, learn: false, reset: false }];
+        set.score(params, &input, &mut loss).expect("tokens are in the vocabulary");
+        set.advance(params, &input).expect("tokens are in the vocabulary");
+        sum += loss[0];
+    }
+    sum / tokens.len() as f64 / std::f64::consts::LN_2
+}
+
+/// Trains online on `train`, optionally evaluating on `eval`. Returns the report and the weights.
+pub fn train(
+    cfg: &TrainConfig,
+    train: &[u32],
+    eval: Option<&[u32]>,
+    mut on_progress: impl FnMut(Progress),
+) -> Result<(TrainReport, Params<f32>, Optimizer<f32>), ConfigError> {
+    let spec = cfg.model.check()?;
+    assert!(!train.is_empty(), "empty training corpus");
+    let b = cfg.batch.max(1);
+    let mut params = Params::<f32>::init(&spec);
+    let mut opt = Optimizer::new(&spec);
+    let mut set = StreamSet::<f32>::new(&spec, b);
+    let len = train.len();
+    let offsets: Vec<usize> = (0..b).map(|s| s * len / b).collect();
+    let mut inputs: Vec<SlotStep> = (0..b).map(|s| SlotStep::learn(s, 0)).collect();
+    let mut losses = vec![0.0; b];
+    let total = cfg.steps * b as u64;
+    let mut sum = 0.0;
+    let mut tail_sum = 0.0;
+    let mut tail_count = 0u64;
+    let tail_from = cfg.steps - cfg.steps / 10;
+    let mut recent = 0.0;
+    let mut recent_init = false;
+    let mut evals = Vec::new();
+    let mut nonfinite = 0;
+    let mut eval_seconds = 0.0;
+    let start = Instant::now();
+    for t in 0..cfg.steps {
+        for (s, x) in inputs.iter_mut().enumerate() {
+            x.token = train[(offsets[s] + t as usize) % len];
+            x.reset = cfg.reset_every.is_some_and(|r| r > 0 && t > 0 && t % r == 0);
+        }
+        let report = set.step(&mut params, &mut opt, &inputs, &mut losses).expect("valid batch");
+        if report.update == Some(crate::core::UpdateOutcome::NonFinite) {
+            nonfinite += 1;
+        }
+        let step_loss: f64 = losses.iter().sum::<f64>() / std::f64::consts::LN_2;
+        sum += step_loss;
+        if t >= tail_from {
+            tail_sum += step_loss;
+            tail_count += b as u64;
+        }
+        let bpc = step_loss / b as f64;
+        recent = if recent_init { 0.999 * recent + 0.001 * bpc } else { bpc };
+        recent_init = true;
+        let symbols = (t + 1) * b as u64;
+        if let (Some(every), Some(ev)) = (cfg.eval_every, eval)
+            && every > 0
+            && symbols / every != (symbols - b as u64) / every
+        {
+            let e0 = Instant::now();
+            evals.push(EvalPoint { symbols, bpc: evaluate(&spec, &params, ev) });
+            eval_seconds += e0.elapsed().as_secs_f64();
+        }
+        on_progress(Progress { symbols, total, recent_bpc: recent });
+    }
+    let seconds = start.elapsed().as_secs_f64() - eval_seconds;
+    let eval_bpc = eval.map(|ev| evaluate(&spec, &params, ev));
+    let report = TrainReport {
+        learner: spec.learner().name().into(),
+        cell: spec.cell().name().into(),
+        hidden: spec.n,
+        batch: b,
+        vocab: spec.vocab,
+        symbols: total,
+        train_bpc: sum / total.max(1) as f64,
+        train_bpc_final: tail_sum / tail_count.max(1) as f64,
+        eval_bpc,
+        evals,
+        nonfinite_updates: nonfinite,
+        symbols_per_sec: total as f64 / seconds,
+        seconds,
+    };
+    Ok((report, params, opt))
+}
