@@ -98,7 +98,7 @@ pub fn train(
     cfg: &TrainConfig,
     train: &[u32],
     eval: Option<&[u32]>,
-    mut on_progress: impl FnMut(Progress),
+    mut on_progress: impl FnMut(Progress) + Send,
 ) -> Result<(TrainReport, Params<f32>, Optimizer<f32>), ConfigError> {
     let spec = cfg.model.check()?;
     assert!(!train.is_empty(), "empty training corpus");
@@ -121,35 +121,40 @@ pub fn train(
     let mut nonfinite = 0;
     let mut eval_seconds = 0.0;
     let start = Instant::now();
-    for t in 0..cfg.steps {
-        for (s, x) in inputs.iter_mut().enumerate() {
-            x.token = train[(offsets[s] + t as usize) % len];
-            x.reset = cfg.reset_every.is_some_and(|r| r > 0 && t > 0 && t % r == 0);
+    // The loop runs on a pool thread so that the step's parallel sections fork inside the pool
+    // rather than handing work over from an outside thread at every step.
+    let pool = rayon::ThreadPoolBuilder::new().build().expect("thread pool");
+    pool.install(|| {
+        for t in 0..cfg.steps {
+            for (s, x) in inputs.iter_mut().enumerate() {
+                x.token = train[(offsets[s] + t as usize) % len];
+                x.reset = cfg.reset_every.is_some_and(|r| r > 0 && t > 0 && t % r == 0);
+            }
+            let report = set.step(&mut params, &mut opt, &inputs, &mut losses).expect("valid batch");
+            if report.update == Some(crate::core::UpdateOutcome::NonFinite) {
+                nonfinite += 1;
+            }
+            let step_loss: f64 = losses.iter().sum::<f64>() / std::f64::consts::LN_2;
+            sum += step_loss;
+            if t >= tail_from {
+                tail_sum += step_loss;
+                tail_count += b as u64;
+            }
+            let bpc = step_loss / b as f64;
+            recent = if recent_init { 0.999 * recent + 0.001 * bpc } else { bpc };
+            recent_init = true;
+            let symbols = (t + 1) * b as u64;
+            if let (Some(every), Some(ev)) = (cfg.eval_every, eval)
+                && every > 0
+                && symbols / every != (symbols - b as u64) / every
+            {
+                let e0 = Instant::now();
+                evals.push(EvalPoint { symbols, bpc: evaluate(&spec, &params, ev) });
+                eval_seconds += e0.elapsed().as_secs_f64();
+            }
+            on_progress(Progress { symbols, total, recent_bpc: recent });
         }
-        let report = set.step(&mut params, &mut opt, &inputs, &mut losses).expect("valid batch");
-        if report.update == Some(crate::core::UpdateOutcome::NonFinite) {
-            nonfinite += 1;
-        }
-        let step_loss: f64 = losses.iter().sum::<f64>() / std::f64::consts::LN_2;
-        sum += step_loss;
-        if t >= tail_from {
-            tail_sum += step_loss;
-            tail_count += b as u64;
-        }
-        let bpc = step_loss / b as f64;
-        recent = if recent_init { 0.999 * recent + 0.001 * bpc } else { bpc };
-        recent_init = true;
-        let symbols = (t + 1) * b as u64;
-        if let (Some(every), Some(ev)) = (cfg.eval_every, eval)
-            && every > 0
-            && symbols / every != (symbols - b as u64) / every
-        {
-            let e0 = Instant::now();
-            evals.push(EvalPoint { symbols, bpc: evaluate(&spec, &params, ev) });
-            eval_seconds += e0.elapsed().as_secs_f64();
-        }
-        on_progress(Progress { symbols, total, recent_bpc: recent });
-    }
+    });
     let seconds = start.elapsed().as_secs_f64() - eval_seconds;
     let eval_bpc = eval.map(|ev| evaluate(&spec, &params, ev));
     let report = TrainReport {

@@ -6,13 +6,26 @@ use ndarray::{ArrayView2, ArrayViewMut2};
 use super::float::Float;
 use super::model::ModelSpec;
 
+thread_local! {
+    static IN_BACKEND: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// True while the calling thread is inside the GEMM backend. The `gemm` crate allocates its
+/// packing buffers on every call (served from the allocator's thread cache); the allocation test
+/// uses this to tell those apart from allocations of our own per-token loop, which must be none.
+pub fn in_gemm_backend() -> bool {
+    IN_BACKEND.with(|f| f.get())
+}
+
 /// How many threads one GEMM may use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Par {
     /// The calling thread only (the caller is already parallel).
     Single,
-    /// The rayon pool.
+    /// The rayon pool, when the product is large enough to gain from it.
     Pool,
+    /// The rayon pool whatever the size (for measuring the backend's peak).
+    AllThreads,
 }
 
 /// `c ← alpha·a·b + beta·c`. Any strides; `beta = 0` ignores the old contents of `c` (even NaN).
@@ -41,6 +54,7 @@ pub fn gemm<T: Float>(
     }
     let parallelism = match par {
         Par::Single => gemm::Parallelism::None,
+        Par::AllThreads => gemm::Parallelism::Rayon(rayon::current_num_threads()),
         Par::Pool => {
             let threads = rayon::current_num_threads();
             // Measured on the target machine: below about 256·256·2048 a second thread costs more
@@ -53,6 +67,7 @@ pub fn gemm<T: Float>(
         }
     };
     let read_dst = beta != T::zero();
+    IN_BACKEND.with(|f| f.set(true));
     // SAFETY: the three views are valid for their shapes and strides (ndarray guarantees it), the
     // output does not alias the inputs (it is a unique mutable borrow), and the shapes were checked.
     unsafe {
@@ -78,6 +93,7 @@ pub fn gemm<T: Float>(
             parallelism,
         );
     }
+    IN_BACKEND.with(|f| f.set(false));
 }
 
 /// Fills `h` (`s × s`, `s = k·n`) with the recurrent Jacobian
@@ -91,17 +107,23 @@ pub fn jacobian<T: Float>(
 ) {
     let (n, r, k) = (spec.n, spec.r, spec.k);
     let hoff = spec.h_offset();
-    h.fill(T::zero());
     for bi in 0..k {
         for i in 0..n {
-            let row_idx = bi * n + i;
-            let mut row = h.row_mut(row_idx);
+            let mut row_view = h.row_mut(bi * n + i);
+            let row = row_view.as_slice_mut().expect("jacobian rows are contiguous");
+            row[..hoff].fill(T::zero());
+            let hpart = &mut row[hoff..hoff + n];
             for q in 0..r {
                 let dq = d[(bi * r + q) * n + i];
-                if dq != T::zero() {
-                    let wrow = w_h.row(q * n + i);
-                    for (j, &w) in wrow.iter().enumerate() {
-                        row[hoff + j] = row[hoff + j] + dq * w;
+                let wrow = w_h.row(q * n + i);
+                let w = wrow.as_slice().expect("rows of W are contiguous");
+                if q == 0 {
+                    for (o, &wv) in hpart.iter_mut().zip(w) {
+                        *o = dq * wv;
+                    }
+                } else if dq != T::zero() {
+                    for (o, &wv) in hpart.iter_mut().zip(w) {
+                        *o = *o + dq * wv;
                     }
                 }
             }

@@ -294,8 +294,15 @@ impl<T: Float> StreamSet<T> {
     }
 
     /// Phase 3: every input's slot consumes its token, with the weights as they are now.
+    /// An input's `reset` applies here too, so that `advance` alone is correct; after `score`
+    /// the slot is already at its start and the reset changes nothing.
     pub fn advance(&mut self, params: &Params<T>, inputs: &[SlotStep]) -> Result<(), StepError> {
         self.validate(inputs)?;
+        for x in inputs {
+            if x.reset && self.position[x.slot] != 0 {
+                self.reset(x.slot);
+            }
+        }
         let nb = inputs.len();
         if nb == 0 {
             return Ok(());

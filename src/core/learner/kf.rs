@@ -15,6 +15,8 @@
 
 use ndarray::{Array1, Array2, Array3, ArrayView2, ArrayViewMut2, Axis, s};
 
+use rayon::prelude::*;
+
 use super::raw::{SlotBlocks, SlotRows};
 use super::{StepInputs, for_each_input};
 use crate::core::cell::CellKind;
@@ -35,9 +37,12 @@ pub enum KfStrategy {
 }
 
 impl KfStrategy {
-    /// The cheaper strategy for a cell.
-    pub fn best_for(cell: CellKind) -> Self {
-        if cell == CellKind::Tanh { KfStrategy::Wide } else { KfStrategy::Jacobian }
+    /// The faster strategy for a cell and hidden size, as measured with `kfrtrl bench` on the
+    /// target machine: gated cells always take the Jacobian (fewer flops); for tanh the wide GEMM
+    /// wins from n = 128 up (n = 256, B = 32: 10.1k vs 9.0k tokens/s) and loses below
+    /// (n = 64, B = 32: 115k vs 160k), where one GEMM's fixed costs dominate.
+    pub fn best_for(cell: CellKind, hidden: usize) -> Self {
+        if cell == CellKind::Tanh && hidden >= 128 { KfStrategy::Wide } else { KfStrategy::Jacobian }
     }
 }
 
@@ -57,14 +62,14 @@ pub struct KfRtrl<T> {
     urows: Array2<T>,
     /// Scratch: explicit Jacobians, `capacity × s × s` (Jacobian strategy only).
     jac: Array3<T>,
-    /// Scratch: the input index of every slot in the current step, or `usize::MAX`.
-    slot_input: Vec<usize>,
+    /// Scratch: input ranges stepped by one GEMM each (wide strategy).
+    chunks: Vec<(usize, usize)>,
 }
 
 impl<T: Float> KfRtrl<T> {
     /// Zeroed factors for `capacity` slots, with the cell's best strategy.
     pub fn new(spec: &ModelSpec, capacity: usize) -> Self {
-        Self::with_strategy(spec, capacity, KfStrategy::best_for(spec.cell()))
+        Self::with_strategy(spec, capacity, KfStrategy::best_for(spec.cell(), spec.n))
     }
 
     /// Zeroed factors with an explicit strategy (`Wide` needs the tanh cell).
@@ -85,7 +90,7 @@ impl<T: Float> KfRtrl<T> {
             v: Array2::zeros((capacity, rn)),
             urows: Array2::zeros((capacity, m)),
             jac: Array3::zeros((jac_len, s, s)),
-            slot_input: vec![usize::MAX; capacity],
+            chunks: Vec::with_capacity(capacity),
         }
     }
 
@@ -194,12 +199,32 @@ impl<T: Float> KfRtrl<T> {
             let block = a[parity[b] as usize].slice(s![hoff..hoff + n, b * rn..(b + 1) * rn]);
             v.fill(T::zero());
             let delta = delta_h.row(i);
-            for (j, row) in block.axis_iter(Axis(0)).enumerate() {
-                let dj = delta[j];
-                if dj != T::zero() {
-                    for (vv, &aa) in v.iter_mut().zip(row.iter()) {
-                        *vv = *vv + dj * aa;
-                    }
+            let delta = delta.as_slice().expect("contiguous");
+            // Four rows per sweep over `v`: the pass is bound by reading `A` once.
+            let mut j = 0;
+            while j + 4 <= n {
+                let r0 = block.row(j);
+                let r1 = block.row(j + 1);
+                let r2 = block.row(j + 2);
+                let r3 = block.row(j + 3);
+                let (r0, r1, r2, r3) = (
+                    r0.as_slice().expect("rows"),
+                    r1.as_slice().expect("rows"),
+                    r2.as_slice().expect("rows"),
+                    r3.as_slice().expect("rows"),
+                );
+                let (d0, d1, d2, d3) = (delta[j], delta[j + 1], delta[j + 2], delta[j + 3]);
+                for c in 0..v.len() {
+                    v[c] = v[c] + d0 * r0[c] + d1 * r1[c] + d2 * r2[c] + d3 * r3[c];
+                }
+                j += 4;
+            }
+            for jj in j..n {
+                let row = block.row(jj);
+                let row = row.as_slice().expect("rows");
+                let dj = delta[jj];
+                for (vv, &aa) in v.iter_mut().zip(row) {
+                    *vv = *vv + dj * aa;
                 }
             }
             let sc = scale[b];
@@ -223,10 +248,6 @@ impl<T: Float> KfRtrl<T> {
         let nb = inputs.len();
         let rn = spec.gate_rows();
         let w_h = params.w_h(spec);
-        self.slot_input.fill(usize::MAX);
-        for (i, x) in inputs.iter().enumerate() {
-            self.slot_input[x.slot] = i;
-        }
         let [a0, a1] = &mut self.a;
         let slabs = [SlotBlocks::new(a0, rn), SlotBlocks::new(a1, rn)];
         let urows = SlotRows::new(&mut self.u);
@@ -234,51 +255,62 @@ impl<T: Float> KfRtrl<T> {
         let forced = &self.forced_sign;
 
         if self.strategy == KfStrategy::Wide {
-            // One GEMM per run of consecutive slots that share a parity (one run when the whole
-            // set steps together).
+            // Chunks of consecutive slots that share a parity, at most one chunk per thread's
+            // share of the batch: each chunk is one GEMM `W_h [A_b0 … A_b1]`, followed while the
+            // result is still in cache by the per-stream scaling and compression.
+            let threads = rayon::current_num_threads().max(1);
+            let max_chunk = nb.div_ceil(threads).max(1);
+            let chunks = &mut self.chunks;
+            chunks.clear();
             let mut i = 0;
             while i < nb {
-                let b0 = inputs[i].slot;
-                let p = parity[b0] as usize;
+                let p = parity[inputs[i].slot];
                 let mut j = i + 1;
                 while j < nb
+                    && j - i < max_chunk
                     && inputs[j].slot == inputs[j - 1].slot + 1
-                    && parity[inputs[j].slot] as usize == p
+                    && parity[inputs[j].slot] == p
                 {
                     j += 1;
                 }
-                let cols = b0 * rn..(b0 + (j - i)) * rn;
-                let (src, dst) = if p == 0 { (&*a0, &mut *a1) } else { (&*a1, &mut *a0) };
+                chunks.push((i, j));
                 i = j;
-                let src_view = src.slice(s![.., cols.clone()]);
-                let dst_view = dst.slice_mut(s![.., cols]);
-                gemm(T::one(), w_h, src_view, T::zero(), dst_view, Par::Pool);
             }
-            // The slabs were borrowed by the GEMMs above; take fresh raw handles for the pass.
-            let slabs = [SlotBlocks::new(a0, rn), SlotBlocks::new(a1, rn)];
+            let chunks = &self.chunks;
             let results = SlotRows::new(&mut self.scale);
-            for_each_input(nb, |i| {
-                let x = inputs[i];
-                let b = x.slot;
-                let p = parity[b] as usize;
-                // SAFETY: every input names a distinct slot, so each task owns block `b` of the
-                // destination slab, row `b` of `u` and entry `b` of `scale`.
-                let (mut dst, u, sc) = unsafe { (slabs[1 - p].block(b), urows.row(b), results.row(b)) };
-                let d = step.d.row(i);
-                let d = d.as_slice().expect("contiguous");
-                let sb = sc[0];
-                let mut nb2 = 0.0f64;
-                for (mut row, &dj) in dst.axis_iter_mut(Axis(0)).zip(d) {
-                    let c = sb * dj;
-                    let rs = row.as_slice_mut().expect("contiguous rows");
-                    for x in rs.iter_mut() {
-                        *x = *x * c;
+            let par = if chunks.len() > 1 { Par::Single } else { Par::Pool };
+            let run_chunk = |&(i0, i1): &(usize, usize)| {
+                let b0 = inputs[i0].slot;
+                let p = parity[b0] as usize;
+                // SAFETY: chunks cover distinct slots, so each task owns the column blocks of its
+                // slots in both slabs, their rows of `u` and their entries of `scale`.
+                let (src, dst) = unsafe { (slabs[p].blocks(b0, i1 - i0), slabs[1 - p].blocks(b0, i1 - i0)) };
+                gemm(T::one(), w_h, src.view(), T::zero(), dst, par);
+                for i in i0..i1 {
+                    let b = inputs[i].slot;
+                    // SAFETY: as above; the chunk's GEMM view is no longer used.
+                    let (mut dst, u, sc) = unsafe { (slabs[1 - p].block(b), urows.row(b), results.row(b)) };
+                    let d = step.d.row(i);
+                    let d = d.as_slice().expect("contiguous");
+                    let sb = sc[0];
+                    let mut nb2 = 0.0f64;
+                    for (mut row, &dj) in dst.axis_iter_mut(Axis(0)).zip(d) {
+                        let c = sb * dj;
+                        let rs = row.as_slice_mut().expect("contiguous rows");
+                        for x in rs.iter_mut() {
+                            *x = *x * c;
+                        }
+                        nb2 += sum_squares(rs);
                     }
-                    nb2 += sum_squares(rs);
+                    let sign = sign_for(forced, step, b);
+                    sc[0] = compress(spec, u, dst.view_mut(), nb2, step, i, sign);
                 }
-                let sign = sign_for(forced, step, b);
-                sc[0] = compress(spec, u, dst.view_mut(), nb2, step, i, sign);
-            });
+            };
+            if chunks.len() > 1 {
+                chunks.par_iter().for_each(run_chunk);
+            } else {
+                chunks.iter().for_each(run_chunk);
+            }
         } else {
             let jac = SlotRows::new(&mut self.jac);
             let s_len = spec.state_len();

@@ -51,6 +51,24 @@ impl<T> SlotBlocks<T> {
     }
 }
 
+impl<T> SlotBlocks<T> {
+    /// The `rows × (count·width)` block of slots `b0..b0 + count`.
+    ///
+    /// # Safety
+    /// As [`SlotBlocks::block`], for every slot of the range.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn blocks(&self, b0: usize, count: usize) -> ArrayViewMut2<'_, T> {
+        assert!(b0 + count <= self.slots, "slots {b0}..{} out of range", b0 + count);
+        // SAFETY: in bounds; exclusivity guaranteed by the caller.
+        unsafe {
+            ArrayViewMut2::from_shape_ptr(
+                (self.rows, count * self.width).strides((self.row_stride, 1)),
+                self.ptr.add(b0 * self.width),
+            )
+        }
+    }
+}
+
 /// Pointer to a row-major matrix whose rows are slots.
 #[derive(Debug, Clone, Copy)]
 pub struct SlotRows<T> {
