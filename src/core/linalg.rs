@@ -1,7 +1,7 @@
 //! Dense kernels the learners are built from: one GEMM entry point (so that the backend is chosen
 //! in one place), the explicit recurrent Jacobian `H_t`, and small vector helpers.
 
-use ndarray::{ArrayView2, ArrayViewMut2};
+use ndarray::{ArrayView2, ArrayViewMut2, Axis};
 
 use super::float::Float;
 use super::model::ModelSpec;
@@ -16,6 +16,9 @@ thread_local! {
 pub fn in_gemm_backend() -> bool {
     IN_BACKEND.with(|f| f.get())
 }
+
+/// Smallest product (`m·n·k`) split over two threads.
+const SPLIT_MIN_WORK: u64 = 1 << 16;
 
 /// How many threads one GEMM may use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,19 +55,37 @@ pub fn gemm<T: Float>(
         }
         return;
     }
+    let work = (m as u64) * (n as u64) * (k as u64);
+    let threads = rayon::current_num_threads();
     let parallelism = match par {
         Par::Single => gemm::Parallelism::None,
-        Par::AllThreads => gemm::Parallelism::Rayon(rayon::current_num_threads()),
-        Par::Pool => {
-            let threads = rayon::current_num_threads();
-            // Measured on the target machine: below about 256·256·2048 a second thread costs more
-            // (wake-up latency) than it saves.
-            if threads > 1 && (m as u64) * (n as u64) * (k as u64) >= 1 << 27 {
-                gemm::Parallelism::Rayon(threads)
+        Par::AllThreads => gemm::Parallelism::Rayon(threads),
+        // Measured on the target machine: from about 256·256·2048 the backend's own threading
+        // pays off; below, its per-call thread start-up costs more than it saves.
+        Par::Pool if threads > 1 && work >= 1 << 27 => gemm::Parallelism::Rayon(threads),
+        // Medium products: two halves of the output on two pool threads, each a plain
+        // single-threaded call (a join costs about a microsecond when the pool is busy).
+        Par::Pool if threads > 1 && work >= SPLIT_MIN_WORK && m.max(n) >= 16 => {
+            if m >= n {
+                let half = m / 2;
+                let (c0, c1) = c.split_at(Axis(0), half);
+                let (a0, a1) = a.split_at(Axis(0), half);
+                rayon::join(
+                    || gemm(alpha, a0, b, beta, c0, Par::Single),
+                    || gemm(alpha, a1, b, beta, c1, Par::Single),
+                );
             } else {
-                gemm::Parallelism::None
+                let half = n / 2;
+                let (c0, c1) = c.split_at(Axis(1), half);
+                let (b0, b1) = b.split_at(Axis(1), half);
+                rayon::join(
+                    || gemm(alpha, a, b0, beta, c0, Par::Single),
+                    || gemm(alpha, a, b1, beta, c1, Par::Single),
+                );
             }
+            return;
         }
+        Par::Pool => gemm::Parallelism::None,
     };
     let read_dst = beta != T::zero();
     IN_BACKEND.with(|f| f.set(true));

@@ -3,7 +3,8 @@
 //! A step whose gradient is not finite is refused before it touches the weights: the caller gets
 //! [`UpdateOutcome::NonFinite`] and the weights and optimizer moments stay exactly as they were.
 
-use ndarray::{Array2, Zip};
+use ndarray::Array2;
+use rayon::prelude::*;
 
 use super::float::{Float, sum_squares};
 use super::model::{ModelSpec, OptimizerKind, Params};
@@ -26,14 +27,24 @@ impl<T: Float> Gradients<T> {
 
     /// Sets every entry to zero.
     pub fn clear(&mut self) {
-        self.w.fill(T::zero());
-        self.v.fill(T::zero());
+        self.map_in_place(|_| T::zero());
     }
 
     /// Multiplies every entry by `c`.
     pub fn scale(&mut self, c: T) {
-        self.w.mapv_inplace(|x| x * c);
-        self.v.mapv_inplace(|x| x * c);
+        self.map_in_place(|x| x * c);
+    }
+
+    fn map_in_place(&mut self, f: impl Fn(T) -> T + Sync + Send) {
+        let pass = |chunk: &mut [T]| chunk.iter_mut().for_each(|x| *x = f(*x));
+        for a in [&mut self.w, &mut self.v] {
+            let a = a.as_slice_mut().expect("gradients are standard layout");
+            if parallel(a.len()) {
+                a.par_chunks_mut(CHUNK).for_each(pass);
+            } else {
+                a.chunks_mut(CHUNK).for_each(pass);
+            }
+        }
     }
 
     /// `self += other`.
@@ -44,14 +55,8 @@ impl<T: Float> Gradients<T> {
 
     /// Euclidean norm over all entries, accumulated in f64.
     pub fn norm(&self) -> f64 {
-        let w = self
-            .w
-            .as_slice()
-            .map_or_else(|| self.w.iter().map(|x| x.to_f64_lossless().powi(2)).sum(), sum_squares);
-        let v = self
-            .v
-            .as_slice()
-            .map_or_else(|| self.v.iter().map(|x| x.to_f64_lossless().powi(2)).sum(), sum_squares);
+        let w = par_sum_squares(self.w.as_slice().expect("gradients are standard layout"));
+        let v = par_sum_squares(self.v.as_slice().expect("gradients are standard layout"));
         (w + v).sqrt()
     }
 }
@@ -82,6 +87,33 @@ pub struct Optimizer<T> {
     pub m: Option<Gradients<T>>,
     /// Adam's second moments (empty for SGD).
     pub v: Option<Gradients<T>>,
+}
+
+/// Element-wise passes over more than this many weights run on the pool, in chunks of it.
+const CHUNK: usize = 1 << 14;
+
+/// Whether an element-wise pass over `len` weights runs on the pool. The passes are independent
+/// per element, so the result never depends on how the work is split.
+fn parallel(len: usize) -> bool {
+    len > CHUNK && rayon::current_num_threads() > 1
+}
+
+/// Sum of squares in f64 over fixed chunks (at most 64 partial sums, added in order), so that
+/// the result is bit-identical however the pool schedules the chunks.
+fn par_sum_squares<T: Float>(xs: &[T]) -> f64 {
+    const MAX_PARTS: usize = 64;
+    if !parallel(xs.len()) {
+        return fixed_chunk_sum(xs, xs.len().div_ceil(MAX_PARTS).max(CHUNK));
+    }
+    let chunk = xs.len().div_ceil(MAX_PARTS).max(CHUNK);
+    let mut parts = [0.0f64; MAX_PARTS];
+    parts.par_iter_mut().zip(xs.par_chunks(chunk)).for_each(|(p, c)| *p = sum_squares(c));
+    parts.iter().sum()
+}
+
+/// The sequential twin of [`par_sum_squares`]: the same chunks, the same order.
+fn fixed_chunk_sum<T: Float>(xs: &[T], chunk: usize) -> f64 {
+    xs.chunks(chunk).map(sum_squares).sum()
 }
 
 const BETA1: f64 = 0.9;
@@ -120,8 +152,20 @@ impl<T: Float> Optimizer<T> {
         match self.kind {
             OptimizerKind::Sgd => {
                 let c = T::from_f64_rounded(-self.lr * gscale);
-                params.w.scaled_add(c, &g.w);
-                params.v.scaled_add(c, &g.v);
+                for (p, g) in [(&mut params.w, &g.w), (&mut params.v, &g.v)] {
+                    let p = p.as_slice_mut().expect("weights are standard layout");
+                    let g = g.as_slice().expect("gradients are standard layout");
+                    let update = |(p, g): (&mut [T], &[T])| {
+                        for (p, &g) in p.iter_mut().zip(g) {
+                            *p = *p + c * g;
+                        }
+                    };
+                    if parallel(p.len()) {
+                        p.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)).for_each(update);
+                    } else {
+                        p.chunks_mut(CHUNK).zip(g.chunks(CHUNK)).for_each(update);
+                    }
+                }
             }
             OptimizerKind::Adam => {
                 let t = self.steps as f64;
@@ -136,15 +180,34 @@ impl<T: Float> Optimizer<T> {
                 let b2 = T::from_f64_rounded(BETA2);
                 let one = T::one();
                 let (m, v) = (self.m.as_mut().expect("adam m"), self.v.as_mut().expect("adam v"));
-                for (p, gg, mm, vv) in
-                    [(&mut params.w, &g.w, &mut m.w, &mut v.w), (&mut params.v, &g.v, &mut m.v, &mut v.v)]
-                {
-                    Zip::from(p).and(gg).and(mm).and(vv).for_each(|p, &g, m, v| {
+                let update = |(((p, g), m), v): (((&mut [T], &[T]), &mut [T]), &mut [T])| {
+                    for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
                         let g = g * gs;
                         *m = b1 * *m + (one - b1) * g;
                         *v = b2 * *v + (one - b2) * g * g;
                         *p = *p - step * *m / ((*v).sqrt() * inv_sqrt_bc2 + eps);
-                    });
+                    }
+                };
+                for (p, g, m, v) in
+                    [(&mut params.w, &g.w, &mut m.w, &mut v.w), (&mut params.v, &g.v, &mut m.v, &mut v.v)]
+                {
+                    let p = p.as_slice_mut().expect("standard layout");
+                    let g = g.as_slice().expect("standard layout");
+                    let m = m.as_slice_mut().expect("standard layout");
+                    let v = v.as_slice_mut().expect("standard layout");
+                    if parallel(p.len()) {
+                        p.par_chunks_mut(CHUNK)
+                            .zip(g.par_chunks(CHUNK))
+                            .zip(m.par_chunks_mut(CHUNK))
+                            .zip(v.par_chunks_mut(CHUNK))
+                            .for_each(update);
+                    } else {
+                        p.chunks_mut(CHUNK)
+                            .zip(g.chunks(CHUNK))
+                            .zip(m.chunks_mut(CHUNK))
+                            .zip(v.chunks_mut(CHUNK))
+                            .for_each(update);
+                    }
                 }
             }
         }

@@ -14,7 +14,8 @@
 use ndarray::{Array2, ArrayView2, s};
 
 use super::float::Float;
-use super::learner::{Learner, StepInputs};
+use super::learner::raw::SlotRows;
+use super::learner::{Learner, StepInputs, for_each_input};
 use super::linalg::{Par, gemm};
 use super::model::{LearnerKind, ModelSpec, Params};
 use super::optim::{Gradients, Optimizer, UpdateOutcome};
@@ -252,22 +253,29 @@ impl<T: Float> StreamSet<T> {
         }
         let h1 = sc.h1.slice(s![..nb, ..]);
         gemm(T::one(), h1, params.v.t(), T::zero(), sc.err.slice_mut(s![..nb, ..]), Par::Pool);
-        let mut learners = 0usize;
-        for (i, x) in inputs.iter().enumerate() {
-            let mut row = sc.err.row_mut(i);
-            let logits = row.as_slice_mut().expect("contiguous");
-            let target_logit = logits[x.token as usize].to_f64_lossless();
-            let loss = softmax_in_place(logits) - target_logit;
-            losses[i] = loss;
-            sc.loss[i] = loss;
-            if x.learn {
-                logits[x.token as usize] = logits[x.token as usize] - T::one();
-                learners += 1;
-            } else {
-                logits.fill(T::zero());
-            }
+        let learners = inputs.iter().filter(|x| x.learn).count();
+        {
+            let err_rows = SlotRows::new(&mut sc.err);
+            let loss_ptr = SlotRows::new_vec(&mut sc.loss);
+            for_each_input(nb, |i| {
+                let x = inputs[i];
+                // SAFETY: each task owns row `i` of the logits and entry `i` of the losses.
+                let (row, loss) = unsafe { (err_rows.row(i), loss_ptr.row(i)) };
+                let logits = &mut row[..];
+                let target_logit = logits[x.token as usize].to_f64_lossless();
+                loss[0] = softmax_in_place(logits) - target_logit;
+                if x.learn {
+                    logits[x.token as usize] = logits[x.token as usize] - T::one();
+                } else {
+                    logits.fill(T::zero());
+                }
+            });
         }
-        if learners == 0 || self.spec.learner() == LearnerKind::Frozen {
+        losses[..nb].copy_from_slice(&sc.loss[..nb]);
+        // TBPTT must see every scored token (its windows count advances, learned or not).
+        if self.spec.learner() == LearnerKind::Frozen
+            || (learners == 0 && self.learner.immediate_readout_gradient())
+        {
             return Ok(0.0);
         }
         let err = sc.err.slice(s![..nb, ..]);
@@ -318,21 +326,25 @@ impl<T: Float> StreamSet<T> {
         gemm(T::one(), hprev, params.w_h(spec).t(), T::zero(), sc.z.slice_mut(s![..nb, ..]), Par::Pool);
         let bias = params.w.column(spec.bias_col());
         let cell = spec.cell();
-        for (i, x) in inputs.iter().enumerate() {
-            let col = params.w.column(x.token as usize);
-            let mut z = sc.z.row_mut(i);
-            for (q, zq) in z.iter_mut().enumerate() {
-                *zq = *zq + col[q] + bias[q];
-            }
-            let mut next = self.state.row_mut(x.slot);
-            cell.forward(
-                n,
-                z.as_slice().expect("contiguous"),
-                sc.prev.row(i).as_slice().expect("contiguous"),
-                next.as_slice_mut().expect("contiguous"),
-                sc.d.row_mut(i).into_slice().expect("contiguous"),
-                sc.carry.row_mut(i).into_slice().expect("contiguous"),
-            );
+        {
+            let zs = SlotRows::new(&mut sc.z);
+            let ds = SlotRows::new(&mut sc.d);
+            let carries = SlotRows::new(&mut sc.carry);
+            let states = SlotRows::new(&mut self.state);
+            let prev = &sc.prev;
+            let w = &params.w;
+            for_each_input(nb, |i| {
+                let x = inputs[i];
+                // SAFETY: each task owns row `i` of the scratch and the state row of its slot
+                // (slots are distinct within a batch).
+                let (z, d, carry, next) =
+                    unsafe { (zs.row(i), ds.row(i), carries.row(i), states.row(x.slot)) };
+                let col = w.column(x.token as usize);
+                for (q, zq) in z.iter_mut().enumerate() {
+                    *zq = *zq + col[q] + bias[q];
+                }
+                cell.forward(n, z, prev.row(i).as_slice().expect("contiguous"), next, d, carry);
+            });
         }
         let step = StepInputs {
             inputs,

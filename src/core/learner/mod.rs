@@ -7,7 +7,7 @@
 //! - `advance`: follow the state update `s_{t-1} → s_t` with its influence estimate.
 
 mod kf;
-mod raw;
+pub(crate) mod raw;
 mod rtrl;
 mod tbptt;
 mod uoro;

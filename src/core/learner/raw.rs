@@ -91,6 +91,11 @@ impl<T> SlotRows<T> {
         Self { ptr: m.as_mut_ptr(), len, slots }
     }
 
+    /// Wraps a vector, one element per slot.
+    pub fn new_vec(v: &mut [T]) -> Self {
+        Self { ptr: v.as_mut_ptr(), len: 1, slots: v.len() }
+    }
+
     /// Row `b` as a slice.
     ///
     /// # Safety
