@@ -116,6 +116,9 @@ fn fixed_chunk_sum<T: Float>(xs: &[T], chunk: usize) -> f64 {
     xs.chunks(chunk).map(sum_squares).sum()
 }
 
+/// One chunk of weights, gradient, first and second moments, as zipped iterators yield it.
+type AdamChunk<'a, T> = (((&'a mut [T], &'a [T]), &'a mut [T]), &'a mut [T]);
+
 const BETA1: f64 = 0.9;
 const BETA2: f64 = 0.999;
 const ADAM_EPS: f64 = 1e-8;
@@ -180,7 +183,7 @@ impl<T: Float> Optimizer<T> {
                 let b2 = T::from_f64_rounded(BETA2);
                 let one = T::one();
                 let (m, v) = (self.m.as_mut().expect("adam m"), self.v.as_mut().expect("adam v"));
-                let update = |(((p, g), m), v): (((&mut [T], &[T]), &mut [T]), &mut [T])| {
+                let update = |(((p, g), m), v): AdamChunk<'_, T>| {
                     for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
                         let g = g * gs;
                         *m = b1 * *m + (one - b1) * g;
