@@ -578,6 +578,8 @@ struct RefStream<T> {
     u: Array1<T>,
     a: Array2<T>,
     pos: u64,
+    /// Advances in the stream's lifetime: the counter of its signs.
+    signs: u64,
 }
 
 /// `(active, reset, learn)` of slot `b` at step `t`.
@@ -670,6 +672,7 @@ fn batched_vs_reference<T: Float>(cell: CellKind, n: usize, strategy: Option<KfS
             u: Array1::zeros(m),
             a: Array2::zeros((s_len, rn)),
             pos: 0,
+            signs: 0,
         })
         .collect();
     let mut errs = BatchErrors::default();
@@ -702,7 +705,9 @@ fn batched_vs_reference<T: Float>(cell: CellKind, n: usize, strategy: Option<KfS
         // `params` now holds the weights the advance used: follow them in the reference.
         for x in &inputs {
             let r = &mut refs[x.slot];
-            let sign = rng::sign(set.sign_key(x.slot), r.pos);
+            // Signs follow the slot's lifetime counter, which resets do not rewind.
+            let sign = rng::sign(set.sign_key(x.slot), r.signs);
+            r.signs += 1;
             let prev = r.state.to_vec();
             let (next, u, a) = reference::kf_step(&spec, &params, &prev, &r.u, &r.a, x.token, sign);
             r.state = next;
@@ -712,6 +717,7 @@ fn batched_vs_reference<T: Float>(cell: CellKind, n: usize, strategy: Option<KfS
         }
         for (b, r) in refs.iter().enumerate() {
             assert_eq!(set.position(b), r.pos, "{cell} step {t} slot {b}: position");
+            assert_eq!(set.sign_counter(b), r.signs, "{cell} step {t} slot {b}: sign counter");
             if r.pos == 0 {
                 continue;
             }

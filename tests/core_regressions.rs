@@ -43,3 +43,188 @@ fn tbptt_window_survives_a_predict_only_token_at_its_boundary() {
     // The next window is unaffected by the predict-only token.
     assert_eq!(all[6].0, partial[6].0);
 }
+
+fn spec_of(cell: CellKind, learner: LearnerKind, hidden: usize, window: usize) -> kfrtrl::core::ModelSpec {
+    ModelConfig {
+        vocab_size: 5,
+        cell,
+        hidden,
+        learner,
+        tbptt_window: window,
+        init_std: 0.5,
+        ..ModelConfig::default()
+    }
+    .check()
+    .unwrap()
+}
+
+fn kron(set: &StreamSet<f64>, slot: usize) -> ndarray::Array2<f64> {
+    let spec = set.spec().clone();
+    match set.learner() {
+        kfrtrl::core::Learner::KfRtrl(kf) => {
+            let (u, a) = kf.factors(slot, &spec);
+            kfrtrl::core::learner::reference::kron_influence(&u, &a)
+        }
+        _ => unreachable!("a KF-RTRL set"),
+    }
+}
+
+/// Signs used to be keyed by the stream's position, which a reset rewinds: every sequence of a
+/// slot then replayed the same sign path, turning the estimator's noise into a fixed bias.
+#[test]
+fn kf_rtrl_draws_new_signs_after_a_reset() {
+    let spec = spec_of(CellKind::Tanh, LearnerKind::KfRtrl, 4, 25);
+    let params = Params::<f64>::init(&spec);
+    let mut set = StreamSet::<f64>::new(&spec, 1);
+    let tokens = [1u32, 3, 0, 4, 2, 2, 1, 0, 3, 3, 4, 1, 0, 2, 4, 4, 1, 3, 2, 0];
+    let run = |set: &mut StreamSet<f64>| {
+        set.reset(0);
+        for &t in &tokens {
+            set.advance(&params, &[SlotStep::learn(0, t)]).unwrap();
+        }
+        kron(set, 0)
+    };
+    let first = run(&mut set);
+    assert_eq!(set.sign_counter(0), tokens.len() as u64);
+    let second = run(&mut set);
+    assert_eq!(set.sign_counter(0), 2 * tokens.len() as u64, "a reset must not rewind the sign counter");
+    let diff = (&first - &second).mapv(f64::abs).sum();
+    // The same states with different signs: the estimates differ (a repeat has chance 2^-19).
+    assert!(diff > 1e-9, "the second sequence replayed the first one's signs ({diff})");
+}
+
+/// TBPTT used to drop the losses of an unfinished window at a reset, so sequences shorter than
+/// the window never trained the recurrent weights.
+#[test]
+fn tbptt_flushes_its_window_at_a_reset() {
+    let tokens = [1u32, 3, 0, 4, 2];
+    let window_run = {
+        // Window 4: the fifth token closes it (4 advances, 4 scored losses).
+        let spec = spec_of(CellKind::Rhn, LearnerKind::Tbptt, 4, 4);
+        let params = Params::<f64>::init(&spec);
+        let mut set = StreamSet::<f64>::new(&spec, 1);
+        let mut loss = [0.0];
+        let mut last = (0.0, ndarray::Array2::zeros((0, 0)));
+        for &t in &tokens {
+            let x = [SlotStep::learn(0, t)];
+            let c = set.score(&params, &x, &mut loss).unwrap();
+            last = (c, set.gradients().w.mapv(|g| g * c));
+            set.advance(&params, &x).unwrap();
+        }
+        last
+    };
+    // Window 25 and a reset on the sixth token: the reset flushes the same 4 losses, and the
+    // reset token itself is scored from the zero state (a readout-only contribution).
+    let spec = spec_of(CellKind::Rhn, LearnerKind::Tbptt, 4, 25);
+    let params = Params::<f64>::init(&spec);
+    let mut set = StreamSet::<f64>::new(&spec, 1);
+    let mut loss = [0.0];
+    for &t in &tokens {
+        let x = [SlotStep::learn(0, t)];
+        set.score(&params, &x, &mut loss).unwrap();
+        set.advance(&params, &x).unwrap();
+    }
+    let x = [SlotStep { slot: 0, token: 3, learn: true, reset: true }];
+    let c = set.score(&params, &x, &mut loss).unwrap();
+    assert_eq!(window_run.0, 4.0);
+    assert_eq!(c, 5.0, "4 flushed losses and the reset token's own");
+    let flushed = set.gradients().w.mapv(|g| g * c);
+    let err = (&flushed - &window_run.1).mapv(f64::abs).sum() / window_run.1.mapv(f64::abs).sum();
+    assert!(err < 1e-12, "flush at reset differs from a closed window: {err:e}");
+}
+
+/// The production compression (not only the dense reference) has the paper's one-step mean
+/// and variance: two copies of one stream, advanced with opposite forced signs.
+#[test]
+fn production_compression_has_the_one_step_mean_and_variance() {
+    use kfrtrl::core::learner::reference::{kron_influence, step_terms};
+    for cell in CellKind::ALL {
+        let spec = spec_of(cell, LearnerKind::KfRtrl, 3, 25);
+        let params = Params::<f64>::init(&spec);
+        let mut set = StreamSet::<f64>::new(&spec, 2);
+        for (i, &t) in [2u32, 0, 4, 1].iter().enumerate() {
+            if let kfrtrl::core::Learner::KfRtrl(kf) = set.learner_mut() {
+                kf.force_sign(0, Some(if i % 2 == 0 { 1.0 } else { -1.0 }));
+            }
+            set.advance(&params, &[SlotStep::learn(0, t)]).unwrap();
+        }
+        set.copy_slot(0, 1);
+        let prev = set.state(0).to_vec();
+        let g_prev = kron(&set, 0);
+        let (u_prev, a_prev) = match set.learner() {
+            kfrtrl::core::Learner::KfRtrl(kf) => kf.factors(0, &spec),
+            _ => unreachable!(),
+        };
+        if let kfrtrl::core::Learner::KfRtrl(kf) = set.learner_mut() {
+            kf.force_sign(0, Some(1.0));
+            kf.force_sign(1, Some(-1.0));
+        }
+        let token = 3;
+        set.advance(&params, &[SlotStep::learn(0, token), SlotStep::learn(1, token)]).unwrap();
+        let terms = step_terms(&spec, &params, &prev, token);
+        let b = terms.h.dot(&a_prev);
+        let target = kron_influence(&u_prev, &b) + kron_influence(&terms.a, &terms.d);
+        let (plus, minus) = (kron(&set, 0), kron(&set, 1));
+        let mean = (&plus + &minus) / 2.0;
+        let rel = (&mean - &target).mapv(|x| x * x).sum().sqrt() / target.mapv(|x| x * x).sum().sqrt();
+        assert!(rel < 1e-12, "{cell}: mean of the two outcomes is off by {rel:e}");
+        let var = ((&plus - &mean).mapv(|x| x * x).sum() + (&minus - &mean).mapv(|x| x * x).sum()) / 2.0;
+        let norm = |x: &ndarray::Array2<f64>| x.mapv(|v| v * v).sum().sqrt();
+        let norm1 = |x: &ndarray::Array1<f64>| x.dot(x).sqrt();
+        let formula = 2.0 * norm1(&u_prev) * norm(&terms.d) * norm1(&terms.a) * norm(&b)
+            + 2.0 * u_prev.dot(&terms.a) * (&b * &terms.d).sum();
+        assert!(
+            (var - formula).abs() <= 1e-12 * formula.abs(),
+            "{cell}: variance {var} vs formula {formula}"
+        );
+        assert!(g_prev.iter().any(|&x| x != 0.0));
+    }
+}
+
+/// `copy_slot` moves everything a stream owns: both copies then evolve identically.
+#[test]
+fn copied_slots_evolve_identically_for_every_learner() {
+    for cell in CellKind::ALL {
+        for learner in [LearnerKind::KfRtrl, LearnerKind::Uoro, LearnerKind::Rtrl, LearnerKind::Tbptt] {
+            let spec = spec_of(cell, learner, 3, 3);
+            let mut params = Params::<f64>::init(&spec);
+            let mut opt = kfrtrl::core::Optimizer::new(&spec);
+            let mut set = StreamSet::<f64>::new(&spec, 3);
+            let mut losses = [0.0; 3];
+            for &t in &[1u32, 4, 0, 2, 2] {
+                set.step(&mut params, &mut opt, &[SlotStep::learn(0, t)], &mut losses).unwrap();
+            }
+            set.copy_slot(0, 2);
+            // Step the original and the copy in separate batches with frozen weights.
+            let frozen = params.clone();
+            let mut grads = Vec::new();
+            for slot in [0, 2] {
+                for &t in &[3u32, 1, 4, 4] {
+                    let x = [SlotStep::learn(slot, t)];
+                    let c = set.score(&frozen, &x, &mut losses).unwrap();
+                    grads.push((c, set.gradients().clone()));
+                    set.advance(&frozen, &x).unwrap();
+                }
+            }
+            assert_eq!(set.state(0), set.state(2), "{cell} {learner}: states");
+            assert_eq!(set.position(0), set.position(2));
+            assert_eq!(grads[..4], grads[4..], "{cell} {learner}: gradients");
+        }
+    }
+}
+
+/// `advance` alone honours `reset` (it used to ignore it when `score` was not called).
+#[test]
+fn advance_alone_applies_a_reset() {
+    let spec = spec_of(CellKind::Lstm, LearnerKind::KfRtrl, 3, 25);
+    let params = Params::<f64>::init(&spec);
+    let mut a = StreamSet::<f64>::new(&spec, 1);
+    let mut b = StreamSet::<f64>::new(&spec, 1);
+    for &t in &[1u32, 2, 3] {
+        a.advance(&params, &[SlotStep::learn(0, t)]).unwrap();
+    }
+    a.advance(&params, &[SlotStep { slot: 0, token: 4, learn: true, reset: true }]).unwrap();
+    b.advance(&params, &[SlotStep::learn(0, 4)]).unwrap();
+    assert_eq!(a.state(0), b.state(0));
+    assert_eq!(a.position(0), 1);
+}

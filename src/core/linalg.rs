@@ -65,7 +65,10 @@ pub fn gemm<T: Float>(
         Par::Pool if threads > 1 && work >= 1 << 27 => gemm::Parallelism::Rayon(threads),
         // Medium products: two halves of the output on two pool threads, each a plain
         // single-threaded call (a join costs about a microsecond when the pool is busy).
-        Par::Pool if threads > 1 && work >= SPLIT_MIN_WORK && m.max(n) >= 16 => {
+        // Only when `k` fits one of the backend's depth blocks (512): then every output entry is
+        // summed in the same order however the output is split, and results stay bit-identical
+        // across thread counts.
+        Par::Pool if threads > 1 && work >= SPLIT_MIN_WORK && m.max(n) >= 16 && k <= 512 => {
             if m >= n {
                 let half = m / 2;
                 let (c0, c1) = c.split_at(Axis(0), half);
@@ -153,14 +156,5 @@ pub fn jacobian<T: Float>(
                 row[bj * n + i] = row[bj * n + i] + cv;
             }
         }
-    }
-}
-
-/// `y += alpha·x`.
-#[inline]
-pub fn axpy<T: Float>(alpha: T, x: &[T], y: &mut [T]) {
-    debug_assert_eq!(x.len(), y.len());
-    for (yi, &xi) in y.iter_mut().zip(x) {
-        *yi = *yi + alpha * xi;
     }
 }

@@ -152,6 +152,8 @@ pub mod limits {
     pub const MAX_RTRL_HIDDEN: usize = 64;
     /// Largest truncation window.
     pub const MAX_TBPTT_WINDOW: usize = 4096;
+    /// Largest per-stream learner state, in bytes of f32 (one stream must never exhaust memory).
+    pub const MAX_STREAM_BYTES: u64 = 1 << 30;
 }
 
 /// Why a configuration was refused.
@@ -203,7 +205,21 @@ impl ModelConfig {
         let r = self.cell.gates();
         let k = self.cell.state_blocks();
         let m = self.vocab_size + n + 1;
-        Ok(ModelSpec { config: self.clone(), n, r, k, m, vocab: self.vocab_size })
+        let spec = ModelSpec { config: self.clone(), n, r, k, m, vocab: self.vocab_size };
+        let bytes = spec.stream_bytes();
+        if bytes > limits::MAX_STREAM_BYTES {
+            return Err(invalid(
+                "hidden",
+                format!(
+                    "the {} learner's state per stream would take {} MiB (limit {} MiB); use a \
+                     smaller hidden size or vocabulary",
+                    self.learner,
+                    bytes >> 20,
+                    limits::MAX_STREAM_BYTES >> 20
+                ),
+            ));
+        }
+        Ok(spec)
     }
 }
 
@@ -253,6 +269,26 @@ impl ModelSpec {
     pub fn total_params(&self) -> usize {
         self.recurrent_params() + self.vocab * (self.n + 1)
     }
+    /// Bytes (f32) of one stream's state and learner state, scratch included.
+    pub fn stream_bytes(&self) -> u64 {
+        let (n, s, rn, m, vocab) = (
+            self.n as u64,
+            self.state_len() as u64,
+            self.gate_rows() as u64,
+            self.m as u64,
+            self.vocab as u64,
+        );
+        let window = self.config.tbptt_window as u64;
+        let learner = match self.learner() {
+            LearnerKind::KfRtrl => 2 * s * rn + 2 * m + s * s + rn,
+            LearnerKind::Uoro => rn * m + 3 * s + 2 * rn,
+            LearnerKind::Rtrl => 2 * s * rn * m + s * s,
+            LearnerKind::Tbptt => window * (s + vocab + 1),
+            LearnerKind::Frozen => 0,
+        };
+        4 * (learner + 3 * s + n + 1 + vocab + rn * (1 + self.k as u64))
+    }
+
     /// Column of `W` where the `h` block starts.
     pub fn h_col(&self) -> usize {
         self.vocab

@@ -78,6 +78,9 @@ pub struct StreamSet<T: Float> {
     state: Array2<T>,
     position: Vec<u64>,
     sign_key: Vec<u64>,
+    /// Advances of each slot ever (never reset): the counter of its random signs, so that a
+    /// new sequence after a reset draws new signs.
+    sign_counter: Vec<u64>,
     learner: Learner<T>,
     scratch: Scratch<T>,
     grad: Gradients<T>,
@@ -115,6 +118,7 @@ impl<T: Float> StreamSet<T> {
             capacity,
             state: Array2::zeros((capacity, s)),
             position: vec![0; capacity],
+            sign_counter: vec![0; capacity],
             sign_key: (0..capacity as u64).map(|b| derive_key(seed, b)).collect(),
             learner: Learner::new(spec, capacity),
             scratch: Scratch {
@@ -156,8 +160,8 @@ impl<T: Float> StreamSet<T> {
         &self.state(slot)[self.spec.h_offset()..]
     }
 
-    /// The key of a slot's random signs; signs depend on `(key, position)` only, so a stream
-    /// that keeps its key gets the same signs whatever slot or batch it is stepped in.
+    /// The key of a slot's random signs; signs depend on `(key, sign counter)` only, so a stream
+    /// that keeps its key and counter gets the same signs whatever slot or batch it is stepped in.
     pub fn sign_key(&self, slot: usize) -> u64 {
         self.sign_key[slot]
     }
@@ -165,6 +169,17 @@ impl<T: Float> StreamSet<T> {
     /// Sets a slot's sign key (e.g. derived from the model seed and the stream's name).
     pub fn set_sign_key(&mut self, slot: usize, key: u64) {
         self.sign_key[slot] = key;
+    }
+
+    /// How many advances a slot has made in its lifetime (resets do not rewind it): the counter
+    /// of its next random signs.
+    pub fn sign_counter(&self, slot: usize) -> u64 {
+        self.sign_counter[slot]
+    }
+
+    /// Restores a slot's sign counter (e.g. from a checkpoint).
+    pub fn set_sign_counter(&mut self, slot: usize, counter: u64) {
+        self.sign_counter[slot] = counter;
     }
 
     /// The gradient accumulated by the last [`StreamSet::score`] (averaged).
@@ -182,7 +197,8 @@ impl<T: Float> StreamSet<T> {
         &mut self.learner
     }
 
-    /// Starts a new sequence in a slot: state, position and learner factors to zero.
+    /// Starts a new sequence in a slot: state, position and learner factors to zero (the sign
+    /// counter runs on, so the new sequence draws fresh signs).
     pub fn reset(&mut self, slot: usize) {
         self.state.row_mut(slot).fill(T::zero());
         self.position[slot] = 0;
@@ -237,10 +253,16 @@ impl<T: Float> StreamSet<T> {
         assert!(losses.len() >= inputs.len(), "losses buffer too short");
         let nb = inputs.len();
         let n = self.spec.n;
+        self.grad.clear();
+        let mut finished = 0.0;
         for x in inputs.iter().filter(|x| x.reset) {
+            if self.position[x.slot] != 0 {
+                let state = self.state.row(x.slot);
+                let state = state.as_slice().expect("contiguous");
+                finished += self.learner.finish_sequence(&self.spec, params, x.slot, state, &mut self.grad);
+            }
             self.reset(x.slot);
         }
-        self.grad.clear();
         if nb == 0 {
             return Ok(0.0);
         }
@@ -276,7 +298,7 @@ impl<T: Float> StreamSet<T> {
         if self.spec.learner() == LearnerKind::Frozen
             || (learners == 0 && self.learner.immediate_readout_gradient())
         {
-            return Ok(0.0);
+            return Ok(finished);
         }
         let err = sc.err.slice(s![..nb, ..]);
         let v_h = params.v.slice(s![.., ..n]);
@@ -284,16 +306,17 @@ impl<T: Float> StreamSet<T> {
         if self.learner.immediate_readout_gradient() {
             gemm(T::one(), err.t(), h1, T::zero(), self.grad.v.view_mut(), Par::Pool);
         }
-        let contributions = self.learner.gradient(
-            &self.spec,
-            params,
-            inputs,
-            sc.delta_h.view(),
-            err,
-            h1,
-            &self.state,
-            &mut self.grad,
-        );
+        let contributions = finished
+            + self.learner.gradient(
+                &self.spec,
+                params,
+                inputs,
+                sc.delta_h.view(),
+                err,
+                h1,
+                &self.state,
+                &mut self.grad,
+            );
         if contributions > 0.0 && contributions != 1.0 {
             let c = T::from_f64_rounded(1.0 / contributions);
             self.grad.scale(c);
@@ -351,12 +374,13 @@ impl<T: Float> StreamSet<T> {
             prev: sc.prev.slice(s![..nb, ..]),
             d: sc.d.slice(s![..nb, ..]),
             carry: sc.carry.slice(s![..nb, ..]),
-            position: &self.position,
+            sign_counter: &self.sign_counter,
             sign_key: &self.sign_key,
         };
         self.learner.advance(spec, params, &step);
         for x in inputs {
             self.position[x.slot] += 1;
+            self.sign_counter[x.slot] += 1;
         }
         Ok(())
     }
@@ -393,7 +417,10 @@ impl<T: Float> StreamSet<T> {
         &self.scratch.loss[..count]
     }
 
-    /// Copies another slot's complete state (hidden state, position, learner factors) into `dst`.
+    /// Copies another slot's complete state (hidden state, position, sign key and counter,
+    /// learner factors) into `dst`: a move, or a fork whose copy is only evaluated (a fork that
+    /// learns should get its own sign key, or its noise correlates with the original's).
+    /// Allocates (not for the per-token loop).
     pub fn copy_slot(&mut self, src: usize, dst: usize) {
         if src == dst {
             return;
@@ -402,6 +429,7 @@ impl<T: Float> StreamSet<T> {
         self.state.row_mut(dst).assign(&row);
         self.position[dst] = self.position[src];
         self.sign_key[dst] = self.sign_key[src];
+        self.sign_counter[dst] = self.sign_counter[src];
         self.learner.copy_slot(src, dst);
     }
 }

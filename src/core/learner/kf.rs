@@ -346,7 +346,7 @@ impl<T: Float> KfRtrl<T> {
 }
 
 fn sign_for<T>(forced: &[Option<f64>], step: &StepInputs<'_, T>, slot: usize) -> f64 {
-    forced[slot].unwrap_or_else(|| rng::sign(step.sign_key[slot], step.position[slot]))
+    forced[slot].unwrap_or_else(|| rng::sign(step.sign_key[slot], step.sign_counter[slot]))
 }
 
 /// The unbiased rank-one compression of `u ⊗ B + a ⊗ D` (KF-RTRL.md §3.2 and the exact zero-factor

@@ -29,7 +29,7 @@ use super::streams::SlotStep;
 /// What the learners see of one advance: the inputs and, row by row, the state before the step
 /// and the cell's element-wise derivatives.
 #[derive(Debug)]
-pub struct StepInputs<'a, T> {
+pub(crate) struct StepInputs<'a, T> {
     /// The batch, slots strictly increasing.
     pub inputs: &'a [SlotStep],
     /// State before the step, one row per input.
@@ -38,8 +38,8 @@ pub struct StepInputs<'a, T> {
     pub d: ArrayView2<'a, T>,
     /// Element-wise carry, one row per input (`k·k·n`).
     pub carry: ArrayView2<'a, T>,
-    /// Position of every slot before this step (the counter of its random signs).
-    pub position: &'a [u64],
+    /// Sign counter of every slot before this step (advances in the slot's lifetime).
+    pub sign_counter: &'a [u64],
     /// Sign key of every slot.
     pub sign_key: &'a [u64],
 }
@@ -88,6 +88,22 @@ impl<T: Float> Learner<T> {
         }
     }
 
+    /// Called before a reset that comes with a scored token: TBPTT backpropagates the losses
+    /// its window has taken so far (a boundary must not drop them); returns the contributions.
+    pub(crate) fn finish_sequence(
+        &mut self,
+        spec: &ModelSpec,
+        params: &Params<T>,
+        slot: usize,
+        current: &[T],
+        grad: &mut Gradients<T>,
+    ) -> f64 {
+        match self {
+            Learner::Tbptt(l) => l.finish_sequence(spec, params, slot, current, grad),
+            _ => 0.0,
+        }
+    }
+
     /// Copies a slot's learner state to another slot.
     pub fn copy_slot(&mut self, src: usize, dst: usize) {
         match self {
@@ -102,7 +118,7 @@ impl<T: Float> Learner<T> {
     /// Adds the gradient estimates of the scored inputs to `grad`; returns their count.
     /// `delta_h`, `err` and `h1` hold one row per input: `∂L/∂h`, `softmax − onehot` and `[h; 1]`.
     #[allow(clippy::too_many_arguments)]
-    pub fn gradient(
+    pub(crate) fn gradient(
         &mut self,
         spec: &ModelSpec,
         params: &Params<T>,
@@ -123,7 +139,7 @@ impl<T: Float> Learner<T> {
     }
 
     /// Follows one advance of the batch.
-    pub fn advance(&mut self, spec: &ModelSpec, params: &Params<T>, step: &StepInputs<'_, T>) {
+    pub(crate) fn advance(&mut self, spec: &ModelSpec, params: &Params<T>, step: &StepInputs<'_, T>) {
         match self {
             Learner::KfRtrl(l) => l.advance(spec, params, step),
             Learner::Uoro(l) => l.advance(spec, params, step),

@@ -2,8 +2,10 @@
 //!
 //! A slab keeps slot `b` in column block `b` (or row `b`) of one matrix, so that all slots can be
 //! multiplied by one wide GEMM. Rayon tasks each own a different slot; ndarray cannot express
-//! "these strided column blocks are disjoint", so this small wrapper does, with the invariant
-//! checked by the callers: every slot index is handed to at most one task at a time.
+//! "these strided column blocks are disjoint", so this small wrapper does. The invariant, every
+//! slot index handed to at most one task at a time, holds because the only callers are the
+//! learners' crate-private step functions, reached through `StreamSet`, which refuses any batch
+//! whose slots are not strictly increasing.
 
 use ndarray::{ArrayViewMut2, ShapeBuilder};
 
@@ -20,8 +22,8 @@ pub struct SlotBlocks<T> {
 // SAFETY: the pointer is only dereferenced through `block`, whose contract makes every access
 // exclusive to one slot; the element type itself is Send + Sync (floats).
 unsafe impl<T: Send> Send for SlotBlocks<T> {}
-// SAFETY: as above.
-unsafe impl<T: Sync> Sync for SlotBlocks<T> {}
+// SAFETY: as above; `&self` hands out `&mut T`, so sharing needs `T: Send` as well.
+unsafe impl<T: Send + Sync> Sync for SlotBlocks<T> {}
 
 impl<T> SlotBlocks<T> {
     /// Wraps a standard-layout `rows × (slots·width)` matrix.
@@ -80,7 +82,7 @@ pub struct SlotRows<T> {
 // SAFETY: see `SlotBlocks`.
 unsafe impl<T: Send> Send for SlotRows<T> {}
 // SAFETY: see `SlotBlocks`.
-unsafe impl<T: Sync> Sync for SlotRows<T> {}
+unsafe impl<T: Send + Sync> Sync for SlotRows<T> {}
 
 impl<T> SlotRows<T> {
     /// Wraps a standard-layout matrix, one row per slot (any number of trailing axes flattened).

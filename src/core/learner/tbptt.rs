@@ -23,6 +23,8 @@ pub struct Tbptt<T> {
     /// `softmax − onehot` of the token scored after each advance, `capacity × K × vocab`.
     err: Array3<T>,
     len: Vec<usize>,
+    /// Entries whose following token has been scored (`len − 1` or `len`).
+    scored: Vec<usize>,
     learned: Vec<usize>,
     scratch: Scratch<T>,
 }
@@ -36,6 +38,8 @@ struct Scratch<T> {
     g: Vec<T>,
     g2: Vec<T>,
     dz: Vec<T>,
+    /// The state after the last flushed advance, when it is not the slot's current state.
+    after: Vec<T>,
 }
 
 impl<T: Float> Tbptt<T> {
@@ -48,6 +52,7 @@ impl<T: Float> Tbptt<T> {
             tokens: Array2::zeros((capacity, kw)),
             err: Array3::zeros((capacity, kw, spec.vocab)),
             len: vec![0; capacity],
+            scored: vec![0; capacity],
             learned: vec![0; capacity],
             scratch: Scratch {
                 z: vec![T::zero(); r * n],
@@ -57,6 +62,7 @@ impl<T: Float> Tbptt<T> {
                 g: vec![T::zero(); s_len],
                 g2: vec![T::zero(); s_len],
                 dz: vec![T::zero(); r * n],
+                after: vec![T::zero(); s_len],
             },
         }
     }
@@ -73,7 +79,36 @@ impl<T: Float> Tbptt<T> {
 
     pub(super) fn reset(&mut self, slot: usize) {
         self.len[slot] = 0;
+        self.scored[slot] = 0;
         self.learned[slot] = 0;
+    }
+
+    /// Before a reset: backpropagates the window's scored entries (the losses already taken)
+    /// so that a sequence boundary never drops them. Returns the contributions added.
+    pub(super) fn finish_sequence(
+        &mut self,
+        spec: &ModelSpec,
+        params: &Params<T>,
+        slot: usize,
+        current: &[T],
+        grad: &mut Gradients<T>,
+    ) -> f64 {
+        let (scored, learned) = (self.scored[slot], self.learned[slot]);
+        let mut count = 0.0;
+        if scored > 0 && learned > 0 {
+            let last_after = if scored < self.len[slot] {
+                self.scratch
+                    .after
+                    .copy_from_slice(self.prev.slice(s![slot, scored, ..]).to_slice().expect("row"));
+                None
+            } else {
+                Some(current)
+            };
+            self.flush(spec, params, slot, scored, last_after, grad);
+            count = learned as f64;
+        }
+        self.reset(slot);
+        count
     }
 
     pub(super) fn copy_slot(&mut self, src: usize, dst: usize) {
@@ -115,37 +150,45 @@ impl<T: Float> Tbptt<T> {
                 continue;
             }
             self.err.slice_mut(s![b, len - 1, ..]).assign(&err.row(i));
-            if x.learn {
-                self.learned[b] += 1;
+            // A second score of the same entry replaces its error; it is counted once.
+            if self.scored[b] < len {
+                self.scored[b] = len;
+                if x.learn {
+                    self.learned[b] += 1;
+                }
             }
             if len == self.window {
                 if self.learned[b] > 0 {
-                    self.flush(spec, params, b, states.row(b).as_slice().expect("row"), grad);
+                    self.flush(spec, params, b, len, Some(states.row(b).as_slice().expect("row")), grad);
                     count += self.learned[b] as f64;
                 }
-                self.len[b] = 0;
-                self.learned[b] = 0;
+                self.reset(b);
             }
         }
         count
     }
 
-    /// Backpropagates slot `b`'s complete window into `grad`.
+    /// Backpropagates the first `len` entries of slot `b`'s window into `grad`; `last_after` is
+    /// the state after entry `len − 1` (`None`: it was copied to the scratch `after`).
     fn flush(
         &mut self,
         spec: &ModelSpec,
         params: &Params<T>,
         b: usize,
-        current: &[T],
+        len: usize,
+        last_after: Option<&[T]>,
         grad: &mut Gradients<T>,
     ) {
         let (n, r, k, m) = (spec.n, spec.r, spec.k, spec.m);
         let hoff = spec.h_offset();
-        let len = self.len[b];
         let w_h = params.w_h(spec);
         let v_h = params.v.slice(s![.., ..n]);
-        let sc = &mut self.scratch;
-        sc.g.fill(T::zero());
+        let Scratch { z, next, d, carry, g, g2, dz, after } = &mut self.scratch;
+        let current: &[T] = match last_after {
+            Some(state) => state,
+            None => after,
+        };
+        g.fill(T::zero());
         for j in (0..len).rev() {
             let after: &[T] = if j + 1 < len {
                 self.prev.slice(s![b, j + 1, ..]).to_slice().expect("row")
@@ -161,7 +204,7 @@ impl<T: Float> Tbptt<T> {
                 let mut row = grad.v.row_mut(o);
                 for l in 0..n {
                     row[l] = row[l] + ev * after[hoff + l];
-                    sc.g[hoff + l] = sc.g[hoff + l] + ev * v_h[[o, l]];
+                    g[hoff + l] = g[hoff + l] + ev * v_h[[o, l]];
                 }
                 row[n] = row[n] + ev;
             }
@@ -170,24 +213,24 @@ impl<T: Float> Tbptt<T> {
             let prev = prev.to_slice().expect("row");
             let token = self.tokens[[b, j]] as usize;
             let h_prev = &prev[hoff..];
-            for (q_row, z) in sc.z.iter_mut().enumerate() {
+            for (q_row, z) in z.iter_mut().enumerate() {
                 let mut acc = params.w[[q_row, token]] + params.w[[q_row, spec.bias_col()]];
                 for (l, &h) in h_prev.iter().enumerate() {
                     acc = acc + w_h[[q_row, l]] * h;
                 }
                 *z = acc;
             }
-            spec.cell().forward(n, &sc.z, prev, &mut sc.next, &mut sc.d, &mut sc.carry);
+            spec.cell().forward(n, z, prev, next, d, carry);
             for q in 0..r {
                 for l in 0..n {
                     let mut acc = T::zero();
                     for blk in 0..k {
-                        acc = acc + sc.g[blk * n + l] * sc.d[(blk * r + q) * n + l];
+                        acc = acc + g[blk * n + l] * d[(blk * r + q) * n + l];
                     }
-                    sc.dz[q * n + l] = acc;
+                    dz[q * n + l] = acc;
                 }
             }
-            for (q_row, &dzv) in sc.dz.iter().enumerate() {
+            for (q_row, &dzv) in dz.iter().enumerate() {
                 if dzv == T::zero() {
                     continue;
                 }
@@ -202,19 +245,19 @@ impl<T: Float> Tbptt<T> {
                 for l in 0..n {
                     let mut acc = T::zero();
                     for bi in 0..k {
-                        acc = acc + sc.carry[(bi * k + bj) * n + l] * sc.g[bi * n + l];
+                        acc = acc + carry[(bi * k + bj) * n + l] * g[bi * n + l];
                     }
-                    sc.g2[bj * n + l] = acc;
+                    g2[bj * n + l] = acc;
                 }
             }
             for l in 0..n {
                 let mut acc = T::zero();
-                for (q_row, &dzv) in sc.dz.iter().enumerate() {
+                for (q_row, &dzv) in dz.iter().enumerate() {
                     acc = acc + w_h[[q_row, l]] * dzv;
                 }
-                sc.g2[hoff + l] = sc.g2[hoff + l] + acc;
+                g2[hoff + l] = g2[hoff + l] + acc;
             }
-            std::mem::swap(&mut sc.g, &mut sc.g2);
+            std::mem::swap(g, g2);
         }
     }
 
@@ -223,12 +266,13 @@ impl<T: Float> Tbptt<T> {
             let b = x.slot;
             if self.len[b] == self.window {
                 // The window was never scored (advance without score): start a new one.
-                self.len[b] = 0;
-                self.learned[b] = 0;
+                self.reset(b);
             }
             let len = self.len[b];
             self.prev.slice_mut(s![b, len, ..]).assign(&step.prev.row(i));
             self.tokens[[b, len]] = x.token;
+            // No loss has been taken after this advance yet.
+            self.err.slice_mut(s![b, len, ..]).fill(T::zero());
             self.len[b] = len + 1;
         }
     }

@@ -131,7 +131,7 @@ impl<T: Float> Uoro<T> {
             match &forced[b] {
                 Some(signs) => nu.iter_mut().zip(signs).for_each(|(v, &sgn)| *v = T::from_f64_rounded(sgn)),
                 None => {
-                    let key = rng::derive_key(step.sign_key[b], step.position[b]);
+                    let key = rng::derive_key(step.sign_key[b], step.sign_counter[b]);
                     nu.iter_mut()
                         .enumerate()
                         .for_each(|(idx, v)| *v = T::from_f64_rounded(rng::sign(key, idx as u64)));
