@@ -228,3 +228,36 @@ fn advance_alone_applies_a_reset() {
     assert_eq!(a.state(0), b.state(0));
     assert_eq!(a.position(0), 1);
 }
+
+/// The exact zero-factor branches of the compression (KF-RTRL.md §8) on a saturated step:
+/// a tanh unit at exactly ±1 has `D = 0` and `B = 0` (both terms vanish: the factors become 0,
+/// never 0/0), and an RHN whose carry gates are exactly 1 has `D = 0` but `B = A` (the old term
+/// is kept exactly). A mutation that confused the two branches produced NaN here.
+#[test]
+fn saturated_steps_take_the_exact_zero_branches() {
+    for (cell, expect_zero) in [(CellKind::Tanh, true), (CellKind::Rhn, false)] {
+        let spec = spec_of(cell, LearnerKind::KfRtrl, 3, 25);
+        let mut params = Params::<f64>::init(&spec);
+        // Token 4 drives every pre-activation to +200: tanh(200) and σ(200) are exactly 1.
+        params.w.column_mut(4).fill(200.0);
+        let mut set = StreamSet::<f64>::new(&spec, 1);
+        for &t in &[1u32, 2, 3] {
+            set.advance(&params, &[SlotStep::learn(0, t)]).unwrap();
+        }
+        let before = kron(&set, 0);
+        assert!(before.iter().any(|&x| x != 0.0));
+        set.advance(&params, &[SlotStep::learn(0, 4)]).unwrap();
+        let after = kron(&set, 0);
+        assert!(after.iter().all(|x| x.is_finite()), "{cell}: non-finite factors");
+        if expect_zero {
+            assert!(
+                after.iter().all(|&x| x == 0.0),
+                "{cell}: a fully saturated tanh step must zero the influence"
+            );
+        } else {
+            // H = diag(f) = I and D = 0: the influence is carried over unchanged.
+            let rel = (&after - &before).mapv(f64::abs).sum() / before.mapv(f64::abs).sum();
+            assert!(rel < 1e-14, "{cell}: carried influence changed by {rel:e}");
+        }
+    }
+}
