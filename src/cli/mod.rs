@@ -5,6 +5,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod experiment;
+mod serve;
 mod train;
 
 /// Online next-token learning with Kronecker-factored RTRL.
@@ -21,6 +23,10 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Train online on a corpus and report bits per symbol.
     Train(train::TrainArgs),
+    /// Serve the online-learning HTTP and WebSocket API.
+    Serve(serve::ServeArgs),
+    /// Run one of the paper's experiments (gradient variance, copy task).
+    Experiment(experiment::ExperimentArgs),
 }
 
 /// Parses the command line and runs the subcommand.
@@ -29,6 +35,8 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Bench(args) => bench::run(args),
         Command::Train(args) => train::run(args),
+        Command::Serve(args) => serve::run(args),
+        Command::Experiment(args) => experiment::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -8,6 +8,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use kfrtrl::core::{CellKind, ModelConfig, OptimizerKind};
 use kfrtrl::corpus::{Format, tokenize_train, tokenize_with};
+use kfrtrl::model_file::{Counters, ModelFile, save};
 use kfrtrl::train::{TrainConfig, train};
 
 use super::bench::parse_learner;
@@ -66,6 +67,10 @@ pub struct TrainArgs {
     /// Print one JSON object on stdout at the end.
     #[arg(long)]
     json: bool,
+    /// Write the trained model (weights, optimizer state, config, counters) to this file, in the
+    /// format of the server's checkpoints (safetensors with JSON metadata).
+    #[arg(long)]
+    save: Option<PathBuf>,
 }
 
 fn parse_format(s: &str) -> Result<Format, String> {
@@ -119,7 +124,7 @@ pub fn run(args: TrainArgs) -> Result<(), String> {
         ProgressStyle::with_template("{bar:40} {pos}/{len} symbols  {per_sec}  ETA {eta}  {msg}")
             .map_err(|e| e.to_string())?,
     );
-    let (report, _params, _opt) = train(&cfg, &tokens, eval.as_deref(), |p| {
+    let (report, params, opt) = train(&cfg, &tokens, eval.as_deref(), |p| {
         if p.symbols % (1024 * batch) < batch || p.symbols == p.total {
             bar.set_position(p.symbols);
             bar.set_message(format!("running bpc {:.3}", p.recent_bpc));
@@ -127,6 +132,35 @@ pub fn run(args: TrainArgs) -> Result<(), String> {
     })
     .map_err(|e| e.to_string())?;
     bar.finish_and_clear();
+    if let Some(path) = &args.save {
+        let mut metadata = serde_json::Map::new();
+        let format = match args.format {
+            Format::Bytes => "bytes",
+            Format::PtbChar => "ptb-char",
+        };
+        metadata.insert("corpus_format".into(), format.into());
+        if !vocab.symbols.is_empty() {
+            metadata.insert("symbols".into(), vocab.symbols.clone().into());
+        }
+        metadata.insert("learner".into(), args.learner.clone().into());
+        metadata.insert("batch".into(), report.batch.into());
+        metadata.insert("train_bpc".into(), report.train_bpc.into());
+        if let Some(e) = report.eval_bpc {
+            metadata.insert("eval_bpc".into(), e.into());
+        }
+        let file = ModelFile {
+            config: cfg.model.clone(),
+            params,
+            optimizer: opt,
+            counters: Counters {
+                steps: cfg.steps,
+                symbols: report.symbols,
+                nonfinite_updates: report.nonfinite_updates,
+            },
+            metadata,
+        };
+        save(path, &file).map_err(|e| e.to_string())?;
+    }
     if args.json {
         println!("{}", serde_json::to_string(&report).map_err(|e| e.to_string())?);
     } else {

@@ -1,0 +1,147 @@
+//! The HTTP handlers: parse, validate, forward to the engine, reply. No computation here.
+
+use axum::Json;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{FromRequestParts, OriginalUri, Path, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+use super::AppState;
+use super::problem::{ApiError, ApiResult, status_body};
+use super::wire::{JsonBody, TokensRequest};
+use crate::engine::{Mode, ModelRequest};
+
+/// Path parameters, with a problem reply when they cannot be decoded.
+#[derive(Debug)]
+pub struct PathParams<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for PathParams<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        Path::<T>::from_request_parts(parts, state).await.map(|Path(t)| PathParams(t)).map_err(
+            |e: PathRejection| {
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid-name", "Invalid name", e.body_text())
+            },
+        )
+    }
+}
+
+/// `POST /v1/models`: creates a model (201 with its description).
+pub async fn create_model(
+    State(state): State<AppState>,
+    JsonBody(request): JsonBody<ModelRequest>,
+) -> ApiResult<Response> {
+    let engine = state.engine();
+    let definition = request.resolve(&engine.default_definition(""));
+    let info = engine.create_model(definition).await?;
+    let location = HeaderValue::from_str(&format!("/v1/models/{}", info.name))
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(info)).into_response())
+}
+
+/// `GET /v1/models`.
+pub async fn list_models(State(state): State<AppState>) -> Response {
+    Json(json!({ "models": state.engine().models() })).into_response()
+}
+
+/// `GET /v1/models/{model}`.
+pub async fn get_model(
+    State(state): State<AppState>,
+    PathParams(model): PathParams<String>,
+) -> ApiResult<Response> {
+    Ok(Json(state.engine().model(&model)?).into_response())
+}
+
+/// `DELETE /v1/models/{model}`: 204; queued requests of the model fail with 404.
+pub async fn delete_model(
+    State(state): State<AppState>,
+    PathParams(model): PathParams<String>,
+) -> ApiResult<StatusCode> {
+    state.engine().delete_model(&model)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn run_tokens(
+    state: &AppState,
+    model: &str,
+    stream: &str,
+    request: TokensRequest,
+    mode: Mode,
+) -> ApiResult<Response> {
+    let engine = state.engine();
+    let definition = engine.definition(model)?;
+    let input = request.into_input(&definition, engine.limits().max_tokens_per_request)?;
+    let reply = engine.tokens(model, stream, input, mode).await?;
+    Ok(Json(reply).into_response())
+}
+
+/// `POST /v1/models/{model}/streams/{stream}/tokens`: the stream consumes the tokens.
+pub async fn post_tokens(
+    State(state): State<AppState>,
+    PathParams((model, stream)): PathParams<(String, String)>,
+    JsonBody(request): JsonBody<TokensRequest>,
+) -> ApiResult<Response> {
+    run_tokens(&state, &model, &stream, request, Mode::Consume).await
+}
+
+/// `POST /v1/models/{model}/streams/{stream}/predict`: the tokens run on a copy; nothing changes.
+pub async fn post_predict(
+    State(state): State<AppState>,
+    PathParams((model, stream)): PathParams<(String, String)>,
+    JsonBody(request): JsonBody<TokensRequest>,
+) -> ApiResult<Response> {
+    run_tokens(&state, &model, &stream, request, Mode::Predict).await
+}
+
+/// `GET /v1/models/{model}/streams/{stream}`.
+pub async fn get_stream(
+    State(state): State<AppState>,
+    PathParams((model, stream)): PathParams<(String, String)>,
+) -> ApiResult<Response> {
+    Ok(Json(state.engine().stream_info(&model, &stream).await?).into_response())
+}
+
+/// `DELETE /v1/models/{model}/streams/{stream}`: 204 once the requests queued before it are done.
+pub async fn delete_stream(
+    State(state): State<AppState>,
+    PathParams((model, stream)): PathParams<(String, String)>,
+) -> ApiResult<StatusCode> {
+    state.engine().delete_stream(&model, &stream).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `GET /healthz`: the process is up.
+pub async fn healthz() -> Response {
+    Json(status_body("ok")).into_response()
+}
+
+/// `GET /readyz`: 200 once every configured model is loaded, 503 before and while draining.
+pub async fn readyz(State(state): State<AppState>) -> Response {
+    if state.is_draining() {
+        ApiError::not_ready("the server is draining").into_response()
+    } else if !state.is_ready() {
+        ApiError::not_ready("models are loading").into_response()
+    } else {
+        Json(status_body("ready")).into_response()
+    }
+}
+
+/// `GET /openapi.json`.
+pub async fn openapi(State(state): State<AppState>) -> Response {
+    ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], state.inner.openapi.clone())
+        .into_response()
+}
+
+/// Any path without a route.
+pub async fn not_found(OriginalUri(uri): OriginalUri) -> ApiError {
+    ApiError::not_found(uri.path())
+}
+
+/// A route without the request's method.
+pub async fn method_not_allowed(method: Method, OriginalUri(uri): OriginalUri) -> ApiError {
+    ApiError::method_not_allowed(method.as_str(), uri.path())
+}

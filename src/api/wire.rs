@@ -1,0 +1,167 @@
+//! Request messages as they arrive on the wire, their parsing (with a problem per failure mode)
+//! and their validation into the engine's types. Replies are the engine's own serializable types.
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request};
+use axum::http::StatusCode;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+use super::problem::ApiError;
+use crate::engine::{EngineError, ModelDefinition, TokenInput};
+
+/// Default number of next-token predictions in a reply.
+pub const DEFAULT_TOP_K: usize = 5;
+
+/// A tokens request: `{"tokens": [..]}` or `{"text": ".."}` with options.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokensRequest {
+    /// Token ids.
+    #[serde(default)]
+    pub tokens: Option<Vec<i64>>,
+    /// UTF-8 text, read as bytes (byte-level models only).
+    #[serde(default)]
+    pub text: Option<String>,
+    /// Whether the tokens train the weights (default true).
+    #[serde(default = "yes")]
+    pub learn: bool,
+    /// Whether the stream starts a new sequence first (default false).
+    #[serde(default)]
+    pub reset: bool,
+    /// Number of next-token predictions (default 5, capped at the vocabulary size).
+    #[serde(default)]
+    pub top_k: Option<usize>,
+    /// Whether the reply lists every token's loss (default false).
+    #[serde(default)]
+    pub return_losses: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl TokensRequest {
+    /// Checks the request against the model and turns it into the engine's input.
+    pub fn into_input(self, model: &ModelDefinition, max_tokens: usize) -> Result<TokenInput, ApiError> {
+        let tokens = match (self.tokens, self.text) {
+            (Some(_), Some(_)) => {
+                return Err(ApiError::invalid_request("send either `tokens` or `text`, not both"));
+            }
+            (None, None) => {
+                return Err(ApiError::invalid_request("send `tokens` (an array of ids) or `text`"));
+            }
+            (None, Some(text)) => {
+                if !model.byte_level() {
+                    return Err(ApiError::text_not_allowed(&model.name, model.vocab_size));
+                }
+                text.into_bytes().into_iter().map(u32::from).collect::<Vec<u32>>()
+            }
+            (Some(ids), None) => {
+                if ids.len() > max_tokens {
+                    return Err(EngineError::TooManyTokens { count: ids.len(), limit: max_tokens }.into());
+                }
+                let vocab = model.vocab_size;
+                let mut tokens = Vec::with_capacity(ids.len());
+                for (index, &token) in ids.iter().enumerate() {
+                    match u32::try_from(token) {
+                        Ok(t) if (t as usize) < vocab => tokens.push(t),
+                        _ => return Err(EngineError::TokenOutOfRange { index, token, vocab }.into()),
+                    }
+                }
+                tokens
+            }
+        };
+        if tokens.is_empty() {
+            return Err(EngineError::EmptyInput.into());
+        }
+        if tokens.len() > max_tokens {
+            return Err(EngineError::TooManyTokens { count: tokens.len(), limit: max_tokens }.into());
+        }
+        Ok(TokenInput {
+            tokens,
+            learn: self.learn,
+            reset: self.reset,
+            top_k: self.top_k.unwrap_or(DEFAULT_TOP_K).min(model.vocab_size),
+            return_losses: self.return_losses,
+        })
+    }
+}
+
+/// Parses a JSON message, telling malformed JSON, unknown fields and invalid content apart.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        use serde_json::error::Category;
+        match e.classify() {
+            Category::Syntax | Category::Eof | Category::Io => ApiError::malformed_json(e.to_string()),
+            Category::Data if e.to_string().starts_with("unknown field") => {
+                ApiError::unknown_field(e.to_string())
+            }
+            Category::Data => ApiError::invalid_request(e.to_string()),
+        }
+    })
+}
+
+/// A JSON request body, whatever its content type (so that plain `curl -d` works), with every
+/// failure as a problem: 413 past the body limit, 400 for malformed JSON or unknown fields, 422
+/// for content that does not fit the message.
+#[derive(Debug)]
+pub struct JsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body-too-large",
+                    "Body too large",
+                    rejection.body_text(),
+                )
+            } else {
+                ApiError::invalid_request(rejection.body_text())
+            }
+        })?;
+        parse_json(&bytes).map(JsonBody)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model(vocab: usize) -> ModelDefinition {
+        ModelDefinition { vocab_size: vocab, ..ModelDefinition::with_defaults("m", 4) }
+    }
+
+    #[test]
+    fn parse_errors_are_classified() {
+        let slug = |s: &str| parse_json::<TokensRequest>(s.as_bytes()).unwrap_err().slug();
+        assert_eq!(slug("{"), "malformed-json");
+        assert_eq!(slug("nope"), "malformed-json");
+        assert_eq!(slug(r#"{"tokens":[1],"bogus":1}"#), "unknown-field");
+        assert_eq!(slug(r#"{"tokens":"abc"}"#), "invalid-request");
+        assert_eq!(slug(r#"{"tokens":[1.5]}"#), "invalid-request");
+    }
+
+    #[test]
+    fn validation_checks_vocab_text_and_sizes() {
+        let req = |s: &str| parse_json::<TokensRequest>(s.as_bytes()).unwrap();
+        let slug = |s: &str, vocab| req(s).into_input(&model(vocab), 4).unwrap_err().slug();
+        assert_eq!(slug(r#"{"tokens":[5]}"#, 5), "token-out-of-range");
+        assert_eq!(slug(r#"{"tokens":[-1]}"#, 5), "token-out-of-range");
+        assert_eq!(slug(r#"{"text":"a"}"#, 5), "text-needs-byte-model");
+        assert_eq!(slug(r#"{"tokens":[]}"#, 5), "empty-input");
+        assert_eq!(slug(r#"{"text":""}"#, 256), "empty-input");
+        assert_eq!(slug(r#"{"tokens":[1,1,1,1,1]}"#, 5), "too-many-tokens");
+        assert_eq!(slug(r#"{"text":"abcde"}"#, 256), "too-many-tokens");
+        assert_eq!(slug(r#"{"text":"a","tokens":[1]}"#, 256), "invalid-request");
+        let input = req(r#"{"text":"hé","top_k":1000,"learn":false}"#).into_input(&model(256), 4).unwrap();
+        assert_eq!(input.tokens, vec![104, 0xc3, 0xa9]);
+        assert_eq!(input.top_k, 256);
+        assert!(!input.learn && !input.reset && !input.return_losses);
+        assert_eq!(req(r#"{"tokens":[1]}"#).into_input(&model(5), 4).unwrap().top_k, 5);
+    }
+}

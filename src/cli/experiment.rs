@@ -1,0 +1,383 @@
+//! `kfrtrl experiment`: the paper's experiments (gradient variance, copy task).
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+
+use kfrtrl::core::{CellKind, ModelConfig, OptimizerKind};
+use kfrtrl::experiment::copy::{CopyConfig, run_copy};
+
+use super::bench::{parse_cell, parse_learner, parse_optimizer};
+
+/// Flags of `kfrtrl experiment`.
+#[derive(Debug, Args)]
+pub struct ExperimentArgs {
+    #[command(subcommand)]
+    which: Which,
+}
+
+#[derive(Debug, Subcommand)]
+enum Which {
+    /// Gradient noise: the relative variance of KF-RTRL's and UORO's estimates against exact
+    /// RTRL, over time and hidden sizes (tanh RNN with fixed contracting random weights).
+    Variance(VarianceArgs),
+    /// The copy task with the KF-RTRL paper's curriculum: the length L reached against steps.
+    Copy(CopyArgs),
+    /// Draws several copy-task runs in one chart, from their `--json` reports or, for a run
+    /// stopped early, from their progress logs (stderr).
+    CopyPlot(CopyPlotArgs),
+}
+
+/// Flags of `kfrtrl experiment copy-plot`.
+#[derive(Debug, Args)]
+pub struct CopyPlotArgs {
+    /// Output file (.svg).
+    #[arg(long)]
+    plot: PathBuf,
+    /// Chart title.
+    #[arg(long, default_value = "copy task: curriculum length L")]
+    title: String,
+    /// Runs: `--json` reports of `kfrtrl experiment copy`, or their stderr logs; `LABEL=FILE`
+    /// sets the legend label.
+    #[arg(required = true)]
+    runs: Vec<String>,
+}
+
+/// The curve of a run from its JSON report or its progress log, with its label.
+fn read_copy_curve(arg: &str) -> Result<(String, Vec<kfrtrl::experiment::copy::CurvePoint>), String> {
+    use kfrtrl::experiment::copy::CurvePoint;
+    let (label, file) = match arg.split_once('=') {
+        Some((l, f)) => (Some(l.to_string()), f),
+        None => (None, arg),
+    };
+    let text = std::fs::read_to_string(file).map_err(|e| format!("{file}: {e}"))?;
+    if let Ok(v) = serde_json::from_str::<serde_json::Value>(text.trim()) {
+        let curve: Vec<CurvePoint> = v["curve"]
+            .as_array()
+            .ok_or_else(|| format!("{file}: no curve in the JSON report"))?
+            .iter()
+            .filter_map(|p| {
+                Some(CurvePoint { step: p["step"].as_u64()?, length: p["length"].as_u64()? as usize })
+            })
+            .collect();
+        let label = label.unwrap_or_else(|| v["learner"].as_str().unwrap_or(file).to_string());
+        return Ok((label, curve));
+    }
+    // Progress lines: "step <done>/<total>  L <level>  ...".
+    let mut curve: Vec<CurvePoint> = Vec::new();
+    for line in text.lines() {
+        let mut w = line.split_whitespace();
+        if w.next() != Some("step") {
+            continue;
+        }
+        let step = w.next().and_then(|s| s.split('/').next()?.parse().ok());
+        let level = (w.next() == Some("L")).then(|| w.next().and_then(|s| s.parse().ok())).flatten();
+        if let (Some(step), Some(length)) = (step, level) {
+            if curve.is_empty() {
+                curve.push(CurvePoint { step: 0, length: 1 });
+            }
+            curve.push(CurvePoint { step, length });
+        }
+    }
+    if curve.is_empty() {
+        return Err(format!("{file}: neither a JSON report nor a progress log"));
+    }
+    Ok((label.unwrap_or_else(|| file.to_string()), curve))
+}
+
+fn copy_plot(a: CopyPlotArgs) -> Result<(), String> {
+    use kfrtrl::experiment::plot::{Panel, Series, line_chart};
+    let mut series = Vec::new();
+    for run in &a.runs {
+        let (label, curve) = read_copy_curve(run)?;
+        series.push(Series { label, points: copy_staircase(&curve) });
+    }
+    let panel = Panel {
+        title: a.title.clone(),
+        x_label: "steps".into(),
+        y_label: "curriculum length L".into(),
+        log_x: false,
+        log_y: false,
+        series,
+        legend: Default::default(),
+    };
+    line_chart(&a.plot, &[panel]).map_err(|e| format!("{}: {e}", a.plot.display()))
+}
+
+/// Flags of `kfrtrl experiment variance`.
+#[derive(Debug, Args)]
+pub struct VarianceArgs {
+    /// Hidden sizes (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "8,16,32,64")]
+    hidden: Vec<usize>,
+    /// Time steps T of each sequence.
+    #[arg(long, default_value_t = 200)]
+    steps: usize,
+    /// Independent sign draws per estimator (slots of one stream set).
+    #[arg(long, default_value_t = 500)]
+    samples: usize,
+    /// Independent input sequences (and weights) averaged over.
+    #[arg(long, default_value_t = 4)]
+    sequences: usize,
+    /// Vocabulary of the random one-hot inputs.
+    #[arg(long, default_value_t = 8)]
+    vocab: usize,
+    /// Measure every this many steps.
+    #[arg(long, default_value_t = 10)]
+    every: usize,
+    /// Spectral norm of the recurrent block.
+    #[arg(long, default_value_t = 0.9)]
+    contraction: f64,
+    /// Seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Print the table as JSON on stdout: {"rows": [{"learner","n","t","rel_var"}, ...]}.
+    #[arg(long)]
+    json: bool,
+    /// Draw rel_var against t and against n to this file (.svg).
+    #[arg(long)]
+    plot: Option<PathBuf>,
+}
+
+fn variance(a: VarianceArgs) -> Result<(), String> {
+    use kfrtrl::experiment::plot::{LegendAt, Panel, Series, line_chart};
+    use kfrtrl::experiment::variance::{VarianceConfig, run_variance};
+    if a.hidden.is_empty() || a.steps == 0 {
+        return Err("--hidden and --steps must be non-empty and positive".into());
+    }
+    let cfg = VarianceConfig {
+        hidden: a.hidden.clone(),
+        steps: a.steps,
+        samples: a.samples,
+        sequences: a.sequences,
+        vocab: a.vocab,
+        every: a.every,
+        contraction: a.contraction,
+        seed: a.seed,
+        ..VarianceConfig::default()
+    };
+    let t0 = std::time::Instant::now();
+    let report = run_variance(&cfg, |n, q| {
+        eprintln!(
+            "n={n}: sequence {}/{} done ({:.0} s)",
+            q + 1,
+            cfg.sequences.max(1),
+            t0.elapsed().as_secs_f64()
+        );
+    })
+    .map_err(|e| e.to_string())?;
+    let learners = ["kf-rtrl", "uoro"];
+    let t_end = a.steps;
+    if let Some(path) = &a.plot {
+        let mut over_t = Vec::new();
+        for l in learners {
+            for &n in &a.hidden {
+                let points = report
+                    .rows
+                    .iter()
+                    .filter(|r| r.learner == l && r.n == n)
+                    .map(|r| (r.t as f64, r.rel_var))
+                    .collect();
+                over_t.push(Series { label: format!("{l} n={n}"), points });
+            }
+        }
+        let over_n = learners
+            .iter()
+            .map(|&l| Series {
+                label: l.to_string(),
+                points: a
+                    .hidden
+                    .iter()
+                    .filter_map(|&n| report.get(l, n, t_end).map(|v| (n as f64, v)))
+                    .collect(),
+            })
+            .collect();
+        line_chart(
+            path,
+            &[
+                Panel {
+                    title: "relative variance over time".into(),
+                    x_label: "t".into(),
+                    y_label: "E|g^ - g|^2 / |g|^2".into(),
+                    log_x: false,
+                    log_y: true,
+                    series: over_t,
+                    legend: LegendAt::MiddleRight,
+                },
+                Panel {
+                    title: format!("relative variance at t = {t_end}"),
+                    x_label: "hidden units n".into(),
+                    y_label: "E|g^ - g|^2 / |g|^2".into(),
+                    log_x: true,
+                    log_y: true,
+                    series: over_n,
+                    legend: LegendAt::MiddleRight,
+                },
+            ],
+        )
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    if a.json {
+        println!("{}", serde_json::to_string(&report).map_err(|e| e.to_string())?);
+    } else {
+        let t_mid = if a.steps >= 50 { 50 } else { a.steps };
+        println!(
+            "n     KF@{t_mid:<5} KF@{t_end:<5} UORO@{t_mid:<5} UORO@{t_end:<5} ratio@{t_end:<5} KF{t_end}/KF{t_mid}"
+        );
+        for &n in &a.hidden {
+            let g = |l: &str, t: usize| report.get(l, n, t).unwrap_or(f64::NAN);
+            println!(
+                "{n:<5} {:<8.3} {:<8.3} {:<10.2} {:<10.2} {:<10.1} {:.2}",
+                g("kf-rtrl", t_mid),
+                g("kf-rtrl", t_end),
+                g("uoro", t_mid),
+                g("uoro", t_end),
+                g("uoro", t_end) / g("kf-rtrl", t_end),
+                g("kf-rtrl", t_end) / g("kf-rtrl", t_mid)
+            );
+        }
+        println!("{:.1} s", report.seconds);
+    }
+    Ok(())
+}
+
+/// Flags of `kfrtrl experiment copy`.
+#[derive(Debug, Args)]
+pub struct CopyArgs {
+    /// Learner: kf-rtrl, uoro, rtrl, tbptt:K.
+    #[arg(long, default_value = "kf-rtrl")]
+    learner: String,
+    /// Cell: tanh, rhn, lstm.
+    #[arg(long, default_value = "rhn", value_parser = parse_cell)]
+    cell: CellKind,
+    /// Hidden units.
+    #[arg(long, default_value_t = 128)]
+    hidden: usize,
+    /// Parallel (asynchronous) streams.
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// Time steps.
+    #[arg(long, default_value_t = 2_000_000)]
+    steps: u64,
+    /// Seed of the weights, signs and sequences.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Learning rate (default 10^-3.5).
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Optimizer: adam or sgd.
+    #[arg(long, default_value = "adam", value_parser = parse_optimizer)]
+    optimizer: OptimizerKind,
+    /// Global-norm gradient clip (0 disables).
+    #[arg(long, default_value_t = 1.0)]
+    clip: f64,
+    /// Print one JSON object on stdout at the end.
+    #[arg(long)]
+    json: bool,
+    /// Draw L against steps to this file (.svg or .png).
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// Print a progress line on stderr every this many steps (0: only level-ups).
+    #[arg(long, default_value_t = 10_000)]
+    log_every: u64,
+}
+
+/// Runs `kfrtrl experiment ...`.
+pub fn run(args: ExperimentArgs) -> Result<(), String> {
+    match args.which {
+        Which::Copy(a) => copy(a),
+        Which::CopyPlot(a) => copy_plot(a),
+        Which::Variance(a) => variance(a),
+    }
+}
+
+fn copy(a: CopyArgs) -> Result<(), String> {
+    let (learner, window) = parse_learner(&a.learner)?;
+    let model = ModelConfig {
+        vocab_size: kfrtrl::experiment::copy::VOCAB,
+        cell: a.cell,
+        hidden: a.hidden,
+        learner,
+        tbptt_window: window.unwrap_or(25),
+        optimizer: a.optimizer,
+        lr: a.lr.unwrap_or(kfrtrl::core::model::DEFAULT_LR),
+        clip: a.clip,
+        seed: a.seed,
+        ..ModelConfig::default()
+    };
+    let cfg = CopyConfig::new(model, a.batch, a.steps, a.seed);
+    if !cfg.reset_at_sequence_end {
+        eprintln!(
+            "note: tbptt streams are not reset between sequences (an incomplete window is dropped at a reset)"
+        );
+    }
+    let t0 = std::time::Instant::now();
+    let log_every = a.log_every;
+    let report = run_copy(&cfg, |p| {
+        if p.level_up || (log_every > 0 && p.step % log_every == 0) || p.step == p.total {
+            let mut e = std::io::stderr().lock();
+            let _ = writeln!(
+                e,
+                "step {:>9}/{}  L {:>3}  ema {:.4} bits  {:.0} s{}",
+                p.step,
+                p.total,
+                p.curriculum.level,
+                p.curriculum.ema,
+                t0.elapsed().as_secs_f64(),
+                if p.level_up { "  level up" } else { "" }
+            );
+        }
+    })
+    .map_err(|e| e.to_string())?;
+    if let Some(path) = &a.plot {
+        let title =
+            format!("copy task: {} {} n={} B={}", report.learner, report.cell, report.hidden, report.batch);
+        let series = vec![kfrtrl::experiment::plot::Series {
+            label: report.learner.clone(),
+            points: copy_staircase(&report.curve),
+        }];
+        kfrtrl::experiment::plot::line_chart(
+            path,
+            &[kfrtrl::experiment::plot::Panel {
+                title,
+                x_label: "steps".into(),
+                y_label: "curriculum length L".into(),
+                log_x: false,
+                log_y: false,
+                series,
+                legend: Default::default(),
+            }],
+        )
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    if a.json {
+        println!("{}", serde_json::to_string(&report).map_err(|e| e.to_string())?);
+    } else {
+        println!(
+            "{} {} n={} B={}: {} steps, max L {}, final EMA {:.3} bits, {:.0} steps/s, {:.1} s",
+            report.learner,
+            report.cell,
+            report.hidden,
+            report.batch,
+            report.steps,
+            report.max_length,
+            report.final_ema,
+            report.steps_per_sec,
+            report.seconds
+        );
+    }
+    Ok(())
+}
+
+/// The curve as a staircase (L holds until the next level-up).
+pub fn copy_staircase(curve: &[kfrtrl::experiment::copy::CurvePoint]) -> Vec<(f64, f64)> {
+    let mut pts = Vec::with_capacity(curve.len() * 2);
+    for (i, p) in curve.iter().enumerate() {
+        if i > 0 {
+            pts.push((p.step as f64, curve[i - 1].length as f64));
+        }
+        pts.push((p.step as f64, p.length as f64));
+    }
+    pts
+}

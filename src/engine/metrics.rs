@@ -1,0 +1,194 @@
+//! The engine's Prometheus metrics. Labels are bounded: `model` (at most the server's model
+//! limit, removed when a model is deleted) and `mode`; never a stream.
+
+use prometheus::{
+    Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, exponential_buckets,
+};
+
+/// Families of the engine's metrics, registered in one registry.
+#[derive(Debug, Clone)]
+pub struct EngineMetrics {
+    symbols: IntCounterVec,
+    loss_bits: HistogramVec,
+    loss_bits_avg: GaugeVec,
+    top1_accuracy_avg: GaugeVec,
+    optimizer_updates: IntCounterVec,
+    gradient_norm: GaugeVec,
+    nonfinite_updates: IntCounterVec,
+    batch_size: HistogramVec,
+    step_duration: HistogramVec,
+    queue_depth: IntGaugeVec,
+    active_streams: IntGaugeVec,
+}
+
+/// How a symbol was processed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SymbolMode {
+    /// Consumed and learned from.
+    Learn,
+    /// Consumed without learning (`learn: false`).
+    Advance,
+    /// Evaluated on a copy of a stream (`/predict`).
+    Predict,
+}
+
+/// The metrics of one model, with the label values bound once.
+#[derive(Debug, Clone)]
+pub struct ModelMetrics {
+    /// Symbols learned from.
+    pub learned: IntCounter,
+    /// Symbols consumed without learning.
+    pub advanced: IntCounter,
+    /// Symbols evaluated by `/predict`.
+    pub predicted: IntCounter,
+    /// Loss of every consumed symbol, in bits.
+    pub loss_bits: Histogram,
+    /// Moving average of the loss in bits.
+    pub loss_bits_avg: Gauge,
+    /// Moving average of top-1 accuracy.
+    pub top1_accuracy_avg: Gauge,
+    /// Optimizer updates applied.
+    pub optimizer_updates: IntCounter,
+    /// Global gradient norm (before clipping) of the last update.
+    pub gradient_norm: Gauge,
+    /// Updates refused because the gradient was not finite.
+    pub nonfinite_updates: IntCounter,
+    /// Streams per batched step.
+    pub batch_size: Histogram,
+    /// Wall time of one batched step.
+    pub step_duration: Histogram,
+    /// Tokens queued in the model's worker.
+    pub queue_depth: IntGauge,
+    /// Streams held by the model.
+    pub active_streams: IntGauge,
+}
+
+impl ModelMetrics {
+    /// The counter of a mode.
+    pub fn symbols(&self, mode: SymbolMode) -> &IntCounter {
+        match mode {
+            SymbolMode::Learn => &self.learned,
+            SymbolMode::Advance => &self.advanced,
+            SymbolMode::Predict => &self.predicted,
+        }
+    }
+}
+
+impl EngineMetrics {
+    /// Creates the families and registers them in `registry`.
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let model = &["model"];
+        let m = Self {
+            symbols: IntCounterVec::new(
+                Opts::new(
+                    "kfrtrl_symbols_total",
+                    "Symbols processed, by model and mode (learn, advance, predict).",
+                ),
+                &["model", "mode"],
+            )?,
+            loss_bits: HistogramVec::new(
+                HistogramOpts::new("kfrtrl_loss_bits", "Loss of each consumed symbol, in bits.").buckets(
+                    vec![0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0, 12.0, 16.0, 24.0],
+                ),
+                model,
+            )?,
+            loss_bits_avg: GaugeVec::new(
+                Opts::new("kfrtrl_loss_bits_avg", "Moving average (about 100 symbols) of the loss in bits."),
+                model,
+            )?,
+            top1_accuracy_avg: GaugeVec::new(
+                Opts::new(
+                    "kfrtrl_top1_accuracy_avg",
+                    "Moving average (about 100 symbols) of the accuracy of the most likely next token.",
+                ),
+                model,
+            )?,
+            optimizer_updates: IntCounterVec::new(
+                Opts::new("kfrtrl_optimizer_updates_total", "Optimizer updates applied to the weights."),
+                model,
+            )?,
+            gradient_norm: GaugeVec::new(
+                Opts::new(
+                    "kfrtrl_gradient_norm",
+                    "Global gradient norm (before clipping) of the last update.",
+                ),
+                model,
+            )?,
+            nonfinite_updates: IntCounterVec::new(
+                Opts::new(
+                    "kfrtrl_nonfinite_updates_total",
+                    "Updates refused because the gradient estimate was not finite.",
+                ),
+                model,
+            )?,
+            batch_size: HistogramVec::new(
+                HistogramOpts::new("kfrtrl_batch_size", "Streams stepped together in one batched step.")
+                    .buckets(exponential_buckets(1.0, 2.0, 13)?),
+                model,
+            )?,
+            step_duration: HistogramVec::new(
+                HistogramOpts::new("kfrtrl_step_duration_seconds", "Wall time of one batched step.")
+                    .buckets(exponential_buckets(2.5e-5, 2.0, 18)?),
+                model,
+            )?,
+            queue_depth: IntGaugeVec::new(
+                Opts::new("kfrtrl_queue_depth", "Tokens queued in a model's worker, waiting to be stepped."),
+                model,
+            )?,
+            active_streams: IntGaugeVec::new(
+                Opts::new("kfrtrl_active_streams", "Streams held by a model."),
+                model,
+            )?,
+        };
+        registry.register(Box::new(m.symbols.clone()))?;
+        registry.register(Box::new(m.loss_bits.clone()))?;
+        registry.register(Box::new(m.loss_bits_avg.clone()))?;
+        registry.register(Box::new(m.top1_accuracy_avg.clone()))?;
+        registry.register(Box::new(m.optimizer_updates.clone()))?;
+        registry.register(Box::new(m.gradient_norm.clone()))?;
+        registry.register(Box::new(m.nonfinite_updates.clone()))?;
+        registry.register(Box::new(m.batch_size.clone()))?;
+        registry.register(Box::new(m.step_duration.clone()))?;
+        registry.register(Box::new(m.queue_depth.clone()))?;
+        registry.register(Box::new(m.active_streams.clone()))?;
+        Ok(m)
+    }
+
+    /// The metrics of one model (created at zero on first use).
+    pub fn for_model(&self, model: &str) -> ModelMetrics {
+        ModelMetrics {
+            learned: self.symbols.with_label_values(&[model, "learn"]),
+            advanced: self.symbols.with_label_values(&[model, "advance"]),
+            predicted: self.symbols.with_label_values(&[model, "predict"]),
+            loss_bits: self.loss_bits.with_label_values(&[model]),
+            loss_bits_avg: self.loss_bits_avg.with_label_values(&[model]),
+            top1_accuracy_avg: self.top1_accuracy_avg.with_label_values(&[model]),
+            optimizer_updates: self.optimizer_updates.with_label_values(&[model]),
+            gradient_norm: self.gradient_norm.with_label_values(&[model]),
+            nonfinite_updates: self.nonfinite_updates.with_label_values(&[model]),
+            batch_size: self.batch_size.with_label_values(&[model]),
+            step_duration: self.step_duration.with_label_values(&[model]),
+            queue_depth: self.queue_depth.with_label_values(&[model]),
+            active_streams: self.active_streams.with_label_values(&[model]),
+        }
+    }
+
+    /// Drops every series of a deleted model, so that labels stay bounded by the live models.
+    pub fn remove_model(&self, model: &str) {
+        for mode in ["learn", "advance", "predict"] {
+            let _ = self.symbols.remove_label_values(&[model, mode]);
+        }
+        let one = &[model];
+        let _ = self.loss_bits.remove_label_values(one);
+        let _ = self.loss_bits_avg.remove_label_values(one);
+        let _ = self.top1_accuracy_avg.remove_label_values(one);
+        let _ = self.optimizer_updates.remove_label_values(one);
+        let _ = self.gradient_norm.remove_label_values(one);
+        let _ = self.nonfinite_updates.remove_label_values(one);
+        let _ = self.batch_size.remove_label_values(one);
+        let _ = self.step_duration.remove_label_values(one);
+        let _ = self.queue_depth.remove_label_values(one);
+        let _ = self.active_streams.remove_label_values(one);
+    }
+}

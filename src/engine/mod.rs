@@ -1,0 +1,711 @@
+//! The engine: models and their streams, in memory. Each model has one worker, a dedicated OS
+//! thread that alone owns the model's weights, optimizer and stream states (single writer), and
+//! steps the queued tokens of all its streams as one batch per step (see `worker.rs`).
+//!
+//! [`Engine`] is what the API talks to. Its calls never block and never compute: they validate,
+//! admit the work against the model's bounded queue (or refuse it at once with
+//! [`EngineError::QueueFull`]), and hand back a future of the worker's reply.
+//!
+//! A later checkpoint writer takes a consistent copy of a model through [`Engine::snapshot`],
+//! which the worker answers between two steps.
+
+mod metrics;
+mod model;
+mod worker;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::thread::JoinHandle;
+
+use serde::Serialize;
+use tokio::sync::oneshot;
+
+use crate::core::{ModelSpec, Optimizer, Params, StreamSet};
+
+pub use metrics::{EngineMetrics, ModelMetrics, SymbolMode};
+pub use model::{
+    MAX_NAME_LEN, MAX_STREAMS_PER_MODEL, ModelDefinition, ModelRequest, estimate_model_bytes, valid_name,
+};
+
+/// Limits that bound the engine's memory and queues.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineLimits {
+    /// Token requests queued per model (waiting or in progress) before new ones are refused.
+    pub queue_requests: usize,
+    /// Tokens queued per model before new requests are refused.
+    pub queue_tokens: usize,
+    /// Most tokens in one request.
+    pub max_tokens_per_request: usize,
+    /// Most models in the server.
+    pub max_models: usize,
+    /// Largest estimated memory of one model (weights, optimizer, all stream slots), in bytes.
+    pub max_model_bytes: u64,
+    /// Streams per model when a definition does not say.
+    pub default_max_streams: usize,
+}
+
+impl Default for EngineLimits {
+    fn default() -> Self {
+        Self {
+            queue_requests: 4096,
+            queue_tokens: 1 << 20,
+            max_tokens_per_request: 65_536,
+            max_models: 16,
+            max_model_bytes: 4 << 30,
+            default_max_streams: 256,
+        }
+    }
+}
+
+/// Why the engine refused or failed a call. Every variant is a client-visible outcome.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EngineError {
+    /// No model by that name.
+    #[error("model `{0}` does not exist")]
+    UnknownModel(String),
+    /// No stream by that name in the model.
+    #[error("stream `{stream}` of model `{model}` does not exist")]
+    UnknownStream {
+        /// The model.
+        model: String,
+        /// The stream.
+        stream: String,
+    },
+    /// A model by that name exists already.
+    #[error("model `{0}` exists already")]
+    DuplicateModel(String),
+    /// The server holds its maximum number of models.
+    #[error("the server holds its maximum of {0} models; delete one first")]
+    ModelLimit(usize),
+    /// A model or stream name does not match the naming rule.
+    #[error("invalid {what} name `{name}`: names match ^[A-Za-z0-9][A-Za-z0-9._-]{{0,63}}$")]
+    InvalidName {
+        /// `model` or `stream`.
+        what: &'static str,
+        /// The name as given.
+        name: String,
+    },
+    /// A model definition was refused.
+    #[error("invalid model config: {field}: {reason}")]
+    InvalidConfig {
+        /// The offending field.
+        field: String,
+        /// Why.
+        reason: String,
+    },
+    /// A request without tokens.
+    #[error("the request has no tokens")]
+    EmptyInput,
+    /// A token outside the model's vocabulary.
+    #[error("token {token} at index {index} is outside the vocabulary (0..{vocab})")]
+    TokenOutOfRange {
+        /// Position in the request.
+        index: usize,
+        /// The token.
+        token: i64,
+        /// The model's vocabulary size.
+        vocab: usize,
+    },
+    /// A request with too many tokens.
+    #[error("the request has {count} tokens; the limit is {limit}")]
+    TooManyTokens {
+        /// Tokens in the request.
+        count: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// The model's queue is full; the client should retry later.
+    #[error("the queue of model `{0}` is full; retry later")]
+    QueueFull(String),
+    /// The model holds its maximum number of streams.
+    #[error("model `{model}` holds its maximum of {limit} streams; delete a stream first")]
+    StreamLimit {
+        /// The model.
+        model: String,
+        /// Its stream limit.
+        limit: usize,
+    },
+    /// The server is shutting down.
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    /// The model's worker stopped unexpectedly (a bug): the request was not completed.
+    #[error("the worker of model `{0}` stopped")]
+    WorkerStopped(String),
+}
+
+impl EngineError {
+    fn invalid_config(field: &str, reason: impl Into<String>) -> Self {
+        EngineError::InvalidConfig { field: field.to_owned(), reason: reason.into() }
+    }
+}
+
+/// Whether a token request changes the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The stream consumes the tokens (and the model learns from them if asked).
+    Consume,
+    /// The tokens are evaluated on a copy of the stream's state; nothing changes.
+    Predict,
+}
+
+/// A validated token request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenInput {
+    /// Tokens, each inside the vocabulary; at least one.
+    pub tokens: Vec<u32>,
+    /// Whether the tokens train the weights.
+    pub learn: bool,
+    /// Whether the stream starts a new sequence before the first token.
+    pub reset: bool,
+    /// Number of next-token predictions in the reply (capped at the vocabulary size).
+    pub top_k: usize,
+    /// Whether the reply lists every token's loss.
+    pub return_losses: bool,
+}
+
+/// One next-token prediction.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Prediction {
+    /// The token.
+    pub token: u32,
+    /// Its probability.
+    pub prob: f64,
+    /// For byte-level models, the byte as text when it is printable ASCII.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+}
+
+/// The reply to a token request (the wire's tokens reply).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TokensReply {
+    /// The model.
+    pub model: String,
+    /// The stream.
+    pub stream: String,
+    /// Tokens the stream has consumed since it was created (unchanged by `/predict`).
+    pub position: u64,
+    /// Tokens of this request.
+    pub consumed: usize,
+    /// Mean loss of this request's tokens, in bits, each scored before learning from it.
+    pub mean_loss_bits: f64,
+    /// Every token's loss in bits, when asked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub losses_bits: Option<Vec<f64>>,
+    /// The most likely next tokens, most likely first.
+    pub predictions: Vec<Prediction>,
+}
+
+/// Live statistics of one stream.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StreamInfo {
+    /// The model.
+    pub model: String,
+    /// The stream.
+    pub stream: String,
+    /// Tokens consumed since the stream was created.
+    pub position: u64,
+    /// Tokens consumed since the stream's last reset.
+    pub sequence_position: u64,
+    /// Tokens that trained the weights.
+    pub symbols_learned: u64,
+    /// Mean loss in bits over every token the stream consumed (null before the first).
+    pub mean_loss_bits: Option<f64>,
+    /// Moving average of the loss in bits over about the last 100 tokens (null before the first).
+    pub loss_bits_avg: Option<f64>,
+    /// Tokens queued for the stream.
+    pub queued_tokens: usize,
+    /// Seconds since the stream last consumed a token or was created.
+    pub idle_seconds: f64,
+}
+
+/// Whether a model can serve yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelState {
+    /// Its worker is allocating the weights and stream slots; requests queue meanwhile.
+    Loading,
+    /// Serving.
+    Ready,
+}
+
+/// Live statistics of one model.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ModelStats {
+    /// Tokens consumed by its streams.
+    pub symbols_seen: u64,
+    /// Tokens that trained the weights.
+    pub symbols_learned: u64,
+    /// Tokens evaluated by `/predict`.
+    pub symbols_predicted: u64,
+    /// Optimizer updates applied.
+    pub optimizer_updates: u64,
+    /// Updates refused because the gradient was not finite.
+    pub nonfinite_updates: u64,
+    /// Moving average of the loss in bits (about 100 tokens; null before the first).
+    pub loss_bits_avg: Option<f64>,
+    /// Moving average of the top-1 accuracy (null before the first token).
+    pub top1_accuracy_avg: Option<f64>,
+    /// Streams held.
+    pub streams: usize,
+    /// Tokens queued, waiting to be stepped.
+    pub queued_tokens: usize,
+}
+
+/// A model's description: its definition, state and live statistics.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ModelInfo {
+    /// The model's name.
+    pub name: String,
+    /// Loading or ready.
+    pub state: ModelState,
+    /// The resolved definition.
+    pub config: ModelDefinition,
+    /// Live statistics.
+    pub stats: ModelStats,
+}
+
+/// A stream as it stands in a snapshot.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StreamSnapshot {
+    /// The stream's name.
+    pub name: String,
+    /// Its slot in [`ModelSnapshot::streams`].
+    pub slot: usize,
+    /// Tokens consumed since it was created.
+    pub position: u64,
+}
+
+/// A consistent copy of a model between two steps: everything needed to resume it.
+#[derive(Debug, Clone)]
+pub struct ModelSnapshot {
+    /// The definition.
+    pub definition: ModelDefinition,
+    /// The weights.
+    pub params: Params<f32>,
+    /// The optimizer with its moments.
+    pub optimizer: Optimizer<f32>,
+    /// Every slot's state and learner factors.
+    pub streams: StreamSet<f32>,
+    /// Which stream owns which slot.
+    pub stream_slots: Vec<StreamSnapshot>,
+}
+
+/// The stable 64-bit FNV-1a hash of a stream name: the label of the stream's random-sign key,
+/// so that signs depend on the stream's name and position, never on its slot.
+pub fn stream_label(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+const STOP_NONE: u8 = 0;
+/// Finish every queued job, then exit.
+const STOP_DRAIN: u8 = 1;
+/// Fail every queued job, then exit (the model was deleted).
+const STOP_ABORT: u8 = 2;
+
+/// Extra channel room for control messages beyond the admitted token requests.
+const CONTROL_HEADROOM: usize = 64;
+
+/// State a model's worker shares with the engine front.
+#[derive(Debug)]
+struct Shared {
+    name: String,
+    pending_requests: AtomicUsize,
+    pending_tokens: AtomicUsize,
+    held: AtomicBool,
+    stop: AtomicU8,
+    ready: AtomicBool,
+    stats: Mutex<ModelStats>,
+}
+
+/// An admitted token request's share of its model's queue, released when the job is dropped
+/// (answered, failed, or lost with a stopped worker), whatever the path.
+#[derive(Debug)]
+struct Ticket {
+    shared: Arc<Shared>,
+    tokens: usize,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.shared.pending_requests.fetch_sub(1, Ordering::AcqRel);
+        self.shared.pending_tokens.fetch_sub(self.tokens, Ordering::AcqRel);
+    }
+}
+
+/// What the front sends a model's worker.
+#[derive(Debug)]
+enum Command {
+    Tokens {
+        stream: String,
+        job: TokenJob,
+    },
+    StreamInfo {
+        stream: String,
+        reply: oneshot::Sender<Result<StreamInfo, EngineError>>,
+    },
+    DeleteStream {
+        stream: String,
+        reply: oneshot::Sender<Result<(), EngineError>>,
+    },
+    Snapshot {
+        reply: oneshot::Sender<ModelSnapshot>,
+    },
+    /// Re-check the hold and stop flags.
+    Wake,
+}
+
+/// A token request in a worker's queues.
+#[derive(Debug)]
+struct TokenJob {
+    input: TokenInput,
+    mode: Mode,
+    reply: oneshot::Sender<Result<TokensReply, EngineError>>,
+    ticket: Ticket,
+}
+
+impl TokenJob {
+    /// Releases the job's share of the queue, then replies, so that a client holding its reply
+    /// can queue again at once.
+    fn answer(self, result: Result<TokensReply, EngineError>) {
+        let TokenJob { reply, ticket, .. } = self;
+        drop(ticket);
+        let _ = reply.send(result);
+    }
+}
+
+struct ModelHandle {
+    definition: ModelDefinition,
+    spec: ModelSpec,
+    tx: SyncSender<Command>,
+    shared: Arc<Shared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl ModelHandle {
+    fn send(&self, command: Command) -> Result<(), EngineError> {
+        self.tx.try_send(command).map_err(|e| match e {
+            TrySendError::Full(_) => EngineError::QueueFull(self.definition.name.clone()),
+            TrySendError::Disconnected(_) => EngineError::UnknownModel(self.definition.name.clone()),
+        })
+    }
+
+    fn info(&self) -> ModelInfo {
+        let stats = self.shared.stats.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let state =
+            if self.shared.ready.load(Ordering::Acquire) { ModelState::Ready } else { ModelState::Loading };
+        ModelInfo { name: self.definition.name.clone(), state, config: self.definition.clone(), stats }
+    }
+
+    fn stop(&self, how: u8) {
+        self.shared.stop.store(how, Ordering::Release);
+        // A full channel means the worker is draining it and will see the flag anyway.
+        let _ = self.tx.try_send(Command::Wake);
+    }
+}
+
+/// A reply the worker will send; await it with [`PendingReply::wait`].
+#[derive(Debug)]
+pub struct PendingReply<T> {
+    model: String,
+    rx: oneshot::Receiver<Result<T, EngineError>>,
+}
+
+impl<T> PendingReply<T> {
+    /// Waits for the worker's answer.
+    pub async fn wait(self) -> Result<T, EngineError> {
+        self.rx.await.unwrap_or_else(|_| Err(EngineError::WorkerStopped(self.model)))
+    }
+}
+
+/// While alive, the model's worker queues requests but does not step (see [`Engine::hold`]).
+pub struct HoldGuard {
+    handle: Arc<ModelHandle>,
+}
+
+impl Drop for HoldGuard {
+    fn drop(&mut self) {
+        self.handle.shared.held.store(false, Ordering::Release);
+        let _ = self.handle.tx.try_send(Command::Wake);
+    }
+}
+
+/// All models of the server.
+pub struct Engine {
+    limits: EngineLimits,
+    metrics: EngineMetrics,
+    models: RwLock<BTreeMap<String, Arc<ModelHandle>>>,
+    accepting: AtomicBool,
+}
+
+impl Engine {
+    /// An engine without models, whose metrics go to `metrics`.
+    pub fn new(limits: EngineLimits, metrics: EngineMetrics) -> Self {
+        Self { limits, metrics, models: RwLock::new(BTreeMap::new()), accepting: AtomicBool::new(true) }
+    }
+
+    /// The engine's limits.
+    pub fn limits(&self) -> &EngineLimits {
+        &self.limits
+    }
+
+    /// The definition every field of a [`ModelRequest`] falls back to.
+    pub fn default_definition(&self, name: &str) -> ModelDefinition {
+        ModelDefinition::with_defaults(name, self.limits.default_max_streams)
+    }
+
+    fn handle(&self, model: &str) -> Result<Arc<ModelHandle>, EngineError> {
+        if !valid_name(model) {
+            return Err(EngineError::InvalidName { what: "model", name: model.to_owned() });
+        }
+        let models = self.models.read().unwrap_or_else(PoisonError::into_inner);
+        models.get(model).cloned().ok_or_else(|| EngineError::UnknownModel(model.to_owned()))
+    }
+
+    /// Validates a definition and returns its checked spec.
+    pub fn check_definition(&self, def: &ModelDefinition) -> Result<ModelSpec, EngineError> {
+        if !valid_name(&def.name) {
+            return Err(EngineError::InvalidName { what: "model", name: def.name.clone() });
+        }
+        let spec = def.model_config().check().map_err(|e| EngineError::invalid_config(e.field, e.reason))?;
+        if !(1..=MAX_STREAMS_PER_MODEL).contains(&def.max_streams) {
+            return Err(EngineError::invalid_config(
+                "max_streams",
+                format!("must be in 1..={MAX_STREAMS_PER_MODEL}"),
+            ));
+        }
+        let bytes = estimate_model_bytes(&spec, def.max_streams + 1);
+        if bytes > u128::from(self.limits.max_model_bytes) {
+            return Err(EngineError::invalid_config(
+                "max_streams",
+                format!(
+                    "the model would hold about {} MiB (weights, optimizer and {} stream slots); \
+                     the server's limit is {} MiB: lower hidden or max_streams",
+                    bytes >> 20,
+                    def.max_streams,
+                    self.limits.max_model_bytes >> 20
+                ),
+            ));
+        }
+        Ok(spec)
+    }
+
+    /// Creates a model and starts its worker; returns once the worker has allocated it.
+    pub async fn create_model(&self, def: ModelDefinition) -> Result<ModelInfo, EngineError> {
+        let spec = self.check_definition(&def)?;
+        let name = def.name.clone();
+        let (tx, rx) = sync_channel(self.limits.queue_requests + CONTROL_HEADROOM);
+        let shared = Arc::new(Shared {
+            name: name.clone(),
+            pending_requests: AtomicUsize::new(0),
+            pending_tokens: AtomicUsize::new(0),
+            held: AtomicBool::new(false),
+            stop: AtomicU8::new(STOP_NONE),
+            ready: AtomicBool::new(false),
+            stats: Mutex::new(ModelStats::default()),
+        });
+        let handle = Arc::new(ModelHandle {
+            definition: def.clone(),
+            spec: spec.clone(),
+            tx,
+            shared: shared.clone(),
+            thread: Mutex::new(None),
+        });
+        {
+            let mut models = self.models.write().unwrap_or_else(PoisonError::into_inner);
+            if !self.accepting.load(Ordering::Acquire) {
+                return Err(EngineError::ShuttingDown);
+            }
+            if models.contains_key(&name) {
+                return Err(EngineError::DuplicateModel(name));
+            }
+            if models.len() >= self.limits.max_models {
+                return Err(EngineError::ModelLimit(self.limits.max_models));
+            }
+            models.insert(name.clone(), handle.clone());
+        }
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let metrics = self.metrics.for_model(&name);
+        let spawned = std::thread::Builder::new().name(format!("model-{name}")).spawn(move || {
+            worker::run(def, spec, rx, shared, metrics, ready_tx);
+        });
+        let outcome = match spawned {
+            Ok(thread) => {
+                *handle.thread.lock().unwrap_or_else(PoisonError::into_inner) = Some(thread);
+                ready_rx.await.unwrap_or_else(|_| Err("the worker stopped while loading".to_owned()))
+            }
+            Err(e) => Err(format!("cannot start the worker thread: {e}")),
+        };
+        match outcome {
+            Ok(()) => {
+                tracing::info!(model = %name, "model ready");
+                Ok(handle.info())
+            }
+            Err(reason) => {
+                self.models.write().unwrap_or_else(PoisonError::into_inner).remove(&name);
+                self.metrics.remove_model(&name);
+                tracing::error!(model = %name, %reason, "model failed to load");
+                Err(EngineError::WorkerStopped(name))
+            }
+        }
+    }
+
+    /// Every model, by name.
+    pub fn models(&self) -> Vec<ModelInfo> {
+        let models = self.models.read().unwrap_or_else(PoisonError::into_inner);
+        models.values().map(|h| h.info()).collect()
+    }
+
+    /// One model's description.
+    pub fn model(&self, model: &str) -> Result<ModelInfo, EngineError> {
+        Ok(self.handle(model)?.info())
+    }
+
+    /// A model's resolved definition.
+    pub fn definition(&self, model: &str) -> Result<ModelDefinition, EngineError> {
+        Ok(self.handle(model)?.definition.clone())
+    }
+
+    /// Whether every model's worker has loaded.
+    pub fn all_ready(&self) -> bool {
+        let models = self.models.read().unwrap_or_else(PoisonError::into_inner);
+        models.values().all(|h| h.shared.ready.load(Ordering::Acquire))
+    }
+
+    /// Deletes a model: its queued requests fail with [`EngineError::UnknownModel`] and its worker
+    /// exits (in the background).
+    pub fn delete_model(&self, model: &str) -> Result<(), EngineError> {
+        let handle = self.handle(model)?;
+        let removed = self.models.write().unwrap_or_else(PoisonError::into_inner).remove(model);
+        if removed.is_none() {
+            return Err(EngineError::UnknownModel(model.to_owned()));
+        }
+        handle.stop(STOP_ABORT);
+        self.metrics.remove_model(model);
+        tracing::info!(model, "model deleted");
+        Ok(())
+    }
+
+    /// Validates and queues a token request; the reply comes when the worker has consumed (or,
+    /// in [`Mode::Predict`], evaluated) its last token. Requests to one stream are answered in
+    /// the order they were submitted.
+    pub fn submit(
+        &self,
+        model: &str,
+        stream: &str,
+        mut input: TokenInput,
+        mode: Mode,
+    ) -> Result<PendingReply<TokensReply>, EngineError> {
+        let handle = self.handle(model)?;
+        if !valid_name(stream) {
+            return Err(EngineError::InvalidName { what: "stream", name: stream.to_owned() });
+        }
+        if !self.accepting.load(Ordering::Acquire) {
+            return Err(EngineError::ShuttingDown);
+        }
+        let count = input.tokens.len();
+        if count == 0 {
+            return Err(EngineError::EmptyInput);
+        }
+        let limit = self.limits.max_tokens_per_request;
+        if count > limit {
+            return Err(EngineError::TooManyTokens { count, limit });
+        }
+        let vocab = handle.spec.vocab;
+        if let Some((index, &token)) = input.tokens.iter().enumerate().find(|(_, t)| **t as usize >= vocab) {
+            return Err(EngineError::TokenOutOfRange { index, token: i64::from(token), vocab });
+        }
+        input.top_k = input.top_k.min(vocab);
+        let ticket = self.admit(&handle, count)?;
+        let (reply, rx) = oneshot::channel();
+        let job = TokenJob { input, mode, reply, ticket };
+        handle.send(Command::Tokens { stream: stream.to_owned(), job })?;
+        Ok(PendingReply { model: model.to_owned(), rx })
+    }
+
+    fn admit(&self, handle: &Arc<ModelHandle>, tokens: usize) -> Result<Ticket, EngineError> {
+        let shared = &handle.shared;
+        // The ticket undoes both increments if admission fails below.
+        let ticket = Ticket { shared: shared.clone(), tokens };
+        let requests = shared.pending_requests.fetch_add(1, Ordering::AcqRel) + 1;
+        let queued = shared.pending_tokens.fetch_add(tokens, Ordering::AcqRel) + tokens;
+        if requests > self.limits.queue_requests || queued > self.limits.queue_tokens {
+            return Err(EngineError::QueueFull(shared.name.clone()));
+        }
+        Ok(ticket)
+    }
+
+    /// Convenience: [`Engine::submit`] and wait.
+    pub async fn tokens(
+        &self,
+        model: &str,
+        stream: &str,
+        input: TokenInput,
+        mode: Mode,
+    ) -> Result<TokensReply, EngineError> {
+        self.submit(model, stream, input, mode)?.wait().await
+    }
+
+    /// A stream's statistics (answered between two steps, ahead of queued tokens).
+    pub async fn stream_info(&self, model: &str, stream: &str) -> Result<StreamInfo, EngineError> {
+        let handle = self.stream_handle(model, stream)?;
+        let (reply, rx) = oneshot::channel();
+        handle.send(Command::StreamInfo { stream: stream.to_owned(), reply })?;
+        PendingReply { model: model.to_owned(), rx }.wait().await
+    }
+
+    /// Forgets a stream once the requests queued before this call are answered.
+    pub async fn delete_stream(&self, model: &str, stream: &str) -> Result<(), EngineError> {
+        let handle = self.stream_handle(model, stream)?;
+        let (reply, rx) = oneshot::channel();
+        handle.send(Command::DeleteStream { stream: stream.to_owned(), reply })?;
+        PendingReply { model: model.to_owned(), rx }.wait().await
+    }
+
+    fn stream_handle(&self, model: &str, stream: &str) -> Result<Arc<ModelHandle>, EngineError> {
+        let handle = self.handle(model)?;
+        if !valid_name(stream) {
+            return Err(EngineError::InvalidName { what: "stream", name: stream.to_owned() });
+        }
+        Ok(handle)
+    }
+
+    /// A consistent copy of a model, taken by its worker between two steps.
+    pub async fn snapshot(&self, model: &str) -> Result<ModelSnapshot, EngineError> {
+        let handle = self.handle(model)?;
+        let (reply, rx) = oneshot::channel();
+        handle.send(Command::Snapshot { reply })?;
+        rx.await.map_err(|_| EngineError::WorkerStopped(model.to_owned()))
+    }
+
+    /// Stops a model's stepping until the guard is dropped; requests keep queueing (up to the
+    /// queue's bound). For maintenance that needs a quiet model, and for tests that need to
+    /// know which tokens share a batch.
+    pub fn hold(&self, model: &str) -> Result<HoldGuard, EngineError> {
+        let handle = self.handle(model)?;
+        handle.shared.held.store(true, Ordering::Release);
+        Ok(HoldGuard { handle })
+    }
+
+    /// Refuses new work, lets every worker finish its queued requests, and waits for them.
+    pub async fn shutdown(&self) {
+        self.accepting.store(false, Ordering::Release);
+        let handles: Vec<Arc<ModelHandle>> = {
+            let models = self.models.read().unwrap_or_else(PoisonError::into_inner);
+            models.values().cloned().collect()
+        };
+        for handle in &handles {
+            handle.stop(STOP_DRAIN);
+        }
+        for handle in handles {
+            let thread = handle.thread.lock().unwrap_or_else(PoisonError::into_inner).take();
+            if let Some(thread) = thread {
+                let joined = tokio::task::spawn_blocking(move || thread.join()).await;
+                if !matches!(joined, Ok(Ok(()))) {
+                    tracing::error!(model = %handle.definition.name, "model worker ended abnormally");
+                }
+            }
+        }
+    }
+}

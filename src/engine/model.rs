@@ -1,0 +1,222 @@
+//! What a model is to the engine: its definition (the core's configuration plus its stream limit,
+//! with the wire names clients use), name rules, and an estimate of the memory it will hold.
+
+use serde::{Deserialize, Serialize};
+
+use crate::core::{CellKind, LearnerKind, ModelConfig, ModelSpec, OptimizerKind};
+
+/// Longest model or stream name.
+pub const MAX_NAME_LEN: usize = 64;
+
+/// Most streams one model may hold (each gets a preallocated slot).
+pub const MAX_STREAMS_PER_MODEL: usize = 65_536;
+
+/// True for names matching `^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$` (models and streams).
+pub fn valid_name(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= MAX_NAME_LEN
+        && bytes[0].is_ascii_alphanumeric()
+        && bytes.iter().all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// A fully resolved model definition: every field present. This is also the `config` object of
+/// a model's description on the wire.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelDefinition {
+    /// The model's name, unique in the server.
+    pub name: String,
+    /// Number of distinct tokens; 256 makes a byte-level model that also accepts text.
+    pub vocab_size: usize,
+    /// Recurrent cell.
+    pub cell: CellKind,
+    /// Hidden units.
+    pub hidden: usize,
+    /// Gradient estimator.
+    pub learner: LearnerKind,
+    /// Truncation window (learner `tbptt` only).
+    pub tbptt_window: usize,
+    /// Optimizer.
+    pub optimizer: OptimizerKind,
+    /// Learning rate.
+    pub lr: f64,
+    /// Global gradient-norm clip; 0 disables clipping.
+    pub clip: f64,
+    /// Seed of the initial weights and of every random sign.
+    pub seed: u64,
+    /// Standard deviation of the initial weights.
+    pub init_std: f64,
+    /// UORO's ε0.
+    pub uoro_epsilon: f64,
+    /// Most streams the model holds at once.
+    pub max_streams: usize,
+}
+
+impl ModelDefinition {
+    /// The server's defaults for a model named `name`: [`ModelConfig::default`] (byte-level RHN,
+    /// n = 128, KF-RTRL, Adam 10^-3.5) with `max_streams` streams.
+    pub fn with_defaults(name: &str, max_streams: usize) -> Self {
+        let c = ModelConfig::default();
+        Self {
+            name: name.to_owned(),
+            vocab_size: c.vocab_size,
+            cell: c.cell,
+            hidden: c.hidden,
+            learner: c.learner,
+            tbptt_window: c.tbptt_window,
+            optimizer: c.optimizer,
+            lr: c.lr,
+            clip: c.clip,
+            seed: c.seed,
+            init_std: c.init_std,
+            uoro_epsilon: c.uoro_epsilon,
+            max_streams,
+        }
+    }
+
+    /// The core's configuration.
+    pub fn model_config(&self) -> ModelConfig {
+        ModelConfig {
+            vocab_size: self.vocab_size,
+            cell: self.cell,
+            hidden: self.hidden,
+            learner: self.learner,
+            tbptt_window: self.tbptt_window,
+            optimizer: self.optimizer,
+            lr: self.lr,
+            clip: self.clip,
+            seed: self.seed,
+            init_std: self.init_std,
+            uoro_epsilon: self.uoro_epsilon,
+        }
+    }
+
+    /// Whether the model reads bytes, so that requests may send UTF-8 text.
+    pub fn byte_level(&self) -> bool {
+        self.vocab_size == 256
+    }
+}
+
+/// A model definition as a client or a config file writes it: only `name` is required, every
+/// other field falls back to the server's defaults.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelRequest {
+    /// The model's name.
+    pub name: String,
+    /// See [`ModelDefinition::vocab_size`].
+    #[serde(default)]
+    pub vocab_size: Option<usize>,
+    /// See [`ModelDefinition::cell`].
+    #[serde(default)]
+    pub cell: Option<CellKind>,
+    /// See [`ModelDefinition::hidden`].
+    #[serde(default)]
+    pub hidden: Option<usize>,
+    /// See [`ModelDefinition::learner`].
+    #[serde(default)]
+    pub learner: Option<LearnerKind>,
+    /// See [`ModelDefinition::tbptt_window`].
+    #[serde(default)]
+    pub tbptt_window: Option<usize>,
+    /// See [`ModelDefinition::optimizer`].
+    #[serde(default)]
+    pub optimizer: Option<OptimizerKind>,
+    /// See [`ModelDefinition::lr`].
+    #[serde(default)]
+    pub lr: Option<f64>,
+    /// See [`ModelDefinition::clip`].
+    #[serde(default)]
+    pub clip: Option<f64>,
+    /// See [`ModelDefinition::seed`].
+    #[serde(default)]
+    pub seed: Option<u64>,
+    /// See [`ModelDefinition::init_std`].
+    #[serde(default)]
+    pub init_std: Option<f64>,
+    /// See [`ModelDefinition::uoro_epsilon`].
+    #[serde(default)]
+    pub uoro_epsilon: Option<f64>,
+    /// See [`ModelDefinition::max_streams`].
+    #[serde(default)]
+    pub max_streams: Option<usize>,
+}
+
+impl ModelRequest {
+    /// Fills the missing fields from `defaults` (whose name is ignored).
+    pub fn resolve(self, defaults: &ModelDefinition) -> ModelDefinition {
+        let d = defaults;
+        ModelDefinition {
+            name: self.name,
+            vocab_size: self.vocab_size.unwrap_or(d.vocab_size),
+            cell: self.cell.unwrap_or(d.cell),
+            hidden: self.hidden.unwrap_or(d.hidden),
+            learner: self.learner.unwrap_or(d.learner),
+            tbptt_window: self.tbptt_window.unwrap_or(d.tbptt_window),
+            optimizer: self.optimizer.unwrap_or(d.optimizer),
+            lr: self.lr.unwrap_or(d.lr),
+            clip: self.clip.unwrap_or(d.clip),
+            seed: self.seed.unwrap_or(d.seed),
+            init_std: self.init_std.unwrap_or(d.init_std),
+            uoro_epsilon: self.uoro_epsilon.unwrap_or(d.uoro_epsilon),
+            max_streams: self.max_streams.unwrap_or(d.max_streams),
+        }
+    }
+}
+
+/// Bytes a model will hold with `slots` stream slots: weights, gradient and optimizer moments,
+/// and every slot's state, learner factors and step scratch. An upper estimate, so that a
+/// definition that cannot fit is refused before any allocation (a failed allocation aborts).
+pub fn estimate_model_bytes(spec: &ModelSpec, slots: usize) -> u128 {
+    let (n, r, k, m, vocab) =
+        (spec.n as u128, spec.r as u128, spec.k as u128, spec.m as u128, spec.vocab as u128);
+    let s = k * n;
+    let rn = r * n;
+    let weights = rn * m + vocab * (n + 1);
+    // Weights, gradient, and Adam's two moments (counted for SGD too: an upper bound).
+    let model = 4 * weights;
+    let step_scratch = (n + 1) + vocab + n + s + rn + k * rn + k * k * n + s;
+    let learner = match spec.learner() {
+        // Two alternating factor slabs, the Jacobian scratch and the `u` rows.
+        LearnerKind::KfRtrl => 2 * s * rn + s * s + 2 * m + rn,
+        LearnerKind::Uoro => 2 * s + rn * m + 2 * rn + 2 * s,
+        LearnerKind::Rtrl => 2 * s * rn * m,
+        LearnerKind::Tbptt => spec.config.tbptt_window as u128 * (s + 1 + vocab) + 4 * s + 2 * rn,
+        LearnerKind::Frozen => 0,
+    };
+    let floats = model + slots as u128 * (step_scratch + learner) + slots as u128 * vocab;
+    floats * std::mem::size_of::<f32>() as u128
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_documented_pattern() {
+        for ok in ["default", "a", "A.b_c-9", &"x".repeat(64)] {
+            assert!(valid_name(ok), "{ok}");
+        }
+        for bad in ["", ".a", "-a", "_a", "a b", "a/b", "é", &"x".repeat(65)] {
+            assert!(!valid_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn requests_fall_back_to_defaults() {
+        let d = ModelDefinition::with_defaults("x", 7);
+        let r = ModelRequest { name: "m".into(), hidden: Some(16), ..Default::default() }.resolve(&d);
+        assert_eq!(r.name, "m");
+        assert_eq!(r.hidden, 16);
+        assert_eq!(r.max_streams, 7);
+        assert_eq!(r.model_config(), ModelConfig { hidden: 16, ..ModelConfig::default() });
+    }
+
+    #[test]
+    fn the_default_model_fits_a_few_hundred_megabytes() {
+        let d = ModelDefinition::with_defaults("default", 256);
+        let bytes = estimate_model_bytes(&d.model_config().check().unwrap(), 257);
+        assert!(bytes > 50 << 20 && bytes < 400 << 20, "{bytes}");
+    }
+}

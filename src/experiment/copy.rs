@@ -1,0 +1,338 @@
+//! The copy (string memorisation) task with the curriculum of KF-RTRL.md §6.2.
+//!
+//! - Vocabulary of 4: `0` and `1` are bits, [`START`] (2) is the start marker, [`BLANK`] (3) the
+//!   filler.
+//! - A curriculum level `L` starts at 1. Each new sequence draws `T = max(1, L − U)` with `U`
+//!   uniform in `{0, 1, 2, 3, 4}` and `T` random bits `b_1..b_T`.
+//! - Input (length `2T+2`): `[2, b_1..b_T, 3 × (T+1)]`; target: `[3 × (T+1), 2, b_1..b_T]`.
+//! - The loss is the softmax cross-entropy at every step (fillers included), averaged over the
+//!   batch. An EMA (decay 0.999, initial value 1 bit) tracks it in bits; when it falls below
+//!   0.15, `L += 1` and the EMA is set to 0.3.
+//! - Streams are asynchronous: when a stream's sequence ends it starts a new one with a reset
+//!   (hidden state and learner factors zeroed, [`SlotStep::reset`]).
+//!
+//! ## Step order
+//!
+//! [`StreamSet::score`] scores a slot's *current* prediction against a token, and
+//! [`StreamSet::advance`] consumes a token. The library's training loop uses one token for both
+//! (next-token prediction). Here the target at time `t` is not the next input, so each time step
+//! is, for all streams together:
+//! 1. `advance` with the inputs `x_t` (a stream starting a new sequence has `reset` set here), so
+//!    that `h_t = cell(W [x_t; h_{t-1}; 1])`;
+//! 2. `score` with the targets `y_t` (never `reset`): the loss is `CE(softmax(V [h_t; 1]), y_t)`
+//!    and its gradient estimate `δ_tᵀ Ĝ_t` uses the influence after the advance of `x_t`;
+//! 3. the optimizer applies the averaged gradient (when there were contributions).
+//!
+//! So `y_t` is predicted from a state that has consumed `x_1..x_t` ([`copy_step`]; the test
+//! `step_order_scores_the_target_after_the_input` in `tests/experiment_copy.rs` checks it).
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::core::model::ConfigError;
+use crate::core::rng::{CounterRng, derive_key};
+use crate::core::{ModelConfig, Optimizer, Params, SlotStep, StreamSet, UpdateOutcome};
+
+/// Vocabulary size of the task.
+pub const VOCAB: usize = 4;
+/// The start marker.
+pub const START: u32 = 2;
+/// The filler.
+pub const BLANK: u32 = 3;
+/// EMA decay of the loss in bits.
+pub const EMA_DECAY: f64 = 0.999;
+/// The EMA's initial value (bits).
+pub const EMA_INIT: f64 = 1.0;
+/// The level goes up when the EMA falls below this (bits).
+pub const EMA_THRESHOLD: f64 = 0.15;
+/// The EMA's value after a level-up (bits).
+pub const EMA_AFTER_LEVEL_UP: f64 = 0.3;
+/// `U` of `T = max(1, L − U)` is uniform in `0..=MAX_SHORTENING`.
+pub const MAX_SHORTENING: usize = 4;
+
+/// Input and target of one sequence with the given bits: `[2, b.., 3 × (T+1)]` and
+/// `[3 × (T+1), 2, b..]`.
+pub fn sequence(bits: &[u32]) -> (Vec<u32>, Vec<u32>) {
+    let t = bits.len();
+    let mut input = Vec::with_capacity(2 * t + 2);
+    input.push(START);
+    input.extend_from_slice(bits);
+    input.extend(std::iter::repeat_n(BLANK, t + 1));
+    let mut target = Vec::with_capacity(2 * t + 2);
+    target.extend(std::iter::repeat_n(BLANK, t + 1));
+    target.push(START);
+    target.extend_from_slice(bits);
+    (input, target)
+}
+
+/// Draws a sequence for level `level`: `T = max(1, L − U)`, `U` uniform in `0..=4`, `T` fair bits.
+pub fn draw_sequence(level: usize, rng: &mut CounterRng) -> (Vec<u32>, Vec<u32>) {
+    let u = rng.below(MAX_SHORTENING as u64 + 1) as usize;
+    let t = level.saturating_sub(u).max(1);
+    let bits: Vec<u32> = (0..t).map(|_| rng.below(2) as u32).collect();
+    sequence(&bits)
+}
+
+/// The curriculum: the level `L` and the EMA of the batch-averaged loss in bits.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Curriculum {
+    /// Current level `L`.
+    pub level: usize,
+    /// EMA of the loss in bits.
+    pub ema: f64,
+}
+
+impl Default for Curriculum {
+    fn default() -> Self {
+        Self { level: 1, ema: EMA_INIT }
+    }
+}
+
+impl Curriculum {
+    /// Feeds one step's batch-averaged loss (bits); returns true when the level went up.
+    pub fn observe(&mut self, loss_bits: f64) -> bool {
+        self.ema = EMA_DECAY * self.ema + (1.0 - EMA_DECAY) * loss_bits;
+        if self.ema < EMA_THRESHOLD {
+            self.level += 1;
+            self.ema = EMA_AFTER_LEVEL_UP;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// A copy-task run.
+#[derive(Debug, Clone)]
+pub struct CopyConfig {
+    /// The model (its `vocab_size` is forced to [`VOCAB`]).
+    pub model: ModelConfig,
+    /// Parallel streams.
+    pub batch: usize,
+    /// Time steps (each consumes one symbol per stream).
+    pub steps: u64,
+    /// Seed of the sequences (the weights and signs use `model.seed`).
+    pub data_seed: u64,
+    /// Whether a stream is reset (state and learner zeroed) when it starts a new sequence, as
+    /// the task prescribes. Truncated BPTT needs `false`: the core's TBPTT drops an incomplete
+    /// window at a reset, so with sequences shorter than its window it would never update; without
+    /// resets its windows run across sequence boundaries (the start marker delimits them).
+    pub reset_at_sequence_end: bool,
+}
+
+impl CopyConfig {
+    /// The task's setup for a model: streams reset at every new sequence, except for truncated
+    /// BPTT (see [`CopyConfig::reset_at_sequence_end`]).
+    pub fn new(model: ModelConfig, batch: usize, steps: u64, data_seed: u64) -> Self {
+        let reset_at_sequence_end = model.learner != crate::core::LearnerKind::Tbptt;
+        Self { model, batch, steps, data_seed, reset_at_sequence_end }
+    }
+}
+
+/// A point of the curriculum curve.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct CurvePoint {
+    /// Steps done.
+    pub step: u64,
+    /// Level after that step.
+    pub length: usize,
+}
+
+/// Outcome of a copy-task run.
+#[derive(Debug, Clone, Serialize)]
+pub struct CopyReport {
+    /// Learner name (`tbptt:K` for truncated BPTT).
+    pub learner: String,
+    /// Cell name.
+    pub cell: String,
+    /// Hidden units.
+    pub hidden: usize,
+    /// Streams.
+    pub batch: usize,
+    /// Learning rate.
+    pub lr: f64,
+    /// Seed.
+    pub seed: u64,
+    /// Steps run.
+    pub steps: u64,
+    /// Whether streams were reset at every new sequence.
+    pub reset_at_sequence_end: bool,
+    /// Longest curriculum length reached.
+    pub max_length: usize,
+    /// EMA of the loss (bits) at the end.
+    pub final_ema: f64,
+    /// `(step, L)`: the start, every level-up, and the end.
+    pub curve: Vec<CurvePoint>,
+    /// Optimizer updates refused because the gradient was not finite.
+    pub nonfinite_updates: u64,
+    /// Wall time.
+    pub seconds: f64,
+    /// Steps per second.
+    pub steps_per_sec: f64,
+}
+
+/// Progress of a run, reported after every step.
+#[derive(Debug, Clone, Copy)]
+pub struct CopyProgress {
+    /// Steps done.
+    pub step: u64,
+    /// Planned steps.
+    pub total: u64,
+    /// The curriculum after the step.
+    pub curriculum: Curriculum,
+    /// Whether the level went up at this step.
+    pub level_up: bool,
+}
+
+/// One time step of the copy task for a batch: `advance` with the inputs (`adv`, whose `reset`
+/// starts new sequences), `score` of the targets (`sc`, never `reset`; losses in nats into
+/// `losses`), then the optimizer update if anything contributed. Returns the update's outcome;
+/// after a non-finite gradient the learners of the batch are restarted, as
+/// [`StreamSet::step`] does.
+pub fn copy_step(
+    set: &mut StreamSet<f32>,
+    params: &mut Params<f32>,
+    opt: &mut Optimizer<f32>,
+    adv: &[SlotStep],
+    sc: &[SlotStep],
+    losses: &mut [f64],
+) -> Option<UpdateOutcome> {
+    debug_assert!(sc.iter().all(|x| !x.reset), "a reset at scoring would discard the input just consumed");
+    set.advance(params, adv).expect("valid batch");
+    let contributions = set.score(params, sc, losses).expect("valid batch");
+    let outcome = (contributions > 0.0).then(|| opt.apply(params, set.gradients()));
+    if outcome == Some(UpdateOutcome::NonFinite) {
+        for x in sc {
+            set.learner_mut().reset(x.slot);
+        }
+    }
+    outcome
+}
+
+/// The display name of a learner config (`tbptt:K` with its window).
+pub fn learner_label(model: &ModelConfig) -> String {
+    match model.learner {
+        crate::core::LearnerKind::Tbptt => format!("tbptt:{}", model.tbptt_window),
+        l => l.name().to_string(),
+    }
+}
+
+/// Runs the copy task online. Weights `f32`, as in training.
+pub fn run_copy(
+    cfg: &CopyConfig,
+    mut on_progress: impl FnMut(CopyProgress) + Send,
+) -> Result<CopyReport, ConfigError> {
+    let model = ModelConfig { vocab_size: VOCAB, ..cfg.model.clone() };
+    let spec = model.check()?;
+    let b = cfg.batch.max(1);
+    let mut params = Params::<f32>::init(&spec);
+    let mut opt = Optimizer::new(&spec);
+    let mut set = StreamSet::<f32>::new(&spec, b);
+    let mut rng = CounterRng::new(derive_key(cfg.data_seed, 0x434f_5059)); // "COPY"
+    let mut cur = Curriculum::default();
+    // Every stream starts with an empty sequence, so it draws one (with reset) at step 0.
+    let mut seqs: Vec<(Vec<u32>, Vec<u32>)> = vec![(Vec::new(), Vec::new()); b];
+    let mut pos = vec![0usize; b];
+    let mut adv: Vec<SlotStep> = (0..b).map(|s| SlotStep::learn(s, 0)).collect();
+    let mut sc: Vec<SlotStep> = (0..b).map(|s| SlotStep::learn(s, 0)).collect();
+    let mut losses = vec![0.0; b];
+    let mut curve = vec![CurvePoint { step: 0, length: cur.level }];
+    let mut max_length = cur.level;
+    let mut nonfinite = 0u64;
+    let start = Instant::now();
+    let pool = rayon::ThreadPoolBuilder::new().build().expect("thread pool");
+    pool.install(|| {
+        for t in 0..cfg.steps {
+            for s in 0..b {
+                let mut reset = false;
+                if pos[s] >= seqs[s].0.len() {
+                    seqs[s] = draw_sequence(cur.level, &mut rng);
+                    pos[s] = 0;
+                    reset = true;
+                }
+                adv[s].token = seqs[s].0[pos[s]];
+                adv[s].reset = reset && cfg.reset_at_sequence_end;
+                sc[s].token = seqs[s].1[pos[s]];
+                pos[s] += 1;
+            }
+            if copy_step(&mut set, &mut params, &mut opt, &adv, &sc, &mut losses)
+                == Some(UpdateOutcome::NonFinite)
+            {
+                nonfinite += 1;
+            }
+            let bits = losses.iter().sum::<f64>() / b as f64 / std::f64::consts::LN_2;
+            let level_up = cur.observe(bits);
+            if level_up {
+                max_length = max_length.max(cur.level);
+                curve.push(CurvePoint { step: t + 1, length: cur.level });
+            }
+            on_progress(CopyProgress { step: t + 1, total: cfg.steps, curriculum: cur, level_up });
+        }
+    });
+    let seconds = start.elapsed().as_secs_f64();
+    if curve.last().is_none_or(|p| p.step != cfg.steps) {
+        curve.push(CurvePoint { step: cfg.steps, length: cur.level });
+    }
+    Ok(CopyReport {
+        learner: learner_label(&model),
+        cell: spec.cell().name().into(),
+        hidden: spec.n,
+        batch: b,
+        lr: model.lr,
+        seed: model.seed,
+        steps: cfg.steps,
+        reset_at_sequence_end: cfg.reset_at_sequence_end,
+        max_length,
+        final_ema: cur.ema,
+        curve,
+        nonfinite_updates: nonfinite,
+        seconds,
+        steps_per_sec: cfg.steps as f64 / seconds.max(1e-9),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sequence_layout() {
+        let (x, y) = sequence(&[1, 0, 1]);
+        assert_eq!(x, vec![2, 1, 0, 1, 3, 3, 3, 3]);
+        assert_eq!(y, vec![3, 3, 3, 3, 2, 1, 0, 1]);
+    }
+
+    #[test]
+    fn drawn_lengths_follow_the_level() {
+        let mut rng = CounterRng::new(7);
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..2000 {
+            let (x, y) = draw_sequence(10, &mut rng);
+            assert_eq!(x.len(), y.len());
+            let t = (x.len() - 2) / 2;
+            seen.insert(t);
+            assert!(x[1..=t].iter().all(|&b| b < 2));
+        }
+        assert_eq!(seen.into_iter().collect::<Vec<_>>(), vec![6, 7, 8, 9, 10]);
+        for _ in 0..100 {
+            assert_eq!(draw_sequence(1, &mut rng).0.len(), 4);
+        }
+    }
+
+    #[test]
+    fn curriculum_advances_below_threshold_and_resets_ema() {
+        let mut c = Curriculum::default();
+        assert_eq!((c.level, c.ema), (1, 1.0));
+        let mut steps = 0;
+        while !c.observe(0.0) {
+            steps += 1;
+        }
+        // 0.999^k < 0.15 first at k = 1897 (the k-th observation).
+        assert_eq!(steps + 1, 1897);
+        assert_eq!((c.level, c.ema), (2, 0.3));
+        // A loss that stays at 0.2 bits never levels up.
+        let mut c = Curriculum::default();
+        assert!((0..20_000).all(|_| !c.observe(0.2)));
+    }
+}

@@ -1,0 +1,354 @@
+//! The on-disk format of a trained model, shared by `kfrtrl train --save` and the server's
+//! checkpoints: one [safetensors](https://huggingface.co/docs/safetensors) file.
+//!
+//! - Tensors (f32, little-endian, row-major, shapes as in [`Params`]): `w` (`r·n × m`), `v`
+//!   (`vocab × (n+1)`) and, for Adam, its moments `adam.m.w`, `adam.m.v`, `adam.v.w`, `adam.v.v`.
+//! - The header's `__metadata__` (string → string) holds JSON:
+//!   - `format` = `kfrtrl-model`, `version` = `1`;
+//!   - `config`: the [`ModelConfig`] as JSON;
+//!   - `state`: the [`Counters`] and the optimizer's update count, as JSON;
+//!   - `metadata`: a free JSON object (e.g. the corpus vocabulary);
+//!   - `checksum`: a 64-bit hash of the other entries and of every tensor's bytes, so that a
+//!     damaged file is refused instead of silently loading wrong weights.
+//!
+//! [`save`] writes atomically: a temporary file in the same directory, `fsync`, `rename` over the
+//! target, then `fsync` of the directory; a reader sees the old file or the new one, never a mix.
+//! [`load`] validates everything (format, version, checksum, config, shapes, finiteness) and says
+//! what is wrong. The streams' states (hidden state, learner factors) are not part of the file: a
+//! loaded model starts its streams afresh.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use ndarray::Array2;
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use serde::{Deserialize, Serialize};
+
+use crate::core::model::ConfigError;
+use crate::core::{Gradients, ModelConfig, ModelSpec, Optimizer, OptimizerKind, Params};
+
+/// The `format` entry of the header.
+pub const FORMAT: &str = "kfrtrl-model";
+/// The version this build writes and reads.
+pub const VERSION: u32 = 1;
+
+/// Progress counters saved with a model.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Counters {
+    /// Online steps taken (each consumes one token per stream of the batch).
+    pub steps: u64,
+    /// Tokens consumed over all streams.
+    pub symbols: u64,
+    /// Optimizer updates refused because the gradient was not finite.
+    pub nonfinite_updates: u64,
+}
+
+/// A model as saved: configuration, weights, optimizer state, counters and free metadata.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelFile {
+    /// The configuration (checked on load).
+    pub config: ModelConfig,
+    /// The weights.
+    pub params: Params<f32>,
+    /// The optimizer state (kind, learning rate and clip come from `config`).
+    pub optimizer: Optimizer<f32>,
+    /// Progress counters.
+    pub counters: Counters,
+    /// Free JSON metadata (e.g. `{"corpus_format": "ptb-char", "symbols": [...]}`).
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+}
+
+impl ModelFile {
+    /// A file for freshly initialised weights and optimizer.
+    pub fn init(config: &ModelConfig) -> Result<Self, ConfigError> {
+        let spec = config.check()?;
+        Ok(Self {
+            config: config.clone(),
+            params: Params::init(&spec),
+            optimizer: Optimizer::new(&spec),
+            counters: Counters::default(),
+            metadata: serde_json::Map::new(),
+        })
+    }
+
+    /// The checked spec of the configuration.
+    pub fn spec(&self) -> Result<ModelSpec, ConfigError> {
+        self.config.check()
+    }
+}
+
+/// Why a model file could not be written or read.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelFileError {
+    /// Reading or writing failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The IO error.
+        source: std::io::Error,
+    },
+    /// The bytes are not a valid kfrtrl model file (or were damaged).
+    #[error("{}: invalid model file: {reason}", path.display())]
+    Invalid {
+        /// The file (empty for in-memory bytes).
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The model to save is inconsistent (shapes do not match its config).
+    #[error("cannot save the model: {0}")]
+    Inconsistent(String),
+}
+
+fn invalid(reason: impl Into<String>) -> ModelFileError {
+    ModelFileError::Invalid { path: PathBuf::new(), reason: reason.into() }
+}
+
+fn with_path(e: ModelFileError, path: &Path) -> ModelFileError {
+    match e {
+        ModelFileError::Invalid { reason, .. } => {
+            ModelFileError::Invalid { path: path.to_path_buf(), reason }
+        }
+        other => other,
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct State {
+    counters: Counters,
+    optimizer: String,
+    optimizer_updates: u64,
+}
+
+/// A 64-bit hash of byte strings (each length-prefixed), 8 bytes at a time.
+fn checksum<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> u64 {
+    use crate::core::rng::bits;
+    let mut h = 0x6b66_7274_726c_2131u64; // "kfrtrl!1"
+    for p in parts {
+        h = bits(h, p.len() as u64);
+        let mut chunks = p.chunks_exact(8);
+        for c in &mut chunks {
+            h = bits(h, u64::from_le_bytes(c.try_into().expect("8 bytes")));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut b = [0u8; 8];
+            b[..rest.len()].copy_from_slice(rest);
+            h = bits(h ^ 0xff, u64::from_le_bytes(b));
+        }
+    }
+    h
+}
+
+fn to_le_bytes(a: &Array2<f32>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(a.len() * 4);
+    for x in a.iter() {
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out
+}
+
+/// The tensors of a model, in a fixed order, with their expected shapes.
+fn tensors(m: &ModelFile) -> Vec<(&'static str, &Array2<f32>)> {
+    let mut t = vec![("w", &m.params.w), ("v", &m.params.v)];
+    if let (Some(mm), Some(vv)) = (&m.optimizer.m, &m.optimizer.v) {
+        t.extend([("adam.m.w", &mm.w), ("adam.m.v", &mm.v), ("adam.v.w", &vv.w), ("adam.v.v", &vv.v)]);
+    }
+    t
+}
+
+/// Serializes a model to the bytes of a model file.
+pub fn to_bytes(model: &ModelFile) -> Result<Vec<u8>, ModelFileError> {
+    let spec = model.config.check().map_err(|e| ModelFileError::Inconsistent(e.to_string()))?;
+    let expect_w = (spec.gate_rows(), spec.m);
+    let expect_v = (spec.vocab, spec.n + 1);
+    let adam = model.config.optimizer == OptimizerKind::Adam;
+    if adam != (model.optimizer.m.is_some() && model.optimizer.v.is_some()) {
+        return Err(ModelFileError::Inconsistent(
+            "optimizer state does not match the config's optimizer".into(),
+        ));
+    }
+    let named = tensors(model);
+    for (name, a) in &named {
+        let want = if name.ends_with('w') { expect_w } else { expect_v };
+        if a.dim() != want {
+            return Err(ModelFileError::Inconsistent(format!(
+                "tensor {name} has shape {:?}, the config needs {want:?}",
+                a.dim()
+            )));
+        }
+    }
+    let bytes: Vec<(&str, Vec<usize>, Vec<u8>)> =
+        named.iter().map(|(name, a)| (*name, vec![a.nrows(), a.ncols()], to_le_bytes(a))).collect();
+    let config =
+        serde_json::to_string(&model.config).map_err(|e| ModelFileError::Inconsistent(e.to_string()))?;
+    let state = serde_json::to_string(&State {
+        counters: model.counters,
+        optimizer: model.config.optimizer.name().into(),
+        optimizer_updates: model.optimizer.steps,
+    })
+    .map_err(|e| ModelFileError::Inconsistent(e.to_string()))?;
+    let metadata = serde_json::Value::Object(model.metadata.clone()).to_string();
+    let sum = checksum(
+        [config.as_bytes(), state.as_bytes(), metadata.as_bytes()]
+            .into_iter()
+            .chain(bytes.iter().flat_map(|(name, _, b)| [name.as_bytes(), b.as_slice()])),
+    );
+    let header: HashMap<String, String> = [
+        ("format", FORMAT.to_string()),
+        ("version", VERSION.to_string()),
+        ("config", config),
+        ("state", state),
+        ("metadata", metadata),
+        ("checksum", format!("{sum:016x}")),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let views: Vec<(&str, TensorView<'_>)> = bytes
+        .iter()
+        .map(|(name, shape, b)| {
+            TensorView::new(Dtype::F32, shape.clone(), b)
+                .map(|v| (*name, v))
+                .map_err(|e| ModelFileError::Inconsistent(format!("{e:?}")))
+        })
+        .collect::<Result<_, _>>()?;
+    safetensors::tensor::serialize(views, &Some(header))
+        .map_err(|e| ModelFileError::Inconsistent(format!("{e:?}")))
+}
+
+fn read_tensor(
+    st: &SafeTensors<'_>,
+    name: &str,
+    shape: (usize, usize),
+) -> Result<(Array2<f32>, Vec<u8>), ModelFileError> {
+    let t = st.tensor(name).map_err(|_| invalid(format!("tensor {name:?} is missing")))?;
+    if t.dtype() != Dtype::F32 {
+        return Err(invalid(format!("tensor {name:?} is {:?}, expected F32", t.dtype())));
+    }
+    if t.shape() != [shape.0, shape.1] {
+        return Err(invalid(format!(
+            "tensor {name:?} has shape {:?}, the config needs [{}, {}]",
+            t.shape(),
+            shape.0,
+            shape.1
+        )));
+    }
+    let data = t.data();
+    let values: Vec<f32> =
+        data.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect();
+    if values.iter().any(|x| !x.is_finite()) {
+        return Err(invalid(format!("tensor {name:?} holds a NaN or infinite value")));
+    }
+    let a = Array2::from_shape_vec(shape, values).map_err(|e| invalid(e.to_string()))?;
+    Ok((a, data.to_vec()))
+}
+
+/// Parses and validates the bytes of a model file.
+pub fn from_bytes(bytes: &[u8]) -> Result<ModelFile, ModelFileError> {
+    let (_, meta) = SafeTensors::read_metadata(bytes)
+        .map_err(|e| invalid(format!("not a complete safetensors file ({e:?})")))?;
+    let header = meta.metadata().clone().ok_or_else(|| invalid("no __metadata__ in the header"))?;
+    let get = |k: &str| header.get(k).ok_or_else(|| invalid(format!("header entry {k:?} is missing")));
+    if get("format")? != FORMAT {
+        return Err(invalid(format!("format is {:?}, expected {FORMAT:?}", get("format")?)));
+    }
+    if get("version")? != &VERSION.to_string() {
+        return Err(invalid(format!(
+            "version {} is not supported (this build reads {VERSION})",
+            get("version")?
+        )));
+    }
+    let st = SafeTensors::deserialize(bytes).map_err(|e| invalid(format!("damaged tensor table ({e:?})")))?;
+    let (config_s, state_s, metadata_s) = (get("config")?, get("state")?, get("metadata")?);
+    let config: ModelConfig =
+        serde_json::from_str(config_s).map_err(|e| invalid(format!("config is not valid JSON: {e}")))?;
+    let spec = config.check().map_err(|e| invalid(e.to_string()))?;
+    let state: State =
+        serde_json::from_str(state_s).map_err(|e| invalid(format!("state is not valid JSON: {e}")))?;
+    if state.optimizer != config.optimizer.name() {
+        return Err(invalid("the optimizer state does not match the config's optimizer"));
+    }
+    let metadata = match serde_json::from_str(metadata_s) {
+        Ok(serde_json::Value::Object(m)) => m,
+        _ => return Err(invalid("metadata is not a JSON object")),
+    };
+    let shape_w = (spec.gate_rows(), spec.m);
+    let shape_v = (spec.vocab, spec.n + 1);
+    let mut names = vec![("w", shape_w), ("v", shape_v)];
+    let adam = config.optimizer == OptimizerKind::Adam;
+    if adam {
+        names.extend([
+            ("adam.m.w", shape_w),
+            ("adam.m.v", shape_v),
+            ("adam.v.w", shape_w),
+            ("adam.v.v", shape_v),
+        ]);
+    }
+    let mut arrays = Vec::new();
+    let mut raw = Vec::new();
+    for (name, shape) in &names {
+        let (a, b) = read_tensor(&st, name, *shape)?;
+        arrays.push(a);
+        raw.push(b);
+    }
+    let sum = checksum(
+        [config_s.as_bytes(), state_s.as_bytes(), metadata_s.as_bytes()]
+            .into_iter()
+            .chain(names.iter().zip(&raw).flat_map(|((name, _), b)| [name.as_bytes(), b.as_slice()])),
+    );
+    if get("checksum")? != &format!("{sum:016x}") {
+        return Err(invalid("checksum mismatch: the file is damaged"));
+    }
+    let mut it = arrays.into_iter();
+    let params = Params { w: it.next().expect("w"), v: it.next().expect("v") };
+    let mut optimizer = Optimizer::new(&spec);
+    optimizer.steps = state.optimizer_updates;
+    if adam {
+        optimizer.m = Some(Gradients { w: it.next().expect("m.w"), v: it.next().expect("m.v") });
+        optimizer.v = Some(Gradients { w: it.next().expect("v.w"), v: it.next().expect("v.v") });
+    }
+    Ok(ModelFile { config, params, optimizer, counters: state.counters, metadata })
+}
+
+/// Writes a model file atomically (temporary file in the same directory, fsync, rename, fsync of
+/// the directory). On failure the target is untouched and no temporary file is left.
+pub fn save(path: &Path, model: &ModelFile) -> Result<(), ModelFileError> {
+    let bytes = to_bytes(model)?;
+    let io = |source| ModelFileError::Io { path: path.to_path_buf(), source };
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = path.file_name().ok_or_else(|| io(std::io::Error::other("the path has no file name")))?;
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let unique = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!(".{}.tmp-{}-{unique}", name.to_string_lossy(), std::process::id()));
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+        f.write_all(&bytes)?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, path)?;
+        // Make the rename itself durable (best effort where directories cannot be opened).
+        if let Ok(d) = std::fs::File::open(&dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        io(e)
+    })
+}
+
+/// Reads and validates a model file.
+pub fn load(path: &Path) -> Result<ModelFile, ModelFileError> {
+    let bytes =
+        std::fs::read(path).map_err(|source| ModelFileError::Io { path: path.to_path_buf(), source })?;
+    from_bytes(&bytes).map_err(|e| with_path(e, path))
+}
