@@ -1,4 +1,4 @@
-//! The `kfrtrl` command line: `train` and `bench` (the server comes with the service).
+//! The `kfrtrl` command line: `serve`, `train`, `experiment` and `bench`.
 
 mod cli;
 
