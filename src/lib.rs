@@ -14,6 +14,8 @@
 //!   steps the queued tokens of all its streams as one batch.
 //! - [`api`]: the HTTP and WebSocket server on the engine (`kfrtrl serve`): routes, validation,
 //!   problem+json errors, metrics, health.
+//! - [`load`]: the load generator behind `kfrtrl load` (drives a running server over HTTP or
+//!   WebSocket and compares it with the in-process engine).
 //! - [`experiment`]: the paper's experiments (gradient variance, copy task) behind
 //!   `kfrtrl experiment`.
 //! - [`model_file`]: the on-disk format of a trained model (safetensors + JSON), shared by
@@ -28,5 +30,6 @@ pub mod core;
 pub mod corpus;
 pub mod engine;
 pub mod experiment;
+pub mod load;
 pub mod model_file;
 pub mod train;

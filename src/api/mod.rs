@@ -23,6 +23,7 @@ use axum::body::Bytes;
 use axum::extract::DefaultBodyLimit;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -317,6 +318,13 @@ pub async fn serve(
             state.begin_drain();
         }
     };
+    // Replies are small writes answered by the client's next request: without TCP_NODELAY,
+    // Nagle's algorithm may hold a reply back until the previous one is acknowledged.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     let served = axum::serve(listener, router(state.clone())).with_graceful_shutdown(graceful).await;
     state.begin_drain();
     let loaded = match loader.await {

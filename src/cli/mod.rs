@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod experiment;
+mod load;
 mod serve;
 mod train;
 
@@ -25,6 +26,8 @@ enum Command {
     Train(train::TrainArgs),
     /// Serve the online-learning HTTP and WebSocket API.
     Serve(serve::ServeArgs),
+    /// Drive a running server with concurrent streams and report throughput and latency.
+    Load(load::LoadArgs),
     /// Run one of the paper's experiments (gradient variance, copy task).
     Experiment(experiment::ExperimentArgs),
 }
@@ -37,6 +40,7 @@ pub fn main() -> ExitCode {
         Command::Train(args) => train::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Experiment(args) => experiment::run(args),
+        Command::Load(args) => load::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,427 @@
+//! Load generation against a running server (`kfrtrl load`): `C` concurrent streams, each with
+//! its own connection, send tokens requests of `T` tokens for a fixed time, over HTTP (one
+//! request at a time per stream) or WebSocket (up to `D` pipelined messages per stream).
+//!
+//! [`run`] reports the symbols per second, the request latency percentiles (HTTP: per request;
+//! WebSocket: per message round trip), and, from the server's `/metrics` read before and after
+//! the measured window, the mean step duration and mean batch size the model's worker reached.
+//! [`engine_comparison`] then measures the in-process engine's step throughput at that batch
+//! size ([`crate::bench`]), the reference for the server's overhead.
+//!
+//! Every stream first sends one request (creating the stream) before the clock starts, so that
+//! stream creation and connection set-up stay out of the numbers.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde::Serialize;
+use tokio::sync::Barrier;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::bench::{BenchConfig, run as run_bench};
+use crate::engine::ModelDefinition;
+
+/// The transport of a load run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// `POST .../tokens`, one request in flight per stream.
+    Http,
+    /// One WebSocket per stream, up to `pipeline` messages in flight.
+    Ws,
+}
+
+impl Protocol {
+    /// Parses `http` or `ws`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "http" => Some(Protocol::Http),
+            "ws" | "websocket" => Some(Protocol::Ws),
+            _ => None,
+        }
+    }
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct LoadConfig {
+    /// Base URL of the server, `http://host:port`.
+    pub url: String,
+    /// The model to load.
+    pub model: String,
+    /// Concurrent streams (one connection each).
+    pub streams: usize,
+    /// Tokens per request or message.
+    pub tokens_per_message: usize,
+    /// HTTP or WebSocket.
+    pub protocol: Protocol,
+    /// Messages in flight per WebSocket (HTTP always has one).
+    pub pipeline: usize,
+    /// Length of the measured window.
+    pub duration: Duration,
+    /// Stream names are `{prefix}-{i}`.
+    pub stream_prefix: String,
+}
+
+/// Latency percentiles in milliseconds.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Latency {
+    /// Median.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// Slowest.
+    pub max: f64,
+    /// Mean.
+    pub mean: f64,
+}
+
+/// What the model's worker did during the measured window, from `/metrics`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ServerSide {
+    /// Batched steps.
+    pub steps: f64,
+    /// Mean wall time of one step, in milliseconds.
+    pub mean_step_ms: f64,
+    /// Mean streams per step.
+    pub mean_batch: f64,
+}
+
+/// The in-process engine's step throughput at the batch size the server reached.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EngineComparison {
+    /// Streams per step (the server's mean batch, rounded).
+    pub batch: usize,
+    /// Median tokens per second of the in-process step.
+    pub symbols_per_sec: f64,
+    /// Wall time of one in-process step, in milliseconds.
+    pub step_ms: f64,
+    /// The server's symbols per second over the engine's.
+    pub server_fraction: f64,
+    /// `2 × step_ms + 1`: the HTTP p99 target.
+    pub p99_budget_ms: f64,
+}
+
+/// The outcome of a load run.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LoadReport {
+    /// HTTP or WebSocket.
+    pub protocol: Protocol,
+    /// The model.
+    pub model: String,
+    /// Hidden units of the model.
+    pub hidden: usize,
+    /// Concurrent streams.
+    pub streams: usize,
+    /// Tokens per request or message.
+    pub tokens_per_message: usize,
+    /// Messages in flight per stream.
+    pub pipeline: usize,
+    /// Length of the measured window, in seconds.
+    pub seconds: f64,
+    /// Requests answered without error in the window.
+    pub requests: u64,
+    /// Tokens of those requests.
+    pub symbols: u64,
+    /// `symbols / seconds`.
+    pub symbols_per_sec: f64,
+    /// `requests / seconds`.
+    pub requests_per_sec: f64,
+    /// Requests that failed (HTTP status or problem reply).
+    pub errors: u64,
+    /// The first failure, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_error: Option<String>,
+    /// Request latency in milliseconds.
+    pub latency_ms: Latency,
+    /// The worker's steps during the window (absent when `/metrics` has none for the model).
+    pub server: Option<ServerSide>,
+    /// Filled by [`engine_comparison`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub engine: Option<EngineComparison>,
+    /// The model's definition, as the server describes it.
+    #[serde(skip)]
+    pub definition: Option<ModelDefinition>,
+}
+
+/// Why a load run could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// Bad settings.
+    #[error("{0}")]
+    Config(String),
+    /// The server could not be reached or answered unexpectedly.
+    #[error("{0}")]
+    Server(String),
+}
+
+fn server_err(what: &str, e: impl std::fmt::Display) -> LoadError {
+    LoadError::Server(format!("{what}: {e}"))
+}
+
+/// One stream's tally.
+#[derive(Default)]
+struct Tally {
+    latencies: Vec<f64>,
+    requests: u64,
+    symbols: u64,
+    errors: u64,
+    first_error: Option<String>,
+}
+
+impl Tally {
+    fn record(&mut self, sent: Instant, outcome: Result<(), String>, tokens: usize) {
+        match outcome {
+            Ok(()) => {
+                self.latencies.push(sent.elapsed().as_secs_f64() * 1e3);
+                self.requests += 1;
+                self.symbols += tokens as u64;
+            }
+            Err(e) => {
+                self.errors += 1;
+                self.first_error.get_or_insert(e);
+            }
+        }
+    }
+}
+
+/// A reply body is a tokens reply unless it is a problem object.
+fn check_reply(body: &[u8]) -> Result<(), String> {
+    if body.windows(11).any(|w| w == b"\"position\":") {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned())
+    }
+}
+
+/// The sum and count of a histogram of `/metrics` for one model.
+fn histogram(text: &str, name: &str, model: &str) -> Option<(f64, f64)> {
+    let label = format!("model=\"{model}\"");
+    let find = |suffix: &str| {
+        let metric = format!("{name}_{suffix}");
+        text.lines().find_map(|line| {
+            let rest = line.strip_prefix(&metric)?;
+            let (labels, value) = rest.rsplit_once(' ')?;
+            (labels.starts_with('{') && labels.contains(&label)).then(|| value.parse::<f64>().ok())?
+        })
+    };
+    Some((find("sum")?, find("count")?))
+}
+
+/// Step and batch histograms of the model: (step seconds sum, steps, batch sum).
+async fn scrape(client: &reqwest::Client, base: &str, model: &str) -> Result<Option<[f64; 3]>, LoadError> {
+    let text = client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .map_err(|e| server_err("GET /metrics", e))?
+        .text()
+        .await
+        .map_err(|e| server_err("GET /metrics", e))?;
+    let step = histogram(&text, "kfrtrl_step_duration_seconds", model);
+    let batch = histogram(&text, "kfrtrl_batch_size", model);
+    Ok(step.zip(batch).map(|((secs, steps), (batch_sum, _))| [secs, steps, batch_sum]))
+}
+
+/// Runs the load and reports it (without the engine comparison).
+pub async fn run(cfg: &LoadConfig) -> Result<LoadReport, LoadError> {
+    if cfg.streams == 0 || cfg.tokens_per_message == 0 || cfg.pipeline == 0 {
+        return Err(LoadError::Config("streams, tokens per message and pipeline must be positive".into()));
+    }
+    let base = cfg.url.trim_end_matches('/').to_owned();
+    let Some(authority) = base.strip_prefix("http://") else {
+        return Err(LoadError::Config(format!("--url must start with http:// (got {base})")));
+    };
+    let ws_base = format!("ws://{authority}");
+    let client = reqwest::Client::new();
+    let response = client
+        .get(format!("{base}/v1/models/{}", cfg.model))
+        .send()
+        .await
+        .map_err(|e| server_err("GET model", e))?;
+    if !response.status().is_success() {
+        return Err(LoadError::Server(format!("GET /v1/models/{}: {}", cfg.model, response.status())));
+    }
+    let info: serde_json::Value = response.json().await.map_err(|e| server_err("model description", e))?;
+    let definition: ModelDefinition =
+        serde_json::from_value(info["config"].clone()).map_err(|e| server_err("model config", e))?;
+    let vocab = definition.vocab_size as u32;
+
+    let barrier = Arc::new(Barrier::new(cfg.streams + 1));
+    let mut tasks = Vec::with_capacity(cfg.streams);
+    for i in 0..cfg.streams {
+        let path = format!("/v1/models/{}/streams/{}-{i}", cfg.model, cfg.stream_prefix);
+        // Each stream cycles through the alphabet from its own offset.
+        let tokens: Vec<u32> =
+            (0..cfg.tokens_per_message).map(|j| (97 + ((i + j) % 26) as u32) % vocab).collect();
+        let body = serde_json::json!({ "tokens": tokens, "top_k": 1 }).to_string();
+        let (barrier, cfg) = (barrier.clone(), cfg.clone());
+        let url = match cfg.protocol {
+            Protocol::Http => format!("{base}{path}/tokens"),
+            Protocol::Ws => format!("{ws_base}{path}/ws"),
+        };
+        tasks.push(tokio::spawn(async move {
+            let result = match cfg.protocol {
+                Protocol::Http => http_stream(&url, body, &cfg, &barrier).await,
+                Protocol::Ws => ws_stream(&url, body, &cfg, &barrier).await,
+            };
+            if result.is_err() {
+                // Release the others even when this stream could not start.
+                barrier.wait().await;
+            }
+            result
+        }));
+    }
+    barrier.wait().await;
+    let before = scrape(&client, &base, &cfg.model).await?;
+    let start = Instant::now();
+    let mut tally = Tally::default();
+    let mut failure = None;
+    for task in tasks {
+        match task.await {
+            Ok(Ok(t)) => {
+                tally.latencies.extend(t.latencies);
+                tally.requests += t.requests;
+                tally.symbols += t.symbols;
+                tally.errors += t.errors;
+                if tally.first_error.is_none() {
+                    tally.first_error = t.first_error;
+                }
+            }
+            Ok(Err(e)) => failure = failure.or(Some(e)),
+            Err(e) => failure = failure.or(Some(format!("stream task: {e}"))),
+        }
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    if let Some(e) = failure {
+        return Err(LoadError::Server(e));
+    }
+    let after = scrape(&client, &base, &cfg.model).await?;
+    let server = before.zip(after).and_then(|(b, a)| {
+        let steps = a[1] - b[1];
+        (steps > 0.0).then(|| ServerSide {
+            steps,
+            mean_step_ms: (a[0] - b[0]) / steps * 1e3,
+            mean_batch: (a[2] - b[2]) / steps,
+        })
+    });
+    let mut lat = tally.latencies;
+    lat.sort_by(f64::total_cmp);
+    let pct = |p: f64| if lat.is_empty() { 0.0 } else { lat[((lat.len() - 1) as f64 * p).round() as usize] };
+    let latency_ms = Latency {
+        p50: pct(0.5),
+        p90: pct(0.9),
+        p99: pct(0.99),
+        max: lat.last().copied().unwrap_or(0.0),
+        mean: if lat.is_empty() { 0.0 } else { lat.iter().sum::<f64>() / lat.len() as f64 },
+    };
+    Ok(LoadReport {
+        protocol: cfg.protocol,
+        model: cfg.model.clone(),
+        hidden: definition.hidden,
+        streams: cfg.streams,
+        tokens_per_message: cfg.tokens_per_message,
+        pipeline: if cfg.protocol == Protocol::Http { 1 } else { cfg.pipeline },
+        seconds,
+        requests: tally.requests,
+        symbols: tally.symbols,
+        symbols_per_sec: tally.symbols as f64 / seconds,
+        requests_per_sec: tally.requests as f64 / seconds,
+        errors: tally.errors,
+        first_error: tally.first_error,
+        latency_ms,
+        server,
+        engine: None,
+        definition: Some(definition),
+    })
+}
+
+/// One HTTP stream: a warm-up request, the barrier, then requests back to back until the end.
+async fn http_stream(url: &str, body: String, cfg: &LoadConfig, barrier: &Barrier) -> Result<Tally, String> {
+    let client = reqwest::Client::new();
+    let send = |client: &reqwest::Client| {
+        let request = client.post(url).header("content-type", "application/json").body(body.clone());
+        async move {
+            let response = request.send().await.map_err(|e| format!("POST {url}: {e}"))?;
+            let status = response.status();
+            let bytes = response.bytes().await.map_err(|e| format!("POST {url}: {e}"))?;
+            match check_reply(&bytes) {
+                Ok(()) if status.is_success() => Ok(()),
+                Ok(()) => Err(format!("{status}")),
+                Err(e) => Err(format!("{status}: {e}")),
+            }
+        }
+    };
+    send(&client).await?;
+    barrier.wait().await;
+    let deadline = Instant::now() + cfg.duration;
+    let mut tally = Tally::default();
+    while Instant::now() < deadline {
+        let sent = Instant::now();
+        let outcome = send(&client).await;
+        tally.record(sent, outcome, cfg.tokens_per_message);
+    }
+    Ok(tally)
+}
+
+/// One WebSocket stream: a warm-up message, the barrier, then up to `pipeline` messages in
+/// flight until the end; replies come back in order.
+async fn ws_stream(url: &str, body: String, cfg: &LoadConfig, barrier: &Barrier) -> Result<Tally, String> {
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.map_err(|e| format!("{url}: {e}"))?;
+    ws.send(Message::text(body.clone())).await.map_err(|e| format!("{url}: {e}"))?;
+    next_reply(&mut ws, url).await??;
+    barrier.wait().await;
+    let deadline = Instant::now() + cfg.duration;
+    let mut tally = Tally::default();
+    let mut in_flight = std::collections::VecDeque::with_capacity(cfg.pipeline);
+    loop {
+        while in_flight.len() < cfg.pipeline && Instant::now() < deadline {
+            ws.send(Message::text(body.clone())).await.map_err(|e| format!("{url}: {e}"))?;
+            in_flight.push_back(Instant::now());
+        }
+        let Some(sent) = in_flight.pop_front() else { break };
+        let outcome = next_reply(&mut ws, url).await?;
+        tally.record(sent, outcome, cfg.tokens_per_message);
+    }
+    let _ = ws.close(None).await;
+    Ok(tally)
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// The next text message: `Ok(outcome)` for a reply (a problem object is a failed request), `Err`
+/// when the connection broke.
+async fn next_reply(ws: &mut Ws, url: &str) -> Result<Result<(), String>, String> {
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(text))) => return Ok(check_reply(text.as_bytes())),
+            Some(Ok(Message::Close(frame))) => return Err(format!("{url}: closed by the server: {frame:?}")),
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(format!("{url}: {e}")),
+            None => return Err(format!("{url}: closed")),
+        }
+    }
+}
+
+/// Measures the in-process engine at the server's mean batch size (blocking: run it while the
+/// server is idle) and fills `report.engine`.
+pub fn engine_comparison(report: &mut LoadReport, rep_seconds: f64) -> Result<(), LoadError> {
+    let (Some(server), Some(definition)) = (&report.server, &report.definition) else {
+        return Err(LoadError::Server("no step metrics for the model: nothing to compare".into()));
+    };
+    let batch = (server.mean_batch.round() as usize).max(1);
+    let cfg = BenchConfig { model: definition.model_config(), batch, reps: 3, rep_seconds };
+    let r = run_bench(&cfg).map_err(|e| LoadError::Config(e.to_string()))?;
+    let step_ms = batch as f64 / r.tokens_per_sec * 1e3;
+    report.engine = Some(EngineComparison {
+        batch,
+        symbols_per_sec: r.tokens_per_sec,
+        step_ms,
+        server_fraction: report.symbols_per_sec / r.tokens_per_sec,
+        p99_budget_ms: 2.0 * step_ms + 1.0,
+    });
+    Ok(())
+}
