@@ -27,6 +27,10 @@ use crate::core::optim::Gradients;
 use crate::core::rng;
 use crate::core::streams::SlotStep;
 
+/// Bytes of GEMM output one chunk of the wide strategy may produce: half of the 1 MiB L2 of the
+/// target cores, so that the scaling pass reads it from cache.
+const CHUNK_CACHE_BYTES: usize = 512 << 10;
+
 /// How `H_t A_{t-1}` is multiplied out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KfStrategy {
@@ -256,10 +260,13 @@ impl<T: Float> KfRtrl<T> {
 
         if self.strategy == KfStrategy::Wide {
             // Chunks of consecutive slots that share a parity, at most one chunk per thread's
-            // share of the batch: each chunk is one GEMM `W_h [A_b0 … A_b1]`, followed while the
-            // result is still in cache by the per-stream scaling and compression.
+            // share of the batch and at most what fits in half a core's L2: each chunk is one
+            // GEMM `W_h [A_b0 … A_b1]`, followed while the result is still in cache by the
+            // per-stream scaling and compression.
             let threads = rayon::current_num_threads().max(1);
-            let max_chunk = nb.div_ceil(threads).max(1);
+            let block_bytes = spec.state_len() * rn * std::mem::size_of::<T>();
+            let fits_l2 = (CHUNK_CACHE_BYTES / block_bytes.max(1)).max(1);
+            let max_chunk = nb.div_ceil(threads).min(fits_l2).max(1);
             let chunks = &mut self.chunks;
             chunks.clear();
             let mut i = 0;
