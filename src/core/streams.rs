@@ -9,7 +9,8 @@
 //! 3. [`StreamSet::advance`]: the state consumes `token` (`a_t = [x_t; h_{t-1}; 1]`) and the
 //!    learner's influence estimate follows it.
 //!
-//! Nothing here allocates after construction: every buffer is sized for the full capacity.
+//! The per-token path (`score`, `advance`, `step`, `predict`) allocates nothing after
+//! construction: every buffer is sized for the full capacity.
 
 use ndarray::{Array2, ArrayView2, s};
 
@@ -205,7 +206,7 @@ impl<T: Float> StreamSet<T> {
         self.learner.reset(slot);
     }
 
-    /// Writes `softmax(V [h; 1])` of a slot into `probs` (length vocab); returns nothing else.
+    /// Writes the slot's next-token distribution `softmax(V [h; 1])` into `probs` (length vocab).
     pub fn predict(&self, params: &Params<T>, slot: usize, probs: &mut [T]) {
         let n = self.spec.n;
         let h = self.hidden(slot);
@@ -410,11 +411,6 @@ impl<T: Float> StreamSet<T> {
     /// Views of all states (`capacity × k·n`), for snapshots.
     pub fn states(&self) -> ArrayView2<'_, T> {
         self.state.view()
-    }
-
-    /// Mean of the last scored losses (nats), for quick reporting.
-    pub fn last_losses(&self, count: usize) -> &[f64] {
-        &self.scratch.loss[..count]
     }
 
     /// Copies another slot's complete state (hidden state, position, sign key and counter,
