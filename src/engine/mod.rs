@@ -349,6 +349,9 @@ enum Command {
         stream: String,
         reply: oneshot::Sender<Result<(), EngineError>>,
     },
+    ListStreams {
+        reply: oneshot::Sender<Result<Vec<StreamInfo>, EngineError>>,
+    },
     Snapshot {
         reply: oneshot::Sender<ModelSnapshot>,
     },
@@ -652,6 +655,15 @@ impl Engine {
         let handle = self.stream_handle(model, stream)?;
         let (reply, rx) = oneshot::channel();
         handle.send(Command::StreamInfo { stream: stream.to_owned(), reply })?;
+        PendingReply { model: model.to_owned(), rx }.wait().await
+    }
+
+    /// Every stream of a model with its statistics, most tokens consumed first (ties by name);
+    /// answered between two steps, ahead of queued tokens.
+    pub async fn list_streams(&self, model: &str) -> Result<Vec<StreamInfo>, EngineError> {
+        let handle = self.handle(model)?;
+        let (reply, rx) = oneshot::channel();
+        handle.send(Command::ListStreams { reply })?;
         PendingReply { model: model.to_owned(), rx }.wait().await
     }
 

@@ -248,6 +248,9 @@ impl Worker {
                 Command::DeleteStream { reply, .. } => {
                     let _ = reply.send(Err(gone()));
                 }
+                Command::ListStreams { reply } => {
+                    let _ = reply.send(Err(gone()));
+                }
                 Command::Snapshot { .. } | Command::Wake => {}
             }
         }
@@ -308,6 +311,12 @@ impl Worker {
                     let _ = reply.send(Err(self.unknown_stream(stream)));
                 }
             },
+            Command::ListStreams { reply } => {
+                let mut list: Vec<StreamInfo> =
+                    self.names.values().map(|&slot| self.stream_info(slot)).collect();
+                list.sort_by(|a, b| b.position.cmp(&a.position).then_with(|| a.stream.cmp(&b.stream)));
+                let _ = reply.send(Ok(list));
+            }
             Command::Snapshot { reply } => {
                 let _ = reply.send(self.snapshot());
             }
