@@ -11,6 +11,7 @@ mod metrics;
 mod openapi;
 mod problem;
 mod routes;
+mod status;
 mod wire;
 mod ws;
 
@@ -267,12 +268,16 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models/{model}", get(routes::get_model).delete(routes::delete_model))
         .route(&format!("{stream}/tokens"), post(routes::post_tokens))
         .route(&format!("{stream}/predict"), post(routes::post_predict))
+        .route("/v1/models/{model}/streams", get(routes::list_streams))
         .route(stream, get(routes::get_stream).delete(routes::delete_stream))
         .route(&format!("{stream}/ws"), get(ws::upgrade))
         .route("/healthz", get(routes::healthz))
         .route("/readyz", get(routes::readyz))
         .route("/metrics", get(metrics::metrics))
         .route("/openapi.json", get(routes::openapi))
+        .route("/", get(status::index))
+        .route("/status/app.js", get(status::script))
+        .route("/status/style.css", get(status::style))
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(DefaultBodyLimit::max(state.inner.limits.max_body_bytes))

@@ -1,11 +1,12 @@
 //! The HTTP handlers: parse, validate, forward to the engine, reply. No computation here.
 
 use axum::Json;
-use axum::extract::rejection::PathRejection;
-use axum::extract::{FromRequestParts, OriginalUri, Path, State};
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{FromRequestParts, OriginalUri, Path, Query, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
@@ -74,6 +75,7 @@ async fn run_tokens(
 ) -> ApiResult<Response> {
     let engine = state.engine();
     let definition = engine.definition(model)?;
+    let mode = request.mode(mode);
     let input = request.into_input(&definition, engine.limits().max_tokens_per_request)?;
     let reply = engine.tokens(model, stream, input, mode).await?;
     Ok(Json(reply).into_response())
@@ -103,6 +105,27 @@ pub async fn get_stream(
     PathParams((model, stream)): PathParams<(String, String)>,
 ) -> ApiResult<Response> {
     Ok(Json(state.engine().stream_info(&model, &stream).await?).into_response())
+}
+
+/// The query of `GET /v1/models/{model}/streams`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamListQuery {
+    /// Most streams in the reply (the busiest first); all when absent.
+    limit: Option<usize>,
+}
+
+/// `GET /v1/models/{model}/streams[?limit=N]`: the model's streams, most tokens first.
+pub async fn list_streams(
+    State(state): State<AppState>,
+    PathParams(model): PathParams<String>,
+    query: Result<Query<StreamListQuery>, QueryRejection>,
+) -> ApiResult<Response> {
+    let Query(query) = query.map_err(|e| ApiError::invalid_request(e.body_text()))?;
+    let mut streams = state.engine().list_streams(&model).await?;
+    let total = streams.len();
+    streams.truncate(query.limit.unwrap_or(total));
+    Ok(Json(json!({ "model": model, "total": total, "streams": streams })).into_response())
 }
 
 /// `DELETE /v1/models/{model}/streams/{stream}`: 204 once the requests queued before it are done.

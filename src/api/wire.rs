@@ -8,7 +8,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use super::problem::ApiError;
-use crate::engine::{EngineError, ModelDefinition, TokenInput};
+use crate::engine::{EngineError, Mode, ModelDefinition, TokenInput};
 
 /// Default number of next-token predictions in a reply.
 pub const DEFAULT_TOP_K: usize = 5;
@@ -35,6 +35,10 @@ pub struct TokensRequest {
     /// Whether the reply lists every token's loss (default false).
     #[serde(default)]
     pub return_losses: bool,
+    /// Whether the tokens are only evaluated, on a copy of the stream's state, as by
+    /// `POST .../predict` (default false). It lets a WebSocket client predict without learning.
+    #[serde(default)]
+    pub predict: bool,
 }
 
 fn yes() -> bool {
@@ -42,6 +46,11 @@ fn yes() -> bool {
 }
 
 impl TokensRequest {
+    /// The engine mode of the request: `Predict` when it asks for `predict`, else `default`.
+    pub fn mode(&self, default: Mode) -> Mode {
+        if self.predict { Mode::Predict } else { default }
+    }
+
     /// Checks the request against the model and turns it into the engine's input.
     pub fn into_input(self, model: &ModelDefinition, max_tokens: usize) -> Result<TokenInput, ApiError> {
         let tokens = match (self.tokens, self.text) {

@@ -1,7 +1,8 @@
 //! `GET /v1/models/{model}/streams/{stream}/ws`: a WebSocket on one stream.
 //!
 //! Each client text message is a tokens request; each server text message is its reply, in the
-//! order of the requests. The client may pipeline: the reader submits each request to the engine
+//! order of the requests. A request consumes its tokens unless it says `"predict": true`, which
+//! evaluates them on a copy of the stream's state like `POST .../predict`. The client may pipeline: the reader submits each request to the engine
 //! as soon as it arrives (so they queue in order on the stream) and the writer sends the replies
 //! in order, with at most `ws_max_in_flight` requests outstanding (beyond that the reader stops
 //! reading, which pushes back on the client through TCP). A request that fails (bad JSON, a
@@ -128,6 +129,7 @@ fn submit(
     let request: TokensRequest = parse_json(text)?;
     let engine = state.engine();
     let definition = engine.definition(model)?;
+    let mode = request.mode(Mode::Consume);
     let input = request.into_input(&definition, engine.limits().max_tokens_per_request)?;
-    Ok(engine.submit(model, stream, input, Mode::Consume)?)
+    Ok(engine.submit(model, stream, input, mode)?)
 }
