@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod experiment;
+mod healthcheck;
 mod load;
 mod serve;
 mod train;
@@ -30,6 +31,8 @@ enum Command {
     Load(load::LoadArgs),
     /// Run one of the paper's experiments (gradient variance, copy task).
     Experiment(experiment::ExperimentArgs),
+    /// Exit 0 when the local server is ready, 1 when not (for container health checks).
+    Healthcheck(healthcheck::HealthcheckArgs),
 }
 
 /// Parses the command line and runs the subcommand.
@@ -41,6 +44,7 @@ pub fn main() -> ExitCode {
         Command::Serve(args) => serve::run(args),
         Command::Experiment(args) => experiment::run(args),
         Command::Load(args) => load::run(args),
+        Command::Healthcheck(args) => return healthcheck::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
