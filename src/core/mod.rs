@@ -8,11 +8,13 @@ pub mod linalg;
 pub mod model;
 pub mod optim;
 pub mod rng;
+pub mod slot_state;
 pub mod streams;
 
 pub use cell::CellKind;
 pub use float::Float;
 pub use learner::{KfStrategy, Learner};
 pub use model::{LearnerKind, ModelConfig, ModelSpec, OptimizerKind, Params};
-pub use optim::{Gradients, Optimizer, UpdateOutcome};
+pub use optim::{Gradients, Optimizer, OptimizerStateError, UpdateOutcome};
+pub use slot_state::{SlotState, SlotStateError, SlotStateLayout};
 pub use streams::{SlotStep, StepError, StepReport, StreamSet};

@@ -25,6 +25,12 @@ impl<T: Float> Gradients<T> {
         Self { w: p.w, v: p.v }
     }
 
+    /// The same values in standard (row-major, contiguous) layout, which every pass relies on.
+    fn into_standard_layout(self) -> Self {
+        let fix = |a: Array2<T>| if a.is_standard_layout() { a } else { a.as_standard_layout().into_owned() };
+        Self { w: fix(self.w), v: fix(self.v) }
+    }
+
     /// Sets every entry to zero.
     pub fn clear(&mut self) {
         self.map_in_place(|_| T::zero());
@@ -59,6 +65,25 @@ impl<T: Float> Gradients<T> {
         let v = par_sum_squares(self.v.as_slice().expect("gradients are standard layout"));
         (w + v).sqrt()
     }
+}
+
+/// Why saved optimizer state does not fit a model.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OptimizerStateError {
+    /// Adam needs its moments.
+    #[error("the Adam optimizer needs its first and second moments")]
+    MissingMoments,
+    /// SGD has no moments.
+    #[error("the SGD optimizer has no moments")]
+    UnexpectedMoments,
+    /// Moments shaped for another model.
+    #[error("moments of shapes {found:?} do not fit the model's weights {expected:?}")]
+    Shape {
+        /// Shapes of `W` and `V`.
+        expected: [(usize, usize); 2],
+        /// Shapes given.
+        found: [(usize, usize); 2],
+    },
 }
 
 /// What one optimizer call did.
@@ -138,9 +163,48 @@ impl<T: Float> Optimizer<T> {
         }
     }
 
+    /// Rebuilds a saved optimizer: kind, learning rate and clip from `spec`, `steps` updates
+    /// applied so far, and Adam's first and second moments `(m, v)` (`None` for SGD).
+    pub fn restore(
+        spec: &ModelSpec,
+        steps: u64,
+        moments: Option<(Gradients<T>, Gradients<T>)>,
+    ) -> Result<Self, OptimizerStateError> {
+        let mut opt = Self::new(spec);
+        match (opt.kind, moments) {
+            (OptimizerKind::Sgd, None) => {}
+            (OptimizerKind::Sgd, Some(_)) => return Err(OptimizerStateError::UnexpectedMoments),
+            (OptimizerKind::Adam, None) => return Err(OptimizerStateError::MissingMoments),
+            (OptimizerKind::Adam, Some((m, v))) => {
+                let zeros = Gradients::<T>::zeros(spec);
+                for g in [&m, &v] {
+                    if g.w.dim() != zeros.w.dim() || g.v.dim() != zeros.v.dim() {
+                        return Err(OptimizerStateError::Shape {
+                            expected: [zeros.w.dim(), zeros.v.dim()],
+                            found: [g.w.dim(), g.v.dim()],
+                        });
+                    }
+                }
+                (opt.m, opt.v) = (Some(m.into_standard_layout()), Some(v.into_standard_layout()));
+            }
+        }
+        opt.steps = steps;
+        Ok(opt)
+    }
+
     /// The optimizer kind.
     pub fn kind(&self) -> OptimizerKind {
         self.kind
+    }
+
+    /// The learning rate.
+    pub fn lr(&self) -> f64 {
+        self.lr
+    }
+
+    /// The global-norm clip (0: none).
+    pub fn clip(&self) -> f64 {
+        self.clip
     }
 
     /// Applies one update with gradient `g` (already averaged), clipping it by global norm first.
@@ -272,6 +336,33 @@ mod tests {
         // Step 2 with the same gradient: m/sqrt(v) stays ±1 after bias correction.
         o.apply(&mut p, &g);
         assert!((p.w[[0, 1]] + 0.2).abs() < 1e-6);
+    }
+
+    #[test]
+    fn restore_rebuilds_an_equal_optimizer_and_refuses_misfits() {
+        let s = spec(OptimizerKind::Adam, 1.0);
+        let mut p = Params::<f64>::init(&s);
+        let mut g = Gradients::zeros(&s);
+        g.w[[1, 2]] = 0.25;
+        let mut o = Optimizer::new(&s);
+        o.apply(&mut p, &g);
+        let (m, v) = (o.m.clone().unwrap(), o.v.clone().unwrap());
+        let restored = Optimizer::restore(&s, o.steps, Some((m.clone(), v.clone()))).unwrap();
+        assert_eq!(restored, o);
+        assert_eq!((restored.lr(), restored.clip()), (0.1, 1.0));
+        assert_eq!(Optimizer::<f64>::restore(&s, 1, None), Err(OptimizerStateError::MissingMoments));
+        let other = ModelConfig { vocab_size: 4, hidden: 2, ..Default::default() }.check().unwrap();
+        let wrong = Gradients::<f64>::zeros(&other);
+        assert!(matches!(
+            Optimizer::restore(&s, 1, Some((wrong.clone(), wrong))),
+            Err(OptimizerStateError::Shape { .. })
+        ));
+        let sgd = spec(OptimizerKind::Sgd, 0.0);
+        assert_eq!(
+            Optimizer::<f64>::restore(&sgd, 3, Some((m, v))),
+            Err(OptimizerStateError::UnexpectedMoments)
+        );
+        assert_eq!(Optimizer::<f64>::restore(&sgd, 3, None).unwrap().steps, 3);
     }
 
     #[test]

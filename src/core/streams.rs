@@ -11,6 +11,9 @@
 //!
 //! The per-token path (`score`, `advance`, `step`, `predict`) allocates nothing after
 //! construction: every buffer is sized for the full capacity.
+//!
+//! [`StreamSet::export_slot`] and [`StreamSet::import_slot`] move one slot's complete state
+//! ([`SlotState`]) out of and into any set of the same spec, bit for bit.
 
 use ndarray::{Array2, ArrayView2, s};
 
@@ -21,6 +24,7 @@ use super::linalg::{Par, gemm};
 use super::model::{LearnerKind, ModelSpec, Params};
 use super::optim::{Gradients, Optimizer, UpdateOutcome};
 use super::rng::derive_key;
+use super::slot_state::{SlotState, SlotStateError, SlotStateLayout, names};
 
 /// One token for one slot in a batched step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -406,6 +410,40 @@ impl<T: Float> StreamSet<T> {
         }
         self.advance(params, inputs)?;
         Ok(StepReport { contributions, update })
+    }
+
+    /// The names and shapes of every slot's [`SlotState`]: a function of the spec only.
+    pub fn slot_state_layout(&self) -> SlotStateLayout {
+        SlotStateLayout::of(&self.spec)
+    }
+
+    /// Everything a slot carries into its future (position, sign key and counter, state, learner
+    /// state exactly as stored), for checkpoints and eviction. Allocates (not for the per-token
+    /// loop). Panics if `slot` is out of range.
+    pub fn export_slot(&self, slot: usize) -> SlotState<T> {
+        let mut out = SlotState::empty(self.position[slot], self.sign_key[slot], self.sign_counter[slot]);
+        out.push_tensor(names::STATE, vec![self.spec.state_len()], self.state(slot).to_vec());
+        self.learner.export_slot(slot, &mut out);
+        out
+    }
+
+    /// Overwrites a slot with an exported state, which may come from any slot of any set of the
+    /// same spec: afterwards the slot evolves bit for bit as the exported one would have. Every
+    /// name, shape and counter is checked first (any float value is accepted, non-finite
+    /// included); on error the slot is unchanged. Oracle hooks (forced signs) go back to the RNG.
+    pub fn import_slot(&mut self, slot: usize, state: &SlotState<T>) -> Result<(), SlotStateError> {
+        if slot >= self.capacity {
+            return Err(SlotStateError::SlotOutOfRange { slot, capacity: self.capacity });
+        }
+        self.slot_state_layout().check(state)?;
+        self.learner.check_import(&self.spec, state)?;
+        let row = state.tensor(names::STATE).expect("checked layout");
+        self.state.row_mut(slot).as_slice_mut().expect("contiguous").copy_from_slice(row);
+        self.position[slot] = state.position;
+        self.sign_key[slot] = state.sign_key;
+        self.sign_counter[slot] = state.sign_counter;
+        self.learner.import_slot(slot, state);
+        Ok(())
     }
 
     /// Views of all states (`capacity × k·n`), for snapshots.

@@ -25,6 +25,7 @@ use crate::core::linalg::{Par, gemm, jacobian};
 use crate::core::model::{ModelSpec, Params};
 use crate::core::optim::Gradients;
 use crate::core::rng;
+use crate::core::slot_state::{SlotState, names};
 use crate::core::streams::SlotStep;
 
 /// Bytes of GEMM output one chunk of the wide strategy may produce: half of the 1 MiB L2 of the
@@ -152,6 +153,26 @@ impl<T: Float> KfRtrl<T> {
         let p = self.parity[slot] as usize;
         self.a[p].slice_mut(s![.., slot * rn..(slot + 1) * rn]).assign(&a);
         self.scale[slot] = scale;
+    }
+
+    pub(super) fn export_slot(&self, slot: usize, out: &mut SlotState<T>) {
+        let (s_len, rn) = (self.a[0].nrows(), self.v.ncols());
+        let a = self.a[self.parity[slot] as usize].slice(s![.., slot * rn..(slot + 1) * rn]);
+        out.push_tensor(names::KF_U, vec![self.u.ncols()], self.u.row(slot).to_vec());
+        out.push_tensor(names::KF_A, vec![s_len, rn], a.iter().copied().collect());
+        out.push_tensor(names::KF_SCALE, vec![], vec![self.scale[slot]]);
+    }
+
+    /// Writes a checked [`SlotState`]'s factors into a slot (forced signs go back to the RNG).
+    pub(super) fn import_slot(&mut self, slot: usize, state: &SlotState<T>) {
+        let (s_len, rn) = (self.a[0].nrows(), self.v.ncols());
+        let tensor = |name| state.tensor(name).expect("checked layout");
+        self.u.row_mut(slot).assign(&ndarray::ArrayView1::from(tensor(names::KF_U)));
+        let a = ArrayView2::from_shape((s_len, rn), tensor(names::KF_A)).expect("checked layout");
+        let p = self.parity[slot] as usize;
+        self.a[p].slice_mut(s![.., slot * rn..(slot + 1) * rn]).assign(&a);
+        self.scale[slot] = tensor(names::KF_SCALE)[0];
+        self.forced_sign[slot] = None;
     }
 
     pub(super) fn reset(&mut self, slot: usize) {

@@ -24,6 +24,7 @@ use ndarray::{Array2, ArrayView2};
 use super::float::Float;
 use super::model::{LearnerKind, ModelSpec, Params};
 use super::optim::Gradients;
+use super::slot_state::{SlotState, SlotStateError};
 use super::streams::SlotStep;
 
 /// What the learners see of one advance: the inputs and, row by row, the state before the step
@@ -111,6 +112,36 @@ impl<T: Float> Learner<T> {
             Learner::Uoro(l) => l.copy_slot(src, dst),
             Learner::Rtrl(l) => l.copy_slot(src, dst),
             Learner::Tbptt(l) => l.copy_slot(src, dst),
+            Learner::Frozen => {}
+        }
+    }
+
+    /// Appends a slot's learner state to `out` (see [`crate::core::slot_state`] for the names).
+    pub(crate) fn export_slot(&self, slot: usize, out: &mut SlotState<T>) {
+        match self {
+            Learner::KfRtrl(l) => l.export_slot(slot, out),
+            Learner::Uoro(l) => l.export_slot(slot, out),
+            Learner::Rtrl(l) => l.export_slot(slot, out),
+            Learner::Tbptt(l) => l.export_slot(slot, out),
+            Learner::Frozen => {}
+        }
+    }
+
+    /// Checks the values of a [`SlotState`] whose layout was checked (counters, tokens).
+    pub(crate) fn check_import(&self, spec: &ModelSpec, state: &SlotState<T>) -> Result<(), SlotStateError> {
+        match self {
+            Learner::Tbptt(l) => l.check_import(spec.vocab, state),
+            _ => Ok(()),
+        }
+    }
+
+    /// Overwrites a slot's learner state with a checked [`SlotState`]'s.
+    pub(crate) fn import_slot(&mut self, slot: usize, state: &SlotState<T>) {
+        match self {
+            Learner::KfRtrl(l) => l.import_slot(slot, state),
+            Learner::Uoro(l) => l.import_slot(slot, state),
+            Learner::Rtrl(l) => l.import_slot(slot, state),
+            Learner::Tbptt(l) => l.import_slot(slot, state),
             Learner::Frozen => {}
         }
     }

@@ -9,6 +9,7 @@ use crate::core::float::Float;
 use crate::core::linalg::{Par, gemm, jacobian};
 use crate::core::model::{ModelSpec, Params};
 use crate::core::optim::Gradients;
+use crate::core::slot_state::{SlotState, names};
 use crate::core::streams::SlotStep;
 
 /// Exact influence matrices of every slot.
@@ -34,6 +35,19 @@ impl<T: Float> Rtrl<T> {
     /// The influence matrix `dstate/dW` of a slot, `s × P`.
     pub fn influence(&self, slot: usize) -> ArrayView2<'_, T> {
         self.g.index_axis(Axis(0), slot)
+    }
+
+    pub(super) fn export_slot(&self, slot: usize, out: &mut SlotState<T>) {
+        let g = self.g.index_axis(Axis(0), slot);
+        out.push_tensor(names::RTRL_G, g.shape().to_vec(), g.iter().copied().collect());
+    }
+
+    /// Writes a checked [`SlotState`]'s influence matrix into a slot.
+    pub(super) fn import_slot(&mut self, slot: usize, state: &SlotState<T>) {
+        let mut g = self.g.index_axis_mut(Axis(0), slot);
+        g.as_slice_mut()
+            .expect("standard layout")
+            .copy_from_slice(state.tensor(names::RTRL_G).expect("checked layout"));
     }
 
     pub(super) fn reset(&mut self, slot: usize) {

@@ -9,6 +9,7 @@ use ndarray::{Array2, Array3, ArrayView2, Axis, s};
 use crate::core::float::Float;
 use crate::core::model::{ModelSpec, Params};
 use crate::core::optim::Gradients;
+use crate::core::slot_state::{SlotState, SlotStateError, names};
 use crate::core::streams::SlotStep;
 
 use super::StepInputs;
@@ -77,6 +78,68 @@ impl<T: Float> Tbptt<T> {
         self.len[slot]
     }
 
+    /// Exports the window, entries past its length as zeros (never read before being written).
+    pub(super) fn export_slot(&self, slot: usize, out: &mut SlotState<T>) {
+        let len = self.len[slot];
+        let window_rows = |a: &Array3<T>| {
+            let mut v: Vec<T> = a.slice(s![slot, ..len, ..]).iter().copied().collect();
+            v.resize(self.window * a.shape()[2], T::zero());
+            (vec![self.window, a.shape()[2]], v)
+        };
+        let (shape, prev) = window_rows(&self.prev);
+        out.push_tensor(names::TBPTT_PREV, shape, prev);
+        let (shape, err) = window_rows(&self.err);
+        out.push_tensor(names::TBPTT_ERR, shape, err);
+        let mut tokens = self.tokens.slice(s![slot, ..len]).to_vec();
+        tokens.resize(self.window, 0);
+        out.indices.push((names::TBPTT_TOKENS.to_string(), vec![self.window], tokens));
+        out.counters.extend([
+            (names::TBPTT_LEN.to_string(), len as u64),
+            (names::TBPTT_SCORED.to_string(), self.scored[slot] as u64),
+            (names::TBPTT_LEARNED.to_string(), self.learned[slot] as u64),
+        ]);
+    }
+
+    /// Checks the counters and tokens of a [`SlotState`] whose layout was checked.
+    pub(super) fn check_import(&self, vocab: usize, state: &SlotState<T>) -> Result<(), SlotStateError> {
+        let counter = |name| state.counter(name).expect("checked layout");
+        let (len, scored, learned) =
+            (counter(names::TBPTT_LEN), counter(names::TBPTT_SCORED), counter(names::TBPTT_LEARNED));
+        let bad = |name: &str, value: u64, reason: String| {
+            Err(SlotStateError::Value { name: name.to_string(), value, reason })
+        };
+        if len > self.window as u64 {
+            return bad(names::TBPTT_LEN, len, format!("the window holds at most {}", self.window));
+        }
+        if scored > len {
+            return bad(names::TBPTT_SCORED, scored, format!("more than the {len} advances recorded"));
+        }
+        if learned > scored {
+            return bad(names::TBPTT_LEARNED, learned, format!("more than the {scored} advances scored"));
+        }
+        let tokens = state.index_tensor(names::TBPTT_TOKENS).expect("checked layout");
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return bad(names::TBPTT_TOKENS, t.into(), format!("outside the vocabulary of {vocab}"));
+        }
+        Ok(())
+    }
+
+    /// Writes a checked [`SlotState`]'s window into a slot.
+    pub(super) fn import_slot(&mut self, slot: usize, state: &SlotState<T>) {
+        let tensor = |name| state.tensor(name).expect("checked layout");
+        let mut prev = self.prev.index_axis_mut(Axis(0), slot);
+        prev.as_slice_mut().expect("standard layout").copy_from_slice(tensor(names::TBPTT_PREV));
+        let mut err = self.err.index_axis_mut(Axis(0), slot);
+        err.as_slice_mut().expect("standard layout").copy_from_slice(tensor(names::TBPTT_ERR));
+        let mut tokens = self.tokens.row_mut(slot);
+        let tokens = tokens.as_slice_mut().expect("standard layout");
+        tokens.copy_from_slice(state.index_tensor(names::TBPTT_TOKENS).expect("checked layout"));
+        let counter = |name| state.counter(name).expect("checked layout") as usize;
+        self.len[slot] = counter(names::TBPTT_LEN);
+        self.scored[slot] = counter(names::TBPTT_SCORED);
+        self.learned[slot] = counter(names::TBPTT_LEARNED);
+    }
+
     pub(super) fn reset(&mut self, slot: usize) {
         self.len[slot] = 0;
         self.scored[slot] = 0;
@@ -119,6 +182,7 @@ impl<T: Float> Tbptt<T> {
         let e = self.err.index_axis(Axis(0), src).to_owned();
         self.err.index_axis_mut(Axis(0), dst).assign(&e);
         self.len[dst] = self.len[src];
+        self.scored[dst] = self.scored[src];
         self.learned[dst] = self.learned[src];
     }
 

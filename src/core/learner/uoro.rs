@@ -13,6 +13,7 @@ use crate::core::float::{Float, sum_squares};
 use crate::core::model::{ModelSpec, Params};
 use crate::core::optim::Gradients;
 use crate::core::rng;
+use crate::core::slot_state::{SlotState, names};
 use crate::core::streams::SlotStep;
 
 /// UORO state of every slot.
@@ -55,6 +56,21 @@ impl<T: Float> Uoro<T> {
     /// `(s̃, θ̃)` of a slot.
     pub fn factors(&self, slot: usize) -> (ndarray::ArrayView1<'_, T>, ArrayView2<'_, T>) {
         (self.st.row(slot), self.th.index_axis(Axis(0), slot))
+    }
+
+    pub(super) fn export_slot(&self, slot: usize, out: &mut SlotState<T>) {
+        let th = self.th.index_axis(Axis(0), slot);
+        out.push_tensor(names::UORO_S, vec![self.st.ncols()], self.st.row(slot).to_vec());
+        out.push_tensor(names::UORO_THETA, th.shape().to_vec(), th.iter().copied().collect());
+    }
+
+    /// Writes a checked [`SlotState`]'s factors into a slot (forced signs go back to the RNG).
+    pub(super) fn import_slot(&mut self, slot: usize, state: &SlotState<T>) {
+        let tensor = |name| state.tensor(name).expect("checked layout");
+        self.st.row_mut(slot).as_slice_mut().expect("rows").copy_from_slice(tensor(names::UORO_S));
+        let mut th = self.th.index_axis_mut(Axis(0), slot);
+        th.as_slice_mut().expect("standard layout").copy_from_slice(tensor(names::UORO_THETA));
+        self.forced[slot] = None;
     }
 
     pub(super) fn reset(&mut self, slot: usize) {
