@@ -6,6 +6,7 @@
 
 const POLL_MS = 1000;
 const HISTORY_POINTS = 300;
+const MIN_SPAN_POINTS = 30;
 const BUSIEST = 10;
 const TOP_K = 8;
 // Each prediction re-reads the text from a fresh state; a bound keeps a keystroke cheap.
@@ -73,9 +74,11 @@ function drawSeries(canvas, points, key, color, fixedMin) {
   let min = fixedMin !== undefined ? fixedMin : Math.min(...values);
   let max = Math.max(...values);
   if (max - min < 1e-9) { max += 0.5; min = Math.max(fixedMin ?? -Infinity, min - 0.5); }
-  const x = (i) => 2 + (i / Math.max(1, HISTORY_POINTS - 1)) * (width - 4);
+  // The time axis grows with the history up to its bound, so that a fresh page is not a sliver.
+  const span = Math.max(MIN_SPAN_POINTS, points.length);
+  const x = (i) => 2 + (i / Math.max(1, span - 1)) * (width - 4);
   const y = (v) => height - 3 - ((v - min) / (max - min)) * (height - 6);
-  const offset = HISTORY_POINTS - points.length;
+  const offset = span - points.length;
   ctx.beginPath();
   let started = false;
   points.forEach((p, i) => {

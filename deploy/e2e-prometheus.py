@@ -1,0 +1,223 @@
+#!/usr/bin/env python3
+"""End-to-end observability check with a real Prometheus (Debian's `prometheus` package).
+
+Starts `kfrtrl serve` on loopback with a temporary data directory and a Prometheus that scrapes it
+every second with the shipped alert rules loaded; streams known text to two streams over HTTP
+(learned, advanced with learn: false, and predicted); then asks Prometheus's HTTP API for the
+counters and the loss and checks that they equal what was sent: symbols by mode, the count and sum
+of the loss histogram against the per-token losses the server returned, a histogram bucket, and the
+moving-average gauge against the model's own stats. Also: every shipped rule evaluates without
+error, and every query of the Grafana dashboard runs.
+
+    deploy/e2e-prometheus.py [path/to/kfrtrl]     (default: target/debug/kfrtrl)
+"""
+
+import json
+import os
+import pathlib
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+TEXTS = {
+    "e2e-alice": ["It was the best of times, it was the worst of times, ", "it was the age of wisdom, "],
+    "e2e-bob": ["to be or not to be, that is the question", " whether 'tis nobler in the mind"],
+}
+ADVANCE = ("e2e-alice", "it was the age of foolishness")
+PREDICT = ("e2e-bob", " to suffer")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(url, body=None, timeout=10):
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"content-type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def wait(what, condition, seconds=60):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            value = condition()
+            if value:
+                return value
+        except (urllib.error.URLError, ConnectionError, ValueError):
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"timed out waiting for {what}")
+
+
+def start_server(binary, data_dir):
+    env = {"KFRTRL_LISTEN": "127.0.0.1:0", "KFRTRL_DATA_DIR": str(data_dir), "KFRTRL_LOG_FORMAT": "json"}
+    process = subprocess.Popen([binary, "serve"], env=env, stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    found = {}
+    ready = threading.Event()
+
+    def read():
+        for line in process.stderr:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if entry.get("message") == "listening":
+                found["addr"] = entry["addr"]
+            if entry.get("message") == "ready":
+                ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    if not ready.wait(60):
+        process.kill()
+        raise SystemExit("the server did not become ready")
+    return process, found["addr"]
+
+
+def start_prometheus(work, target):
+    port = free_port()
+    rules = ROOT / "deploy/prometheus/rules/kfrtrl.rules.yml"
+    config = work / "prometheus.yml"
+    config.write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        f"rule_files: ['{rules}']\n"
+        "scrape_configs:\n"
+        f"  - job_name: kfrtrl\n    static_configs: [{{targets: ['{target}']}}]\n"
+    )
+    subprocess.run(["promtool", "check", "config", str(config)], check=True, stdout=subprocess.DEVNULL)
+    log = open(work / "prometheus.log", "w")
+    process = subprocess.Popen(
+        ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={work / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+        stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    base = f"http://127.0.0.1:{port}"
+    wait("Prometheus to be ready", lambda: urllib.request.urlopen(f"{base}/-/ready", timeout=2).status == 200)
+    return process, base
+
+
+def query(base, promql):
+    reply = http(f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": promql}))
+    if reply["status"] != "success":
+        raise SystemExit(f"query {promql} failed: {reply}")
+    return reply["data"]["result"]
+
+
+def scalar(base, promql):
+    result = query(base, promql)
+    if len(result) != 1:
+        raise SystemExit(f"{promql}: expected one series, got {result}")
+    return float(result[0]["value"][1])
+
+
+def main():
+    binary = sys.argv[1] if len(sys.argv) > 1 else str(ROOT / "target/debug/kfrtrl")
+    for tool in ("prometheus", "promtool"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} is missing: apt-get install prometheus")
+    work = pathlib.Path(tempfile.mkdtemp(prefix="kfrtrl-e2e-"))
+    server = prometheus = None
+    checks = []
+
+    def check(ok, what):
+        checks.append((ok, what))
+        print(("ok      " if ok else "FAILED  ") + what)
+
+    try:
+        server, addr = start_server(binary, work / "data")
+        prometheus, prom = start_prometheus(work, addr)
+        api = f"http://{addr}/v1/models/default/streams"
+
+        learned = advanced = predicted = 0
+        losses = []
+        for stream, chunks in TEXTS.items():
+            for text in chunks:
+                reply = http(f"{api}/{stream}/tokens", {"text": text, "return_losses": True})
+                losses += reply["losses_bits"]
+                learned += len(text.encode())
+        stream, text = ADVANCE
+        reply = http(f"{api}/{stream}/tokens", {"text": text, "learn": False, "return_losses": True})
+        losses += reply["losses_bits"]
+        advanced += len(text.encode())
+        stream, text = PREDICT
+        http(f"{api}/{stream}/predict", {"text": text})
+        predicted += len(text.encode())
+        stats = http(f"http://{addr}/v1/models/default")["stats"]
+
+        # Wait for a scrape after the last request, then compare.
+        wait("Prometheus to scrape the last request",
+             lambda: query(prom, 'kfrtrl_symbols_total{model="default", mode="predict"} > 0'), 30)
+        for mode, expected in (("learn", learned), ("advance", advanced), ("predict", predicted)):
+            got = scalar(prom, f'kfrtrl_symbols_total{{job="kfrtrl", model="default", mode="{mode}"}}')
+            check(got == expected, f"kfrtrl_symbols_total{{mode={mode}}} = {got:g}, sent {expected}")
+        count = scalar(prom, 'kfrtrl_loss_bits_count{model="default"}')
+        check(count == len(losses), f"kfrtrl_loss_bits_count = {count:g}, consumed {len(losses)}")
+        total = scalar(prom, 'kfrtrl_loss_bits_sum{model="default"}')
+        check(abs(total - sum(losses)) <= 1e-9 * sum(losses),
+              f"kfrtrl_loss_bits_sum = {total:.9f}, the replies' losses add to {sum(losses):.9f}")
+        below_8 = scalar(prom, 'kfrtrl_loss_bits_bucket{model="default", le="8"}')
+        check(below_8 == sum(1 for x in losses if x <= 8), f"kfrtrl_loss_bits_bucket{{le=8}} = {below_8:g}")
+        average = scalar(prom, 'kfrtrl_loss_bits_avg{model="default"}')
+        check(average == stats["loss_bits_avg"],
+              f"kfrtrl_loss_bits_avg = {average}, the model's stats say {stats['loss_bits_avg']}")
+        updates = scalar(prom, 'kfrtrl_optimizer_updates_total{model="default"}')
+        check(updates == stats["optimizer_updates"] > 0, f"kfrtrl_optimizer_updates_total = {updates:g}")
+        mean_rule = wait("the loss recording rule",
+                         lambda: query(prom, "model:kfrtrl_loss_bits:mean10m"), 30)
+        check(0 < float(mean_rule[0]["value"][1]) < 16, "the recording rule model:kfrtrl_loss_bits:mean10m evaluates")
+
+        # Every shipped rule evaluated without error against real series.
+        groups = http(f"{prom}/api/v1/rules")["data"]["groups"]
+        rules = [r for g in groups for r in g["rules"]]
+        bad = [f"{r.get('name')}: {r.get('lastError')}" for r in rules if r.get("health") == "err"]
+        check(len(rules) >= 11 and not bad, f"{len(rules)} rules loaded and healthy {bad or ''}".strip())
+        alerts = [a["labels"]["alertname"] for a in http(f"{prom}/api/v1/alerts")["data"]["alerts"]]
+        check(not alerts, f"no alert fires on a healthy server {alerts or ''}".strip())
+
+        # Every query of the Grafana dashboard runs (with the variables Grafana would substitute).
+        dashboard = json.loads((ROOT / "deploy/grafana/dashboards/kfrtrl.json").read_text())
+        failed = []
+        for panel in dashboard["panels"]:
+            for target in panel["targets"]:
+                expr = target["expr"].replace("$__rate_interval", "1m").replace("$model", ".*")
+                try:
+                    query(prom, expr)
+                except (SystemExit, urllib.error.HTTPError) as e:
+                    failed.append(f"{panel['title']}: {expr}: {e}")
+        loss_panel = dashboard["panels"][0]["targets"][0]["expr"].replace("$__rate_interval", "1m")
+        check(not failed and query(prom, loss_panel.replace("$model", ".*")),
+              ("every dashboard query runs; the loss panel has data " + "; ".join(failed)).strip())
+
+        server.send_signal(signal.SIGTERM)
+        check(server.wait(30) == 0, "the server exits 0 on SIGTERM")
+        server = None
+    finally:
+        for process in (server, prometheus):
+            if process is not None:
+                process.terminate()
+                try:
+                    process.wait(10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+        shutil.rmtree(work, ignore_errors=True)
+
+    failed = sum(1 for ok, _ in checks if not ok)
+    print(f"prometheus-e2e: {len(checks) - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
