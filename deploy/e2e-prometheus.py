@@ -140,6 +140,8 @@ def main():
         server, addr = start_server(binary, work / "data")
         prometheus, prom = start_prometheus(work, addr)
         api = f"http://{addr}/v1/models/default/streams"
+        # One scrape before any traffic, so that every rate has its zero to start from.
+        wait("a first scrape", lambda: query(prom, 'kfrtrl_symbols_total{model="default", mode="learn"} == 0'), 30)
 
         learned = advanced = predicted = 0
         losses = []
@@ -175,9 +177,10 @@ def main():
               f"kfrtrl_loss_bits_avg = {average}, the model's stats say {stats['loss_bits_avg']}")
         updates = scalar(prom, 'kfrtrl_optimizer_updates_total{model="default"}')
         check(updates == stats["optimizer_updates"] > 0, f"kfrtrl_optimizer_updates_total = {updates:g}")
-        mean_rule = wait("the loss recording rule",
-                         lambda: query(prom, "model:kfrtrl_loss_bits:mean10m"), 30)
-        check(0 < float(mean_rule[0]["value"][1]) < 16, "the recording rule model:kfrtrl_loss_bits:mean10m evaluates")
+        mean_rule = wait("the loss recording rule to see the traffic",
+                         lambda: query(prom, "model:kfrtrl_loss_bits:mean10m > 0"), 30)
+        check(0 < float(mean_rule[0]["value"][1]) < 16,
+              f"the recording rule model:kfrtrl_loss_bits:mean10m = {float(mean_rule[0]['value'][1]):.3f} bits")
 
         # Every shipped rule evaluated without error against real series.
         groups = http(f"{prom}/api/v1/rules")["data"]["groups"]
