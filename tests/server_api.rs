@@ -183,7 +183,7 @@ fn model(name: &str, vocab: usize, hidden: usize) -> ModelRequest {
 }
 
 fn config(models: Vec<ModelRequest>) -> ServerConfig {
-    ServerConfig { limits: Limits { max_streams: 16, ..Limits::default() }, models }
+    ServerConfig { limits: Limits { max_streams: 16, ..Limits::default() }, models, ..Default::default() }
 }
 
 #[test]
@@ -335,6 +335,7 @@ async fn bad_input_gets_a_problem_with_a_stable_type() {
     let server = TestServer::start(ServerConfig {
         limits,
         models: vec![model("bytes", 256, 4), ModelRequest { max_streams: Some(2), ..model("ids", 10, 4) }],
+        ..Default::default()
     })
     .await;
     let tokens = "/v1/models/bytes/streams/s/tokens";
@@ -425,7 +426,9 @@ async fn bad_input_gets_a_problem_with_a_stable_type() {
 async fn a_full_queue_answers_503_with_retry_after() {
     let limits =
         Limits { queue_requests: 2, queue_tokens: 100, max_tokens_per_request: 100, ..Limits::default() };
-    let server = TestServer::start(ServerConfig { limits, models: vec![model("m", 16, 4)] }).await;
+    let server =
+        TestServer::start(ServerConfig { limits, models: vec![model("m", 16, 4)], ..Default::default() })
+            .await;
     let hold = server.state.engine().hold("m").unwrap();
     let mut waiting = Vec::new();
     for s in ["a", "b"] {

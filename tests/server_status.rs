@@ -33,6 +33,7 @@ impl TestServer {
         let config = ServerConfig {
             limits: Limits { max_streams: 16, ..Limits::default() },
             models: vec![model("bytes", 256), model("ids", 11)],
+            ..Default::default()
         };
         let state = AppState::new(config).expect("valid config");
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -25,6 +25,8 @@ pub struct HttpMetrics {
     durations: HistogramVec,
     /// Open WebSocket connections.
     pub websocket_connections: IntGauge,
+    /// `/v1` HTTP requests admitted and not yet answered.
+    pub requests_in_progress: IntGauge,
 }
 
 impl HttpMetrics {
@@ -50,10 +52,15 @@ impl HttpMetrics {
                 "kfrtrl_websocket_connections",
                 "Open WebSocket connections.",
             )?,
+            requests_in_progress: IntGauge::new(
+                "kfrtrl_http_requests_in_progress",
+                "HTTP requests under /v1 admitted and not yet answered (capped by max_concurrent_requests).",
+            )?,
         };
         registry.register(Box::new(m.requests.clone()))?;
         registry.register(Box::new(m.durations.clone()))?;
         registry.register(Box::new(m.websocket_connections.clone()))?;
+        registry.register(Box::new(m.requests_in_progress.clone()))?;
         Ok(m)
     }
 }

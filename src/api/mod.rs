@@ -3,10 +3,13 @@
 //! forwards them to the [`Engine`], and renders replies or RFC 9457 problems. No CPU-heavy work
 //! runs on the async runtime; the engine's workers do it on their own threads.
 //!
-//! [`serve`] runs the server on a bound listener until a shutdown future completes, then drains:
-//! `/readyz` turns 503, new connections stop, in-flight requests finish, WebSockets close after
-//! their in-flight replies, and the engine's workers finish their queues.
+//! [`serve`] runs the server on a bound listener until a shutdown future completes, then drains
+//! within the shutdown deadline: `/readyz` turns 503 and new `/v1` requests get 503
+//! `shutting-down`; in-flight requests finish; every WebSocket sends its in-flight replies, then
+//! a 1001 close frame; then the listener closes and [`Engine::shutdown`] finishes the queued work.
 
+mod admission;
+mod auth;
 mod metrics;
 mod openapi;
 mod problem;
@@ -18,6 +21,7 @@ mod ws;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -30,15 +34,17 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tower_http::catch_panic::CatchPanicLayer;
 
+use crate::core::ModelSpec;
 use crate::engine::{Engine, EngineError, EngineLimits, EngineMetrics, ModelDefinition, ModelRequest};
 
+pub use auth::{ApiKey, WS_BEARER_PREFIX, WS_PROTOCOL};
 pub use metrics::HttpMetrics;
 pub use openapi::{ContractError, OPENAPI_YAML, SCHEMAS, bundled_schemas, openapi_document};
 pub use problem::{ApiError, PROBLEM_TYPE_PREFIX};
 pub use wire::{DEFAULT_TOP_K, TokensRequest};
 
 /// Limits of the server (the `[limits]` table of the config file).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
     /// Largest HTTP body or WebSocket message, in bytes.
@@ -57,6 +63,16 @@ pub struct Limits {
     pub max_streams: usize,
     /// Requests outstanding per WebSocket connection before the server stops reading.
     pub ws_max_in_flight: usize,
+    /// Largest hidden size of a model.
+    pub max_hidden: usize,
+    /// Most parameters (weights and readout) of a model.
+    pub max_parameters: u64,
+    /// Seconds an HTTP request may take before it is answered with 503 `timeout`.
+    pub request_timeout_secs: f64,
+    /// `/v1` HTTP requests in progress at once; beyond, 503 `overloaded`.
+    pub max_concurrent_requests: usize,
+    /// WebSocket connections open at once; beyond, 503 `overloaded`.
+    pub max_websockets: usize,
 }
 
 impl Default for Limits {
@@ -71,6 +87,11 @@ impl Default for Limits {
             max_model_bytes: engine.max_model_bytes,
             max_streams: engine.default_max_streams,
             ws_max_in_flight: 256,
+            max_hidden: crate::core::model::limits::MAX_HIDDEN,
+            max_parameters: 1 << 26,
+            request_timeout_secs: 30.0,
+            max_concurrent_requests: 512,
+            max_websockets: 1024,
         }
     }
 }
@@ -96,9 +117,19 @@ impl Limits {
             ("max_models", self.max_models),
             ("max_streams", self.max_streams),
             ("ws_max_in_flight", self.ws_max_in_flight),
+            ("max_hidden", self.max_hidden),
+            ("max_concurrent_requests", self.max_concurrent_requests),
+            ("max_websockets", self.max_websockets),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(StartError::Config(format!("limits.{name} must be positive")));
+        }
+        if self.max_parameters == 0 {
+            return Err(StartError::Config("limits.max_parameters must be positive".to_owned()));
+        }
+        // Past a few years, a timeout is no timeout (and `Duration` would overflow).
+        if !(self.request_timeout_secs > 0.0 && self.request_timeout_secs <= 1e8) {
+            return Err(StartError::Config("limits.request_timeout_secs must be in (0, 1e8]".to_owned()));
         }
         if self.queue_tokens < self.max_tokens_per_request {
             return Err(StartError::Config(
@@ -107,23 +138,60 @@ impl Limits {
         }
         Ok(())
     }
+
+    /// [`Limits::request_timeout_secs`] as a duration.
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.request_timeout_secs)
+    }
+
+    /// The server's caps on a model's size beyond the engine's memory estimate: hidden units
+    /// and parameters.
+    fn check_model_size(&self, spec: &ModelSpec) -> Result<(), EngineError> {
+        let refuse =
+            |field: &str, reason: String| EngineError::InvalidConfig { field: field.to_owned(), reason };
+        if spec.n > self.max_hidden {
+            return Err(refuse("hidden", format!("the server's limit is {}", self.max_hidden)));
+        }
+        let parameters = spec.total_params() as u64;
+        if parameters > self.max_parameters {
+            return Err(refuse(
+                "hidden",
+                format!(
+                    "the model would have {parameters} parameters; the server's limit is {}: lower \
+                     hidden or vocab_size",
+                    self.max_parameters
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
-/// What the server runs with: its limits and the models it loads at start.
+/// Default of [`ServerConfig::shutdown_timeout`].
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What the server runs with: its limits, the models it loads at start, its API key, and its
+/// shutdown deadline.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServerConfig {
     /// Limits.
     pub limits: Limits,
     /// Models to load at start (their missing fields take the defaults).
     pub models: Vec<ModelRequest>,
+    /// When set, every `/v1` route needs it as a bearer token.
+    pub api_key: Option<ApiKey>,
+    /// How long a drain may take before the server gives up and fails.
+    pub shutdown_timeout: Duration,
 }
 
 impl Default for ServerConfig {
-    /// The embedded defaults: one model named `default` with the default definition.
+    /// The embedded defaults: one model named `default` with the default definition, no key.
     fn default() -> Self {
         Self {
             limits: Limits::default(),
             models: vec![ModelRequest { name: "default".into(), ..Default::default() }],
+            api_key: None,
+            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
         }
     }
 }
@@ -151,6 +219,9 @@ pub enum StartError {
     /// Network error.
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    /// The drain did not finish within the shutdown deadline.
+    #[error("the drain did not finish within the shutdown deadline of {0:?}")]
+    ShutdownTimeout(Duration),
 }
 
 struct Inner {
@@ -158,6 +229,9 @@ struct Inner {
     registry: prometheus::Registry,
     http: HttpMetrics,
     limits: Limits,
+    api_key: Option<ApiKey>,
+    shutdown_timeout: Duration,
+    admission: admission::Admission,
     startup_models: Vec<ModelDefinition>,
     openapi: Bytes,
     ready: watch::Sender<bool>,
@@ -185,6 +259,7 @@ impl AppState {
             let definition = request.resolve(&engine.default_definition(""));
             engine
                 .check_definition(&definition)
+                .and_then(|spec| config.limits.check_model_size(&spec))
                 .map_err(|error| StartError::Model { name: name.clone(), error })?;
             if startup_models.iter().any(|d: &ModelDefinition| d.name == name) {
                 return Err(StartError::Model {
@@ -200,7 +275,13 @@ impl AppState {
                 engine,
                 registry,
                 http,
+                admission: admission::Admission::new(
+                    config.limits.max_concurrent_requests,
+                    config.limits.max_websockets,
+                ),
                 limits: config.limits,
+                api_key: config.api_key,
+                shutdown_timeout: config.shutdown_timeout,
                 startup_models,
                 openapi,
                 ready: watch::Sender::new(false),
@@ -234,6 +315,12 @@ impl AppState {
     pub async fn wait_ready(&self) {
         let mut ready = self.inner.ready.subscribe();
         let _ = ready.wait_for(|r| *r).await;
+    }
+
+    /// Checks a definition against the engine's rules and the server's size caps.
+    pub fn check_definition(&self, definition: &ModelDefinition) -> Result<(), EngineError> {
+        let spec = self.engine().check_definition(definition)?;
+        self.inner.limits.check_model_size(&spec)
     }
 
     /// Starts draining: `/readyz` turns 503 and WebSockets close after their in-flight replies.
@@ -281,6 +368,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(DefaultBodyLimit::max(state.inner.limits.max_body_bytes))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), admission::admit))
         .layer(axum::middleware::from_fn_with_state(state.clone(), metrics::track))
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::internal("the request handler panicked").into_response()
@@ -289,8 +377,10 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// Serves `state` on `listener` until `shutdown` completes (or a configured model fails to
-/// load), then drains. Logs `listening` with the bound address, and `ready` once every
-/// configured model is loaded.
+/// load), then drains (see the module's docs) within [`ServerConfig::shutdown_timeout`]. Logs
+/// `listening` with the bound address, `ready` once every configured model is loaded, and
+/// `stopped` after a complete drain; past the deadline it logs `shutdown deadline passed` and
+/// fails with [`StartError::ShutdownTimeout`].
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
@@ -311,18 +401,6 @@ pub async fn serve(
             loaded
         }
     });
-    let mut draining = state.inner.draining.subscribe();
-    let graceful = {
-        let state = state.clone();
-        async move {
-            tokio::select! {
-                () = shutdown => {}
-                () = until_draining(&mut draining) => {}
-            }
-            tracing::info!("draining");
-            state.begin_drain();
-        }
-    };
     // Replies are small writes answered by the client's next request: without TCP_NODELAY,
     // Nagle's algorithm may hold a reply back until the previous one is acknowledged.
     let listener = listener.tap_io(|tcp| {
@@ -330,14 +408,50 @@ pub async fn serve(
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
     });
-    let served = axum::serve(listener, router(state.clone())).with_graceful_shutdown(graceful).await;
-    state.begin_drain();
-    let loaded = match loader.await {
-        Ok(result) => result,
-        Err(e) => Err(StartError::Config(format!("model loading failed: {e}"))),
+    // The listener stays open while the drain runs, so that `/readyz` can say 503 and new
+    // requests get a problem instead of a refused connection.
+    let (stop_accepting, accepting) = tokio::sync::oneshot::channel::<()>();
+    let mut server = tokio::spawn(
+        axum::serve(listener, router(state.clone()))
+            .with_graceful_shutdown(async move {
+                let _ = accepting.await;
+            })
+            .into_future(),
+    );
+    let mut draining = state.inner.draining.subscribe();
+    let early_exit = tokio::select! {
+        () = shutdown => None,
+        () = until_draining(&mut draining) => None,
+        ended = &mut server => Some(ended),
     };
-    state.engine().shutdown().await;
-    tracing::info!("stopped");
-    served?;
-    loaded
+    tracing::info!("draining");
+    state.begin_drain();
+    let deadline = state.inner.shutdown_timeout;
+    let drain = async {
+        state.inner.admission.work.idle().await;
+        let _ = stop_accepting.send(());
+        let served = match early_exit {
+            Some(ended) => ended,
+            None => server.await,
+        };
+        let loaded = match loader.await {
+            Ok(result) => result,
+            Err(e) => Err(StartError::Config(format!("model loading failed: {e}"))),
+        };
+        state.engine().shutdown().await;
+        let served = served.map_err(|e| StartError::Config(format!("the server task failed: {e}")))?;
+        served?;
+        loaded
+    };
+    match tokio::time::timeout(deadline, drain).await {
+        Ok(result) => {
+            tracing::info!("stopped");
+            result
+        }
+        Err(_) => {
+            let in_progress = state.inner.admission.work.active();
+            tracing::error!(?deadline, in_progress, "shutdown deadline passed");
+            Err(StartError::ShutdownTimeout(deadline))
+        }
+    }
 }

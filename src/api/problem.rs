@@ -1,7 +1,7 @@
 //! RFC 9457 problem details: every error the API returns, over HTTP (`application/problem+json`)
 //! and over WebSocket (the same JSON object as a message), with one stable `type` per case.
 
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 
@@ -19,6 +19,7 @@ pub struct ApiError {
     detail: String,
     retry_after_seconds: Option<u32>,
     extensions: Map<String, Value>,
+    headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 impl ApiError {
@@ -29,7 +30,21 @@ impl ApiError {
         title: &'static str,
         detail: impl Into<String>,
     ) -> Self {
-        Self { status, slug, title, detail: detail.into(), retry_after_seconds: None, extensions: Map::new() }
+        Self {
+            status,
+            slug,
+            title,
+            detail: detail.into(),
+            retry_after_seconds: None,
+            extensions: Map::new(),
+            headers: Vec::new(),
+        }
+    }
+
+    /// Adds a response header (e.g. `WWW-Authenticate`); over WebSocket it is not sent.
+    pub fn with_header(mut self, name: HeaderName, value: HeaderValue) -> Self {
+        self.headers.push((name, value));
+        self
     }
 
     /// Adds an extension member (e.g. the offending `field`).
@@ -134,6 +149,62 @@ impl ApiError {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "not-ready", "Not ready", detail).retry_after(1)
     }
 
+    /// 401: a `/v1` route without the server's bearer token (`wrong` when one was sent).
+    pub fn unauthorized(wrong: bool) -> Self {
+        let (detail, challenge) = if wrong {
+            ("the bearer token is wrong", r#"Bearer realm="kfrtrl", error="invalid_token""#)
+        } else {
+            (
+                "this server needs `Authorization: Bearer <key>` (WebSocket: the subprotocol \
+                 `kfrtrl.bearer.<key>` next to `kfrtrl.v1`)",
+                r#"Bearer realm="kfrtrl""#,
+            )
+        };
+        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", "Unauthorized", detail)
+            .with_header(header::WWW_AUTHENTICATE, HeaderValue::from_static(challenge))
+    }
+
+    /// 503: `what` (requests in progress, WebSocket connections) is at its limit; shed, not queued.
+    pub fn overloaded(what: &str, limit: usize) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "Overloaded",
+            format!("the server holds its maximum of {limit} {what}; retry later"),
+        )
+        .with("limit", limit)
+        .retry_after(1)
+    }
+
+    /// 503: the request did not finish within the request timeout. Its tokens stay queued and
+    /// may still be consumed, in full or in part.
+    pub fn timeout(seconds: f64) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "timeout",
+            "Request timeout",
+            format!(
+                "the request did not finish within {seconds} s; it stays queued and may still take \
+                 effect, in full or in part: the stream's `position` (GET \
+                 /v1/models/{{model}}/streams/{{stream}}) tells how far it got before you resend"
+            ),
+        )
+        .retry_after(1)
+    }
+
+    /// 503: the server is draining; new requests are refused (the connection closes after).
+    pub fn shutting_down() -> Self {
+        Self::from(EngineError::ShuttingDown)
+            .with_header(header::CONNECTION, HeaderValue::from_static("close"))
+    }
+
+    /// 426: a WebSocket route requested without a valid WebSocket upgrade.
+    pub fn upgrade_required(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::UPGRADE_REQUIRED, "upgrade-required", "WebSocket upgrade required", detail)
+            .with_header(header::UPGRADE, HeaderValue::from_static("websocket"))
+            .with_header(header::CONNECTION, HeaderValue::from_static("Upgrade"))
+    }
+
     /// 500: a bug (a handler panicked).
     pub fn internal(detail: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "Internal error", detail)
@@ -203,6 +274,9 @@ impl IntoResponse for ApiError {
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
         if let Some(seconds) = self.retry_after_seconds {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        for (name, value) in self.headers {
+            headers.insert(name, value);
         }
         response
     }

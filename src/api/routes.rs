@@ -13,9 +13,11 @@ use serde_json::json;
 use super::AppState;
 use super::problem::{ApiError, ApiResult, status_body};
 use super::wire::{JsonBody, TokensRequest};
-use crate::engine::{Mode, ModelRequest};
+use crate::engine::{EngineError, Mode, ModelRequest, valid_name};
 
-/// Path parameters, with a problem reply when they cannot be decoded.
+/// Path parameters, with a problem reply when they cannot be decoded. Every `model` and `stream`
+/// parameter is checked against the naming rule here, so that a name with a path trick (`..`,
+/// an encoded `/`, NUL, non-ASCII, overlong) is refused with 400 before the engine sees it.
 #[derive(Debug)]
 pub struct PathParams<T>(pub T);
 
@@ -23,11 +25,22 @@ impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for PathPar
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        Path::<T>::from_request_parts(parts, state).await.map(|Path(t)| PathParams(t)).map_err(
-            |e: PathRejection| {
-                ApiError::new(StatusCode::BAD_REQUEST, "invalid-name", "Invalid name", e.body_text())
-            },
-        )
+        let invalid = |e: PathRejection| {
+            ApiError::new(StatusCode::BAD_REQUEST, "invalid-name", "Invalid name", e.body_text())
+        };
+        let Path(named) =
+            Path::<Vec<(String, String)>>::from_request_parts(parts, state).await.map_err(invalid)?;
+        for (what, name) in &named {
+            let what = match what.as_str() {
+                "model" => "model",
+                "stream" => "stream",
+                _ => continue,
+            };
+            if !valid_name(name) {
+                return Err(EngineError::InvalidName { what, name: name.clone() }.into());
+            }
+        }
+        Path::<T>::from_request_parts(parts, state).await.map(|Path(t)| PathParams(t)).map_err(invalid)
     }
 }
 
@@ -38,6 +51,7 @@ pub async fn create_model(
 ) -> ApiResult<Response> {
     let engine = state.engine();
     let definition = request.resolve(&engine.default_definition(""));
+    state.check_definition(&definition)?;
     let info = engine.create_model(definition).await?;
     let location = HeaderValue::from_str(&format!("/v1/models/{}", info.name))
         .map_err(|e| ApiError::internal(e.to_string()))?;

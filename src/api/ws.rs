@@ -8,36 +8,62 @@
 //! reading, which pushes back on the client through TCP). A request that fails (bad JSON, a
 //! token outside the vocabulary, a full queue, ...) is answered in its place by a problem
 //! object, and the connection stays open. The server closes the connection with 1009 when a
-//! message exceeds the size limit, and with 1001 when it shuts down (after the replies in flight).
+//! message exceeds the size limit, with 1002 on a protocol error, and with 1001 when it shuts
+//! down (after the replies in flight).
+//!
+//! Each connection holds one of the server's `max_websockets` permits and counts as work in
+//! progress for the drain. When the client offers the subprotocol `kfrtrl.v1` (browsers must, to
+//! send their key as the subprotocol `kfrtrl.bearer.<key>`), the server selects it.
 
 use axum::extract::State;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade, close_code};
 use axum::response::{IntoResponse, Response};
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 
 use super::AppState;
+use super::admission::WorkGuard;
+use super::auth::WS_PROTOCOL;
 use super::problem::{ApiError, ApiResult};
 use super::routes::PathParams;
 use super::wire::{TokensRequest, parse_json};
 use crate::engine::{Mode, PendingReply, TokensReply};
 
-/// The upgrade handler: checks the model and stream names before switching protocols.
+/// The upgrade handler: checks the model, the stream name and the connection limit before
+/// switching protocols.
 pub async fn upgrade(
     State(state): State<AppState>,
     PathParams((model, stream)): PathParams<(String, String)>,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> ApiResult<Response> {
+    let ws = ws.map_err(|e| ApiError::upgrade_required(e.body_text()))?;
     state.engine().definition(&model)?;
-    if !crate::engine::valid_name(&stream) {
-        return Err(crate::engine::EngineError::InvalidName { what: "stream", name: stream }.into());
-    }
-    let max_message = state.inner.limits.max_body_bytes;
+    let inner = &state.inner;
+    let Ok(permit) = inner.admission.websockets.clone().try_acquire_owned() else {
+        return Err(ApiError::overloaded("WebSocket connections", inner.limits.max_websockets));
+    };
+    let work = inner.admission.work.begin();
+    let max_message = inner.limits.max_body_bytes;
     Ok(ws
+        .protocols([WS_PROTOCOL])
         .max_message_size(max_message)
         .max_frame_size(max_message)
-        .on_upgrade(move |socket| serve_socket(socket, state, model, stream))
+        .on_upgrade(move |socket| async move {
+            serve_socket(socket, state, model, stream, work).await;
+            drop(permit);
+        })
         .into_response())
+}
+
+/// The close code for a failed read: 1009 when the message or frame was too large.
+fn read_failure(error: axum::Error) -> (u16, &'static str) {
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    match error.into_inner().downcast::<WsError>().map(|e| *e) {
+        Ok(WsError::Capacity(_)) => (close_code::SIZE, "message too large"),
+        Ok(WsError::Utf8(_)) => (close_code::INVALID, "text message is not UTF-8"),
+        _ => (close_code::PROTOCOL, "protocol error"),
+    }
 }
 
 /// A reply in the writer's queue.
@@ -51,7 +77,7 @@ fn problem_text(error: &ApiError) -> String {
     error.to_json().to_string()
 }
 
-async fn serve_socket(socket: WebSocket, state: AppState, model: String, stream: String) {
+async fn serve_socket(socket: WebSocket, state: AppState, model: String, stream: String, _work: WorkGuard) {
     let gauge = state.inner.http.websocket_connections.clone();
     gauge.inc();
     let (mut sink, mut source) = socket.split();
@@ -71,8 +97,8 @@ async fn serve_socket(socket: WebSocket, state: AppState, model: String, stream:
                 None | Some(Ok(Message::Close(_))) => break,
                 Some(Err(e)) => {
                     tracing::debug!(error = %e, "websocket read failed");
-                    let _ =
-                        tx.send(Outgoing::Close(close_code::SIZE, "message too large or malformed")).await;
+                    let (code, reason) = read_failure(e);
+                    let _ = tx.send(Outgoing::Close(code, reason)).await;
                     break;
                 }
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,

@@ -3,12 +3,13 @@
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use serde::Deserialize;
 use tracing_subscriber::EnvFilter;
 
-use kfrtrl::api::{AppState, Limits, ServerConfig, serve};
+use kfrtrl::api::{ApiKey, AppState, DEFAULT_SHUTDOWN_TIMEOUT, Limits, ServerConfig, serve};
 use kfrtrl::engine::ModelRequest;
 
 const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -72,6 +73,48 @@ pub struct ServeArgs {
     /// [env: KFRTRL_RUNTIME_THREADS] [default: half the cores, at least 1].
     #[arg(long)]
     runtime_threads: Option<usize>,
+    /// Bearer token every `/v1` route then requires (at least 16 letters, digits or
+    /// `!#$%&'*+-.^_`|~`); prefer the environment or --api-key-file over the command line,
+    /// which other users can read [env: KFRTRL_API_KEY] [default: none, no authentication].
+    #[arg(long)]
+    api_key: Option<String>,
+    /// File whose content (trailing whitespace trimmed) is the API key [env: KFRTRL_API_KEY_FILE].
+    #[arg(long)]
+    api_key_file: Option<PathBuf>,
+    /// Seconds a drain may take after SIGTERM or SIGINT; past them it logs `shutdown deadline passed` and exits with status 2
+    /// [env: KFRTRL_SHUTDOWN_TIMEOUT_SECS] [default: 30].
+    #[arg(long, value_name = "SECS")]
+    shutdown_timeout: Option<f64>,
+    /// Seconds an HTTP request may take before 503 `timeout` (the request stays queued and may
+    /// still take effect: the stream's position tells) [env: KFRTRL_REQUEST_TIMEOUT_SECS]
+    /// [default: 30].
+    #[arg(long, value_name = "SECS")]
+    request_timeout: Option<f64>,
+    /// `/v1` HTTP requests in progress at once; more get 503 `overloaded` with Retry-After
+    /// [env: KFRTRL_MAX_CONCURRENT_REQUESTS] [default: 512].
+    #[arg(long)]
+    max_concurrent_requests: Option<usize>,
+    /// WebSocket connections open at once; more get 503 `overloaded`
+    /// [env: KFRTRL_MAX_WEBSOCKETS] [default: 1024].
+    #[arg(long)]
+    max_websockets: Option<usize>,
+    /// Requests in flight per WebSocket before the server stops reading it
+    /// [env: KFRTRL_WS_MAX_IN_FLIGHT] [default: 256].
+    #[arg(long)]
+    ws_max_in_flight: Option<usize>,
+    /// Models in the server [env: KFRTRL_MAX_MODELS] [default: 16].
+    #[arg(long)]
+    max_models: Option<usize>,
+    /// Largest hidden size of a model [env: KFRTRL_MAX_HIDDEN] [default: 4096].
+    #[arg(long)]
+    max_hidden: Option<usize>,
+    /// Most parameters of a model [env: KFRTRL_MAX_PARAMETERS] [default: 67108864].
+    #[arg(long)]
+    max_parameters: Option<u64>,
+    /// Largest estimated memory of a model (weights, optimizer, every stream slot), in bytes
+    /// [env: KFRTRL_MAX_MODEL_BYTES] [default: 4294967296].
+    #[arg(long)]
+    max_model_bytes: Option<u64>,
 }
 
 /// The config file.
@@ -83,6 +126,9 @@ struct FileConfig {
     log_format: Option<LogFormat>,
     log_filter: Option<String>,
     runtime_threads: Option<usize>,
+    api_key: Option<String>,
+    api_key_file: Option<PathBuf>,
+    shutdown_timeout_secs: Option<f64>,
     #[serde(default)]
     limits: Limits,
     /// Models loaded at start; without any, one model named `default` with the defaults.
@@ -138,6 +184,36 @@ fn settings(args: ServeArgs) -> Result<Settings, String> {
             *slot = value;
         }
     }
+    let hardening = [
+        (args.max_concurrent_requests, "MAX_CONCURRENT_REQUESTS", &mut limits.max_concurrent_requests),
+        (args.max_websockets, "MAX_WEBSOCKETS", &mut limits.max_websockets),
+        (args.ws_max_in_flight, "WS_MAX_IN_FLIGHT", &mut limits.ws_max_in_flight),
+        (args.max_models, "MAX_MODELS", &mut limits.max_models),
+        (args.max_hidden, "MAX_HIDDEN", &mut limits.max_hidden),
+    ];
+    for (flag, var, slot) in hardening {
+        if let Some(value) = pick(flag, var, None)? {
+            *slot = value;
+        }
+    }
+    for (flag, var, slot) in [
+        (args.max_parameters, "MAX_PARAMETERS", &mut limits.max_parameters),
+        (args.max_model_bytes, "MAX_MODEL_BYTES", &mut limits.max_model_bytes),
+    ] {
+        if let Some(value) = pick(flag, var, None)? {
+            *slot = value;
+        }
+    }
+    if let Some(seconds) = pick(args.request_timeout, "REQUEST_TIMEOUT_SECS", None)? {
+        limits.request_timeout_secs = seconds;
+    }
+    let shutdown_secs = pick(args.shutdown_timeout, "SHUTDOWN_TIMEOUT_SECS", file.shutdown_timeout_secs)?;
+    let shutdown_timeout = match shutdown_secs {
+        None => DEFAULT_SHUTDOWN_TIMEOUT,
+        Some(s) if s > 0.0 && s <= 1e8 => Duration::from_secs_f64(s),
+        Some(s) => return Err(format!("the shutdown timeout must be in (0, 1e8] seconds (got {s})")),
+    };
+    let api_key = api_key(args.api_key, args.api_key_file, file.api_key, file.api_key_file)?;
     let models = if file.models.is_empty() { ServerConfig::default().models } else { file.models };
     Ok(Settings {
         listen: pick(args.listen, "LISTEN", file.listen)?.unwrap_or_else(|| DEFAULT_LISTEN.to_owned()),
@@ -146,8 +222,33 @@ fn settings(args: ServeArgs) -> Result<Settings, String> {
         log_filter: pick(args.log_filter, "LOG", file.log_filter)?
             .unwrap_or_else(|| DEFAULT_LOG_FILTER.to_owned()),
         runtime_threads: pick(args.runtime_threads, "RUNTIME_THREADS", file.runtime_threads)?,
-        server: ServerConfig { limits, models },
+        server: ServerConfig { limits, models, api_key, shutdown_timeout },
     })
+}
+
+/// The API key from the flag, the environment or the file, each as the key itself or as a file
+/// holding it; never logged, never echoed in an error.
+fn api_key(
+    flag: Option<String>,
+    flag_file: Option<PathBuf>,
+    config: Option<String>,
+    config_file: Option<PathBuf>,
+) -> Result<Option<ApiKey>, String> {
+    let key = match (pick(flag, "API_KEY", None)?, pick(flag_file, "API_KEY_FILE", None)?) {
+        (Some(key), _) => Some(key),
+        (None, Some(path)) => Some(read_key(&path)?),
+        (None, None) => match (config, config_file) {
+            (Some(key), _) => Some(key),
+            (None, Some(path)) => Some(read_key(&path)?),
+            (None, None) => None,
+        },
+    };
+    key.map(|k| ApiKey::new(&k)).transpose()
+}
+
+fn read_key(path: &Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("API key file {}: {e}", path.display()))?;
+    Ok(text.trim_end().to_owned())
 }
 
 fn init_logging(format: LogFormat, filter: &str) -> Result<(), String> {
@@ -202,11 +303,15 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     runtime.worker_threads(settings.runtime_threads.unwrap_or(cores / 2).max(1));
     let runtime = runtime.build().map_err(|e| format!("cannot start the async runtime: {e}"))?;
-    runtime.block_on(async move {
+    let served = runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(&settings.listen)
             .await
             .map_err(|e| format!("cannot listen on {}: {e}", settings.listen))?;
         tracing::info!(data_dir = %settings.data_dir.display(), "starting");
         serve(listener, state, shutdown_signal()).await.map_err(|e| e.to_string())
-    })
+    });
+    // `serve` awaited everything that matters (or gave up at the deadline): tasks still
+    // running, such as a worker join past the deadline, must not hold the exit.
+    runtime.shutdown_background();
+    served
 }

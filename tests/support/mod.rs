@@ -1,0 +1,147 @@
+//! Shared by the hardening tests: an in-process server on 127.0.0.1:0 and the wire schemas of
+//! its own `/openapi.json`, to check that every reply is what the contract says.
+
+#![allow(dead_code)]
+
+pub mod binary;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+use kfrtrl::api::{AppState, ServerConfig, StartError, serve};
+use kfrtrl::engine::ModelRequest;
+
+/// Schemas the replies are checked against, by component name.
+pub struct Schemas {
+    validators: HashMap<String, jsonschema::Validator>,
+}
+
+impl Schemas {
+    /// Every schema of `components/schemas` of an OpenAPI document.
+    pub fn from_openapi(doc: &Value) -> Self {
+        let components = doc["components"].clone();
+        let mut validators = HashMap::new();
+        for name in doc["components"]["schemas"].as_object().expect("components/schemas").keys() {
+            let schema = json!({
+                "$schema": "https://json-schema.org/draft/2020-12/schema",
+                "$ref": format!("#/components/schemas/{name}"),
+                "components": components,
+            });
+            let validator =
+                jsonschema::validator_for(&schema).unwrap_or_else(|e| panic!("schema {name}: {e}"));
+            validators.insert(name.clone(), validator);
+        }
+        Self { validators }
+    }
+
+    /// The schema violations of `value` (empty when it validates).
+    pub fn errors(&self, name: &str, value: &Value) -> Vec<String> {
+        let validator = self.validators.get(name).unwrap_or_else(|| panic!("no schema {name}"));
+        validator.iter_errors(value).map(|e| format!("{e} at {}", e.instance_path())).collect()
+    }
+
+    /// Panics unless `value` validates against schema `name`.
+    pub fn check(&self, name: &str, value: &Value) {
+        let errors = self.errors(name, value);
+        assert!(errors.is_empty(), "{name} does not validate {value}: {errors:?}");
+    }
+
+    /// Panics unless `value` is a problem object with this status.
+    pub fn check_problem(&self, status: u16, value: &Value) {
+        self.check("Problem", value);
+        assert_eq!(value["status"], status, "{value}");
+    }
+}
+
+/// A server running in-process until [`TestServer::stop`].
+pub struct TestServer {
+    /// Its address.
+    pub addr: SocketAddr,
+    /// Its state (engine, readiness).
+    pub state: AppState,
+    /// A client without credentials.
+    pub http: reqwest::Client,
+    /// The schemas of its `/openapi.json`.
+    pub schemas: Schemas,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), StartError>>,
+}
+
+/// An HTTP reply: status, headers and body (JSON when it parses, else a string).
+pub struct Reply {
+    /// The status.
+    pub status: u16,
+    /// The headers.
+    pub headers: reqwest::header::HeaderMap,
+    /// The body.
+    pub body: Value,
+}
+
+impl TestServer {
+    /// Starts a server and waits until its models are loaded.
+    pub async fn start(config: ServerConfig) -> Self {
+        let state = AppState::new(config).expect("valid config");
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(serve(listener, state.clone(), async move {
+            let _ = rx.await;
+        }));
+        state.wait_ready().await;
+        let http = reqwest::Client::new();
+        let doc: Value =
+            http.get(format!("http://{addr}/openapi.json")).send().await.unwrap().json().await.unwrap();
+        let schemas = Schemas::from_openapi(&doc);
+        Self { addr, state, http, schemas, shutdown: Some(tx), task }
+    }
+
+    /// `http://addr{path}`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Reads a response; a 4xx or 5xx must be a problem+json object with the same status.
+    pub async fn reply(&self, response: reqwest::Response) -> Reply {
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let text = response.text().await.unwrap();
+        let body = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        if status >= 400 {
+            assert_eq!(headers["content-type"], "application/problem+json", "{status} {body}");
+            self.schemas.check_problem(status, &body);
+        }
+        Reply { status, headers, body }
+    }
+
+    /// Sends a request built from the server's client.
+    pub async fn send(&self, request: reqwest::RequestBuilder) -> Reply {
+        self.reply(request.send().await.unwrap()).await
+    }
+
+    /// Stops the server and checks that it drained cleanly.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.task.await.unwrap().expect("server stopped cleanly");
+    }
+}
+
+/// A small model definition.
+pub fn model(name: &str, vocab: usize, hidden: usize) -> ModelRequest {
+    ModelRequest {
+        name: name.into(),
+        vocab_size: Some(vocab),
+        hidden: Some(hidden),
+        max_streams: Some(16),
+        ..Default::default()
+    }
+}
