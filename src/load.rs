@@ -10,8 +10,13 @@
 //!
 //! Every stream first sends one request (creating the stream) before the clock starts, so that
 //! stream creation and connection set-up stay out of the numbers.
+//!
+//! A soak ([`LoadConfig::report_every`]) runs the same load for minutes and reports every
+//! interval: the interval's throughput and latency percentiles, and the server's resident memory
+//! (`process_resident_memory_bytes` of its `/metrics`, or `/proc/<pid>/status` of a local
+//! server), so that the report shows whether memory stays flat once every stream exists.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
@@ -62,6 +67,13 @@ pub struct LoadConfig {
     pub duration: Duration,
     /// Stream names are `{prefix}-{i}`.
     pub stream_prefix: String,
+    /// Soak: report every interval (see [`Sample`]).
+    pub report_every: Option<Duration>,
+    /// A local server's process id, to read its resident memory from `/proc` when its
+    /// `/metrics` has no `process_resident_memory_bytes`.
+    pub server_pid: Option<u32>,
+    /// Bearer token for a server with an API key.
+    pub api_key: Option<String>,
 }
 
 /// Latency percentiles in milliseconds.
@@ -77,6 +89,36 @@ pub struct Latency {
     pub max: f64,
     /// Mean.
     pub mean: f64,
+}
+
+/// One interval of a soak.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Sample {
+    /// Seconds since the measured window started, at the end of the interval.
+    pub elapsed_seconds: f64,
+    /// Tokens answered in the interval, per second.
+    pub symbols_per_sec: f64,
+    /// Requests answered in the interval, per second.
+    pub requests_per_sec: f64,
+    /// Requests that failed in the interval.
+    pub errors: u64,
+    /// Latency of the interval's requests, in milliseconds.
+    pub latency_ms: Latency,
+    /// The server's resident memory at the end of the interval, in bytes (when known).
+    pub rss_bytes: Option<u64>,
+}
+
+/// The server's resident memory over a soak.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Memory {
+    /// When every stream existed (after each had sent its first request), in bytes.
+    pub all_streams_bytes: u64,
+    /// At the end, in bytes.
+    pub end_bytes: u64,
+    /// The largest sample, in bytes.
+    pub max_bytes: u64,
+    /// `end / all_streams - 1`: how much memory grew once every stream existed.
+    pub growth: f64,
 }
 
 /// What the model's worker did during the measured window, from `/metrics`.
@@ -139,6 +181,12 @@ pub struct LoadReport {
     pub latency_ms: Latency,
     /// The worker's steps during the window (absent when `/metrics` has none for the model).
     pub server: Option<ServerSide>,
+    /// The soak's intervals (empty without [`LoadConfig::report_every`]).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub samples: Vec<Sample>,
+    /// The server's resident memory, when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory: Option<Memory>,
     /// Filled by [`engine_comparison`].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub engine: Option<EngineComparison>,
@@ -162,7 +210,7 @@ fn server_err(what: &str, e: impl std::fmt::Display) -> LoadError {
     LoadError::Server(format!("{what}: {e}"))
 }
 
-/// One stream's tally.
+/// Requests answered so far (by every stream of a run, or in one interval of a soak).
 #[derive(Default)]
 struct Tally {
     latencies: Vec<f64>,
@@ -186,6 +234,68 @@ impl Tally {
             }
         }
     }
+
+    fn absorb(&mut self, other: Tally) {
+        self.latencies.extend(other.latencies);
+        self.requests += other.requests;
+        self.symbols += other.symbols;
+        self.errors += other.errors;
+        if self.first_error.is_none() {
+            self.first_error = other.first_error;
+        }
+    }
+}
+
+/// The tally every stream records into; a soak's sampler takes it at every interval.
+type SharedTally = Arc<Mutex<Tally>>;
+
+fn record(tally: &SharedTally, sent: Instant, outcome: Result<(), String>, tokens: usize) {
+    tally.lock().unwrap_or_else(PoisonError::into_inner).record(sent, outcome, tokens);
+}
+
+fn take(tally: &SharedTally) -> Tally {
+    std::mem::take(&mut *tally.lock().unwrap_or_else(PoisonError::into_inner))
+}
+
+/// Sorts the latencies and reads their percentiles.
+fn percentiles(lat: &mut [f64]) -> Latency {
+    lat.sort_by(f64::total_cmp);
+    let pct = |p: f64| if lat.is_empty() { 0.0 } else { lat[((lat.len() - 1) as f64 * p).round() as usize] };
+    Latency {
+        p50: pct(0.5),
+        p90: pct(0.9),
+        p99: pct(0.99),
+        max: lat.last().copied().unwrap_or(0.0),
+        mean: if lat.is_empty() { 0.0 } else { lat.iter().sum::<f64>() / lat.len() as f64 },
+    }
+}
+
+/// The value of an unlabelled series of a Prometheus text exposition.
+fn gauge(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// `VmRSS` of `/proc/<pid>/status`, in bytes.
+fn proc_rss(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
+/// The server's resident memory: from `/proc` with a pid, else from its `/metrics`.
+async fn server_rss(client: &reqwest::Client, base: &str, cfg: &LoadConfig) -> Option<u64> {
+    if let Some(pid) = cfg.server_pid {
+        return proc_rss(pid);
+    }
+    let text = client.get(format!("{base}/metrics")).send().await.ok()?.text().await.ok()?;
+    gauge(&text, "process_resident_memory_bytes").map(|v| v as u64)
 }
 
 /// A reply body is a tokens reply unless it is a problem object.
@@ -228,15 +338,23 @@ async fn scrape(client: &reqwest::Client, base: &str, model: &str) -> Result<Opt
 
 /// Runs the load and reports it (without the engine comparison).
 pub async fn run(cfg: &LoadConfig) -> Result<LoadReport, LoadError> {
+    run_with(cfg, |_| {}).await
+}
+
+/// [`run`], calling `on_sample` with every interval of a soak as it ends.
+pub async fn run_with(cfg: &LoadConfig, mut on_sample: impl FnMut(&Sample)) -> Result<LoadReport, LoadError> {
     if cfg.streams == 0 || cfg.tokens_per_message == 0 || cfg.pipeline == 0 {
         return Err(LoadError::Config("streams, tokens per message and pipeline must be positive".into()));
+    }
+    if cfg.report_every.is_some_and(|d| d.is_zero()) {
+        return Err(LoadError::Config("the report interval must be positive".into()));
     }
     let base = cfg.url.trim_end_matches('/').to_owned();
     let Some(authority) = base.strip_prefix("http://") else {
         return Err(LoadError::Config(format!("--url must start with http:// (got {base})")));
     };
     let ws_base = format!("ws://{authority}");
-    let client = reqwest::Client::new();
+    let client = authorized_client(cfg)?;
     let response = client
         .get(format!("{base}/v1/models/{}", cfg.model))
         .send()
@@ -251,6 +369,7 @@ pub async fn run(cfg: &LoadConfig) -> Result<LoadReport, LoadError> {
     let vocab = definition.vocab_size as u32;
 
     let barrier = Arc::new(Barrier::new(cfg.streams + 1));
+    let tally = SharedTally::default();
     let mut tasks = Vec::with_capacity(cfg.streams);
     for i in 0..cfg.streams {
         let path = format!("/v1/models/{}/streams/{}-{i}", cfg.model, cfg.stream_prefix);
@@ -258,15 +377,15 @@ pub async fn run(cfg: &LoadConfig) -> Result<LoadReport, LoadError> {
         let tokens: Vec<u32> =
             (0..cfg.tokens_per_message).map(|j| (97 + ((i + j) % 26) as u32) % vocab).collect();
         let body = serde_json::json!({ "tokens": tokens, "top_k": 1 }).to_string();
-        let (barrier, cfg) = (barrier.clone(), cfg.clone());
+        let (barrier, cfg, tally) = (barrier.clone(), cfg.clone(), tally.clone());
         let url = match cfg.protocol {
             Protocol::Http => format!("{base}{path}/tokens"),
             Protocol::Ws => format!("{ws_base}{path}/ws"),
         };
         tasks.push(tokio::spawn(async move {
             let result = match cfg.protocol {
-                Protocol::Http => http_stream(&url, body, &cfg, &barrier).await,
-                Protocol::Ws => ws_stream(&url, body, &cfg, &barrier).await,
+                Protocol::Http => http_stream(&url, body, &cfg, &barrier, &tally).await,
+                Protocol::Ws => ws_stream(&url, body, &cfg, &barrier, &tally).await,
             };
             if result.is_err() {
                 // Release the others even when this stream could not start.
@@ -277,29 +396,53 @@ pub async fn run(cfg: &LoadConfig) -> Result<LoadReport, LoadError> {
     }
     barrier.wait().await;
     let before = scrape(&client, &base, &cfg.model).await?;
+    let rss_all_streams = server_rss(&client, &base, cfg).await;
     let start = Instant::now();
-    let mut tally = Tally::default();
-    let mut failure = None;
-    for task in tasks {
-        match task.await {
-            Ok(Ok(t)) => {
-                tally.latencies.extend(t.latencies);
-                tally.requests += t.requests;
-                tally.symbols += t.symbols;
-                tally.errors += t.errors;
-                if tally.first_error.is_none() {
-                    tally.first_error = t.first_error;
+    let streams_done = async {
+        let mut failure = None;
+        for task in tasks {
+            match task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => failure = failure.or(Some(e)),
+                Err(e) => failure = failure.or(Some(format!("stream task: {e}"))),
+            }
+        }
+        failure
+    };
+    tokio::pin!(streams_done);
+    let mut total = Tally::default();
+    let mut samples = Vec::new();
+    let failure = if let Some(every) = cfg.report_every {
+        let mut ticker = tokio::time::interval_at((start + every).into(), every);
+        loop {
+            tokio::select! {
+                failure = &mut streams_done => break failure,
+                _ = ticker.tick() => {
+                    let mut window = take(&tally);
+                    let sample = Sample {
+                        elapsed_seconds: start.elapsed().as_secs_f64(),
+                        symbols_per_sec: window.symbols as f64 / every.as_secs_f64(),
+                        requests_per_sec: window.requests as f64 / every.as_secs_f64(),
+                        errors: window.errors,
+                        latency_ms: percentiles(&mut window.latencies),
+                        rss_bytes: server_rss(&client, &base, cfg).await,
+                    };
+                    on_sample(&sample);
+                    samples.push(sample);
+                    total.absorb(window);
                 }
             }
-            Ok(Err(e)) => failure = failure.or(Some(e)),
-            Err(e) => failure = failure.or(Some(format!("stream task: {e}"))),
         }
-    }
+    } else {
+        streams_done.await
+    };
     let seconds = start.elapsed().as_secs_f64();
     if let Some(e) = failure {
         return Err(LoadError::Server(e));
     }
+    total.absorb(take(&tally));
     let after = scrape(&client, &base, &cfg.model).await?;
+    let rss_end = server_rss(&client, &base, cfg).await;
     let server = before.zip(after).and_then(|(b, a)| {
         let steps = a[1] - b[1];
         (steps > 0.0).then(|| ServerSide {
@@ -308,16 +451,15 @@ pub async fn run(cfg: &LoadConfig) -> Result<LoadReport, LoadError> {
             mean_batch: (a[2] - b[2]) / steps,
         })
     });
-    let mut lat = tally.latencies;
-    lat.sort_by(f64::total_cmp);
-    let pct = |p: f64| if lat.is_empty() { 0.0 } else { lat[((lat.len() - 1) as f64 * p).round() as usize] };
-    let latency_ms = Latency {
-        p50: pct(0.5),
-        p90: pct(0.9),
-        p99: pct(0.99),
-        max: lat.last().copied().unwrap_or(0.0),
-        mean: if lat.is_empty() { 0.0 } else { lat.iter().sum::<f64>() / lat.len() as f64 },
-    };
+    let memory = rss_all_streams.zip(rss_end).map(|(all_streams, end)| {
+        let max = samples.iter().filter_map(|s| s.rss_bytes).chain([all_streams, end]).max().unwrap_or(end);
+        Memory {
+            all_streams_bytes: all_streams,
+            end_bytes: end,
+            max_bytes: max,
+            growth: end as f64 / all_streams as f64 - 1.0,
+        }
+    });
     Ok(LoadReport {
         protocol: cfg.protocol,
         model: cfg.model.clone(),
@@ -326,22 +468,42 @@ pub async fn run(cfg: &LoadConfig) -> Result<LoadReport, LoadError> {
         tokens_per_message: cfg.tokens_per_message,
         pipeline: if cfg.protocol == Protocol::Http { 1 } else { cfg.pipeline },
         seconds,
-        requests: tally.requests,
-        symbols: tally.symbols,
-        symbols_per_sec: tally.symbols as f64 / seconds,
-        requests_per_sec: tally.requests as f64 / seconds,
-        errors: tally.errors,
-        first_error: tally.first_error,
-        latency_ms,
+        requests: total.requests,
+        symbols: total.symbols,
+        symbols_per_sec: total.symbols as f64 / seconds,
+        requests_per_sec: total.requests as f64 / seconds,
+        errors: total.errors,
+        first_error: total.first_error,
+        latency_ms: percentiles(&mut total.latencies),
         server,
+        samples,
+        memory,
         engine: None,
         definition: Some(definition),
     })
 }
 
+/// An HTTP client that sends the API key, if any, with every request.
+fn authorized_client(cfg: &LoadConfig) -> Result<reqwest::Client, LoadError> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(key) = &cfg.api_key {
+        let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {key}"))
+            .map_err(|_| LoadError::Config("the API key is not a valid header value".into()))?;
+        value.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
+    reqwest::Client::builder().default_headers(headers).build().map_err(|e| LoadError::Config(e.to_string()))
+}
+
 /// One HTTP stream: a warm-up request, the barrier, then requests back to back until the end.
-async fn http_stream(url: &str, body: String, cfg: &LoadConfig, barrier: &Barrier) -> Result<Tally, String> {
-    let client = reqwest::Client::new();
+async fn http_stream(
+    url: &str,
+    body: String,
+    cfg: &LoadConfig,
+    barrier: &Barrier,
+    tally: &SharedTally,
+) -> Result<(), String> {
+    let client = authorized_client(cfg).map_err(|e| e.to_string())?;
     let send = |client: &reqwest::Client| {
         let request = client.post(url).header("content-type", "application/json").body(body.clone());
         async move {
@@ -358,24 +520,34 @@ async fn http_stream(url: &str, body: String, cfg: &LoadConfig, barrier: &Barrie
     send(&client).await?;
     barrier.wait().await;
     let deadline = Instant::now() + cfg.duration;
-    let mut tally = Tally::default();
     while Instant::now() < deadline {
         let sent = Instant::now();
         let outcome = send(&client).await;
-        tally.record(sent, outcome, cfg.tokens_per_message);
+        record(tally, sent, outcome, cfg.tokens_per_message);
     }
-    Ok(tally)
+    Ok(())
 }
 
 /// One WebSocket stream: a warm-up message, the barrier, then up to `pipeline` messages in
 /// flight until the end; replies come back in order.
-async fn ws_stream(url: &str, body: String, cfg: &LoadConfig, barrier: &Barrier) -> Result<Tally, String> {
-    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.map_err(|e| format!("{url}: {e}"))?;
+async fn ws_stream(
+    url: &str,
+    body: String,
+    cfg: &LoadConfig,
+    barrier: &Barrier,
+    tally: &SharedTally,
+) -> Result<(), String> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = url.into_client_request().map_err(|e| format!("{url}: {e}"))?;
+    if let Some(key) = &cfg.api_key {
+        let value = format!("Bearer {key}").parse().map_err(|_| "the API key is not a valid header value")?;
+        request.headers_mut().insert("authorization", value);
+    }
+    let (mut ws, _) = tokio_tungstenite::connect_async(request).await.map_err(|e| format!("{url}: {e}"))?;
     ws.send(Message::text(body.clone())).await.map_err(|e| format!("{url}: {e}"))?;
     next_reply(&mut ws, url).await??;
     barrier.wait().await;
     let deadline = Instant::now() + cfg.duration;
-    let mut tally = Tally::default();
     let mut in_flight = std::collections::VecDeque::with_capacity(cfg.pipeline);
     loop {
         while in_flight.len() < cfg.pipeline && Instant::now() < deadline {
@@ -384,10 +556,10 @@ async fn ws_stream(url: &str, body: String, cfg: &LoadConfig, barrier: &Barrier)
         }
         let Some(sent) = in_flight.pop_front() else { break };
         let outcome = next_reply(&mut ws, url).await?;
-        tally.record(sent, outcome, cfg.tokens_per_message);
+        record(tally, sent, outcome, cfg.tokens_per_message);
     }
     let _ = ws.close(None).await;
-    Ok(tally)
+    Ok(())
 }
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;

@@ -1,14 +1,15 @@
 //! The load generator ([`kfrtrl::load`]) against a real server in-process on 127.0.0.1:0: eight
-//! streams for about a second over HTTP and over WebSocket, with a sane report each time.
+//! streams for about a second over HTTP and over WebSocket, with a sane report each time; and a
+//! short soak with an API key, reporting every interval with the server's memory.
 
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
-use kfrtrl::api::{AppState, ServerConfig, serve};
+use kfrtrl::api::{ApiKey, AppState, ServerConfig, serve};
 use kfrtrl::engine::ModelRequest;
-use kfrtrl::load::{LoadConfig, LoadReport, Protocol, run};
+use kfrtrl::load::{LoadConfig, LoadReport, Protocol, run, run_with};
 
 fn check(report: &LoadReport, protocol: Protocol, tokens: usize) {
     assert_eq!(report.protocol, protocol);
@@ -44,6 +45,9 @@ async fn load_reports_throughput_and_latency_over_http_and_websocket() {
         pipeline: 1,
         duration: Duration::from_secs(1),
         stream_prefix: "load".into(),
+        report_every: None,
+        server_pid: None,
+        api_key: None,
     };
     let http = run(&cfg).await.unwrap();
     check(&http, Protocol::Http, 1);
@@ -58,6 +62,60 @@ async fn load_reports_throughput_and_latency_over_http_and_websocket() {
     cfg.model = "missing".into();
     assert!(run(&cfg).await.is_err(), "an unknown model is an error");
 
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_soak_reports_every_interval_with_the_servers_memory() {
+    const KEY: &str = "soak-test-key-0123456789";
+    let model = ModelRequest { name: "small".into(), hidden: Some(16), ..Default::default() };
+    let config =
+        ServerConfig { models: vec![model], api_key: Some(ApiKey::new(KEY).unwrap()), ..Default::default() };
+    let state = AppState::new(config).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(serve(listener, state.clone(), async move {
+        let _ = stopped.await;
+    }));
+    state.wait_ready().await;
+
+    let mut cfg = LoadConfig {
+        url: format!("http://{addr}"),
+        model: "small".into(),
+        streams: 4,
+        tokens_per_message: 2,
+        protocol: Protocol::Ws,
+        pipeline: 2,
+        duration: Duration::from_millis(2500),
+        stream_prefix: "soak".into(),
+        report_every: Some(Duration::from_millis(500)),
+        server_pid: None,
+        api_key: Some(KEY.into()),
+    };
+    let mut printed = 0;
+    let report = run_with(&cfg, |_| printed += 1).await.unwrap();
+    check(&report, Protocol::Ws, 2);
+    assert!((4..=6).contains(&report.samples.len()), "{:?}", report.samples);
+    assert_eq!(printed, report.samples.len());
+    let interval_requests: f64 = report.samples.iter().map(|s| s.requests_per_sec * 0.5).sum();
+    assert!(interval_requests <= report.requests as f64 + 0.5, "intervals never count a request twice");
+    for (i, s) in report.samples.iter().enumerate() {
+        assert!(s.symbols_per_sec > 0.0 && s.errors == 0, "{s:?}");
+        assert!(s.elapsed_seconds >= 0.5 * (i + 1) as f64 - 0.01, "{s:?}");
+        let l = &s.latency_ms;
+        assert!(0.0 < l.p50 && l.p50 <= l.p90 && l.p90 <= l.p99 && l.p99 <= l.max, "{l:?}");
+        assert!(s.rss_bytes.is_some_and(|b| b > 1 << 20), "rss from /metrics: {s:?}");
+    }
+    let memory = report.memory.as_ref().expect("memory from /metrics");
+    assert!(memory.all_streams_bytes > 1 << 20 && memory.max_bytes >= memory.end_bytes, "{memory:?}");
+    let json = serde_json::to_value(&report).unwrap();
+    assert!(json["samples"].is_array() && json["memory"]["growth"].is_number(), "{json}");
+
+    // The same run without the key is refused by the server.
+    cfg.api_key = None;
+    assert!(run(&cfg).await.is_err());
     stop.send(()).unwrap();
     server.await.unwrap().unwrap();
 }

@@ -1,4 +1,5 @@
-//! HTTP-level metrics (requests and durations by route template, WebSocket connections), the
+//! HTTP-level metrics (requests and durations by route template, requests in progress, WebSocket
+//! connections) and the process's own (`process_*`: memory, CPU, file descriptors), the
 //! middleware that records them, and the `/metrics` exposition of the server's registry.
 
 use std::time::Instant;
@@ -61,6 +62,9 @@ impl HttpMetrics {
         registry.register(Box::new(m.durations.clone()))?;
         registry.register(Box::new(m.websocket_connections.clone()))?;
         registry.register(Box::new(m.requests_in_progress.clone()))?;
+        // process_resident_memory_bytes, CPU seconds, open fds, threads: what a soak watches.
+        #[cfg(target_os = "linux")]
+        registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
         Ok(m)
     }
 }

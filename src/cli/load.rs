@@ -1,12 +1,13 @@
 //! `kfrtrl load`: drives a running server with concurrent streams over HTTP or WebSocket
 //! ([`kfrtrl::load`]) and prints the throughput, the latency percentiles, the worker's mean step
 //! and batch during the run, and, with `--engine`, the in-process engine at that batch size.
+//! With `--soak`, it runs for minutes and prints every interval, with the server's memory.
 
 use std::time::Duration;
 
 use clap::Args;
 
-use kfrtrl::load::{LoadConfig, LoadReport, Protocol, engine_comparison, run as run_load};
+use kfrtrl::load::{LoadConfig, LoadReport, Protocol, Sample, engine_comparison, run_with};
 
 /// Flags of `kfrtrl load`.
 #[derive(Debug, Args)]
@@ -42,6 +43,20 @@ pub struct LoadArgs {
     /// Threads of the load generator's async runtime.
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Soak: run for this many minutes (instead of --seconds), reporting every --report-every
+    /// seconds the throughput, latency percentiles and the server's resident memory.
+    #[arg(long, value_name = "MINUTES")]
+    soak: Option<f64>,
+    /// Seconds between two soak reports.
+    #[arg(long, default_value_t = 10.0, value_name = "SECS")]
+    report_every: f64,
+    /// Process id of a local server, to read its resident memory from /proc when its /metrics
+    /// has no process_resident_memory_bytes.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Bearer token of a server with an API key [env: KFRTRL_API_KEY].
+    #[arg(long)]
+    api_key: Option<String>,
     /// One JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -52,9 +67,17 @@ fn parse_protocol(s: &str) -> Result<Protocol, String> {
 }
 
 pub fn run(args: LoadArgs) -> Result<(), String> {
-    if !(args.seconds > 0.0 && args.seconds.is_finite()) {
-        return Err("--seconds must be positive".into());
+    let seconds = args.soak.map_or(args.seconds, |minutes| minutes * 60.0);
+    if !(seconds > 0.0 && seconds < 1e9) {
+        return Err("--seconds and --soak must be positive".into());
     }
+    let report_every = match args.soak {
+        Some(_) if !(args.report_every > 0.0 && args.report_every < 1e9) => {
+            return Err("--report-every must be positive".into());
+        }
+        Some(_) => Some(Duration::from_secs_f64(args.report_every)),
+        None => None,
+    };
     let cfg = LoadConfig {
         url: args.url,
         model: args.model,
@@ -62,15 +85,24 @@ pub fn run(args: LoadArgs) -> Result<(), String> {
         tokens_per_message: args.tokens_per_message,
         protocol: args.protocol,
         pipeline: args.pipeline,
-        duration: Duration::from_secs_f64(args.seconds),
+        duration: Duration::from_secs_f64(seconds),
         stream_prefix: args.stream_prefix,
+        report_every,
+        server_pid: args.server_pid,
+        api_key: args.api_key.or_else(|| std::env::var("KFRTRL_API_KEY").ok().filter(|k| !k.is_empty())),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.threads.max(1))
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;
-    let mut report = runtime.block_on(run_load(&cfg)).map_err(|e| e.to_string())?;
+    let quiet = args.json;
+    let on_sample = |s: &Sample| {
+        if !quiet {
+            print_sample(s);
+        }
+    };
+    let mut report = runtime.block_on(run_with(&cfg, on_sample)).map_err(|e| e.to_string())?;
     drop(runtime);
     if args.engine {
         engine_comparison(&mut report, 1.0).map_err(|e| e.to_string())?;
@@ -81,6 +113,19 @@ pub fn run(args: LoadArgs) -> Result<(), String> {
         print_report(&report);
     }
     Ok(())
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / f64::from(1u32 << 20)
+}
+
+fn print_sample(s: &Sample) {
+    let l = &s.latency_ms;
+    let rss = s.rss_bytes.map_or_else(|| "?".to_owned(), |b| format!("{:.1}", mib(b)));
+    println!(
+        "[{:>6.0} s] {:>8.0} symbols/s {:>7.0} req/s  ms p50 {:.2} p90 {:.2} p99 {:.2} max {:.2}  errors {}  rss {rss} MiB",
+        s.elapsed_seconds, s.symbols_per_sec, s.requests_per_sec, l.p50, l.p90, l.p99, l.max, s.errors
+    );
 }
 
 fn print_report(r: &LoadReport) {
@@ -104,6 +149,15 @@ fn print_report(r: &LoadReport) {
     );
     if let Some(e) = &r.first_error {
         println!("first error: {e}");
+    }
+    if let Some(m) = &r.memory {
+        println!(
+            "server rss: {:.1} MiB when every stream existed, {:.1} MiB at the end ({:+.1}%), max {:.1} MiB",
+            mib(m.all_streams_bytes),
+            mib(m.end_bytes),
+            100.0 * m.growth,
+            mib(m.max_bytes)
+        );
     }
     if let Some(s) = &r.server {
         println!(
