@@ -55,6 +55,11 @@ impl Float for f64 {
     }
 }
 
+/// Whether every element is finite.
+pub fn all_finite<'a, T: Float>(xs: impl IntoIterator<Item = &'a T>) -> bool {
+    xs.into_iter().all(|x| x.is_finite())
+}
+
 /// Sum of squares accumulated in f64, so that f32 factors neither overflow nor lose small terms.
 /// Eight independent accumulators let the compiler vectorise the widening loop.
 #[inline]

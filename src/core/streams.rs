@@ -17,7 +17,7 @@
 
 use ndarray::{Array2, ArrayView2, s};
 
-use super::float::Float;
+use super::float::{Float, all_finite};
 use super::learner::raw::SlotRows;
 use super::learner::{Learner, StepInputs, for_each_input};
 use super::linalg::{Par, gemm};
@@ -72,6 +72,9 @@ pub struct StepReport {
     pub contributions: f64,
     /// The optimizer's outcome, when an update was attempted.
     pub update: Option<UpdateOutcome>,
+    /// Slots whose learner state was reset after a fault (listed by
+    /// [`StreamSet::last_faulted_slots`]); 0 on every healthy step.
+    pub faulted: usize,
 }
 
 /// The per-stream states of one model in slots, and the scratch of its batched step.
@@ -89,6 +92,10 @@ pub struct StreamSet<T: Float> {
     learner: Learner<T>,
     scratch: Scratch<T>,
     grad: Gradients<T>,
+    /// Slots reset by the last fault recovery, and those of them restarted (non-finite state);
+    /// preallocated to the capacity.
+    faulted: Vec<usize>,
+    restarted: Vec<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -137,6 +144,8 @@ impl<T: Float> StreamSet<T> {
                 loss: vec![0.0; capacity],
             },
             grad: Gradients::zeros(spec),
+            faulted: Vec::with_capacity(capacity),
+            restarted: Vec::with_capacity(capacity),
         }
     }
 
@@ -278,8 +287,14 @@ impl<T: Float> StreamSet<T> {
             row.slice_mut(s![..n]).assign(&self.state.slice(s![x.slot, hoff..]));
             row[n] = T::one();
         }
-        let h1 = sc.h1.slice(s![..nb, ..]);
-        gemm(T::one(), h1, params.v.t(), T::zero(), sc.err.slice_mut(s![..nb, ..]), Par::Pool);
+        gemm(
+            T::one(),
+            sc.h1.slice(s![..nb, ..]),
+            params.v.t(),
+            T::zero(),
+            sc.err.slice_mut(s![..nb, ..]),
+            Par::Pool,
+        );
         let learners = inputs.iter().filter(|x| x.learn).count();
         {
             let err_rows = SlotRows::new(&mut sc.err);
@@ -305,6 +320,12 @@ impl<T: Float> StreamSet<T> {
         {
             return Ok(finished);
         }
+        // The readout gradient `errᵀ [h; 1]` must not see the state of an input that does not
+        // learn: its zero error times a non-finite state would poison the batch.
+        for (i, _) in inputs.iter().enumerate().filter(|(_, x)| !x.learn) {
+            sc.h1.row_mut(i).fill(T::zero());
+        }
+        let h1 = sc.h1.slice(s![..nb, ..]);
         let err = sc.err.slice(s![..nb, ..]);
         let v_h = params.v.slice(s![.., ..n]);
         gemm(T::one(), err, v_h, T::zero(), sc.delta_h.slice_mut(s![..nb, ..]), Par::Pool);
@@ -391,7 +412,8 @@ impl<T: Float> StreamSet<T> {
     }
 
     /// One full online step: score, update the weights with `optimizer` (if anything learned),
-    /// advance. `losses` receives each input's loss in nats.
+    /// recover from faults ([`StreamSet::recover_from_faults`]), advance. `losses` receives each
+    /// input's loss in nats.
     pub fn step(
         &mut self,
         params: &mut Params<T>,
@@ -401,15 +423,88 @@ impl<T: Float> StreamSet<T> {
     ) -> Result<StepReport, StepError> {
         let contributions = self.score(params, inputs, losses)?;
         let update = (contributions > 0.0).then(|| optimizer.apply(params, &self.grad));
-        if update == Some(UpdateOutcome::NonFinite) {
-            // A non-finite estimate came from some stream's factors: restart the learners of the
-            // batch so the fault cannot persist (KF-RTRL.md §8; the weights were not touched).
-            for x in inputs {
-                self.learner.reset(x.slot);
+        let faulted = self.recover_from_faults(params, inputs, &losses[..inputs.len()], update);
+        self.advance(params, inputs)?;
+        Ok(StepReport { contributions, update, faulted })
+    }
+
+    /// After [`StreamSet::score`] of `inputs` (losses in `losses`) and the optimizer's `update`:
+    /// when the update was refused as non-finite or a loss is not finite, finds the slots at
+    /// fault and resets their learner state, so that one stream's fault neither persists nor
+    /// stops the others from learning (KF-RTRL.md §8). Returns how many slots were reset; they are
+    /// listed by [`StreamSet::last_faulted_slots`]. Healthy steps cost one pass over `losses`.
+    ///
+    /// A slot is at fault when its loss, its cell state, its learner state, its readout error or
+    /// (for the learners whose estimate has no side effects: KF-RTRL, UORO, exact RTRL) its own
+    /// gradient contribution, recomputed alone, is not finite. When a refused update cannot be
+    /// traced to any slot, every slot of the batch is reset. A slot whose cell state is not
+    /// finite is restarted as by [`StreamSet::reset`] (listed by
+    /// [`StreamSet::last_restarted_slots`]): nothing else could make it finite again. The weights
+    /// are never touched here; after a refused update [`StreamSet::gradients`] is unspecified.
+    pub fn recover_from_faults(
+        &mut self,
+        params: &Params<T>,
+        inputs: &[SlotStep],
+        losses: &[f64],
+        update: Option<UpdateOutcome>,
+    ) -> usize {
+        self.faulted.clear();
+        self.restarted.clear();
+        let refused = update == Some(UpdateOutcome::NonFinite);
+        if !refused && losses.iter().all(|l| l.is_finite()) {
+            return 0;
+        }
+        self.find_faulted_slots(params, inputs, losses, refused);
+        if refused && self.faulted.is_empty() {
+            self.faulted.extend(inputs.iter().map(|x| x.slot));
+        }
+        for i in 0..self.faulted.len() {
+            let slot = self.faulted[i];
+            self.learner.discard(slot);
+            if !all_finite(self.state.row(slot)) {
+                self.reset(slot);
+                self.restarted.push(slot);
             }
         }
-        self.advance(params, inputs)?;
-        Ok(StepReport { contributions, update })
+        self.faulted.len()
+    }
+
+    /// The rare path of [`StreamSet::recover_from_faults`]: pushes the slots at fault.
+    fn find_faulted_slots(&mut self, params: &Params<T>, inputs: &[SlotStep], losses: &[f64], refused: bool) {
+        let Self { spec, state, learner, scratch: sc, grad, faulted, .. } = self;
+        let recompute =
+            refused && learner.immediate_readout_gradient() && spec.learner() != LearnerKind::Frozen;
+        for (i, x) in inputs.iter().enumerate() {
+            let mut at_fault = !losses[i].is_finite()
+                || !all_finite(state.row(x.slot))
+                || !learner.slot_is_finite(x.slot)
+                || (refused && x.learn && !(all_finite(sc.err.row(i)) && all_finite(sc.delta_h.row(i))));
+            if !at_fault && recompute && x.learn {
+                // Finite factors can still overflow in the product: recompute this input's
+                // contribution alone (`grad` is garbage after a refused update anyway).
+                grad.clear();
+                let rows = s![i..i + 1, ..];
+                let (err, h1, delta_h) = (sc.err.slice(rows), sc.h1.slice(rows), sc.delta_h.slice(rows));
+                gemm(T::one(), err.t(), h1, T::zero(), grad.v.view_mut(), Par::Pool);
+                learner.gradient(spec, params, &inputs[i..i + 1], delta_h, err, h1, state, grad);
+                at_fault = !grad.norm().is_finite();
+            }
+            if at_fault {
+                faulted.push(x.slot);
+            }
+        }
+    }
+
+    /// The slots reset by the last [`StreamSet::step`] (or [`StreamSet::recover_from_faults`])
+    /// after a fault, in batch order; empty after a healthy step.
+    pub fn last_faulted_slots(&self) -> &[usize] {
+        &self.faulted
+    }
+
+    /// Of [`StreamSet::last_faulted_slots`], those whose cell state was not finite, restarted
+    /// from the start of a sequence (position 0 before the step's advance).
+    pub fn last_restarted_slots(&self) -> &[usize] {
+        &self.restarted
     }
 
     /// The names and shapes of every slot's [`SlotState`]: a function of the spec only.

@@ -20,7 +20,7 @@ use rayon::prelude::*;
 use super::raw::{SlotBlocks, SlotRows};
 use super::{StepInputs, for_each_input};
 use crate::core::cell::CellKind;
-use crate::core::float::{Float, sum_squares};
+use crate::core::float::{Float, all_finite, sum_squares};
 use crate::core::linalg::{Par, gemm, jacobian};
 use crate::core::model::{ModelSpec, Params};
 use crate::core::optim::Gradients;
@@ -173,6 +173,13 @@ impl<T: Float> KfRtrl<T> {
         self.a[p].slice_mut(s![.., slot * rn..(slot + 1) * rn]).assign(&a);
         self.scale[slot] = tensor(names::KF_SCALE)[0];
         self.forced_sign[slot] = None;
+    }
+
+    /// Whether a slot's `u`, stored `A` and scale are all finite.
+    pub(super) fn slot_is_finite(&self, slot: usize) -> bool {
+        let rn = self.v.ncols();
+        let a = self.a[self.parity[slot] as usize].slice(s![.., slot * rn..(slot + 1) * rn]);
+        self.scale[slot].is_finite() && all_finite(self.u.row(slot)) && all_finite(a)
     }
 
     pub(super) fn reset(&mut self, slot: usize) {

@@ -89,6 +89,26 @@ impl<T: Float> Learner<T> {
         }
     }
 
+    /// Whether a slot's learner state is finite (checked only after a fault).
+    pub(crate) fn slot_is_finite(&self, slot: usize) -> bool {
+        match self {
+            Learner::KfRtrl(l) => l.slot_is_finite(slot),
+            Learner::Uoro(l) => l.slot_is_finite(slot),
+            Learner::Rtrl(l) => l.slot_is_finite(slot),
+            Learner::Tbptt(l) => l.slot_is_finite(slot),
+            Learner::Frozen => true,
+        }
+    }
+
+    /// Resets a slot's learner state after a fault: as [`Learner::reset`], and TBPTT also
+    /// zeroes its window buffers.
+    pub(crate) fn discard(&mut self, slot: usize) {
+        match self {
+            Learner::Tbptt(l) => l.discard(slot),
+            _ => self.reset(slot),
+        }
+    }
+
     /// Called before a reset that comes with a scored token: TBPTT backpropagates the losses
     /// its window has taken so far (a boundary must not drop them); returns the contributions.
     pub(crate) fn finish_sequence(

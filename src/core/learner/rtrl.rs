@@ -5,7 +5,7 @@ use ndarray::{Array3, ArrayView2, ArrayViewMut2, Axis, s};
 
 use super::raw::SlotRows;
 use super::{StepInputs, for_each_input};
-use crate::core::float::Float;
+use crate::core::float::{Float, all_finite};
 use crate::core::linalg::{Par, gemm, jacobian};
 use crate::core::model::{ModelSpec, Params};
 use crate::core::optim::Gradients;
@@ -48,6 +48,11 @@ impl<T: Float> Rtrl<T> {
         g.as_slice_mut()
             .expect("standard layout")
             .copy_from_slice(state.tensor(names::RTRL_G).expect("checked layout"));
+    }
+
+    /// Whether a slot's influence matrix is finite.
+    pub(super) fn slot_is_finite(&self, slot: usize) -> bool {
+        all_finite(self.g.index_axis(Axis(0), slot))
     }
 
     pub(super) fn reset(&mut self, slot: usize) {

@@ -6,7 +6,7 @@
 
 use ndarray::{Array2, Array3, ArrayView2, Axis, s};
 
-use crate::core::float::Float;
+use crate::core::float::{Float, all_finite};
 use crate::core::model::{ModelSpec, Params};
 use crate::core::optim::Gradients;
 use crate::core::slot_state::{SlotState, SlotStateError, names};
@@ -27,6 +27,9 @@ pub struct Tbptt<T> {
     /// Entries whose following token has been scored (`len − 1` or `len`).
     scored: Vec<usize>,
     learned: Vec<usize>,
+    /// Length of the window last backpropagated (its entries stay in the buffers until
+    /// overwritten), so that a non-finite gradient can be traced to the window that made it.
+    flushed: Vec<usize>,
     scratch: Scratch<T>,
 }
 
@@ -55,6 +58,7 @@ impl<T: Float> Tbptt<T> {
             len: vec![0; capacity],
             scored: vec![0; capacity],
             learned: vec![0; capacity],
+            flushed: vec![0; capacity],
             scratch: Scratch {
                 z: vec![T::zero(); r * n],
                 next: vec![T::zero(); s_len],
@@ -138,6 +142,26 @@ impl<T: Float> Tbptt<T> {
         self.len[slot] = counter(names::TBPTT_LEN);
         self.scored[slot] = counter(names::TBPTT_SCORED);
         self.learned[slot] = counter(names::TBPTT_LEARNED);
+        // Entries past the window are never read; zeros keep them out of fault tracing.
+        let len = self.len[slot];
+        self.prev.slice_mut(s![slot, len.., ..]).fill(T::zero());
+        self.err.slice_mut(s![slot, len.., ..]).fill(T::zero());
+        self.flushed[slot] = 0;
+    }
+
+    /// Whether the entries of a slot's window, and of the window it last backpropagated, are
+    /// finite.
+    pub(super) fn slot_is_finite(&self, slot: usize) -> bool {
+        let used = self.len[slot].max(self.flushed[slot]);
+        all_finite(self.prev.slice(s![slot, ..used, ..])) && all_finite(self.err.slice(s![slot, ..used, ..]))
+    }
+
+    /// Empties a slot's window and zeroes its buffers, so that a faulty window leaves no trace.
+    pub(super) fn discard(&mut self, slot: usize) {
+        self.reset(slot);
+        self.flushed[slot] = 0;
+        self.prev.index_axis_mut(Axis(0), slot).fill(T::zero());
+        self.err.index_axis_mut(Axis(0), slot).fill(T::zero());
     }
 
     pub(super) fn reset(&mut self, slot: usize) {
@@ -184,6 +208,7 @@ impl<T: Float> Tbptt<T> {
         self.len[dst] = self.len[src];
         self.scored[dst] = self.scored[src];
         self.learned[dst] = self.learned[src];
+        self.flushed[dst] = self.flushed[src];
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -243,6 +268,7 @@ impl<T: Float> Tbptt<T> {
         last_after: Option<&[T]>,
         grad: &mut Gradients<T>,
     ) {
+        self.flushed[b] = len;
         let (n, r, k, m) = (spec.n, spec.r, spec.k, spec.m);
         let hoff = spec.h_offset();
         let w_h = params.w_h(spec);

@@ -9,7 +9,7 @@ use ndarray::{Array2, Array3, ArrayView2, Axis, s};
 
 use super::raw::SlotRows;
 use super::{StepInputs, for_each_input};
-use crate::core::float::{Float, sum_squares};
+use crate::core::float::{Float, all_finite, sum_squares};
 use crate::core::model::{ModelSpec, Params};
 use crate::core::optim::Gradients;
 use crate::core::rng;
@@ -71,6 +71,11 @@ impl<T: Float> Uoro<T> {
         let mut th = self.th.index_axis_mut(Axis(0), slot);
         th.as_slice_mut().expect("standard layout").copy_from_slice(tensor(names::UORO_THETA));
         self.forced[slot] = None;
+    }
+
+    /// Whether a slot's `s̃` and `θ̃` are finite.
+    pub(super) fn slot_is_finite(&self, slot: usize) -> bool {
+        all_finite(self.st.row(slot)) && all_finite(self.th.index_axis(Axis(0), slot))
     }
 
     pub(super) fn reset(&mut self, slot: usize) {
