@@ -14,8 +14,11 @@
 //! [`save`] writes atomically: a temporary file in the same directory, `fsync`, `rename` over the
 //! target, then `fsync` of the directory; a reader sees the old file or the new one, never a mix.
 //! [`load`] validates everything (format, version, checksum, config, shapes, finiteness) and says
-//! what is wrong. The streams' states (hidden state, learner factors) are not part of the file: a
-//! loaded model starts its streams afresh.
+//! what is wrong.
+//!
+//! A server checkpoint adds [`ExtraTensor`]s (every stream's state and learner factors, stacked
+//! per name under `streams.`) and its bookkeeping as JSON in `metadata`; `kfrtrl train --save`
+//! writes none, and a model loaded from such a file starts its streams afresh.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -58,6 +61,20 @@ pub struct ModelFile {
     pub counters: Counters,
     /// Free JSON metadata (e.g. `{"corpus_format": "ptb-char", "symbols": [...]}`).
     pub metadata: serde_json::Map<String, serde_json::Value>,
+    /// More tensors (a checkpoint's stream states), covered by the checksum; their values may be
+    /// non-finite (a stream's fault is saved as it is).
+    pub extra: Vec<ExtraTensor>,
+}
+
+/// A tensor beyond the weights and optimizer moments.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExtraTensor {
+    /// Its name, unique, not one of the model's own names.
+    pub name: String,
+    /// Its shape (row-major).
+    pub shape: Vec<usize>,
+    /// Its values.
+    pub data: Vec<f32>,
 }
 
 impl ModelFile {
@@ -70,6 +87,7 @@ impl ModelFile {
             optimizer: Optimizer::new(&spec),
             counters: Counters::default(),
             metadata: serde_json::Map::new(),
+            extra: Vec::new(),
         })
     }
 
@@ -125,7 +143,7 @@ struct State {
 }
 
 /// A 64-bit hash of byte strings (each length-prefixed), 8 bytes at a time.
-fn checksum<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> u64 {
+pub(crate) fn checksum<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> u64 {
     use crate::core::rng::bits;
     let mut h = 0x6b66_7274_726c_2131u64; // "kfrtrl!1"
     for p in parts {
@@ -182,8 +200,26 @@ pub fn to_bytes(model: &ModelFile) -> Result<Vec<u8>, ModelFileError> {
             )));
         }
     }
-    let bytes: Vec<(&str, Vec<usize>, Vec<u8>)> =
+    let mut bytes: Vec<(&str, Vec<usize>, Vec<u8>)> =
         named.iter().map(|(name, a)| (*name, vec![a.nrows(), a.ncols()], to_le_bytes(a))).collect();
+    let mut extra: Vec<&ExtraTensor> = model.extra.iter().collect();
+    extra.sort_by(|a, b| a.name.cmp(&b.name));
+    for t in extra {
+        if named.iter().any(|(n, _)| *n == t.name) || bytes.iter().any(|(n, _, _)| *n == t.name) {
+            return Err(ModelFileError::Inconsistent(format!("duplicate tensor name {:?}", t.name)));
+        }
+        if t.shape.iter().product::<usize>() != t.data.len() {
+            return Err(ModelFileError::Inconsistent(format!(
+                "tensor {:?} does not match its shape",
+                t.name
+            )));
+        }
+        let mut b = Vec::with_capacity(t.data.len() * 4);
+        for x in &t.data {
+            b.extend_from_slice(&x.to_le_bytes());
+        }
+        bytes.push((t.name.as_str(), t.shape.clone(), b));
+    }
     let config =
         serde_json::to_string(&model.config).map_err(|e| ModelFileError::Inconsistent(e.to_string()))?;
     let state = serde_json::to_string(&State {
@@ -296,10 +332,27 @@ pub fn from_bytes(bytes: &[u8]) -> Result<ModelFile, ModelFileError> {
         arrays.push(a);
         raw.push(b);
     }
+    let mut extra_names: Vec<String> =
+        st.names().into_iter().filter(|n| !names.iter().any(|(m, _)| m == n)).cloned().collect();
+    extra_names.sort();
+    let mut extra = Vec::with_capacity(extra_names.len());
+    let mut extra_raw = Vec::with_capacity(extra_names.len());
+    for name in extra_names {
+        let t = st.tensor(&name).map_err(|e| invalid(format!("tensor {name:?}: {e:?}")))?;
+        if t.dtype() != Dtype::F32 {
+            return Err(invalid(format!("tensor {name:?} is {:?}, expected F32", t.dtype())));
+        }
+        let data = t.data();
+        let values =
+            data.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect();
+        extra_raw.push(data);
+        extra.push(ExtraTensor { shape: t.shape().to_vec(), data: values, name });
+    }
     let sum = checksum(
         [config_s.as_bytes(), state_s.as_bytes(), metadata_s.as_bytes()]
             .into_iter()
-            .chain(names.iter().zip(&raw).flat_map(|((name, _), b)| [name.as_bytes(), b.as_slice()])),
+            .chain(names.iter().zip(&raw).flat_map(|((name, _), b)| [name.as_bytes(), b.as_slice()]))
+            .chain(extra.iter().zip(&extra_raw).flat_map(|(t, b)| [t.name.as_bytes(), *b])),
     );
     if get("checksum")? != &format!("{sum:016x}") {
         return Err(invalid("checksum mismatch: the file is damaged"));
@@ -312,7 +365,7 @@ pub fn from_bytes(bytes: &[u8]) -> Result<ModelFile, ModelFileError> {
         optimizer.m = Some(Gradients { w: it.next().expect("m.w"), v: it.next().expect("m.v") });
         optimizer.v = Some(Gradients { w: it.next().expect("v.w"), v: it.next().expect("v.v") });
     }
-    Ok(ModelFile { config, params, optimizer, counters: state.counters, metadata })
+    Ok(ModelFile { config, params, optimizer, counters: state.counters, metadata, extra })
 }
 
 /// Writes a model file atomically (temporary file in the same directory, fsync, rename, fsync of

@@ -81,6 +81,7 @@ fn round_trip_is_bit_exact_and_training_continues_identically() {
             optimizer: opt.clone(),
             counters: Counters { steps: 30, symbols: 90, nonfinite_updates: 0 },
             metadata,
+            extra: Vec::new(),
         };
         let path = dir.join(format!("model-{}.safetensors", optimizer.name()));
         save(&path, &file).unwrap();

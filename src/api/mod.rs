@@ -35,7 +35,9 @@ use tokio::sync::watch;
 use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::core::ModelSpec;
-use crate::engine::{Engine, EngineError, EngineLimits, EngineMetrics, ModelDefinition, ModelRequest};
+use crate::engine::{
+    Durability, Engine, EngineError, EngineLimits, EngineMetrics, ModelDefinition, ModelRequest,
+};
 
 pub use auth::{ApiKey, WS_BEARER_PREFIX, WS_PROTOCOL};
 pub use metrics::HttpMetrics;
@@ -73,6 +75,8 @@ pub struct Limits {
     pub max_concurrent_requests: usize,
     /// WebSocket connections open at once; beyond, 503 `overloaded`.
     pub max_websockets: usize,
+    /// Streams per model, resident and evicted together.
+    pub max_stored_streams: usize,
 }
 
 impl Default for Limits {
@@ -92,6 +96,7 @@ impl Default for Limits {
             request_timeout_secs: 30.0,
             max_concurrent_requests: 512,
             max_websockets: 1024,
+            max_stored_streams: engine.max_stored_streams,
         }
     }
 }
@@ -105,6 +110,7 @@ impl Limits {
             max_models: self.max_models,
             max_model_bytes: self.max_model_bytes,
             default_max_streams: self.max_streams,
+            max_stored_streams: self.max_stored_streams,
         }
     }
 
@@ -120,6 +126,7 @@ impl Limits {
             ("max_hidden", self.max_hidden),
             ("max_concurrent_requests", self.max_concurrent_requests),
             ("max_websockets", self.max_websockets),
+            ("max_stored_streams", self.max_stored_streams),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(StartError::Config(format!("limits.{name} must be positive")));
@@ -170,28 +177,33 @@ impl Limits {
 /// Default of [`ServerConfig::shutdown_timeout`].
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// What the server runs with: its limits, the models it loads at start, its API key, and its
-/// shutdown deadline.
+/// What the server runs with: its limits, the models it loads at start, where it keeps them, its
+/// API key, and its shutdown deadline.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServerConfig {
     /// Limits.
     pub limits: Limits,
-    /// Models to load at start (their missing fields take the defaults).
+    /// Models to create at start if the data directory does not hold them already (their
+    /// missing fields take the defaults).
     pub models: Vec<ModelRequest>,
     /// When set, every `/v1` route needs it as a bearer token.
     pub api_key: Option<ApiKey>,
     /// How long a drain may take before the server gives up and fails.
     pub shutdown_timeout: Duration,
+    /// Checkpoints and write-ahead logs (`None`: nothing survives the process).
+    pub durability: Option<Durability>,
 }
 
 impl Default for ServerConfig {
-    /// The embedded defaults: one model named `default` with the default definition, no key.
+    /// The embedded defaults: one model named `default` with the default definition, no key,
+    /// in memory.
     fn default() -> Self {
         Self {
             limits: Limits::default(),
             models: vec![ModelRequest { name: "default".into(), ..Default::default() }],
             api_key: None,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            durability: None,
         }
     }
 }
@@ -252,7 +264,10 @@ impl AppState {
         let registry = prometheus::Registry::new();
         let engine_metrics = EngineMetrics::register(&registry)?;
         let http = HttpMetrics::register(&registry)?;
-        let engine = Arc::new(Engine::new(config.limits.engine_limits(), engine_metrics));
+        let engine = Arc::new(match config.durability {
+            Some(d) => Engine::with_durability(config.limits.engine_limits(), engine_metrics, d),
+            None => Engine::new(config.limits.engine_limits(), engine_metrics),
+        });
         let mut startup_models = Vec::new();
         for request in config.models {
             let name = request.name.clone();
@@ -328,15 +343,26 @@ impl AppState {
         self.inner.draining.send_replace(true);
     }
 
+    /// Restores the models of the data directory, creates the configured ones it lacks, starts
+    /// the periodic checkpoints, then flips readiness.
     async fn load_models(self) -> Result<(), StartError> {
+        let restored = self
+            .engine()
+            .restore()
+            .await
+            .map_err(|error| StartError::Model { name: "(data directory)".into(), error })?;
         for definition in self.inner.startup_models.clone() {
             let name = definition.name.clone();
+            if restored.contains(&name) {
+                continue;
+            }
             if let Err(error) = self.engine().create_model(definition).await {
                 return Err(StartError::Model { name, error });
             }
         }
+        tokio::spawn(self.engine().clone().run_checkpoints());
         self.inner.ready.send_replace(true);
-        tracing::info!(models = self.inner.startup_models.len(), "ready");
+        tracing::info!(restored = restored.len(), models = self.engine().models().len(), "ready");
         Ok(())
     }
 }
@@ -353,6 +379,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/models", post(routes::create_model).get(routes::list_models))
         .route("/v1/models/{model}", get(routes::get_model).delete(routes::delete_model))
+        .route("/v1/models/{model}/checkpoint", post(routes::checkpoint_model))
         .route(&format!("{stream}/tokens"), post(routes::post_tokens))
         .route(&format!("{stream}/predict"), post(routes::post_predict))
         .route("/v1/models/{model}/streams", get(routes::list_streams))

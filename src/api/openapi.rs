@@ -21,6 +21,11 @@ pub const SCHEMAS: &[(&str, &str, &str)] = &[
     ("TokensReply", "tokens_reply.schema.json", include_str!("../../proto-schemas/tokens_reply.schema.json")),
     ("StreamInfo", "stream_info.schema.json", include_str!("../../proto-schemas/stream_info.schema.json")),
     ("StreamList", "stream_list.schema.json", include_str!("../../proto-schemas/stream_list.schema.json")),
+    (
+        "CheckpointReply",
+        "checkpoint_reply.schema.json",
+        include_str!("../../proto-schemas/checkpoint_reply.schema.json"),
+    ),
     ("Problem", "problem.schema.json", include_str!("../../proto-schemas/problem.schema.json")),
     ("Health", "health.schema.json", include_str!("../../proto-schemas/health.schema.json")),
 ];

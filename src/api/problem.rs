@@ -262,6 +262,13 @@ impl From<EngineError> for ApiError {
                     .retry_after(5)
             }
             EngineError::WorkerStopped(_) => Self::internal(detail),
+            EngineError::Storage(_) => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "storage-failure", "Storage failure", detail)
+                    .retry_after(5)
+            }
+            EngineError::NotDurable => {
+                Self::new(StatusCode::CONFLICT, "not-durable", "No data directory", detail)
+            }
         }
     }
 }

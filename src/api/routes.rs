@@ -80,6 +80,14 @@ pub async fn delete_model(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// `POST /v1/models/{model}/checkpoint`: writes a checkpoint now; 200 with where and how big.
+pub async fn checkpoint_model(
+    State(state): State<AppState>,
+    PathParams(model): PathParams<String>,
+) -> ApiResult<Response> {
+    Ok(Json(state.engine().checkpoint(&model).await?).into_response())
+}
+
 async fn run_tokens(
     state: &AppState,
     model: &str,

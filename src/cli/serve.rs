@@ -10,7 +10,7 @@ use serde::Deserialize;
 use tracing_subscriber::EnvFilter;
 
 use kfrtrl::api::{ApiKey, AppState, DEFAULT_SHUTDOWN_TIMEOUT, Limits, ServerConfig, serve};
-use kfrtrl::engine::ModelRequest;
+use kfrtrl::engine::{Durability, FsyncPolicy, ModelRequest};
 
 const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 const DEFAULT_DATA_DIR: &str = "./data";
@@ -115,6 +115,24 @@ pub struct ServeArgs {
     /// [env: KFRTRL_MAX_MODEL_BYTES] [default: 4294967296].
     #[arg(long)]
     max_model_bytes: Option<u64>,
+    /// Seconds between periodic checkpoints of a model that changed; 0: only on demand and at
+    /// shutdown [env: KFRTRL_CHECKPOINT_INTERVAL_SECS] [default: 300].
+    #[arg(long)]
+    checkpoint_interval_secs: Option<u64>,
+    /// Checkpoints kept per model [env: KFRTRL_CHECKPOINT_KEEP] [default: 3].
+    #[arg(long)]
+    checkpoint_keep: Option<usize>,
+    /// When the write-ahead log is synced: always (before every reply), interval[:<ms>] (at most
+    /// every 100 ms or <ms>), never [env: KFRTRL_WAL_FSYNC] [default: always].
+    #[arg(long)]
+    wal_fsync: Option<FsyncPolicy>,
+    /// Streams idle this many seconds are evicted to disk (loaded back on their next request);
+    /// 0: only when a model's slots are full [env: KFRTRL_STREAM_IDLE_TTL_SECS] [default: 600].
+    #[arg(long)]
+    stream_idle_ttl_secs: Option<u64>,
+    /// Streams per model, resident and evicted [env: KFRTRL_MAX_STORED_STREAMS] [default: 100000].
+    #[arg(long)]
+    max_stored_streams: Option<usize>,
 }
 
 /// The config file.
@@ -129,6 +147,10 @@ struct FileConfig {
     api_key: Option<String>,
     api_key_file: Option<PathBuf>,
     shutdown_timeout_secs: Option<f64>,
+    checkpoint_interval_secs: Option<u64>,
+    checkpoint_keep: Option<usize>,
+    wal_fsync: Option<String>,
+    stream_idle_ttl_secs: Option<u64>,
     #[serde(default)]
     limits: Limits,
     /// Models loaded at start; without any, one model named `default` with the defaults.
@@ -178,6 +200,7 @@ fn settings(args: ServeArgs) -> Result<Settings, String> {
         (args.queue_tokens, "QUEUE_TOKENS", &mut limits.queue_tokens),
         (args.max_tokens_per_request, "MAX_TOKENS_PER_REQUEST", &mut limits.max_tokens_per_request),
         (args.max_body_bytes, "MAX_BODY_BYTES", &mut limits.max_body_bytes),
+        (args.max_stored_streams, "MAX_STORED_STREAMS", &mut limits.max_stored_streams),
     ];
     for (flag, var, slot) in overrides {
         if let Some(value) = pick(flag, var, None)? {
@@ -215,14 +238,35 @@ fn settings(args: ServeArgs) -> Result<Settings, String> {
     };
     let api_key = api_key(args.api_key, args.api_key_file, file.api_key, file.api_key_file)?;
     let models = if file.models.is_empty() { ServerConfig::default().models } else { file.models };
+    let data_dir: PathBuf =
+        pick(args.data_dir, "DATA_DIR", file.data_dir)?.unwrap_or_else(|| DEFAULT_DATA_DIR.into());
+    let mut durability = Durability::new(&data_dir);
+    let file_fsync = file.wal_fsync.map(|s| s.parse::<FsyncPolicy>()).transpose()?;
+    if let Some(fsync) = pick(args.wal_fsync, "WAL_FSYNC", file_fsync)? {
+        durability.fsync = fsync;
+    }
+    if let Some(secs) =
+        pick(args.checkpoint_interval_secs, "CHECKPOINT_INTERVAL_SECS", file.checkpoint_interval_secs)?
+    {
+        durability.checkpoint_interval = (secs > 0).then(|| Duration::from_secs(secs));
+    }
+    if let Some(keep) = pick(args.checkpoint_keep, "CHECKPOINT_KEEP", file.checkpoint_keep)? {
+        if keep == 0 {
+            return Err("checkpoint_keep must be at least 1".into());
+        }
+        durability.checkpoint_keep = keep;
+    }
+    if let Some(secs) = pick(args.stream_idle_ttl_secs, "STREAM_IDLE_TTL_SECS", file.stream_idle_ttl_secs)? {
+        durability.stream_idle_ttl = (secs > 0).then(|| Duration::from_secs(secs));
+    }
     Ok(Settings {
         listen: pick(args.listen, "LISTEN", file.listen)?.unwrap_or_else(|| DEFAULT_LISTEN.to_owned()),
-        data_dir: pick(args.data_dir, "DATA_DIR", file.data_dir)?.unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
+        data_dir,
         log_format: pick(args.log_format, "LOG_FORMAT", file.log_format)?.unwrap_or(LogFormat::Human),
         log_filter: pick(args.log_filter, "LOG", file.log_filter)?
             .unwrap_or_else(|| DEFAULT_LOG_FILTER.to_owned()),
         runtime_threads: pick(args.runtime_threads, "RUNTIME_THREADS", file.runtime_threads)?,
-        server: ServerConfig { limits, models, api_key, shutdown_timeout },
+        server: ServerConfig { limits, models, api_key, shutdown_timeout, durability: Some(durability) },
     })
 }
 

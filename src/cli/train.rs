@@ -158,6 +158,7 @@ pub fn run(args: TrainArgs) -> Result<(), String> {
                 nonfinite_updates: report.nonfinite_updates,
             },
             metadata,
+            extra: Vec::new(),
         };
         save(path, &file).map_err(|e| e.to_string())?;
     }

@@ -20,6 +20,16 @@ pub struct EngineMetrics {
     step_duration: HistogramVec,
     queue_depth: IntGaugeVec,
     active_streams: IntGaugeVec,
+    wal_fsync_duration: HistogramVec,
+    wal_bytes: IntCounterVec,
+    wal_failures: IntCounterVec,
+    streams_evicted: IntCounterVec,
+    streams_loaded: IntCounterVec,
+    stream_faults: IntCounterVec,
+    checkpoints: IntCounterVec,
+    checkpoint_last_success: GaugeVec,
+    checkpoint_duration: HistogramVec,
+    checkpoint_bytes: IntGaugeVec,
 }
 
 /// How a symbol was processed.
@@ -62,6 +72,18 @@ pub struct ModelMetrics {
     pub queue_depth: IntGauge,
     /// Streams held by the model.
     pub active_streams: IntGauge,
+    /// Wall time of one sync of the write-ahead log.
+    pub wal_fsync_duration: Histogram,
+    /// Bytes appended to the write-ahead log.
+    pub wal_bytes: IntCounter,
+    /// Failures of the write-ahead log.
+    pub wal_failures: IntCounter,
+    /// Streams evicted to disk.
+    pub streams_evicted: IntCounter,
+    /// Evicted streams loaded back.
+    pub streams_loaded: IntCounter,
+    /// Streams whose learner was reset after a non-finite value.
+    pub stream_faults: IntCounter,
 }
 
 impl ModelMetrics {
@@ -137,7 +159,64 @@ impl EngineMetrics {
                 model,
             )?,
             active_streams: IntGaugeVec::new(
-                Opts::new("kfrtrl_active_streams", "Streams held by a model."),
+                Opts::new("kfrtrl_active_streams", "Streams whose state a model holds in memory."),
+                model,
+            )?,
+            wal_fsync_duration: HistogramVec::new(
+                HistogramOpts::new(
+                    "kfrtrl_wal_fsync_duration_seconds",
+                    "Wall time of one sync of a model's write-ahead log (one group commit).",
+                )
+                .buckets(exponential_buckets(2.5e-5, 2.0, 18)?),
+                model,
+            )?,
+            wal_bytes: IntCounterVec::new(
+                Opts::new("kfrtrl_wal_bytes_total", "Bytes appended to a model's write-ahead log."),
+                model,
+            )?,
+            wal_failures: IntCounterVec::new(
+                Opts::new(
+                    "kfrtrl_wal_failures_total",
+                    "Write-ahead log failures (the model refuses requests until restarted).",
+                ),
+                model,
+            )?,
+            streams_evicted: IntCounterVec::new(
+                Opts::new("kfrtrl_streams_evicted_total", "Streams whose state was evicted to disk."),
+                model,
+            )?,
+            streams_loaded: IntCounterVec::new(
+                Opts::new("kfrtrl_streams_loaded_total", "Evicted streams loaded back into memory."),
+                model,
+            )?,
+            stream_faults: IntCounterVec::new(
+                Opts::new(
+                    "kfrtrl_stream_faults_total",
+                    "Streams whose learner state was reset after a non-finite loss, gradient or factor.",
+                ),
+                model,
+            )?,
+            checkpoints: IntCounterVec::new(
+                Opts::new("kfrtrl_checkpoints_total", "Checkpoints attempted, by outcome (ok, error)."),
+                &["model", "outcome"],
+            )?,
+            checkpoint_last_success: GaugeVec::new(
+                Opts::new(
+                    "kfrtrl_checkpoint_last_success_timestamp_seconds",
+                    "Unix time of a model's last successful checkpoint.",
+                ),
+                model,
+            )?,
+            checkpoint_duration: HistogramVec::new(
+                HistogramOpts::new(
+                    "kfrtrl_checkpoint_duration_seconds",
+                    "Wall time of a checkpoint (snapshot, write, sync, pruning).",
+                )
+                .buckets(exponential_buckets(1e-3, 2.0, 16)?),
+                model,
+            )?,
+            checkpoint_bytes: IntGaugeVec::new(
+                Opts::new("kfrtrl_checkpoint_bytes", "Size of a model's last checkpoint."),
                 model,
             )?,
         };
@@ -152,6 +231,16 @@ impl EngineMetrics {
         registry.register(Box::new(m.step_duration.clone()))?;
         registry.register(Box::new(m.queue_depth.clone()))?;
         registry.register(Box::new(m.active_streams.clone()))?;
+        registry.register(Box::new(m.wal_fsync_duration.clone()))?;
+        registry.register(Box::new(m.wal_bytes.clone()))?;
+        registry.register(Box::new(m.wal_failures.clone()))?;
+        registry.register(Box::new(m.streams_evicted.clone()))?;
+        registry.register(Box::new(m.streams_loaded.clone()))?;
+        registry.register(Box::new(m.stream_faults.clone()))?;
+        registry.register(Box::new(m.checkpoints.clone()))?;
+        registry.register(Box::new(m.checkpoint_last_success.clone()))?;
+        registry.register(Box::new(m.checkpoint_duration.clone()))?;
+        registry.register(Box::new(m.checkpoint_bytes.clone()))?;
         Ok(m)
     }
 
@@ -171,7 +260,33 @@ impl EngineMetrics {
             step_duration: self.step_duration.with_label_values(&[model]),
             queue_depth: self.queue_depth.with_label_values(&[model]),
             active_streams: self.active_streams.with_label_values(&[model]),
+            wal_fsync_duration: self.wal_fsync_duration.with_label_values(&[model]),
+            wal_bytes: self.wal_bytes.with_label_values(&[model]),
+            wal_failures: self.wal_failures.with_label_values(&[model]),
+            streams_evicted: self.streams_evicted.with_label_values(&[model]),
+            streams_loaded: self.streams_loaded.with_label_values(&[model]),
+            stream_faults: self.stream_faults.with_label_values(&[model]),
         }
+    }
+
+    /// Records a successful checkpoint (`bytes` 0: the first one of a new or restored model,
+    /// whose size is not known here).
+    pub fn checkpoint_succeeded(&self, model: &str, seconds: f64, bytes: u64) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        self.checkpoint_last_success.with_label_values(&[model]).set(now);
+        if bytes > 0 {
+            self.checkpoints.with_label_values(&[model, "ok"]).inc();
+            self.checkpoint_duration.with_label_values(&[model]).observe(seconds);
+            self.checkpoint_bytes.with_label_values(&[model]).set(bytes as i64);
+        }
+        let _ = self.checkpoints.with_label_values(&[model, "error"]);
+    }
+
+    /// Records a failed checkpoint.
+    pub fn checkpoint_failed(&self, model: &str) {
+        self.checkpoints.with_label_values(&[model, "error"]).inc();
     }
 
     /// Drops every series of a deleted model, so that labels stay bounded by the live models.
@@ -190,5 +305,17 @@ impl EngineMetrics {
         let _ = self.step_duration.remove_label_values(one);
         let _ = self.queue_depth.remove_label_values(one);
         let _ = self.active_streams.remove_label_values(one);
+        let _ = self.wal_fsync_duration.remove_label_values(one);
+        let _ = self.wal_bytes.remove_label_values(one);
+        let _ = self.wal_failures.remove_label_values(one);
+        let _ = self.streams_evicted.remove_label_values(one);
+        let _ = self.streams_loaded.remove_label_values(one);
+        let _ = self.stream_faults.remove_label_values(one);
+        for outcome in ["ok", "error"] {
+            let _ = self.checkpoints.remove_label_values(&[model, outcome]);
+        }
+        let _ = self.checkpoint_last_success.remove_label_values(one);
+        let _ = self.checkpoint_duration.remove_label_values(one);
+        let _ = self.checkpoint_bytes.remove_label_values(one);
     }
 }

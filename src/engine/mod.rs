@@ -6,28 +6,43 @@
 //! admit the work against the model's bounded queue (or refuse it at once with
 //! [`EngineError::QueueFull`]), and hand back a future of the worker's reply.
 //!
-//! A later checkpoint writer takes a consistent copy of a model through [`Engine::snapshot`],
-//! which the worker answers between two steps.
+//! Durability (when the engine has a data directory, see [`Durability`]): each model lives in
+//! `<data dir>/models/<name>/` as checkpoints (`checkpoint.rs`) plus a write-ahead log of every
+//! operation since (`wal.rs`). A checkpoint is a consistent copy the worker takes between two
+//! steps ([`Engine::snapshot`]), written by one serialized writer per model: periodically
+//! ([`Engine::run_checkpoints`]), on demand ([`Engine::checkpoint`]) and at shutdown. At boot,
+//! [`Engine::restore`] loads the newest valid checkpoint of every model and replays its log.
+//!
+//! Guarantee: a request that was answered is durable (with the default fsync policy `always`,
+//! even across a power loss). A request cut off by a crash may have taken effect in part, one
+//! token per step: the stream's `position` says exactly how many of its tokens were consumed, so
+//! a client can resend the rest.
 
+pub mod checkpoint;
 mod metrics;
 mod model;
+pub mod wal;
 mod worker;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
-use crate::core::{ModelSpec, Optimizer, Params, StreamSet};
+use crate::core::ModelSpec;
 
+pub use checkpoint::{EvictedStream, ModelSnapshot, StreamMeta, StreamSnapshot};
 pub use metrics::{EngineMetrics, ModelMetrics, SymbolMode};
 pub use model::{
     MAX_NAME_LEN, MAX_STREAMS_PER_MODEL, ModelDefinition, ModelRequest, estimate_model_bytes, valid_name,
 };
+pub use wal::FsyncPolicy;
 
 /// Limits that bound the engine's memory and queues.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,8 +57,51 @@ pub struct EngineLimits {
     pub max_models: usize,
     /// Largest estimated memory of one model (weights, optimizer, all stream slots), in bytes.
     pub max_model_bytes: u64,
-    /// Streams per model when a definition does not say.
+    /// Streams per model when a definition does not say (resident at once; more are evicted).
     pub default_max_streams: usize,
+    /// Streams per model, resident and evicted together (durable engines evict idle streams to
+    /// disk; this bounds the disk and the bookkeeping).
+    pub max_stored_streams: usize,
+}
+
+/// Where and how an engine keeps its models durable.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Durability {
+    /// The data directory; models live in `models/<name>/` under it.
+    pub data_dir: PathBuf,
+    /// When the write-ahead log is synced.
+    pub fsync: FsyncPolicy,
+    /// Time between periodic checkpoints of a model that changed (`None`: only on demand and at
+    /// shutdown).
+    pub checkpoint_interval: Option<Duration>,
+    /// Checkpoints kept per model (the newest that validates is used at boot).
+    pub checkpoint_keep: usize,
+    /// Streams idle this long are evicted to disk (`None`: only when a model's slots are full).
+    pub stream_idle_ttl: Option<Duration>,
+}
+
+impl Durability {
+    /// Defaults for a data directory: fsync `always`, a checkpoint every 5 minutes, 3 kept,
+    /// streams idle for 10 minutes evicted.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            fsync: FsyncPolicy::Always,
+            checkpoint_interval: Some(Duration::from_secs(300)),
+            checkpoint_keep: 3,
+            stream_idle_ttl: Some(Duration::from_secs(600)),
+        }
+    }
+
+    fn models_dir(&self) -> PathBuf {
+        self.data_dir.join("models")
+    }
+
+    /// The directory of a model (its name is validated: it is a safe file name).
+    pub fn model_dir(&self, model: &str) -> PathBuf {
+        debug_assert!(valid_name(model));
+        self.models_dir().join(model)
+    }
 }
 
 impl Default for EngineLimits {
@@ -55,6 +113,7 @@ impl Default for EngineLimits {
             max_models: 16,
             max_model_bytes: 4 << 30,
             default_max_streams: 256,
+            max_stored_streams: 100_000,
         }
     }
 }
@@ -130,6 +189,13 @@ pub enum EngineError {
     /// The server is shutting down.
     #[error("the server is shutting down")]
     ShuttingDown,
+    /// The model's durable storage failed (the write-ahead log, a checkpoint or a stream file):
+    /// the request's effect is not durable.
+    #[error("storage failure: {0}")]
+    Storage(String),
+    /// The engine runs without a data directory: nothing to checkpoint.
+    #[error("the server runs without a data directory; checkpoints are disabled")]
+    NotDurable,
     /// The model's worker stopped unexpectedly (a bug): the request was not completed.
     #[error("the worker of model `{0}` stopped")]
     WorkerStopped(String),
@@ -193,8 +259,17 @@ pub struct TokensReply {
     /// Every token's loss in bits, when asked.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub losses_bits: Option<Vec<f64>>,
+    /// Times during this request that a non-finite loss, gradient or learner factor was met: the
+    /// weight update of that step was skipped and the stream's learner state reset (its
+    /// hidden state and position are kept). Omitted when zero.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub learner_resets: u32,
     /// The most likely next tokens, most likely first.
     pub predictions: Vec<Prediction>,
+}
+
+fn is_zero(x: &u32) -> bool {
+    *x == 0
 }
 
 /// Live statistics of one stream.
@@ -214,10 +289,14 @@ pub struct StreamInfo {
     pub mean_loss_bits: Option<f64>,
     /// Moving average of the loss in bits over about the last 100 tokens (null before the first).
     pub loss_bits_avg: Option<f64>,
+    /// Times its learner state was reset after a non-finite value.
+    pub learner_resets: u64,
     /// Tokens queued for the stream.
     pub queued_tokens: usize,
-    /// Seconds since the stream last consumed a token or was created.
+    /// Seconds since the stream last consumed a token or was created (0 when evicted).
     pub idle_seconds: f64,
+    /// Whether its state is in memory (false: evicted to disk, loaded back on its next request).
+    pub resident: bool,
 }
 
 /// Whether a model can serve yet.
@@ -231,7 +310,8 @@ pub enum ModelState {
 }
 
 /// Live statistics of one model.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ModelStats {
     /// Tokens consumed by its streams.
     pub symbols_seen: u64,
@@ -243,12 +323,16 @@ pub struct ModelStats {
     pub optimizer_updates: u64,
     /// Updates refused because the gradient was not finite.
     pub nonfinite_updates: u64,
+    /// Streams whose learner state was reset after a non-finite value.
+    pub stream_faults: u64,
     /// Moving average of the loss in bits (about 100 tokens; null before the first).
     pub loss_bits_avg: Option<f64>,
     /// Moving average of the top-1 accuracy (null before the first token).
     pub top1_accuracy_avg: Option<f64>,
-    /// Streams held.
+    /// Streams held (resident and evicted).
     pub streams: usize,
+    /// Streams whose state is in memory.
+    pub resident_streams: usize,
     /// Tokens queued, waiting to be stepped.
     pub queued_tokens: usize,
 }
@@ -266,30 +350,14 @@ pub struct ModelInfo {
     pub stats: ModelStats,
 }
 
-/// A stream as it stands in a snapshot.
-#[derive(Debug, Clone, PartialEq)]
-pub struct StreamSnapshot {
-    /// The stream's name.
-    pub name: String,
-    /// Its slot in [`ModelSnapshot::streams`].
-    pub slot: usize,
-    /// Tokens consumed since it was created.
-    pub position: u64,
+fn unique_suffix() -> String {
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    format!("{}-{nanos}", std::process::id())
 }
 
-/// A consistent copy of a model between two steps: everything needed to resume it.
-#[derive(Debug, Clone)]
-pub struct ModelSnapshot {
-    /// The definition.
-    pub definition: ModelDefinition,
-    /// The weights.
-    pub params: Params<f32>,
-    /// The optimizer with its moments.
-    pub optimizer: Optimizer<f32>,
-    /// Every slot's state and learner factors.
-    pub streams: StreamSet<f32>,
-    /// Which stream owns which slot.
-    pub stream_slots: Vec<StreamSnapshot>,
+/// Whether `dir` holds a model's files (used by tools and tests).
+pub fn has_checkpoint(dir: &Path) -> bool {
+    checkpoint::list(dir).is_ok_and(|l| !l.is_empty())
 }
 
 /// The stable 64-bit FNV-1a hash of a stream name: the label of the stream's random-sign key,
@@ -317,6 +385,8 @@ struct Shared {
     stop: AtomicU8,
     ready: AtomicBool,
     stats: Mutex<ModelStats>,
+    /// Sequence number of the model's next logged operation (what a checkpoint would cover).
+    next_seq: AtomicU64,
 }
 
 /// An admitted token request's share of its model's queue, released when the job is dropped
@@ -352,8 +422,10 @@ enum Command {
     ListStreams {
         reply: oneshot::Sender<Result<Vec<StreamInfo>, EngineError>>,
     },
+    /// Take a snapshot; with `rotate`, also start a new log segment after it (a checkpoint).
     Snapshot {
-        reply: oneshot::Sender<ModelSnapshot>,
+        reply: oneshot::Sender<Box<ModelSnapshot>>,
+        rotate: bool,
     },
     /// Re-check the hold and stop flags.
     Wake,
@@ -383,7 +455,9 @@ struct ModelHandle {
     spec: ModelSpec,
     tx: SyncSender<Command>,
     shared: Arc<Shared>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    thread: Mutex<Option<JoinHandle<Option<Box<ModelSnapshot>>>>>,
+    /// Serializes the model's checkpoint writes; holds the sequence number of the last one.
+    checkpoint: tokio::sync::Mutex<Option<u64>>,
 }
 
 impl ModelHandle {
@@ -434,18 +508,54 @@ impl Drop for HoldGuard {
     }
 }
 
+/// What a checkpoint wrote.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CheckpointInfo {
+    /// The model.
+    pub model: String,
+    /// The file.
+    pub path: String,
+    /// Its size in bytes.
+    pub bytes: u64,
+    /// Sequence number of the first log record it does not contain.
+    pub next_seq: u64,
+    /// Resident streams saved in it.
+    pub streams: usize,
+    /// Seconds it took (snapshot, write, sync, pruning).
+    pub seconds: f64,
+}
+
 /// All models of the server.
 pub struct Engine {
     limits: EngineLimits,
     metrics: EngineMetrics,
     models: RwLock<BTreeMap<String, Arc<ModelHandle>>>,
     accepting: AtomicBool,
+    durability: Option<Durability>,
 }
 
 impl Engine {
-    /// An engine without models, whose metrics go to `metrics`.
+    /// An engine without models and without a data directory (nothing survives the process),
+    /// whose metrics go to `metrics`.
     pub fn new(limits: EngineLimits, metrics: EngineMetrics) -> Self {
-        Self { limits, metrics, models: RwLock::new(BTreeMap::new()), accepting: AtomicBool::new(true) }
+        Self {
+            limits,
+            metrics,
+            models: RwLock::new(BTreeMap::new()),
+            accepting: AtomicBool::new(true),
+            durability: None,
+        }
+    }
+
+    /// An engine that keeps its models under `durability.data_dir` (call [`Engine::restore`]
+    /// before serving to load what is there).
+    pub fn with_durability(limits: EngineLimits, metrics: EngineMetrics, durability: Durability) -> Self {
+        Self { durability: Some(durability), ..Self::new(limits, metrics) }
+    }
+
+    /// The durability settings, if the engine has a data directory.
+    pub fn durability(&self) -> Option<&Durability> {
+        self.durability.as_ref()
     }
 
     /// The engine's limits.
@@ -494,9 +604,73 @@ impl Engine {
         Ok(spec)
     }
 
-    /// Creates a model and starts its worker; returns once the worker has allocated it.
+    /// Creates a model and starts its worker; returns once the worker has allocated it (and,
+    /// with a data directory, written its first checkpoint).
     pub async fn create_model(&self, def: ModelDefinition) -> Result<ModelInfo, EngineError> {
         let spec = self.check_definition(&def)?;
+        if let Some(d) = &self.durability {
+            let dir = d.model_dir(&def.name);
+            let taken = tokio::task::spawn_blocking(move || checkpoint::list(&dir).map(|l| !l.is_empty()))
+                .await
+                .unwrap_or(Ok(false));
+            if matches!(taken, Ok(true)) && self.handle(&def.name).is_err() {
+                return Err(EngineError::Storage(format!(
+                    "the data directory holds checkpoints of a model `{}` that is not loaded",
+                    def.name
+                )));
+            }
+        }
+        self.spawn_model(def, spec, worker::Start::Fresh).await
+    }
+
+    /// Loads every model found in the data directory: the newest valid checkpoint of each, then
+    /// its log. Returns the names loaded. Models that cannot be loaded are reported and skipped.
+    pub async fn restore(&self) -> Result<Vec<String>, EngineError> {
+        let Some(d) = &self.durability else { return Ok(Vec::new()) };
+        let models_dir = d.models_dir();
+        std::fs::create_dir_all(&models_dir)
+            .map_err(|e| EngineError::Storage(format!("{}: {e}", models_dir.display())))?;
+        let mut names: Vec<String> = std::fs::read_dir(&models_dir)
+            .map_err(|e| EngineError::Storage(format!("{}: {e}", models_dir.display())))?
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+            .filter(|name| valid_name(name))
+            .collect();
+        names.sort();
+        let mut loaded = Vec::new();
+        for name in names {
+            let dir = d.model_dir(&name);
+            let found = tokio::task::spawn_blocking(move || checkpoint::load_latest(&dir))
+                .await
+                .map_err(|e| EngineError::Storage(e.to_string()))?
+                .map_err(|e| EngineError::Storage(format!("model `{name}`: {e}")))?;
+            let (best, rejected) = found;
+            for reason in &rejected {
+                tracing::error!(model = %name, %reason, "checkpoint rejected");
+            }
+            let Some((snapshot, path)) = best else {
+                tracing::warn!(model = %name, "no valid checkpoint: the directory is ignored");
+                continue;
+            };
+            if snapshot.definition.name != name {
+                tracing::error!(model = %name, "the checkpoint belongs to another model: ignored");
+                continue;
+            }
+            tracing::info!(model = %name, checkpoint = %path.display(), "restoring");
+            let def = snapshot.definition.clone();
+            let spec = self.check_definition(&def)?;
+            self.spawn_model(def, spec, worker::Start::Restore(Box::new(snapshot))).await?;
+            loaded.push(name);
+        }
+        Ok(loaded)
+    }
+
+    async fn spawn_model(
+        &self,
+        def: ModelDefinition,
+        spec: ModelSpec,
+        start: worker::Start,
+    ) -> Result<ModelInfo, EngineError> {
         let name = def.name.clone();
         let (tx, rx) = sync_channel(self.limits.queue_requests + CONTROL_HEADROOM);
         let shared = Arc::new(Shared {
@@ -507,13 +681,19 @@ impl Engine {
             stop: AtomicU8::new(STOP_NONE),
             ready: AtomicBool::new(false),
             stats: Mutex::new(ModelStats::default()),
+            next_seq: AtomicU64::new(0),
         });
+        let restored_seq = match &start {
+            worker::Start::Restore(s) => Some(s.next_seq),
+            worker::Start::Fresh => None,
+        };
         let handle = Arc::new(ModelHandle {
             definition: def.clone(),
             spec: spec.clone(),
             tx,
             shared: shared.clone(),
             thread: Mutex::new(None),
+            checkpoint: tokio::sync::Mutex::new(restored_seq.or(Some(0))),
         });
         {
             let mut models = self.models.write().unwrap_or_else(PoisonError::into_inner);
@@ -530,9 +710,23 @@ impl Engine {
         }
         let (ready_tx, ready_rx) = oneshot::channel();
         let metrics = self.metrics.for_model(&name);
-        let spawned = std::thread::Builder::new().name(format!("model-{name}")).spawn(move || {
-            worker::run(def, spec, rx, shared, metrics, ready_tx);
-        });
+        let init = worker::WorkerInit {
+            definition: def,
+            spec,
+            shared,
+            metrics,
+            durable: self.durability.as_ref().map(|d| worker::DurableConfig {
+                dir: d.model_dir(&name),
+                fsync: d.fsync,
+                idle_ttl: d.stream_idle_ttl,
+                keep: d.checkpoint_keep,
+            }),
+            max_stored_streams: self.limits.max_stored_streams,
+            start,
+        };
+        let spawned = std::thread::Builder::new()
+            .name(format!("model-{name}"))
+            .spawn(move || worker::run(init, rx, ready_tx));
         let outcome = match spawned {
             Ok(thread) => {
                 *handle.thread.lock().unwrap_or_else(PoisonError::into_inner) = Some(thread);
@@ -542,6 +736,9 @@ impl Engine {
         };
         match outcome {
             Ok(()) => {
+                if self.durability.is_some() {
+                    self.metrics.checkpoint_succeeded(&name, 0.0, 0);
+                }
                 tracing::info!(model = %name, "model ready");
                 Ok(handle.info())
             }
@@ -549,7 +746,7 @@ impl Engine {
                 self.models.write().unwrap_or_else(PoisonError::into_inner).remove(&name);
                 self.metrics.remove_model(&name);
                 tracing::error!(model = %name, %reason, "model failed to load");
-                Err(EngineError::WorkerStopped(name))
+                Err(EngineError::Storage(format!("model `{name}` failed to load: {reason}")))
             }
         }
     }
@@ -586,6 +783,23 @@ impl Engine {
         }
         handle.stop(STOP_ABORT);
         self.metrics.remove_model(model);
+        if let Some(d) = &self.durability {
+            // Renamed out of the way at once (a model of the same name may be created next),
+            // removed in the background once the worker has let go of it.
+            let dir = d.model_dir(model);
+            let grave = d.models_dir().join(format!(".deleted-{model}-{}", unique_suffix()));
+            if let Err(e) = std::fs::rename(&dir, &grave) {
+                tracing::error!(model, error = %e, "cannot remove the model's directory");
+            } else {
+                let thread = handle.thread.lock().unwrap_or_else(PoisonError::into_inner).take();
+                std::thread::spawn(move || {
+                    if let Some(t) = thread {
+                        let _ = t.join();
+                    }
+                    let _ = std::fs::remove_dir_all(&grave);
+                });
+            }
+        }
         tracing::info!(model, "model deleted");
         Ok(())
     }
@@ -687,8 +901,86 @@ impl Engine {
     pub async fn snapshot(&self, model: &str) -> Result<ModelSnapshot, EngineError> {
         let handle = self.handle(model)?;
         let (reply, rx) = oneshot::channel();
-        handle.send(Command::Snapshot { reply })?;
-        rx.await.map_err(|_| EngineError::WorkerStopped(model.to_owned()))
+        handle.send(Command::Snapshot { reply, rotate: false })?;
+        rx.await.map(|s| *s).map_err(|_| EngineError::WorkerStopped(model.to_owned()))
+    }
+
+    /// Writes a checkpoint of a model now (one writer per model: a second call waits for the
+    /// first). Taking it changes nothing the model does next.
+    pub async fn checkpoint(&self, model: &str) -> Result<CheckpointInfo, EngineError> {
+        let d = self.durability.clone().ok_or(EngineError::NotDurable)?;
+        let handle = self.handle(model)?;
+        let mut last = handle.checkpoint.lock().await;
+        let started = std::time::Instant::now();
+        let (reply, rx) = oneshot::channel();
+        handle.send(Command::Snapshot { reply, rotate: true })?;
+        let snapshot = rx.await.map_err(|_| EngineError::WorkerStopped(model.to_owned()))?;
+        let dir = d.model_dir(model);
+        let result = self.write_checkpoint(model, dir, snapshot, d.checkpoint_keep, started).await;
+        if let Ok(info) = &result {
+            *last = Some(info.next_seq);
+        }
+        result
+    }
+
+    async fn write_checkpoint(
+        &self,
+        model: &str,
+        dir: PathBuf,
+        snapshot: Box<ModelSnapshot>,
+        keep: usize,
+        started: std::time::Instant,
+    ) -> Result<CheckpointInfo, EngineError> {
+        let (next_seq, streams) = (snapshot.next_seq, snapshot.stream_slots.len());
+        let written = tokio::task::spawn_blocking(move || checkpoint::write(&dir, &snapshot, keep))
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+        let seconds = started.elapsed().as_secs_f64();
+        match written {
+            Ok((path, bytes)) => {
+                self.metrics.checkpoint_succeeded(model, seconds, bytes);
+                tracing::info!(model, path = %path.display(), bytes, seconds, "checkpoint written");
+                Ok(CheckpointInfo {
+                    model: model.to_owned(),
+                    path: path.display().to_string(),
+                    bytes,
+                    next_seq,
+                    streams,
+                    seconds,
+                })
+            }
+            Err(e) => {
+                self.metrics.checkpoint_failed(model);
+                tracing::error!(model, error = %e, "checkpoint failed");
+                Err(EngineError::Storage(e))
+            }
+        }
+    }
+
+    /// Checkpoints every model that changed since its last checkpoint, every
+    /// `checkpoint_interval`, until the engine shuts down. Spawn it once.
+    pub async fn run_checkpoints(self: Arc<Self>) {
+        let Some(every) = self.durability.as_ref().and_then(|d| d.checkpoint_interval) else { return };
+        let mut ticker = tokio::time::interval(every);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticker.tick().await;
+        loop {
+            ticker.tick().await;
+            if !self.accepting.load(Ordering::Acquire) {
+                return;
+            }
+            let handles: Vec<Arc<ModelHandle>> =
+                self.models.read().unwrap_or_else(PoisonError::into_inner).values().cloned().collect();
+            for handle in handles {
+                let changed = {
+                    let last = *handle.checkpoint.lock().await;
+                    last != Some(handle.shared.next_seq.load(Ordering::Acquire))
+                };
+                if changed && handle.shared.ready.load(Ordering::Acquire) {
+                    let _ = self.checkpoint(&handle.definition.name).await;
+                }
+            }
+        }
     }
 
     /// Stops a model's stepping until the guard is dropped; requests keep queueing (up to the
@@ -712,11 +1004,19 @@ impl Engine {
         }
         for handle in handles {
             let thread = handle.thread.lock().unwrap_or_else(PoisonError::into_inner).take();
-            if let Some(thread) = thread {
-                let joined = tokio::task::spawn_blocking(move || thread.join()).await;
-                if !matches!(joined, Ok(Ok(()))) {
-                    tracing::error!(model = %handle.definition.name, "model worker ended abnormally");
+            let Some(thread) = thread else { continue };
+            let name = handle.definition.name.clone();
+            let started = std::time::Instant::now();
+            match tokio::task::spawn_blocking(move || thread.join()).await {
+                Ok(Ok(Some(snapshot))) => {
+                    if let Some(d) = &self.durability {
+                        let _last = handle.checkpoint.lock().await;
+                        let dir = d.model_dir(&name);
+                        let _ = self.write_checkpoint(&name, dir, snapshot, d.checkpoint_keep, started).await;
+                    }
                 }
+                Ok(Ok(None)) => {}
+                _ => tracing::error!(model = %name, "model worker ended abnormally"),
             }
         }
     }

@@ -11,20 +11,33 @@
 //! ride in the following batches on the copy with `learn = false`, which leaves the weights, the
 //! optimizer and the stream's own slot untouched. One predict runs at a time; others wait at the
 //! head of their streams' queues.
+//!
+//! Durability: every operation that changes the model (a stream opened, closed, copied,
+//! evicted, loaded or forgotten; a batched step) goes through one `apply_*` method that both
+//! performs it and appends it to the write-ahead log; replay at boot calls the same methods, so
+//! the recovered model is bit-identical. Replies travel through the log's writer thread and are
+//! sent only once the records they depend on are written (and synced, per the policy).
+//!
+//! Stream lifecycle: a stream idle for longer than the TTL, or the least recently used idle one
+//! when a new stream needs a slot, is evicted: its state goes to a file and its slot is freed;
+//! its next request loads it back, so eviction loses nothing.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::f64::consts::LN_2;
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::{Arc, PoisonError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ndarray::{Array2, ArrayView1, linalg::general_mat_mul, s};
 use tokio::sync::oneshot;
 
+use super::checkpoint::{self, EvictedStream, ModelSnapshot, StreamMeta, StreamSnapshot};
+use super::wal::{self, Completion, Event, FsyncPolicy, RecordBuf, WalObserver, WalWriter};
 use super::{
-    Command, EngineError, Mode, ModelDefinition, ModelMetrics, ModelSnapshot, ModelStats, Prediction,
-    STOP_ABORT, STOP_DRAIN, Shared, StreamInfo, StreamSnapshot, TokenJob, TokensReply, stream_label,
+    Command, EngineError, Mode, ModelDefinition, ModelMetrics, ModelStats, Prediction, STOP_ABORT,
+    STOP_DRAIN, Shared, StreamInfo, TokenJob, TokensReply, stream_label,
 };
 use crate::core::rng::derive_key;
 use crate::core::{ModelSpec, Optimizer, Params, SlotStep, StreamSet, UpdateOutcome};
@@ -32,20 +45,53 @@ use crate::core::{ModelSpec, Optimizer, Params, SlotStep, StreamSet, UpdateOutco
 /// Weight of the newest token in the moving averages (a time constant of about 100 tokens).
 const EMA_WEIGHT: f64 = 0.01;
 
+/// How often an idle worker looks for streams past their TTL.
+const SWEEP_EVERY: Duration = Duration::from_millis(500);
+
+/// Where a model's durable state lives and how it is kept.
+#[derive(Debug, Clone)]
+pub(super) struct DurableConfig {
+    /// The model's directory.
+    pub dir: PathBuf,
+    /// When the log is synced.
+    pub fsync: FsyncPolicy,
+    /// Idle streams older than this are evicted to disk.
+    pub idle_ttl: Option<Duration>,
+    /// Checkpoints kept.
+    pub keep: usize,
+}
+
+/// How a worker starts.
+pub(super) enum Start {
+    /// A new model: fresh weights (and, when durable, its first checkpoint).
+    Fresh,
+    /// A model restored from a checkpoint, then the log past it.
+    Restore(Box<ModelSnapshot>),
+}
+
+/// Everything a worker is started with.
+pub(super) struct WorkerInit {
+    pub definition: ModelDefinition,
+    pub spec: ModelSpec,
+    pub shared: Arc<Shared>,
+    pub metrics: ModelMetrics,
+    pub durable: Option<DurableConfig>,
+    pub max_stored_streams: usize,
+    pub start: Start,
+}
+
 /// Runs a model's worker on the calling thread until the model is deleted or the engine shuts
-/// down. `ready` learns whether the model could be allocated.
+/// down. `ready` learns whether the model could be allocated (and restored). Returns the model's
+/// final snapshot when it stopped by draining (for the shutdown checkpoint).
 pub(super) fn run(
-    definition: ModelDefinition,
-    spec: ModelSpec,
+    init: WorkerInit,
     rx: Receiver<Command>,
-    shared: Arc<Shared>,
-    metrics: ModelMetrics,
     ready: oneshot::Sender<Result<(), String>>,
-) {
+) -> Option<Box<ModelSnapshot>> {
     // The core's parallel sections fork inside this pool, off the async runtime's threads.
     let pool = match rayon::ThreadPoolBuilder::new()
         .thread_name({
-            let name = definition.name.clone();
+            let name = init.definition.name.clone();
             move |i| format!("model-{name}-{i}")
         })
         .build()
@@ -53,15 +99,23 @@ pub(super) fn run(
         Ok(pool) => pool,
         Err(e) => {
             let _ = ready.send(Err(format!("cannot build the thread pool: {e}")));
-            return;
+            return None;
         }
     };
     pool.install(move || {
-        let mut worker = Worker::new(definition, spec, shared, metrics);
+        let mut worker = match Worker::start(init) {
+            Ok(worker) => worker,
+            Err(e) => {
+                let _ = ready.send(Err(e));
+                return None;
+            }
+        };
         worker.shared.ready.store(true, Ordering::Release);
+        worker.publish_stats();
         let _ = ready.send(Ok(()));
-        worker.run(rx);
-    });
+        let drained = worker.run(rx);
+        drained.then(|| Box::new(worker.snapshot()))
+    })
 }
 
 /// A queued piece of work of one stream.
@@ -77,32 +131,20 @@ struct ActiveJob {
     next: usize,
     loss_bits_sum: f64,
     losses_bits: Vec<f64>,
+    /// Times the stream's learner was reset after a non-finite value during this request.
+    learner_resets: u32,
 }
 
 struct StreamEntry {
-    name: String,
-    /// Tokens consumed since the stream was created (the slot's position restarts on reset).
-    position: u64,
-    learned: u64,
-    loss_bits_sum: f64,
-    loss_bits_avg: Option<f64>,
+    meta: StreamMeta,
     queue: VecDeque<Job>,
     queued_tokens: usize,
     last_active: Instant,
 }
 
 impl StreamEntry {
-    fn new(name: String) -> Self {
-        Self {
-            name,
-            position: 0,
-            learned: 0,
-            loss_bits_sum: 0.0,
-            loss_bits_avg: None,
-            queue: VecDeque::new(),
-            queued_tokens: 0,
-            last_active: Instant::now(),
-        }
+    fn new(meta: StreamMeta) -> Self {
+        Self { meta, queue: VecDeque::new(), queued_tokens: 0, last_active: Instant::now() }
     }
 }
 
@@ -111,6 +153,30 @@ fn ema(avg: &mut Option<f64>, x: f64) {
         None => x,
         Some(a) => a + EMA_WEIGHT * (x - a),
     });
+}
+
+/// The log of a durable model.
+struct Durable {
+    config: DurableConfig,
+    wal: WalWriter,
+    records: RecordBuf,
+    completions: Vec<Completion>,
+    last_sweep: Instant,
+}
+
+struct Observer(ModelMetrics);
+
+impl WalObserver for Observer {
+    fn synced(&self, seconds: f64) {
+        self.0.wal_fsync_duration.observe(seconds);
+    }
+    fn wrote(&self, bytes: usize) {
+        self.0.wal_bytes.inc_by(bytes as u64);
+    }
+    fn failed(&self, error: &str) {
+        self.0.wal_failures.inc();
+        tracing::error!(error, "write-ahead log failed: requests are refused until restart");
+    }
 }
 
 struct Worker {
@@ -125,7 +191,7 @@ struct Worker {
     scratch: usize,
     slots: Vec<Option<StreamEntry>>,
     names: HashMap<String, usize>,
-    /// Free slots, lowest on top.
+    /// Free slots, handed out from the end.
     free: Vec<usize>,
     /// Slots whose stream has queued jobs.
     busy: BTreeSet<usize>,
@@ -135,6 +201,16 @@ struct Worker {
     stats: ModelStats,
     top1_avg: Option<f64>,
     loss_avg: Option<f64>,
+    /// Sequence number of the next logged operation.
+    next_seq: u64,
+    /// Generation of the next evicted-stream file.
+    next_generation: u64,
+    /// Streams whose state is on disk.
+    evicted: BTreeMap<String, EvictedStream>,
+    max_stored_streams: usize,
+    /// The model's directory (durable models only; evicted streams live under it).
+    dir: Option<PathBuf>,
+    durable: Option<Durable>,
     // Step buffers, sized once for the full capacity.
     inputs: Vec<SlotStep>,
     losses: Vec<f64>,
@@ -146,14 +222,15 @@ struct Worker {
 }
 
 impl Worker {
-    fn new(definition: ModelDefinition, spec: ModelSpec, shared: Arc<Shared>, metrics: ModelMetrics) -> Self {
+    fn new(init: &WorkerInit) -> Self {
+        let (definition, spec) = (init.definition.clone(), init.spec.clone());
         let capacity = definition.max_streams + 1;
         let params = Params::<f32>::init(&spec);
         let optimizer = Optimizer::new(&spec);
         let set = StreamSet::<f32>::new(&spec, capacity);
         let (n, vocab) = (spec.n, spec.vocab);
-        metrics.active_streams.set(0);
-        metrics.queue_depth.set(0);
+        init.metrics.active_streams.set(0);
+        init.metrics.queue_depth.set(0);
         Self {
             scratch: capacity - 1,
             slots: (0..capacity).map(|_| None).collect(),
@@ -165,6 +242,12 @@ impl Worker {
             stats: ModelStats::default(),
             top1_avg: None,
             loss_avg: None,
+            next_seq: 0,
+            next_generation: 0,
+            evicted: BTreeMap::new(),
+            max_stored_streams: init.max_stored_streams,
+            dir: None,
+            durable: None,
             inputs: Vec::with_capacity(capacity),
             losses: vec![0.0; capacity],
             order: Vec::with_capacity(capacity),
@@ -174,32 +257,171 @@ impl Worker {
             logits: Array2::zeros((capacity, vocab)),
             definition,
             spec,
-            shared,
-            metrics,
+            shared: init.shared.clone(),
+            metrics: init.metrics.clone(),
             params,
             optimizer,
             set,
         }
     }
 
-    fn run(&mut self, rx: Receiver<Command>) {
+    /// Builds the worker: fresh, or restored from a checkpoint and the log past it; then, for a
+    /// durable model, writes its first checkpoint (fresh) and opens its log.
+    fn start(init: WorkerInit) -> Result<Self, String> {
+        let mut worker = Self::new(&init);
+        let fresh = matches!(init.start, Start::Fresh);
+        if let Start::Restore(snapshot) = init.start {
+            worker.restore(*snapshot)?;
+        }
+        if let Some(config) = init.durable {
+            let dir = &config.dir;
+            worker.dir = Some(dir.clone());
+            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            if fresh {
+                // Leftovers of an earlier model of this name must not be replayed into this one.
+                if let Ok(old) = wal::segments(dir) {
+                    for (_, path) in old {
+                        std::fs::remove_file(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+                    }
+                }
+                let _ = std::fs::remove_dir_all(dir.join("streams"));
+                checkpoint::write(dir, &worker.snapshot(), config.keep)?;
+            } else {
+                let log =
+                    wal::read_from(dir, worker.next_seq).map_err(|e| format!("{}: {e}", dir.display()))?;
+                if log.dropped_bytes > 0 {
+                    tracing::warn!(
+                        model = %worker.definition.name,
+                        bytes = log.dropped_bytes,
+                        "dropped a torn or damaged tail of the write-ahead log"
+                    );
+                }
+                let events = log.events.len();
+                worker.dir = Some(dir.clone());
+                for event in log.events {
+                    worker.replay(event)?;
+                }
+                tracing::info!(model = %worker.definition.name, events, next_seq = worker.next_seq, "log replayed");
+            }
+            let wal = WalWriter::start(
+                dir,
+                worker.next_seq,
+                config.fsync,
+                &worker.definition.name,
+                Observer(worker.metrics.clone()),
+            )
+            .map_err(|e| format!("{}: cannot open the write-ahead log: {e}", dir.display()))?;
+            worker.durable = Some(Durable {
+                config,
+                wal,
+                records: RecordBuf::default(),
+                completions: Vec::new(),
+                last_sweep: Instant::now(),
+            });
+        }
+        worker.shared.next_seq.store(worker.next_seq, Ordering::Release);
+        Ok(worker)
+    }
+
+    /// Loads a snapshot into a freshly built worker.
+    fn restore(&mut self, s: ModelSnapshot) -> Result<(), String> {
+        if s.definition != self.definition {
+            return Err("the checkpoint's definition differs from the model's".into());
+        }
+        if s.params.w.dim() != self.params.w.dim() || s.params.v.dim() != self.params.v.dim() {
+            return Err("the checkpoint's weights do not match the model's shape".into());
+        }
+        self.params = s.params;
+        self.optimizer = s.optimizer;
+        for stream in s.stream_slots {
+            let slot = stream.slot;
+            if slot >= self.scratch || self.slots[slot].is_some() {
+                return Err(format!("stream `{}` has an invalid slot {slot}", stream.meta.name));
+            }
+            self.set
+                .import_slot(slot, &stream.state)
+                .map_err(|e| format!("stream `{}`: {e}", stream.meta.name))?;
+            self.names.insert(stream.meta.name.clone(), slot);
+            self.slots[slot] = Some(StreamEntry::new(stream.meta));
+        }
+        self.set.import_slot(self.scratch, &s.scratch).map_err(|e| format!("scratch slot: {e}"))?;
+        let mut seen = vec![false; self.scratch];
+        for &slot in &s.free {
+            if slot >= self.scratch || self.slots[slot].is_some() || std::mem::replace(&mut seen[slot], true)
+            {
+                return Err(format!("the free list holds an invalid slot {slot}"));
+            }
+        }
+        if s.free.len() + self.names.len() != self.scratch {
+            return Err("the free list and the streams do not cover the slots".into());
+        }
+        self.free = s.free;
+        self.next_seq = s.next_seq;
+        self.next_generation = s.next_generation;
+        self.evicted = s.evicted;
+        self.top1_avg = s.stats.top1_accuracy_avg;
+        self.loss_avg = s.stats.loss_bits_avg;
+        self.stats = s.stats;
+        self.metrics.active_streams.set(self.names.len() as i64);
+        Ok(())
+    }
+
+    /// A consistent copy of the model (between two steps).
+    fn snapshot(&self) -> ModelSnapshot {
+        let mut stream_slots: Vec<StreamSnapshot> = self
+            .names
+            .values()
+            .filter_map(|&slot| {
+                let entry = self.slots[slot].as_ref()?;
+                Some(StreamSnapshot { slot, meta: entry.meta.clone(), state: self.set.export_slot(slot) })
+            })
+            .collect();
+        stream_slots.sort_by_key(|s| s.slot);
+        let mut stats = self.stats.clone();
+        stats.loss_bits_avg = self.loss_avg;
+        stats.top1_accuracy_avg = self.top1_avg;
+        stats.streams = self.names.len() + self.evicted.len();
+        stats.queued_tokens = 0;
+        ModelSnapshot {
+            definition: self.definition.clone(),
+            params: self.params.clone(),
+            optimizer: self.optimizer.clone(),
+            stream_slots,
+            scratch: self.set.export_slot(self.scratch),
+            free: self.free.clone(),
+            next_seq: self.next_seq,
+            next_generation: self.next_generation,
+            evicted: self.evicted.clone(),
+            stats,
+        }
+    }
+
+    /// Runs until stopped; true when the model drained (shutdown), false when it was deleted.
+    fn run(&mut self, rx: Receiver<Command>) -> bool {
         loop {
             let stop = self.shared.stop.load(Ordering::Acquire);
             if stop == STOP_ABORT {
                 self.abort(&rx);
-                return;
+                return false;
             }
             let held = stop != STOP_DRAIN && self.shared.held.load(Ordering::Acquire);
             if self.busy.is_empty() || held {
+                self.flush_log();
                 if stop == STOP_DRAIN {
                     match rx.try_recv() {
                         Ok(command) => self.handle(command),
-                        Err(_) => return,
+                        Err(_) => return true,
+                    }
+                } else if self.ttl().is_some() {
+                    match rx.recv_timeout(SWEEP_EVERY) {
+                        Ok(command) => self.handle(command),
+                        Err(RecvTimeoutError::Timeout) => {}
+                        Err(RecvTimeoutError::Disconnected) => return true,
                     }
                 } else {
                     match rx.recv() {
                         Ok(command) => self.handle(command),
-                        Err(_) => return,
+                        Err(_) => return true,
                     }
                 }
             }
@@ -207,7 +429,10 @@ impl Worker {
                 match rx.try_recv() {
                     Ok(command) => self.handle(command),
                     Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) if self.busy.is_empty() => return,
+                    Err(TryRecvError::Disconnected) if self.busy.is_empty() => {
+                        self.flush_log();
+                        return true;
+                    }
                     Err(TryRecvError::Disconnected) => break,
                 }
             }
@@ -218,8 +443,349 @@ impl Worker {
                 self.step();
                 self.metrics.queue_depth.set(self.queued_tokens as i64);
             }
+            self.sweep_idle();
+            self.flush_log();
             self.publish_stats();
         }
+    }
+
+    fn ttl(&self) -> Option<Duration> {
+        self.durable.as_ref().and_then(|d| d.config.idle_ttl)
+    }
+
+    /// Hands the records and replies gathered since the last call to the log's writer.
+    fn flush_log(&mut self) {
+        if let Some(d) = self.durable.as_mut()
+            && (!d.records.is_empty() || !d.completions.is_empty())
+        {
+            d.wal.append(d.records.take(), std::mem::take(&mut d.completions));
+        }
+        self.shared.next_seq.store(self.next_seq, Ordering::Release);
+    }
+
+    /// Appends an operation to the log (when durable); every state change goes through here.
+    fn log(&mut self, event: &Event) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        if let Some(d) = self.durable.as_mut() {
+            d.records.push_event(seq, event);
+        }
+    }
+
+    fn log_step(&mut self, inputs: &[SlotStep]) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        if let Some(d) = self.durable.as_mut() {
+            d.records.push(seq, |out| wal::encode_step(inputs, out));
+        }
+    }
+
+    /// Sends a token reply once the log holds what it depends on.
+    fn answer(&mut self, job: TokenJob, result: Result<TokensReply, EngineError>) {
+        match self.durable.as_mut() {
+            Some(d) => d.completions.push(Box::new(move |logged: Result<(), String>| {
+                job.answer(logged.map_err(EngineError::Storage).and(result));
+            })),
+            None => job.answer(result),
+        }
+    }
+
+    fn answer_delete(
+        &mut self,
+        reply: oneshot::Sender<Result<(), EngineError>>,
+        result: Result<(), EngineError>,
+    ) {
+        match self.durable.as_mut() {
+            Some(d) => d.completions.push(Box::new(move |logged: Result<(), String>| {
+                let _ = reply.send(logged.map_err(EngineError::Storage).and(result));
+            })),
+            None => {
+                let _ = reply.send(result);
+            }
+        }
+    }
+
+    /// Applies one logged operation during replay.
+    fn replay(&mut self, event: Event) -> Result<(), String> {
+        let bad = |what: &str| format!("log record {what} does not fit the model's state");
+        match event {
+            Event::Open { slot, name } => {
+                let slot = slot as usize;
+                if slot >= self.scratch || self.slots[slot].is_some() || !self.free.contains(&slot) {
+                    return Err(bad("open"));
+                }
+                self.apply_open(slot, name);
+            }
+            Event::Close { slot } => {
+                let slot = slot as usize;
+                if self.slots.get(slot).is_none_or(Option::is_none) || slot >= self.scratch {
+                    return Err(bad("close"));
+                }
+                self.apply_close(slot);
+            }
+            Event::Copy { src, dst } => {
+                if src as usize >= self.slots.len() || dst as usize >= self.slots.len() {
+                    return Err(bad("copy"));
+                }
+                self.apply_copy(src as usize, dst as usize);
+            }
+            Event::Step(inputs) => {
+                let ok = inputs.windows(2).all(|w| w[0].slot < w[1].slot)
+                    && inputs.iter().all(|x| {
+                        (x.slot == self.scratch || self.slots.get(x.slot).is_some_and(Option::is_some))
+                            && (x.token as usize) < self.spec.vocab
+                    });
+                if !ok {
+                    return Err(bad("step"));
+                }
+                self.apply_step(&inputs);
+            }
+            Event::Evict { slot, generation } => {
+                let slot = slot as usize;
+                if slot >= self.scratch || self.slots[slot].is_none() || generation != self.next_generation {
+                    return Err(bad("evict"));
+                }
+                self.apply_evict(slot)?;
+            }
+            Event::Load { slot, generation, name } => {
+                let slot = slot as usize;
+                let known = self.evicted.get(&name).is_some_and(|e| e.generation == generation);
+                if slot >= self.scratch || self.slots[slot].is_some() || !known || !self.free.contains(&slot)
+                {
+                    return Err(bad("load"));
+                }
+                self.apply_load(slot, &name)?;
+            }
+            Event::Forget { name } => {
+                if !self.evicted.contains_key(&name) {
+                    return Err(bad("forget"));
+                }
+                self.apply_forget(&name);
+            }
+        }
+        Ok(())
+    }
+
+    /// A new stream takes `slot` (which must be free) at the start of a sequence, with signs keyed
+    /// by its name from counter 0: its randomness never depends on the slot's history.
+    fn apply_open(&mut self, slot: usize, name: String) {
+        self.log(&Event::Open { slot: slot as u32, name: name.clone() });
+        take_free(&mut self.free, slot);
+        self.set.reset(slot);
+        self.set.set_sign_key(slot, derive_key(self.definition.seed, stream_label(&name)));
+        self.set.set_sign_counter(slot, 0);
+        self.names.insert(name.clone(), slot);
+        self.slots[slot] = Some(StreamEntry::new(StreamMeta::new(name)));
+        self.metrics.active_streams.set(self.names.len() as i64);
+    }
+
+    /// Forgets the stream in `slot` and frees the slot.
+    fn apply_close(&mut self, slot: usize) {
+        self.log(&Event::Close { slot: slot as u32 });
+        self.set.reset(slot);
+        if let Some(entry) = self.slots[slot].take() {
+            self.names.remove(&entry.meta.name);
+        }
+        self.free.push(slot);
+        self.busy.remove(&slot);
+        self.metrics.active_streams.set(self.names.len() as i64);
+    }
+
+    fn apply_copy(&mut self, src: usize, dst: usize) {
+        self.log(&Event::Copy { src: src as u32, dst: dst as u32 });
+        self.set.copy_slot(src, dst);
+    }
+
+    /// Writes the stream in `slot` to its file and frees the slot.
+    fn apply_evict(&mut self, slot: usize) -> Result<(), String> {
+        let dir = self.dir.clone().ok_or("eviction needs a data directory")?;
+        let Some(entry) = self.slots[slot].as_ref() else { return Err("no stream to evict".into()) };
+        let generation = self.next_generation;
+        let meta = entry.meta.clone();
+        checkpoint::write_stream(&dir, generation, &meta, &self.set.export_slot(slot))?;
+        self.log(&Event::Evict { slot: slot as u32, generation });
+        self.next_generation += 1;
+        self.set.reset(slot);
+        self.slots[slot] = None;
+        self.names.remove(&meta.name);
+        self.free.push(slot);
+        self.busy.remove(&slot);
+        self.evicted.insert(meta.name.clone(), EvictedStream { generation, meta });
+        self.metrics.streams_evicted.inc();
+        self.metrics.active_streams.set(self.names.len() as i64);
+        Ok(())
+    }
+
+    /// Brings an evicted stream back into the free slot `slot`.
+    fn apply_load(&mut self, slot: usize, name: &str) -> Result<(), String> {
+        let dir = self.dir.clone().ok_or("loading needs a data directory")?;
+        let Some(evicted) = self.evicted.get(name) else { return Err(format!("`{name}` is not evicted")) };
+        let generation = evicted.generation;
+        let (meta, state) = checkpoint::read_stream(&dir, name, generation)?;
+        self.set.import_slot(slot, &state).map_err(|e| e.to_string())?;
+        self.log(&Event::Load { slot: slot as u32, generation, name: name.to_owned() });
+        self.evicted.remove(name);
+        take_free(&mut self.free, slot);
+        self.names.insert(name.to_owned(), slot);
+        self.slots[slot] = Some(StreamEntry::new(meta));
+        self.metrics.streams_loaded.inc();
+        self.metrics.active_streams.set(self.names.len() as i64);
+        Ok(())
+    }
+
+    fn apply_forget(&mut self, name: &str) {
+        self.log(&Event::Forget { name: name.to_owned() });
+        self.evicted.remove(name);
+    }
+
+    /// One batched step: scores, learns, advances; books each token to its stream (not to its
+    /// request: the live path does that). Returns the step's outcome.
+    fn apply_step(&mut self, inputs: &[SlotStep]) -> bool {
+        self.log_step(inputs);
+        let nb = inputs.len();
+        self.record_top1(inputs);
+        let started = Instant::now();
+        let outcome = self.set.step(&mut self.params, &mut self.optimizer, inputs, &mut self.losses[..nb]);
+        self.metrics.step_duration.observe(started.elapsed().as_secs_f64());
+        self.metrics.batch_size.observe(nb as f64);
+        match outcome {
+            Ok(report) => match report.update {
+                Some(UpdateOutcome::Applied { grad_norm, .. }) => {
+                    self.metrics.optimizer_updates.inc();
+                    self.metrics.gradient_norm.set(grad_norm);
+                    self.stats.optimizer_updates += 1;
+                }
+                Some(UpdateOutcome::NonFinite) => {
+                    self.metrics.nonfinite_updates.inc();
+                    self.stats.nonfinite_updates += 1;
+                    tracing::warn!(model = %self.definition.name, "non-finite gradient: update skipped");
+                }
+                None => {}
+            },
+            Err(e) => {
+                // Inputs are validated on admission, so this is a bug; the step changed nothing.
+                tracing::error!(model = %self.definition.name, error = %e, "batched step refused");
+                return false;
+            }
+        }
+        for (i, x) in inputs.iter().enumerate() {
+            let bits = self.losses[i] / LN_2;
+            if x.slot == self.scratch {
+                self.metrics.predicted.inc();
+                self.stats.symbols_predicted += 1;
+                continue;
+            }
+            let Some(entry) = self.slots[x.slot].as_mut() else { continue };
+            let meta = &mut entry.meta;
+            meta.position += 1;
+            meta.loss_bits_sum += bits;
+            ema(&mut meta.loss_bits_avg, bits);
+            entry.last_active = Instant::now();
+            self.stats.symbols_seen += 1;
+            if x.learn {
+                meta.learned += 1;
+                self.stats.symbols_learned += 1;
+                self.metrics.learned.inc();
+            } else {
+                self.metrics.advanced.inc();
+            }
+            self.metrics.loss_bits.observe(bits);
+            ema(&mut self.loss_avg, bits);
+        }
+        for &slot in self.set.last_faulted_slots() {
+            self.stats.stream_faults += 1;
+            self.metrics.stream_faults.inc();
+            if let Some(entry) = self.slots[slot].as_mut() {
+                entry.meta.faults += 1;
+            }
+        }
+        if let Some(avg) = self.loss_avg {
+            self.metrics.loss_bits_avg.set(avg);
+        }
+        true
+    }
+
+    /// Evicts streams idle past the TTL (at most every [`SWEEP_EVERY`]).
+    fn sweep_idle(&mut self) {
+        let Some(ttl) = self.ttl() else { return };
+        let Some(d) = self.durable.as_mut() else { return };
+        if d.last_sweep.elapsed() < SWEEP_EVERY {
+            return;
+        }
+        d.last_sweep = Instant::now();
+        let idle: Vec<usize> = self
+            .names
+            .values()
+            .copied()
+            .filter(|&slot| {
+                self.evictable(slot)
+                    && self.slots[slot].as_ref().is_some_and(|e| e.last_active.elapsed() >= ttl)
+            })
+            .collect();
+        for slot in idle {
+            if let Err(e) = self.apply_evict(slot) {
+                tracing::error!(model = %self.definition.name, error = %e, "cannot evict an idle stream");
+                break;
+            }
+        }
+    }
+
+    fn evictable(&self, slot: usize) -> bool {
+        self.predict_owner != Some(slot) && self.slots[slot].as_ref().is_some_and(|e| e.queue.is_empty())
+    }
+
+    /// A free slot, evicting the least recently used idle stream if there is none (durable
+    /// models only).
+    fn free_slot(&mut self) -> Option<usize> {
+        if let Some(&slot) = self.free.last() {
+            return Some(slot);
+        }
+        self.dir.as_ref()?;
+        let lru = self
+            .names
+            .values()
+            .copied()
+            .filter(|&slot| self.evictable(slot))
+            .min_by_key(|&slot| self.slots[slot].as_ref().map(|e| e.last_active))?;
+        match self.apply_evict(lru) {
+            Ok(()) => self.free.last().copied(),
+            Err(e) => {
+                tracing::error!(model = %self.definition.name, error = %e, "cannot evict a stream");
+                None
+            }
+        }
+    }
+
+    /// The slot of a stream, loading it back if evicted, or opening it if new and `create`.
+    fn resident_slot(&mut self, name: &str, create: bool) -> Result<usize, EngineError> {
+        if let Some(&slot) = self.names.get(name) {
+            return Ok(slot);
+        }
+        let evicted = self.evicted.contains_key(name);
+        if !evicted && !create {
+            return Err(self.unknown_stream(name.to_owned()));
+        }
+        if !evicted && self.names.len() + self.evicted.len() >= self.max_stored_streams {
+            return Err(EngineError::StreamLimit {
+                model: self.definition.name.clone(),
+                limit: self.max_stored_streams,
+            });
+        }
+        let Some(slot) = self.free_slot() else {
+            return Err(EngineError::StreamLimit {
+                model: self.definition.name.clone(),
+                limit: self.definition.max_streams,
+            });
+        };
+        if evicted {
+            self.apply_load(slot, name).map_err(|e| {
+                tracing::error!(model = %self.definition.name, stream = name, error = %e, "cannot load a stream");
+                EngineError::Storage(e)
+            })?;
+        } else {
+            self.apply_open(slot, name.to_owned());
+        }
+        Ok(slot)
     }
 
     /// Fails every queued and incoming job: the model was deleted.
@@ -259,26 +825,18 @@ impl Worker {
     fn handle(&mut self, command: Command) {
         match command {
             Command::Tokens { stream, job } => {
-                let slot = match self.names.get(&stream) {
-                    Some(&slot) => slot,
-                    // A predict changes nothing, so it does not create the stream either.
-                    None if job.mode == Mode::Predict => {
-                        job.answer(Err(self.unknown_stream(stream)));
+                // A predict changes nothing, so it does not create the stream either.
+                let slot = match self.resident_slot(&stream, job.mode == Mode::Consume) {
+                    Ok(slot) => slot,
+                    Err(e) => {
+                        self.answer(job, Err(e));
                         return;
                     }
-                    None => match self.open_stream(stream) {
-                        Some(slot) => slot,
-                        None => {
-                            let limit = self.definition.max_streams;
-                            let model = self.definition.name.clone();
-                            job.answer(Err(EngineError::StreamLimit { model, limit }));
-                            return;
-                        }
-                    },
                 };
                 let count = job.input.tokens.len();
                 if let Some(entry) = self.slots[slot].as_mut() {
                     entry.queued_tokens += count;
+                    entry.last_active = Instant::now();
                     entry.queue.push_back(Job::Tokens(ActiveJob {
                         losses_bits: if job.input.return_losses {
                             Vec::with_capacity(count)
@@ -288,15 +846,17 @@ impl Worker {
                         job,
                         next: 0,
                         loss_bits_sum: 0.0,
+                        learner_resets: 0,
                     }));
                     self.queued_tokens += count;
                     self.busy.insert(slot);
                 }
             }
             Command::StreamInfo { stream, reply } => {
-                let info = match self.names.get(&stream) {
-                    Some(&slot) => Ok(self.stream_info(slot)),
-                    None => Err(self.unknown_stream(stream)),
+                let info = match (self.names.get(&stream), self.evicted.get(&stream)) {
+                    (Some(&slot), _) => Ok(self.stream_info(slot)),
+                    (None, Some(evicted)) => Ok(self.evicted_info(&evicted.meta)),
+                    (None, None) => Err(self.unknown_stream(stream)),
                 };
                 let _ = reply.send(info);
             }
@@ -307,6 +867,10 @@ impl Worker {
                         self.busy.insert(slot);
                     }
                 }
+                None if self.evicted.contains_key(&stream) => {
+                    self.apply_forget(&stream);
+                    self.answer_delete(reply, Ok(()));
+                }
                 None => {
                     let _ = reply.send(Err(self.unknown_stream(stream)));
                 }
@@ -314,11 +878,19 @@ impl Worker {
             Command::ListStreams { reply } => {
                 let mut list: Vec<StreamInfo> =
                     self.names.values().map(|&slot| self.stream_info(slot)).collect();
+                list.extend(self.evicted.values().map(|e| self.evicted_info(&e.meta)));
                 list.sort_by(|a, b| b.position.cmp(&a.position).then_with(|| a.stream.cmp(&b.stream)));
                 let _ = reply.send(Ok(list));
             }
-            Command::Snapshot { reply } => {
-                let _ = reply.send(self.snapshot());
+            Command::Snapshot { reply, rotate } => {
+                let snapshot = self.snapshot();
+                if rotate {
+                    self.flush_log();
+                    if let Some(d) = &self.durable {
+                        d.wal.rotate(self.next_seq);
+                    }
+                }
+                let _ = reply.send(Box::new(snapshot));
             }
             Command::Wake => {}
         }
@@ -328,88 +900,63 @@ impl Worker {
         EngineError::UnknownStream { model: self.definition.name.clone(), stream }
     }
 
-    /// Gives a new stream a slot at the start of a sequence, with signs keyed by its name.
-    fn open_stream(&mut self, name: String) -> Option<usize> {
-        let slot = self.free.pop()?;
-        self.set.reset(slot);
-        self.set.set_sign_key(slot, derive_key(self.definition.seed, stream_label(&name)));
-        self.names.insert(name.clone(), slot);
-        self.slots[slot] = Some(StreamEntry::new(name));
-        self.metrics.active_streams.set(self.names.len() as i64);
-        Some(slot)
-    }
-
     /// Ends a stream (its delete job was answered): it is forgotten, or, if requests queued
     /// after the delete, it starts over as a new stream of the same name in the same slot.
     fn close_stream(&mut self, slot: usize) {
-        self.set.reset(slot);
         let Some(entry) = self.slots[slot].as_mut() else { return };
-        if entry.queue.is_empty() {
-            let name = std::mem::take(&mut entry.name);
-            self.slots[slot] = None;
-            self.names.remove(&name);
-            self.free.push(slot);
-            self.busy.remove(&slot);
-            self.metrics.active_streams.set(self.names.len() as i64);
-        } else {
-            let queue = std::mem::take(&mut entry.queue);
-            let queued_tokens = entry.queued_tokens;
-            *entry =
-                StreamEntry { queue, queued_tokens, ..StreamEntry::new(std::mem::take(&mut entry.name)) };
+        let queue = std::mem::take(&mut entry.queue);
+        let queued_tokens = entry.queued_tokens;
+        let name = entry.meta.name.clone();
+        self.apply_close(slot);
+        if !queue.is_empty() {
+            self.apply_open(slot, name);
+            if let Some(entry) = self.slots[slot].as_mut() {
+                entry.queue = queue;
+                entry.queued_tokens = queued_tokens;
+            }
+            self.busy.insert(slot);
         }
     }
 
     fn stream_info(&self, slot: usize) -> StreamInfo {
-        let entry = self.slots[slot].as_ref();
-        let (name, position, learned, sum, avg, queued, idle) = entry.map_or_else(
-            || (String::new(), 0, 0, 0.0, None, 0, 0.0),
-            |e| {
-                (
-                    e.name.clone(),
-                    e.position,
-                    e.learned,
-                    e.loss_bits_sum,
-                    e.loss_bits_avg,
-                    e.queued_tokens,
-                    e.last_active.elapsed().as_secs_f64(),
-                )
-            },
-        );
+        let Some(entry) = self.slots[slot].as_ref() else {
+            return self.evicted_info(&StreamMeta::new(String::new()));
+        };
+        let meta = &entry.meta;
         StreamInfo {
             model: self.definition.name.clone(),
-            stream: name,
-            position,
+            stream: meta.name.clone(),
+            position: meta.position,
             sequence_position: self.set.position(slot),
-            symbols_learned: learned,
-            mean_loss_bits: (position > 0).then(|| sum / position as f64),
-            loss_bits_avg: avg,
-            queued_tokens: queued,
-            idle_seconds: idle,
+            symbols_learned: meta.learned,
+            mean_loss_bits: (meta.position > 0).then(|| meta.loss_bits_sum / meta.position as f64),
+            loss_bits_avg: meta.loss_bits_avg,
+            learner_resets: meta.faults,
+            queued_tokens: entry.queued_tokens,
+            idle_seconds: entry.last_active.elapsed().as_secs_f64(),
+            resident: true,
         }
     }
 
-    fn snapshot(&self) -> ModelSnapshot {
-        let mut stream_slots: Vec<StreamSnapshot> = self
-            .names
-            .iter()
-            .map(|(name, &slot)| StreamSnapshot {
-                name: name.clone(),
-                slot,
-                position: self.slots[slot].as_ref().map_or(0, |e| e.position),
-            })
-            .collect();
-        stream_slots.sort_by_key(|s| s.slot);
-        ModelSnapshot {
-            definition: self.definition.clone(),
-            params: self.params.clone(),
-            optimizer: self.optimizer.clone(),
-            streams: self.set.clone(),
-            stream_slots,
+    fn evicted_info(&self, meta: &StreamMeta) -> StreamInfo {
+        StreamInfo {
+            model: self.definition.name.clone(),
+            stream: meta.name.clone(),
+            position: meta.position,
+            sequence_position: 0,
+            symbols_learned: meta.learned,
+            mean_loss_bits: (meta.position > 0).then(|| meta.loss_bits_sum / meta.position as f64),
+            loss_bits_avg: meta.loss_bits_avg,
+            learner_resets: meta.faults,
+            queued_tokens: 0,
+            idle_seconds: 0.0,
+            resident: false,
         }
     }
 
     fn publish_stats(&mut self) {
-        self.stats.streams = self.names.len();
+        self.stats.streams = self.names.len() + self.evicted.len();
+        self.stats.resident_streams = self.names.len();
         self.stats.queued_tokens = self.queued_tokens;
         self.stats.loss_bits_avg = self.loss_avg;
         self.stats.top1_accuracy_avg = self.top1_avg;
@@ -447,13 +994,13 @@ impl Worker {
                     }
                     Some(Job::Delete(_)) => {
                         if let Some(Job::Delete(reply)) = entry.queue.pop_front() {
-                            let _ = reply.send(Ok(()));
+                            self.close_stream(slot);
+                            self.answer_delete(reply, Ok(()));
                         }
-                        self.close_stream(slot);
                     }
                     Some(Job::Tokens(active)) if active.job.mode == Mode::Predict => {
                         if self.predict_owner.is_none() {
-                            self.set.copy_slot(slot, self.scratch);
+                            self.apply_copy(slot, self.scratch);
                             self.predict_owner = Some(slot);
                         }
                         break;
@@ -486,42 +1033,26 @@ impl Worker {
     }
 
     fn step_inputs(&mut self, inputs: &[SlotStep]) {
-        let nb = inputs.len();
-        self.record_top1(inputs);
-        let started = Instant::now();
-        let outcome = self.set.step(&mut self.params, &mut self.optimizer, inputs, &mut self.losses[..nb]);
-        self.metrics.step_duration.observe(started.elapsed().as_secs_f64());
-        self.metrics.batch_size.observe(nb as f64);
-        match outcome {
-            Ok(report) => match report.update {
-                Some(UpdateOutcome::Applied { grad_norm, .. }) => {
-                    self.metrics.optimizer_updates.inc();
-                    self.metrics.gradient_norm.set(grad_norm);
-                    self.stats.optimizer_updates += 1;
-                }
-                Some(UpdateOutcome::NonFinite) => {
-                    self.metrics.nonfinite_updates.inc();
-                    self.stats.nonfinite_updates += 1;
-                    tracing::warn!(model = %self.definition.name, "non-finite gradient: update skipped");
-                }
-                None => {}
-            },
-            Err(e) => {
-                // Inputs are validated on admission, so this is a bug; the step changed nothing.
-                tracing::error!(model = %self.definition.name, error = %e, "batched step refused");
-                for x in inputs {
-                    self.fail_head(
-                        self.owner_of(x.slot),
-                        EngineError::WorkerStopped(self.definition.name.clone()),
-                    );
-                }
-                return;
+        if !self.apply_step(inputs) {
+            for x in inputs {
+                self.fail_head(
+                    self.owner_of(x.slot),
+                    EngineError::WorkerStopped(self.definition.name.clone()),
+                );
             }
+            return;
         }
         self.finished.clear();
         for (i, x) in inputs.iter().enumerate() {
             let bits = self.losses[i] / LN_2;
             self.book(x, bits);
+        }
+        for i in 0..self.set.last_faulted_slots().len() {
+            let slot = self.set.last_faulted_slots()[i];
+            let owner = self.owner_of(slot);
+            if let Some(Some(Job::Tokens(active))) = self.slots[owner].as_mut().map(|e| e.queue.front_mut()) {
+                active.learner_resets += 1;
+            }
         }
         // Statistics first, so that a client holding its reply sees them include its tokens.
         self.metrics.queue_depth.set(self.queued_tokens as i64);
@@ -538,15 +1069,82 @@ impl Worker {
             self.predict_owner = None;
         }
         let Some(entry) = self.slots[owner].as_mut() else { return };
-        if let Some(Job::Tokens(active)) = entry.queue.pop_front() {
-            let left = active.job.input.tokens.len() - active.next;
-            entry.queued_tokens -= left;
-            self.queued_tokens -= left;
-            active.job.answer(Err(error));
-        }
+        let failed = match entry.queue.pop_front() {
+            Some(Job::Tokens(active)) => {
+                let left = active.job.input.tokens.len() - active.next;
+                entry.queued_tokens -= left;
+                self.queued_tokens -= left;
+                Some(active.job)
+            }
+            Some(other) => {
+                entry.queue.push_front(other);
+                None
+            }
+            None => None,
+        };
         if entry.queue.is_empty() {
             self.busy.remove(&owner);
         }
+        if let Some(job) = failed {
+            self.answer(job, Err(error));
+        }
+    }
+
+    /// Books one stepped token to its request.
+    fn book(&mut self, x: &SlotStep, bits: f64) {
+        let owner = self.owner_of(x.slot);
+        let Some(entry) = self.slots[owner].as_mut() else { return };
+        let Some(Job::Tokens(active)) = entry.queue.front_mut() else { return };
+        active.loss_bits_sum += bits;
+        if active.job.input.return_losses {
+            active.losses_bits.push(bits);
+        }
+        active.next += 1;
+        let done = active.next == active.job.input.tokens.len();
+        entry.queued_tokens -= 1;
+        self.queued_tokens -= 1;
+        if done {
+            self.finished.push((owner, x.slot));
+        }
+    }
+
+    /// Replies to every request whose last token was just stepped, with the top-k predictions of
+    /// the slot it ran on (one readout GEMM for all of them).
+    fn answer_finished(&mut self) {
+        if self.finished.is_empty() {
+            return;
+        }
+        let finished = std::mem::take(&mut self.finished);
+        let mut slots = std::mem::take(&mut self.readout_slots);
+        slots.clear();
+        slots.extend(finished.iter().map(|&(_, slot)| slot));
+        self.readout(&slots);
+        for (i, &(owner, slot)) in finished.iter().enumerate() {
+            let predictions = self.top_k(i, self.top_k_of(owner));
+            let Some(entry) = self.slots[owner].as_mut() else { continue };
+            let Some(Job::Tokens(active)) = entry.queue.pop_front() else { continue };
+            if entry.queue.is_empty() {
+                self.busy.remove(&owner);
+            }
+            if slot == self.scratch {
+                self.predict_owner = None;
+            }
+            let consumed = active.job.input.tokens.len();
+            let reply = TokensReply {
+                model: self.definition.name.clone(),
+                stream: entry.meta.name.clone(),
+                position: entry.meta.position,
+                consumed,
+                mean_loss_bits: active.loss_bits_sum / consumed as f64,
+                losses_bits: active.job.input.return_losses.then_some(active.losses_bits),
+                learner_resets: active.learner_resets,
+                predictions,
+            };
+            self.answer(active.job, Ok(reply));
+        }
+        self.readout_slots = slots;
+        self.finished = finished;
+        self.finished.clear();
     }
 
     /// Updates the top-1 accuracy average with the current predictions of the scored streams
@@ -591,85 +1189,6 @@ impl Worker {
         );
     }
 
-    /// Books one stepped token to its request and stream.
-    fn book(&mut self, x: &SlotStep, bits: f64) {
-        let owner = self.owner_of(x.slot);
-        let predict = x.slot == self.scratch;
-        let Some(entry) = self.slots[owner].as_mut() else { return };
-        let Some(Job::Tokens(active)) = entry.queue.front_mut() else { return };
-        active.loss_bits_sum += bits;
-        if active.job.input.return_losses {
-            active.losses_bits.push(bits);
-        }
-        active.next += 1;
-        let done = active.next == active.job.input.tokens.len();
-        entry.queued_tokens -= 1;
-        self.queued_tokens -= 1;
-        if predict {
-            self.metrics.predicted.inc();
-            self.stats.symbols_predicted += 1;
-        } else {
-            entry.position += 1;
-            entry.loss_bits_sum += bits;
-            ema(&mut entry.loss_bits_avg, bits);
-            entry.last_active = Instant::now();
-            self.stats.symbols_seen += 1;
-            if x.learn {
-                entry.learned += 1;
-                self.stats.symbols_learned += 1;
-                self.metrics.learned.inc();
-            } else {
-                self.metrics.advanced.inc();
-            }
-            self.metrics.loss_bits.observe(bits);
-            ema(&mut self.loss_avg, bits);
-            if let Some(avg) = self.loss_avg {
-                self.metrics.loss_bits_avg.set(avg);
-            }
-        }
-        if done {
-            self.finished.push((owner, x.slot));
-        }
-    }
-
-    /// Replies to every request whose last token was just stepped, with the top-k predictions of
-    /// the slot it ran on (one readout GEMM for all of them).
-    fn answer_finished(&mut self) {
-        if self.finished.is_empty() {
-            return;
-        }
-        let finished = std::mem::take(&mut self.finished);
-        let mut slots = std::mem::take(&mut self.readout_slots);
-        slots.clear();
-        slots.extend(finished.iter().map(|&(_, slot)| slot));
-        self.readout(&slots);
-        for (i, &(owner, slot)) in finished.iter().enumerate() {
-            let predictions = self.top_k(i, self.top_k_of(owner));
-            let Some(entry) = self.slots[owner].as_mut() else { continue };
-            let Some(Job::Tokens(active)) = entry.queue.pop_front() else { continue };
-            if entry.queue.is_empty() {
-                self.busy.remove(&owner);
-            }
-            if slot == self.scratch {
-                self.predict_owner = None;
-            }
-            let consumed = active.job.input.tokens.len();
-            let reply = TokensReply {
-                model: self.definition.name.clone(),
-                stream: entry.name.clone(),
-                position: entry.position,
-                consumed,
-                mean_loss_bits: active.loss_bits_sum / consumed as f64,
-                losses_bits: active.job.input.return_losses.then_some(active.losses_bits),
-                predictions,
-            };
-            active.job.answer(Ok(reply));
-        }
-        self.readout_slots = slots;
-        self.finished = finished;
-        self.finished.clear();
-    }
-
     fn top_k_of(&self, owner: usize) -> usize {
         match self.slots[owner].as_ref().and_then(|e| e.queue.front()) {
             Some(Job::Tokens(active)) => active.job.input.top_k,
@@ -704,5 +1223,13 @@ impl Worker {
                     .then(|| char::from(token as u8).to_string()),
             })
             .collect()
+    }
+}
+
+/// Removes `slot` from the free list (the last occurrence: a slot freed and retaken at once
+/// leaves the list as it was).
+fn take_free(free: &mut Vec<usize>, slot: usize) {
+    if let Some(i) = free.iter().rposition(|&s| s == slot) {
+        free.remove(i);
     }
 }
