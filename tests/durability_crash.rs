@@ -7,7 +7,6 @@
 //! engine that received exactly the acknowledged requests (plus the parts of cut-off requests
 //! that took effect).
 
-use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -133,7 +132,7 @@ async fn twenty_sigkills_lose_no_acknowledged_request() {
     let client = reqwest::Client::builder().timeout(Duration::from_secs(20)).build().unwrap();
     let mut rng = Lcg(2024);
     let mut acked: Vec<Sent> = Vec::new();
-    let mut expected = vec![0u64; STREAMS];
+    let mut expected = [0u64; STREAMS];
 
     let mut server = Server::start(&dir, &config);
     for s in 0..STREAMS {

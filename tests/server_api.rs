@@ -607,7 +607,7 @@ async fn many_streams_are_batched_into_the_weights_of_the_cores_batched_step() {
     let spec = snapshot.definition.model_config().check().unwrap();
     let capacity = snapshot.definition.max_streams + 1;
     let slot_of: HashMap<String, usize> =
-        snapshot.stream_slots.iter().map(|s| (s.name.clone(), s.slot)).collect();
+        snapshot.stream_slots.iter().map(|s| (s.meta.name.clone(), s.slot)).collect();
     let pool = rayon::ThreadPoolBuilder::new().build().unwrap();
     let (params, losses) = pool.install(|| {
         let mut params = Params::<f32>::init(&spec);

@@ -353,17 +353,25 @@ fn read_engine_header(path: &Path) -> Result<EngineJson, String> {
     serde_json::from_value(m["engine"].clone()).map_err(|e| e.to_string())
 }
 
-/// The newest checkpoint in `dir` that validates, falling back to older ones; `None` when there
-/// is none at all. Damaged files are reported in `rejected` and left in place.
-pub fn load_latest(dir: &Path) -> std::io::Result<(Option<(ModelSnapshot, PathBuf)>, Vec<String>)> {
+/// What [`load_latest`] found.
+#[derive(Debug)]
+pub struct Latest {
+    /// The newest checkpoint that validates, and its file.
+    pub best: Option<(ModelSnapshot, PathBuf)>,
+    /// Newer files that did not validate, with the reason (left in place).
+    pub rejected: Vec<String>,
+}
+
+/// The newest checkpoint in `dir` that validates, falling back to older ones.
+pub fn load_latest(dir: &Path) -> std::io::Result<Latest> {
     let mut rejected = Vec::new();
     for (_, path) in list(dir)?.into_iter().rev() {
         match model_file::load(&path).map_err(|e| e.to_string()).and_then(from_model_file) {
-            Ok(snapshot) => return Ok((Some((snapshot, path)), rejected)),
+            Ok(snapshot) => return Ok(Latest { best: Some((snapshot, path)), rejected }),
             Err(e) => rejected.push(format!("{}: {e}", path.display())),
         }
     }
-    Ok((None, rejected))
+    Ok(Latest { best: None, rejected })
 }
 
 /// The file name of an evicted stream's state: the name in hex, so that no name can become a

@@ -644,7 +644,7 @@ impl Engine {
                 .await
                 .map_err(|e| EngineError::Storage(e.to_string()))?
                 .map_err(|e| EngineError::Storage(format!("model `{name}`: {e}")))?;
-            let (best, rejected) = found;
+            let checkpoint::Latest { best, rejected } = found;
             for reason in &rejected {
                 tracing::error!(model = %name, %reason, "checkpoint rejected");
             }

@@ -217,6 +217,8 @@ struct Worker {
     order: Vec<usize>,
     finished: Vec<(usize, usize)>,
     readout_slots: Vec<usize>,
+    /// Slots whose learner state the last step reset after a non-finite value.
+    faulted: Vec<usize>,
     h1: Array2<f32>,
     logits: Array2<f32>,
 }
@@ -253,6 +255,7 @@ impl Worker {
             order: Vec::with_capacity(capacity),
             finished: Vec::with_capacity(capacity),
             readout_slots: Vec::with_capacity(capacity),
+            faulted: Vec::with_capacity(capacity),
             h1: Array2::zeros((capacity, n + 1)),
             logits: Array2::zeros((capacity, vocab)),
             definition,
@@ -642,6 +645,7 @@ impl Worker {
     /// request: the live path does that). Returns the step's outcome.
     fn apply_step(&mut self, inputs: &[SlotStep]) -> bool {
         self.log_step(inputs);
+        self.faulted.clear();
         let nb = inputs.len();
         self.record_top1(inputs);
         let started = Instant::now();
@@ -659,6 +663,8 @@ impl Worker {
                     self.metrics.nonfinite_updates.inc();
                     self.stats.nonfinite_updates += 1;
                     tracing::warn!(model = %self.definition.name, "non-finite gradient: update skipped");
+                    // The core restarted the learners of the batch's streams.
+                    self.faulted.extend(inputs.iter().map(|x| x.slot).filter(|&slot| slot != self.scratch));
                 }
                 None => {}
             },
@@ -692,7 +698,7 @@ impl Worker {
             self.metrics.loss_bits.observe(bits);
             ema(&mut self.loss_avg, bits);
         }
-        for &slot in self.set.last_faulted_slots() {
+        for &slot in &self.faulted {
             self.stats.stream_faults += 1;
             self.metrics.stream_faults.inc();
             if let Some(entry) = self.slots[slot].as_mut() {
@@ -1047,8 +1053,8 @@ impl Worker {
             let bits = self.losses[i] / LN_2;
             self.book(x, bits);
         }
-        for i in 0..self.set.last_faulted_slots().len() {
-            let slot = self.set.last_faulted_slots()[i];
+        for i in 0..self.faulted.len() {
+            let slot = self.faulted[i];
             let owner = self.owner_of(slot);
             if let Some(Some(Job::Tokens(active))) = self.slots[owner].as_mut().map(|e| e.queue.front_mut()) {
                 active.learner_resets += 1;
