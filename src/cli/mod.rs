@@ -26,7 +26,8 @@ enum Command {
     /// Train online on a corpus and report bits per symbol.
     Train(train::TrainArgs),
     /// Serve the online-learning HTTP and WebSocket API.
-    Serve(serve::ServeArgs),
+    // Boxed: its many settings would make every other variant as large.
+    Serve(Box<serve::ServeArgs>),
     /// Drive a running server with concurrent streams and report throughput and latency.
     Load(load::LoadArgs),
     /// Run one of the paper's experiments (gradient variance, copy task).
@@ -41,7 +42,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Bench(args) => bench::run(args),
         Command::Train(args) => train::run(args),
-        Command::Serve(args) => serve::run(args),
+        Command::Serve(args) => serve::run(*args),
         Command::Experiment(args) => experiment::run(args),
         Command::Load(args) => load::run(args),
         Command::Healthcheck(args) => return healthcheck::run(args),
