@@ -352,8 +352,14 @@ async fn an_injected_nonfinite_factor_never_reaches_the_weights() {
     let e = engine(&dir);
     e.restore().await.unwrap();
     let weights = e.snapshot("m").await.unwrap();
-    let reply = e.tokens("m", "a", x(vec![4]), Mode::Consume).await.unwrap();
+    // Streams a and b share one batched step.
+    let hold = e.hold("m").unwrap();
+    let pending_a = e.submit("m", "a", x(vec![4]), Mode::Consume).unwrap();
+    let pending_b = e.submit("m", "b", x(vec![4]), Mode::Consume).unwrap();
+    drop(hold);
+    let (reply, reply_b) = (pending_a.wait().await.unwrap(), pending_b.wait().await.unwrap());
     assert_eq!(reply.learner_resets, 1, "the reply says the learner was reset");
+    assert_eq!(reply_b.learner_resets, 0, "only the stream at fault is reset");
     let after = e.snapshot("m").await.unwrap();
     assert_eq!(after.params, weights.params, "the update was skipped");
     assert_eq!(after.optimizer.steps, weights.optimizer.steps);
@@ -361,6 +367,10 @@ async fn an_injected_nonfinite_factor_never_reaches_the_weights() {
     assert_eq!(after.stats.nonfinite_updates, weights.stats.nonfinite_updates + 1);
     let info = e.stream_info("m", "a").await.unwrap();
     assert_eq!((info.learner_resets, info.position), (1, 4));
+    assert_eq!(e.stream_info("m", "b").await.unwrap().learner_resets, 0);
+    let b_before = weights.stream_slots.iter().find(|s| s.meta.name == "b").unwrap();
+    let b_after = after.stream_slots.iter().find(|s| s.meta.name == "b").unwrap();
+    assert_eq!(b_after.state.position, b_before.state.position + 1, "b advanced normally");
     // Stream b was untouched, and the model learns again at once.
     let reply = e.tokens("m", "a", x(vec![5, 6]), Mode::Consume).await.unwrap();
     assert_eq!(reply.learner_resets, 0);

@@ -663,8 +663,6 @@ impl Worker {
                     self.metrics.nonfinite_updates.inc();
                     self.stats.nonfinite_updates += 1;
                     tracing::warn!(model = %self.definition.name, "non-finite gradient: update skipped");
-                    // The core restarted the learners of the batch's streams.
-                    self.faulted.extend(inputs.iter().map(|x| x.slot).filter(|&slot| slot != self.scratch));
                 }
                 None => {}
             },
@@ -698,6 +696,8 @@ impl Worker {
             self.metrics.loss_bits.observe(bits);
             ema(&mut self.loss_avg, bits);
         }
+        let scratch = self.scratch;
+        self.faulted.extend(self.set.last_faulted_slots().iter().copied().filter(|&slot| slot != scratch));
         for &slot in &self.faulted {
             self.stats.stream_faults += 1;
             self.metrics.stream_faults.inc();
