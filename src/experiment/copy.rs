@@ -115,15 +115,21 @@ pub struct CopyConfig {
     /// Seed of the sequences (the weights and signs use `model.seed`).
     pub data_seed: u64,
     /// Whether a stream is reset (state and learner zeroed) when it starts a new sequence, as
-    /// the task prescribes (truncated BPTT learns from its partial window at the reset). `false`
-    /// runs the streams across sequence boundaries, delimited only by the start marker.
+    /// the task prescribes. Truncated BPTT needs `false`: this task steps with separate
+    /// `advance` and `score` calls (its targets are not its next inputs), and a reset inside
+    /// `advance` drops TBPTT's incomplete window (only `score`, and so `StreamSet::step`, flushes
+    /// it first), so with sequences shorter than its window it would never update (measured: L = 1
+    /// at 2M steps). Without resets its windows run across sequence boundaries (the start marker
+    /// delimits them).
     pub reset_at_sequence_end: bool,
 }
 
 impl CopyConfig {
-    /// The task's setup for a model: every stream is reset when it starts a new sequence.
+    /// The task's setup for a model: streams reset at every new sequence, except for truncated
+    /// BPTT (see [`CopyConfig::reset_at_sequence_end`]).
     pub fn new(model: ModelConfig, batch: usize, steps: u64, data_seed: u64) -> Self {
-        Self { model, batch, steps, data_seed, reset_at_sequence_end: true }
+        let reset_at_sequence_end = model.learner != crate::core::LearnerKind::Tbptt;
+        Self { model, batch, steps, data_seed, reset_at_sequence_end }
     }
 }
 
