@@ -218,10 +218,11 @@ async fn twenty_sigkills_lose_no_acknowledged_request() {
         control.tokens("m", &format!("s{}", r.stream), input, Mode::Consume).await.unwrap();
     }
     let probe: Vec<u32> = b"the quick brown fox".iter().map(|&b| u32::from(b)).collect();
+    let body = json!({ "tokens": probe, "top_k": 8, "return_losses": true });
     let mut differences = 0;
+    let mut replies = Vec::new();
     for s in 0..STREAMS {
         let stream = format!("s{s}");
-        let body = json!({ "tokens": probe, "top_k": 8, "return_losses": true });
         let recovered: Value = client
             .post(server.url(&format!("/v1/models/m/streams/{stream}/predict")))
             .json(&body)
@@ -231,6 +232,7 @@ async fn twenty_sigkills_lose_no_acknowledged_request() {
             .json()
             .await
             .unwrap();
+        replies.push(recovered.clone());
         let input =
             TokenInput { tokens: probe.clone(), learn: true, reset: false, top_k: 8, return_losses: true };
         let expected =
@@ -239,6 +241,16 @@ async fn twenty_sigkills_lose_no_acknowledged_request() {
             differences += 1;
             eprintln!("stream {stream}:\n recovered {recovered}\n control   {expected}");
         }
+    }
+    // A graceful stop writes a final checkpoint; the restarted server is the same server.
+    let _ = Command::new("kill").args(["-TERM", &server.child.id().to_string()]).status();
+    assert!(server.child.wait().unwrap().success(), "SIGTERM exits 0");
+    let mut server = Server::start(&dir, &config);
+    assert_eq!(positions(&client, &server).await, expected.to_vec());
+    for (s, before) in replies.iter().enumerate() {
+        let url = server.url(&format!("/v1/models/m/streams/s{s}/predict"));
+        let after: Value = client.post(url).json(&body).send().await.unwrap().json().await.unwrap();
+        assert_eq!(&after, before, "stream s{s} after a graceful restart");
     }
     let _ = Command::new("kill").args(["-TERM", &server.child.id().to_string()]).status();
     let _ = server.child.wait();

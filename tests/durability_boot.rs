@@ -1,0 +1,117 @@
+//! Boot with a data directory: the server answers `/healthz` at once but `/readyz` only once every
+//! model is restored, and the checkpoint route writes a file whose reply matches its schema.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use kfrtrl::api::{AppState, ServerConfig, serve};
+use kfrtrl::engine::{Durability, Engine, EngineLimits, EngineMetrics, ModelDefinition, checkpoint};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+fn tempdir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("kfrtrl-boot-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn durability(dir: &Path) -> Durability {
+    Durability { checkpoint_interval: None, stream_idle_ttl: None, ..Durability::new(dir) }
+}
+
+/// The bytes and file name of a fresh model's first checkpoint.
+async fn checkpoint_of(name: &str) -> (String, Vec<u8>) {
+    let dir = tempdir("source");
+    let metrics = EngineMetrics::register(&prometheus::Registry::new()).unwrap();
+    let engine = Engine::with_durability(EngineLimits::default(), metrics, durability(&dir));
+    let def = ModelDefinition { hidden: 8, vocab_size: 16, ..ModelDefinition::with_defaults(name, 4) };
+    engine.create_model(def).await.unwrap();
+    engine.shutdown().await;
+    let (_, path) = checkpoint::list(&dir.join("models").join(name)).unwrap().pop().unwrap();
+    (path.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(path).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_is_503_until_every_model_is_restored() {
+    let (file, bytes) = checkpoint_of("m").await;
+    let dir = tempdir("fifo");
+    let model_dir = dir.join("models/m");
+    std::fs::create_dir_all(&model_dir).unwrap();
+    // The checkpoint is a named pipe: restoring blocks on it until the test writes the bytes, so
+    // the server is observably "loading" for as long as the test wants.
+    let fifo = model_dir.join(&file);
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+
+    let config =
+        ServerConfig { models: Vec::new(), durability: Some(durability(&dir)), ..Default::default() };
+    let state = AppState::new(config).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(serve(listener, state.clone(), async move {
+        let _ = rx.await;
+    }));
+    let http = reqwest::Client::new();
+    let get = |path: &str| http.get(format!("http://{addr}{path}")).send();
+    for _ in 0..5 {
+        assert_eq!(get("/healthz").await.unwrap().status(), 200, "live while loading");
+        let ready = get("/readyz").await.unwrap();
+        assert_eq!(ready.status(), 503, "not ready while a model is being restored");
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    assert!(!state.is_ready());
+
+    let writer = std::thread::spawn(move || std::fs::write(&fifo, bytes).unwrap());
+    tokio::time::timeout(Duration::from_secs(30), state.wait_ready()).await.expect("ready after the restore");
+    writer.join().unwrap();
+    assert_eq!(get("/readyz").await.unwrap().status(), 200);
+    let models: Value = get("/v1/models").await.unwrap().json().await.unwrap();
+    assert_eq!(models["models"][0]["name"], "m", "{models}");
+
+    // An on-demand checkpoint: a new file, described by a reply valid against its schema.
+    let reply = http.post(format!("http://{addr}/v1/models/m/checkpoint")).send().await.unwrap();
+    assert_eq!(reply.status(), 200);
+    let reply: Value = reply.json().await.unwrap();
+    let schema: Value =
+        serde_json::from_str(include_str!("../proto-schemas/checkpoint_reply.schema.json")).unwrap();
+    let validator = jsonschema::validator_for(&schema).unwrap();
+    assert!(validator.is_valid(&reply), "{reply}");
+    assert!(Path::new(reply["path"].as_str().unwrap()).is_file());
+    let missing = http.post(format!("http://{addr}/v1/models/nope/checkpoint")).send().await.unwrap();
+    assert_eq!(missing.status(), 404);
+    let problem: Value = missing.json().await.unwrap();
+    assert_eq!(problem["type"], json!("urn:kfrtrl:problem:unknown-model"));
+
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_without_a_data_directory_refuses_checkpoints_with_409() {
+    let config = ServerConfig {
+        models: vec![kfrtrl::engine::ModelRequest {
+            name: "m".into(),
+            hidden: Some(8),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let state = AppState::new(config).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(serve(listener, state.clone(), async move {
+        let _ = rx.await;
+    }));
+    state.wait_ready().await;
+    let reply =
+        reqwest::Client::new().post(format!("http://{addr}/v1/models/m/checkpoint")).send().await.unwrap();
+    assert_eq!(reply.status(), 409);
+    let problem: Value = reply.json().await.unwrap();
+    assert_eq!(problem["type"], json!("urn:kfrtrl:problem:not-durable"));
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
+}
