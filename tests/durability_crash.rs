@@ -7,77 +7,40 @@
 //! engine that received exactly the acknowledged requests (plus the parts of cut-off requests
 //! that took effect).
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+mod support;
+
+use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
 use kfrtrl::engine::{Engine, EngineLimits, EngineMetrics, Mode, ModelDefinition, TokenInput};
 use serde_json::{Value, json};
+use support::binary::{Binary, temp_dir};
 
 const STREAMS: usize = 4;
 const KILLS: usize = 20;
 
-fn temp_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("kfrtrl-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-struct Server {
-    child: Child,
-    addr: String,
-}
-
-impl Server {
-    fn start(dir: &Path, config: &Path) -> Self {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_kfrtrl"));
-        command
-            .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json", "--max-streams", "2"])
-            .args(["--checkpoint-interval-secs", "1", "--stream-idle-ttl-secs", "0"])
-            .arg("--data-dir")
-            .arg(dir)
-            .arg("--config")
-            .arg(config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with("KFRTRL_")) {
-            command.env_remove(key);
-        }
-        let mut child = command.spawn().expect("the kfrtrl binary starts");
-        let (tx, rx) = mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                let value: Value = serde_json::from_str(&line).unwrap_or_else(|_| json!({ "message": line }));
-                if tx.send(value).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut addr = String::new();
-        loop {
-            let line = rx.recv_timeout(Duration::from_secs(60)).expect("the server logs `ready`");
-            assert_ne!(line["level"], "ERROR", "the server logged an error: {line}");
-            if line["message"] == "listening" {
-                addr = line["addr"].as_str().unwrap().to_owned();
-            }
-            if line["message"] == "ready" {
-                break;
-            }
-        }
-        // Keep draining the log so the server never blocks on a full pipe.
-        std::thread::spawn(move || while rx.recv().is_ok() {});
-        Self { child, addr }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
+/// The server with two slots for four streams (eviction), a checkpoint every second, data in `dir`.
+fn start(dir: &Path, config: &Path) -> Binary {
+    let (dir, config) = (dir.to_str().unwrap(), config.to_str().unwrap());
+    let server = Binary::start(
+        &[
+            "--max-streams",
+            "2",
+            "--checkpoint-interval-secs",
+            "1",
+            "--stream-idle-ttl-secs",
+            "0",
+            "--data-dir",
+            dir,
+            "--config",
+            config,
+        ],
+        &[],
+    );
+    let errors: Vec<&serde_json::Value> = server.seen.iter().filter(|l| l["level"] == "ERROR").collect();
+    assert!(errors.is_empty(), "the server logged errors while booting: {errors:?}");
+    server
 }
 
 /// A request as the control engine will replay it.
@@ -97,7 +60,7 @@ impl Lcg {
     }
 }
 
-async fn positions(client: &reqwest::Client, server: &Server) -> Vec<u64> {
+async fn positions(client: &reqwest::Client, server: &Binary) -> Vec<u64> {
     let mut out = Vec::new();
     for s in 0..STREAMS {
         let info: Value = client
@@ -113,7 +76,7 @@ async fn positions(client: &reqwest::Client, server: &Server) -> Vec<u64> {
     out
 }
 
-async fn send(client: &reqwest::Client, server: &Server, r: &Sent) -> Result<Value, reqwest::Error> {
+async fn send(client: &reqwest::Client, server: &Binary, r: &Sent) -> Result<Value, reqwest::Error> {
     let body = json!({ "tokens": r.tokens, "learn": r.learn, "reset": r.reset, "top_k": 1 });
     let reply = client
         .post(server.url(&format!("/v1/models/m/streams/s{}/tokens", r.stream)))
@@ -134,7 +97,7 @@ async fn twenty_sigkills_lose_no_acknowledged_request() {
     let mut acked: Vec<Sent> = Vec::new();
     let mut expected = [0u64; STREAMS];
 
-    let mut server = Server::start(&dir, &config);
+    let mut server = start(&dir, &config);
     for s in 0..STREAMS {
         let first = Sent { stream: s, tokens: vec![b'a' as u32 + s as u32], learn: true, reset: false };
         send(&client, &server, &first).await.unwrap();
@@ -179,7 +142,7 @@ async fn twenty_sigkills_lose_no_acknowledged_request() {
         killer.join().unwrap();
         let status = server.child.wait().unwrap();
         assert!(!status.success(), "kill {kill}: the server was killed");
-        server = Server::start(&dir, &config);
+        server = start(&dir, &config);
         let now = positions(&client, &server).await;
         for s in 0..STREAMS {
             let extra = now[s] - expected[s];
@@ -245,7 +208,7 @@ async fn twenty_sigkills_lose_no_acknowledged_request() {
     // A graceful stop writes a final checkpoint; the restarted server is the same server.
     let _ = Command::new("kill").args(["-TERM", &server.child.id().to_string()]).status();
     assert!(server.child.wait().unwrap().success(), "SIGTERM exits 0");
-    let mut server = Server::start(&dir, &config);
+    let mut server = start(&dir, &config);
     assert_eq!(positions(&client, &server).await, expected.to_vec());
     for (s, before) in replies.iter().enumerate() {
         let url = server.url(&format!("/v1/models/m/streams/s{s}/predict"));
