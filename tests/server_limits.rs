@@ -95,6 +95,12 @@ async fn model_size_body_token_and_model_count_limits_refuse_with_problems() {
     expect(&r, 422, "invalid-config");
     assert_eq!(r.body["field"], "max_streams", "the memory estimate refuses it before allocation");
 
+    let r = server
+        .send(post("/v1/models", json!({"name": "w0", "hidden": 4, "learner": "uoro", "tbptt_window": 0})))
+        .await;
+    expect(&r, 422, "invalid-config");
+    assert_eq!(r.body["field"], "tbptt_window", "every reply echoes it: it must be in the contract's range");
+
     let r = server.send(post("/v1/models", json!({"name": "second", "hidden": 4}))).await;
     assert_eq!(r.status, 201, "{}", r.body);
     let r = server.send(post("/v1/models", json!({"name": "third", "hidden": 4}))).await;

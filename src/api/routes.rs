@@ -47,8 +47,9 @@ impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for PathPar
 /// `POST /v1/models`: creates a model (201 with its description).
 pub async fn create_model(
     State(state): State<AppState>,
-    JsonBody(request): JsonBody<ModelRequest>,
+    JsonBody(body): JsonBody<serde_json::Value>,
 ) -> ApiResult<Response> {
+    let request: ModelRequest = super::wire::from_object(body)?;
     let engine = state.engine();
     let definition = request.resolve(&engine.default_definition(""));
     state.check_definition(&definition)?;

@@ -6,6 +6,7 @@ use axum::extract::{FromRequest, Request};
 use axum::http::StatusCode;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
+use serde_json::Value;
 
 use super::problem::ApiError;
 use crate::engine::{EngineError, Mode, ModelDefinition, TokenInput};
@@ -18,10 +19,10 @@ pub const DEFAULT_TOP_K: usize = 5;
 #[serde(deny_unknown_fields)]
 pub struct TokensRequest {
     /// Token ids.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub tokens: Option<Vec<i64>>,
     /// UTF-8 text, read as bytes (byte-level models only).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub text: Option<String>,
     /// Whether the tokens train the weights (default true).
     #[serde(default = "yes")]
@@ -30,7 +31,7 @@ pub struct TokensRequest {
     #[serde(default)]
     pub reset: bool,
     /// Number of next-token predictions (default 5, capped at the vocabulary size).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub top_k: Option<usize>,
     /// Whether the reply lists every token's loss (default false).
     #[serde(default)]
@@ -43,6 +44,12 @@ pub struct TokensRequest {
 
 fn yes() -> bool {
     true
+}
+
+/// An optional field that, when present, holds a value: `null` is refused as the contract
+/// says (a missing field takes the default).
+fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
 }
 
 impl TokensRequest {
@@ -97,18 +104,74 @@ impl TokensRequest {
     }
 }
 
-/// Parses a JSON message, telling malformed JSON, unknown fields and invalid content apart.
-pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(bytes).map_err(|e| {
-        use serde_json::error::Category;
-        match e.classify() {
-            Category::Syntax | Category::Eof | Category::Io => ApiError::malformed_json(e.to_string()),
-            Category::Data if e.to_string().starts_with("unknown field") => {
-                ApiError::unknown_field(e.to_string())
-            }
-            Category::Data => ApiError::invalid_request(e.to_string()),
+fn classify(e: serde_json::Error) -> ApiError {
+    use serde_json::error::Category;
+    match e.classify() {
+        Category::Syntax | Category::Eof | Category::Io => ApiError::malformed_json(e.to_string()),
+        Category::Data if e.to_string().starts_with("unknown field") => {
+            ApiError::unknown_field(e.to_string())
         }
-    })
+        Category::Data => ApiError::invalid_request(e.to_string()),
+    }
+}
+
+/// Rewrites every number with no fractional part (`5.0`, `1e3`) as an integer, as JSON Schema's
+/// `integer` reads them; returns whether anything changed.
+fn integral_numbers(value: &mut Value) -> bool {
+    match value {
+        Value::Number(n) if n.is_f64() => {
+            let f = n.as_f64().unwrap_or(f64::NAN);
+            let integer = if f.fract() != 0.0 || !f.is_finite() {
+                None
+            } else if (-9.223_372_036_854_776e18..9.223_372_036_854_776e18).contains(&f) {
+                Some(Value::from(f as i64))
+            } else if (0.0..1.844_674_407_370_955_2e19).contains(&f) {
+                Some(Value::from(f as u64))
+            } else {
+                None
+            };
+            integer.map(|i| *value = i).is_some()
+        }
+        Value::Array(items) => items.iter_mut().fold(false, |changed, v| integral_numbers(v) | changed),
+        Value::Object(map) => map.values_mut().fold(false, |changed, v| integral_numbers(v) | changed),
+        _ => false,
+    }
+}
+
+/// Parses a JSON message, telling malformed JSON, unknown fields and invalid content apart.
+/// Integers may be written as integral floats (`5.0`, `1e3`), as JSON Schema allows; that
+/// slower path only runs when the direct parse fails.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    match serde_json::from_slice(bytes) {
+        Ok(message) => Ok(message),
+        Err(e) if e.classify() == serde_json::error::Category::Data => {
+            let mut value: Value = serde_json::from_slice(bytes).map_err(classify)?;
+            if integral_numbers(&mut value) {
+                serde_json::from_value(value).map_err(classify)
+            } else {
+                Err(classify(e))
+            }
+        }
+        Err(e) => Err(classify(e)),
+    }
+}
+
+/// A JSON object's fields as a message, refusing `null` members (a missing field takes the
+/// default; `null` is not a value of any field). For messages whose type is not ours to
+/// annotate, such as the engine's model definition.
+pub fn from_object<T: DeserializeOwned>(mut value: Value) -> Result<T, ApiError> {
+    if let Value::Object(map) = &value
+        && let Some((field, _)) = map.iter().find(|(_, v)| v.is_null())
+    {
+        return Err(ApiError::invalid_request(format!(
+            "`{field}` must not be null; leave it out for the default"
+        )));
+    }
+    match serde_json::from_value(value.clone()) {
+        Ok(message) => Ok(message),
+        Err(e) if integral_numbers(&mut value) => serde_json::from_value(value).map_err(|_| classify(e)),
+        Err(e) => Err(classify(e)),
+    }
 }
 
 /// A JSON request body, whatever its content type (so that plain `curl -d` works), with every
@@ -153,6 +216,23 @@ mod tests {
         assert_eq!(slug(r#"{"tokens":[1],"bogus":1}"#), "unknown-field");
         assert_eq!(slug(r#"{"tokens":"abc"}"#), "invalid-request");
         assert_eq!(slug(r#"{"tokens":[1.5]}"#), "invalid-request");
+        assert_eq!(slug(r#"{"tokens":null}"#), "invalid-request");
+        assert_eq!(slug(r#"{"text":"a","top_k":null}"#), "invalid-request");
+        assert_eq!(slug(r#"{"tokens":[1.0],"bogus":1}"#), "unknown-field");
+    }
+
+    #[test]
+    fn integers_may_be_written_as_integral_floats() {
+        let request: TokensRequest = parse_json(br#"{"tokens":[1.0, 2e1, -3.0],"top_k":4.0}"#).unwrap();
+        assert_eq!(request.tokens, Some(vec![1, 20, -3]));
+        assert_eq!(request.top_k, Some(4));
+        let model: crate::engine::ModelRequest =
+            from_object(serde_json::json!({"name": "m", "hidden": 8.0, "seed": 1e3, "lr": 1})).unwrap();
+        assert_eq!((model.hidden, model.seed, model.lr), (Some(8), Some(1000), Some(1.0)));
+        let slug = |v: Value| from_object::<crate::engine::ModelRequest>(v).unwrap_err().slug();
+        assert_eq!(slug(serde_json::json!({"name": "m", "hidden": null})), "invalid-request");
+        assert_eq!(slug(serde_json::json!({"name": "m", "hidden": 8.5})), "invalid-request");
+        assert_eq!(slug(serde_json::json!({"name": "m", "colour": 1.0})), "unknown-field");
     }
 
     #[test]
