@@ -12,6 +12,21 @@ const TOP_K = 8;
 // Each prediction re-reads the text from a fresh state; a bound keeps a keystroke cheap.
 const MAX_CONTEXT_CHARS = 2000;
 
+// A server with an API key needs it on every /v1 call: open the page as `/#key=<key>`. The
+// fragment never leaves the browser; the key stays in this tab's session storage only, and the
+// address bar drops it at once.
+const API_KEY = (() => {
+  const match = location.hash.match(/(?:^#|&)key=([^&]+)/);
+  if (match) {
+    sessionStorage.setItem("kfrtrl-api-key", decodeURIComponent(match[1]));
+    window.history.replaceState(null, "", location.pathname + location.search);
+  }
+  return sessionStorage.getItem("kfrtrl-api-key");
+})();
+const AUTH = API_KEY ? { authorization: `Bearer ${API_KEY}` } : {};
+// Browsers cannot set headers on a WebSocket: the key goes as a subprotocol next to kfrtrl.v1.
+const WS_PROTOCOLS = API_KEY ? ["kfrtrl.v1", `kfrtrl.bearer.${API_KEY}`] : [];
+
 const $ = (id) => document.getElementById(id);
 const history = new Map(); // model name -> { last: {t, seen}, points: [{t, loss, rate}] }
 
@@ -37,7 +52,7 @@ function el(tag, attrs, ...children) {
 }
 
 async function getJson(path) {
-  const response = await fetch(path, { headers: { accept: "application/json" } });
+  const response = await fetch(path, { headers: { accept: "application/json", ...AUTH } });
   if (!response.ok) throw new Error(`${path}: ${response.status}`);
   return response.json();
 }
@@ -230,7 +245,7 @@ function openSocket(model) {
   closeSocket();
   session.model = model;
   const scheme = location.protocol === "https:" ? "wss" : "ws";
-  const socket = new WebSocket(`${scheme}://${location.host}${streamPath(model)}/ws`);
+  const socket = new WebSocket(`${scheme}://${location.host}${streamPath(model)}/ws`, WS_PROTOCOLS);
   session.socket = socket;
   $("try-state").textContent = "connecting…";
   socket.onopen = () => {
@@ -321,7 +336,7 @@ window.addEventListener("DOMContentLoaded", () => {
   $("try-model").addEventListener("change", () => openSocket($("try-model").value));
   $("learn").addEventListener("click", learn);
   window.addEventListener("pagehide", () => {
-    if (session.model) fetch(streamPath(session.model), { method: "DELETE", keepalive: true });
+    if (session.model) fetch(streamPath(session.model), { method: "DELETE", keepalive: true, headers: AUTH });
   });
   poll();
   setInterval(poll, POLL_MS);
