@@ -524,13 +524,8 @@ async fn websocket_replies_in_order_to_pipelined_requests() {
         tokio_tungstenite::connect_async(format!("ws://{}/v1/models/nope/streams/w/ws", server.addr)).await;
     assert!(missing.is_err());
 
-    // A message over the size limit closes the connection with 1009 (message too big).
-    let (mut big, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
-    big.send(Message::text(json!({"text": "x".repeat(1 << 21)}).to_string())).await.unwrap();
-    match big.next().await {
-        Some(Ok(Message::Close(Some(frame)))) => assert_eq!(u16::from(frame.code), 1009),
-        other => panic!("expected a close frame, got {other:?}"),
-    }
+    // (An oversized message closes with 1009: `server_limits.rs`, with a message small enough to
+    // leave the socket before the server closes; a 2 MiB one here raced the close into a reset.)
 
     socket.close(None).await.unwrap();
     eventually("the connection gauge to drop", || async {
