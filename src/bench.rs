@@ -2,6 +2,11 @@
 //! of `B` streams, the tokens per second of the full step (readout, gradient estimate, optimizer,
 //! advance), the useful floating-point work per second, and, measured in the same run with the
 //! same GEMM backend, the speed of a plain f32 GEMM of the shape of the step's heavy product.
+//!
+//! Two reproducible variants for a shared machine, where timings are noise: [`run_steps`] runs a
+//! fixed number of steps (for instruction counts under `valgrind --tool=callgrind`), and
+//! [`memory`] measures the resident memory per stream of a [`StreamSet`] against the size of the
+//! state [`StreamSet::export_slot`] exports.
 
 use std::time::{Duration, Instant};
 
@@ -58,6 +63,113 @@ pub struct BenchResult {
     pub flops_per_token: f64,
     /// Repetitions measured.
     pub reps: usize,
+}
+
+/// A fixed-length run: exactly `steps` batched steps of `batch` streams, nothing calibrated by
+/// time, so that its instruction count is a function of the configuration.
+pub fn run_steps(
+    model: &ModelConfig,
+    batch: usize,
+    steps: usize,
+) -> Result<f64, crate::core::model::ConfigError> {
+    let spec = model.check()?;
+    let b = batch.max(1);
+    let mut params = Params::<f32>::init(&spec);
+    let mut opt = Optimizer::new(&spec);
+    let mut set = StreamSet::<f32>::new(&spec, b);
+    let mut rng = CounterRng::new(0xBE7C);
+    let mut inputs: Vec<SlotStep> = (0..b).map(|s| SlotStep::learn(s, 0)).collect();
+    let mut losses = vec![0.0; b];
+    let mut loss_sum = 0.0;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(rayon::current_num_threads())
+        .build()
+        .expect("thread pool");
+    pool.install(|| {
+        for _ in 0..steps {
+            for x in inputs.iter_mut() {
+                x.token = rng.below(spec.vocab as u64) as u32;
+            }
+            set.step(&mut params, &mut opt, &inputs, &mut losses).expect("valid batch");
+            loss_sum += losses.iter().sum::<f64>();
+        }
+    });
+    Ok(loss_sum / (steps * b).max(1) as f64)
+}
+
+/// Resident memory per stream of a [`StreamSet`], against the size of its exported state.
+#[derive(Debug, Clone, Serialize)]
+pub struct MemoryReport {
+    /// Cell name.
+    pub cell: String,
+    /// Learner name.
+    pub learner: String,
+    /// Hidden units.
+    pub hidden: usize,
+    /// Vocabulary size.
+    pub vocab: usize,
+    /// Slots (streams) in the set.
+    pub streams: usize,
+    /// Growth of the resident set (VmRSS) from before building the set to after stepping every
+    /// slot, per stream.
+    pub resident_bytes_per_stream: f64,
+    /// Bytes of one stream's exported state ([`crate::core::SlotState::bytes`]).
+    pub state_bytes: usize,
+    /// `resident_bytes_per_stream / state_bytes`.
+    pub ratio: f64,
+    /// What [`ModelSpec::stream_bytes`] claims per stream.
+    pub spec_stream_bytes: u64,
+}
+
+/// Builds a [`StreamSet`] of `streams` slots, steps every slot a few times (so that every page
+/// of its state is touched), and reports the growth of the process's resident memory per stream.
+/// Run it alone in its process: other threads' allocations would be counted.
+pub fn memory(model: &ModelConfig, streams: usize) -> Result<MemoryReport, String> {
+    let spec = model.check().map_err(|e| e.to_string())?;
+    let c = streams.max(1);
+    let mut params = Params::<f32>::init(&spec);
+    let mut opt = Optimizer::new(&spec);
+    let inputs: Vec<SlotStep> = (0..c).map(|s| SlotStep::learn(s, (s % spec.vocab) as u32)).collect();
+    let mut losses = vec![0.0; c];
+    // Warm up the pool and the GEMM backend on a one-slot set, so that thread stacks and the
+    // backend's buffers are resident before the baseline.
+    let mut warm = StreamSet::<f32>::new(&spec, 1);
+    for _ in 0..3 {
+        warm.step(&mut params, &mut opt, &inputs[..1], &mut losses).map_err(|e| e.to_string())?;
+    }
+    drop(warm);
+    let before = resident_bytes()?;
+    let mut set = StreamSet::<f32>::new(&spec, c);
+    for _ in 0..3 {
+        set.step(&mut params, &mut opt, &inputs, &mut losses).map_err(|e| e.to_string())?;
+    }
+    let after = resident_bytes()?;
+    let state_bytes = set.export_slot(0).bytes();
+    let per_stream = after.saturating_sub(before) as f64 / c as f64;
+    Ok(MemoryReport {
+        cell: spec.cell().name().into(),
+        learner: spec.learner().name().into(),
+        hidden: spec.n,
+        vocab: spec.vocab,
+        streams: c,
+        resident_bytes_per_stream: per_stream,
+        state_bytes,
+        ratio: per_stream / state_bytes as f64,
+        spec_stream_bytes: spec.stream_bytes(),
+    })
+}
+
+/// The process's resident set size (`VmRSS` of `/proc/self/status`).
+fn resident_bytes() -> Result<u64, String> {
+    let status =
+        std::fs::read_to_string("/proc/self/status").map_err(|e| format!("/proc/self/status: {e}"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .ok_or_else(|| "no VmRSS in /proc/self/status".to_string())
 }
 
 /// Useful flops per stream-step of a learner: the heavy product plus the lower-order terms.

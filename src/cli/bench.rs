@@ -2,7 +2,7 @@
 
 use clap::Args;
 
-use kfrtrl::bench::{BenchConfig, run as run_bench};
+use kfrtrl::bench::{BenchConfig, memory, run as run_bench, run_steps};
 use kfrtrl::core::{CellKind, LearnerKind, ModelConfig, OptimizerKind};
 
 /// Flags of `kfrtrl bench`; every list flag takes comma-separated values.
@@ -38,6 +38,14 @@ pub struct BenchArgs {
     /// One JSON object per configuration on stdout.
     #[arg(long)]
     json: bool,
+    /// Run exactly this many steps per configuration and report nothing timed (for instruction
+    /// counts: `valgrind --tool=callgrind kfrtrl bench --steps 20 ...`).
+    #[arg(long, conflicts_with = "memory")]
+    steps: Option<usize>,
+    /// Measure resident memory per stream instead of speed: `--batch` is the number of streams
+    /// of the set, compared with the size of one stream's exported state.
+    #[arg(long)]
+    memory: bool,
 }
 
 pub fn parse_cell(s: &str) -> Result<CellKind, String> {
@@ -63,7 +71,7 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
     if let Some(t) = args.threads {
         rayon::ThreadPoolBuilder::new().num_threads(t).build_global().map_err(|e| e.to_string())?;
     }
-    if !args.json {
+    if !args.json && !args.memory && args.steps.is_none() {
         println!(
             "{:<5} {:<8} {:>6} {:>5} {:>12} {:>12} {:>12} {:>8} {:>8} {:>6}",
             "cell", "learner", "hidden", "batch", "tokens/s", "min", "max", "GFLOP/s", "peak", "%peak"
@@ -83,6 +91,34 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
                         optimizer: args.optimizer,
                         ..ModelConfig::default()
                     };
+                    if args.memory {
+                        let r = memory(&model, batch)?;
+                        if args.json {
+                            println!("{}", serde_json::to_string(&r).map_err(|e| e.to_string())?);
+                        } else {
+                            println!(
+                                "{} {} hidden {} streams {}: {:.0} resident bytes per stream, state {} bytes, ratio {:.3} (spec claims {} bytes)",
+                                r.cell,
+                                r.learner,
+                                r.hidden,
+                                r.streams,
+                                r.resident_bytes_per_stream,
+                                r.state_bytes,
+                                r.ratio,
+                                r.spec_stream_bytes
+                            );
+                        }
+                        continue;
+                    }
+                    if let Some(steps) = args.steps {
+                        let mean_loss = run_steps(&model, batch, steps).map_err(|e| e.to_string())?;
+                        println!(
+                            "{} {} hidden {hidden} batch {batch}: {steps} steps, mean loss {mean_loss:.6} nats",
+                            cell.name(),
+                            learner.name()
+                        );
+                        continue;
+                    }
                     let cfg = BenchConfig { model, batch, reps: args.reps, rep_seconds: args.seconds };
                     let r = run_bench(&cfg).map_err(|e| e.to_string())?;
                     if args.json {
