@@ -110,9 +110,13 @@ pub struct MemoryReport {
     pub vocab: usize,
     /// Slots (streams) in the set.
     pub streams: usize,
-    /// Growth of the resident set (VmRSS) from before building the set to after stepping every
-    /// slot, per stream.
+    /// Resident bytes one more stream costs: `((R_C − R_1) − (R_1 − R_0)) / (C − 1)`, where `R_0`
+    /// is the resident set (VmRSS) before, `R_1` after building and stepping a one-slot set, and
+    /// `R_C` after building and stepping the `C`-slot set as well (the per-set costs, such as the
+    /// gradient buffer and per-thread workspaces, cancel).
     pub resident_bytes_per_stream: f64,
+    /// The `C`-slot set's whole growth `R_C − R_1` per stream, per-set costs included.
+    pub resident_bytes_per_stream_with_set: f64,
     /// Bytes of one stream's exported state ([`crate::core::SlotState::bytes`]).
     pub state_bytes: usize,
     /// `resident_bytes_per_stream / state_bytes`.
@@ -121,9 +125,9 @@ pub struct MemoryReport {
     pub spec_stream_bytes: u64,
 }
 
-/// Builds a [`StreamSet`] of `streams` slots, steps every slot a few times (so that every page
-/// of its state is touched), and reports the growth of the process's resident memory per stream.
-/// Run it alone in its process: other threads' allocations would be counted.
+/// Builds a [`StreamSet`] of one slot and one of `streams` slots, steps every slot a few times (so
+/// that every page of its state is touched), and reports the growth of the process's resident
+/// memory per stream. Run it alone in its process: other threads' allocations would be counted.
 pub fn memory(model: &ModelConfig, streams: usize) -> Result<MemoryReport, String> {
     let spec = model.check().map_err(|e| e.to_string())?;
     let c = streams.max(1);
@@ -131,21 +135,24 @@ pub fn memory(model: &ModelConfig, streams: usize) -> Result<MemoryReport, Strin
     let mut opt = Optimizer::new(&spec);
     let inputs: Vec<SlotStep> = (0..c).map(|s| SlotStep::learn(s, (s % spec.vocab) as u32)).collect();
     let mut losses = vec![0.0; c];
-    // Warm up the pool and the GEMM backend on a one-slot set, so that thread stacks and the
-    // backend's buffers are resident before the baseline.
-    let mut warm = StreamSet::<f32>::new(&spec, 1);
-    for _ in 0..3 {
-        warm.step(&mut params, &mut opt, &inputs[..1], &mut losses).map_err(|e| e.to_string())?;
-    }
-    drop(warm);
-    let before = resident_bytes()?;
-    let mut set = StreamSet::<f32>::new(&spec, c);
-    for _ in 0..3 {
-        set.step(&mut params, &mut opt, &inputs, &mut losses).map_err(|e| e.to_string())?;
-    }
-    let after = resident_bytes()?;
+    let mut stepped = |capacity: usize| -> Result<StreamSet<f32>, String> {
+        let mut set = StreamSet::<f32>::new(&spec, capacity);
+        for _ in 0..3 {
+            set.step(&mut params, &mut opt, &inputs[..capacity], &mut losses).map_err(|e| e.to_string())?;
+        }
+        Ok(set)
+    };
+    // Warm up the pool and the GEMM backend, so that thread stacks and the backend's buffers are
+    // resident before the baseline.
+    drop(stepped(1)?);
+    let r0 = resident_bytes()? as f64;
+    let one = stepped(1)?;
+    let r1 = resident_bytes()? as f64;
+    let set = stepped(c)?;
+    let rc = resident_bytes()? as f64;
+    drop(one);
     let state_bytes = set.export_slot(0).bytes();
-    let per_stream = after.saturating_sub(before) as f64 / c as f64;
+    let per_stream = if c > 1 { ((rc - r1) - (r1 - r0)) / (c - 1) as f64 } else { r1 - r0 };
     Ok(MemoryReport {
         cell: spec.cell().name().into(),
         learner: spec.learner().name().into(),
@@ -153,6 +160,7 @@ pub fn memory(model: &ModelConfig, streams: usize) -> Result<MemoryReport, Strin
         vocab: spec.vocab,
         streams: c,
         resident_bytes_per_stream: per_stream,
+        resident_bytes_per_stream_with_set: (rc - r1) / c as f64,
         state_bytes,
         ratio: per_stream / state_bytes as f64,
         spec_stream_bytes: spec.stream_bytes(),

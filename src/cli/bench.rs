@@ -97,12 +97,13 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
                             println!("{}", serde_json::to_string(&r).map_err(|e| e.to_string())?);
                         } else {
                             println!(
-                                "{} {} hidden {} streams {}: {:.0} resident bytes per stream, state {} bytes, ratio {:.3} (spec claims {} bytes)",
+                                "{} {} hidden {} streams {}: {:.0} resident bytes per stream ({:.0} with the set's own), state {} bytes, ratio {:.3} (spec claims {} bytes)",
                                 r.cell,
                                 r.learner,
                                 r.hidden,
                                 r.streams,
                                 r.resident_bytes_per_stream,
+                                r.resident_bytes_per_stream_with_set,
                                 r.state_bytes,
                                 r.ratio,
                                 r.spec_stream_bytes
@@ -113,7 +114,7 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
                     if let Some(steps) = args.steps {
                         let mean_loss = run_steps(&model, batch, steps).map_err(|e| e.to_string())?;
                         println!(
-                            "{} {} hidden {hidden} batch {batch}: {steps} steps, mean loss {mean_loss:.6} nats",
+                            "{} {} hidden {hidden} batch {batch}: {steps} steps, mean loss {mean_loss} nats",
                             cell.name(),
                             learner.name()
                         );

@@ -269,24 +269,35 @@ impl ModelSpec {
     pub fn total_params(&self) -> usize {
         self.recurrent_params() + self.vocab * (self.n + 1)
     }
-    /// Bytes (f32) of one stream's state and learner state, scratch included.
+    /// Bytes (f32) that one slot of a stream set holds: the stream's state and learner state and
+    /// the slot's share of the batch scratch. Per-thread workspaces are not included (they do
+    /// not grow with the number of streams).
     pub fn stream_bytes(&self) -> u64 {
-        let (n, s, rn, m, vocab) = (
+        let (n, s, rn, m, vocab, k) = (
             self.n as u64,
             self.state_len() as u64,
             self.gate_rows() as u64,
             self.m as u64,
             self.vocab as u64,
+            self.k as u64,
         );
         let window = self.config.tbptt_window as u64;
+        // In units of 4 bytes: an 8-byte counter or option counts 2.
+        // State, position, sign key and counter; batch scratch `[h; 1]`, logits, `∂L/∂h`, previous
+        // state, pre-activations, `D`, carry, loss.
+        let slot = s + 6 + (n + 1) + vocab + n + s + rn + k * rn + k * k * n + 2;
         let learner = match self.learner() {
-            LearnerKind::KfRtrl => 2 * s * rn + 2 * m + s * s + rn,
-            LearnerKind::Uoro => rn * m + 3 * s + 2 * rn,
+            // `u`, `A`, scale, forced sign, `δᵀA` and `u` rows, chunk bounds.
+            LearnerKind::KfRtrl => m + s * rn + 1 + 4 + rn + m + 4,
+            // `s̃`, `θ̃`, forced signs, scratch `y`, `s̃'`, `ν`, `w`.
+            LearnerKind::Uoro => s + rn * m + 6 + rn + 2 * s + rn,
+            // `G`, its product scratch, the Jacobian.
             LearnerKind::Rtrl => 2 * s * rn * m + s * s,
-            LearnerKind::Tbptt => window * (s + vocab + 1),
+            // States, tokens and errors of the window; four counters.
+            LearnerKind::Tbptt => window * (s + 1 + vocab) + 8,
             LearnerKind::Frozen => 0,
         };
-        4 * (learner + 3 * s + n + 1 + vocab + rn * (1 + self.k as u64))
+        4 * (slot + learner)
     }
 
     /// Column of `W` where the `h` block starts.
@@ -382,6 +393,17 @@ mod tests {
             },
             "tbptt_window",
         );
+    }
+
+    /// The memory target of a KF-RTRL stream: within 1.2x of the state it exports.
+    #[test]
+    fn a_kf_rtrl_slot_holds_little_beyond_its_state() {
+        for (cell, hidden) in [(CellKind::Rhn, 128), (CellKind::Tanh, 256), (CellKind::Lstm, 64)] {
+            let spec = ModelConfig { cell, hidden, ..Default::default() }.check().unwrap();
+            let state = crate::core::SlotStateLayout::of(&spec).bytes(4) as f64;
+            let ratio = spec.stream_bytes() as f64 / state;
+            assert!((1.0..1.2).contains(&ratio), "{cell} {hidden}: {ratio}");
+        }
     }
 
     #[test]

@@ -3,8 +3,9 @@
 //!
 //! Layout: `A` of slot `b` is column block `b` of a `k·n × (capacity·r·n)` slab, stored as
 //! `A_true = scale_b · A_stored`, so that the scalar `1/p1` of the compression never costs a pass
-//! over the matrix. Two slabs alternate: a step reads slot `b`'s block from one and writes the
-//! new block into the other (`parity_b` says which holds the current one).
+//! over the matrix. Each slot has one copy of `A`, updated in place: the product `H_t A_{t-1}`
+//! goes to a workspace (one per pool thread, sized by the chunk, never by the capacity) and is
+//! written back scaled. The per-slot state is thus `u`, `A` and the scale, as exported.
 //!
 //! The product `B_t = H_t A_{t-1}` is computed one of two ways:
 //! - [`KfStrategy::Wide`] (tanh cell, `r = 1`, no carry): `W_h [A_1 … A_B]` as one GEMM over all
@@ -13,7 +14,7 @@
 //!   `O(r n²)`) times `A`. For `r > 1` this is `r` times fewer flops than multiplying every `W^q_h`
 //!   by `A`, which is why gated cells use it.
 
-use ndarray::{Array1, Array2, Array3, ArrayView2, ArrayViewMut2, Axis, s};
+use ndarray::{Array1, Array2, ArrayView2, ArrayViewMut2, Axis, s};
 
 use rayon::prelude::*;
 
@@ -57,18 +58,26 @@ pub struct KfRtrl<T> {
     strategy: KfStrategy,
     /// `capacity × m`.
     u: Array2<T>,
-    /// The two alternating `k·n × capacity·r·n` slabs.
-    a: [Array2<T>; 2],
-    parity: Vec<u8>,
+    /// The `k·n × capacity·r·n` slab of stored `A`s.
+    a: Array2<T>,
     scale: ndarray::Array1<T>,
     forced_sign: Vec<Option<f64>>,
     /// Scratch: `v = δᵀA` per input (`capacity × r·n`), `u` of the inputs (`capacity × m`).
     v: Array2<T>,
     urows: Array2<T>,
-    /// Scratch: explicit Jacobians, `capacity × s × s` (Jacobian strategy only).
-    jac: Array3<T>,
+    /// Scratch of the advance, one per pool thread (at most one per slot), made on first use.
+    workspaces: Vec<Workspace<T>>,
     /// Scratch: input ranges stepped by one GEMM each (wide strategy).
     chunks: Vec<(usize, usize)>,
+}
+
+/// What one thread of the advance needs for the slots in its hands.
+#[derive(Debug, Clone)]
+struct Workspace<T> {
+    /// `B = H_t A_{t-1}` of a chunk of slots, `k·n × (slots·r·n)`.
+    product: Array2<T>,
+    /// The explicit Jacobian `H_t`, `k·n × k·n` (Jacobian strategy only).
+    jac: Array2<T>,
 }
 
 impl<T: Float> KfRtrl<T> {
@@ -84,18 +93,38 @@ impl<T: Float> KfRtrl<T> {
             "the wide strategy needs a cell without gates or carry (tanh)"
         );
         let (s, rn, m) = (spec.state_len(), spec.gate_rows(), spec.m);
-        let jac_len = if strategy == KfStrategy::Jacobian { capacity } else { 0 };
         Self {
             strategy,
             u: Array2::zeros((capacity, m)),
-            a: [Array2::zeros((s, capacity * rn)), Array2::zeros((s, capacity * rn))],
-            parity: vec![0; capacity],
+            a: Array2::zeros((s, capacity * rn)),
             scale: ndarray::Array1::from_elem(capacity, T::one()),
             forced_sign: vec![None; capacity],
             v: Array2::zeros((capacity, rn)),
             urows: Array2::zeros((capacity, m)),
-            jac: Array3::zeros((jac_len, s, s)),
+            workspaces: Vec::new(),
             chunks: Vec::with_capacity(capacity),
+        }
+    }
+
+    /// Slots per GEMM of the wide strategy: as many as fit in half a core's L2.
+    fn slots_per_chunk(&self) -> usize {
+        let block_bytes = self.a.len() / self.u.nrows() * std::mem::size_of::<T>();
+        (CHUNK_CACHE_BYTES / block_bytes.max(1)).clamp(1, self.u.nrows())
+    }
+
+    /// Makes sure there are `count` workspaces (allocates only when the pool is larger than ever
+    /// before, never in the steady state).
+    fn ensure_workspaces(&mut self, count: usize) {
+        let (s_len, rn) = (self.a.nrows(), self.v.ncols());
+        let (slots, jac) = match self.strategy {
+            KfStrategy::Wide => (self.slots_per_chunk(), 0),
+            KfStrategy::Jacobian => (1, s_len),
+        };
+        while self.workspaces.len() < count {
+            self.workspaces.push(Workspace {
+                product: Array2::zeros((s_len, slots * rn)),
+                jac: Array2::zeros((jac, jac)),
+            });
         }
     }
 
@@ -110,7 +139,6 @@ impl<T: Float> KfRtrl<T> {
         *self = Self::with_strategy(spec, self.u.nrows(), strategy);
         self.u = state.u;
         self.a = state.a;
-        self.parity = state.parity;
         self.scale = state.scale;
         self.forced_sign = state.forced_sign;
     }
@@ -124,7 +152,7 @@ impl<T: Float> KfRtrl<T> {
     /// `(u, A)` of a slot, with `A` unscaled to its true value.
     pub fn factors(&self, slot: usize, spec: &ModelSpec) -> (Array1<T>, Array2<T>) {
         let rn = spec.gate_rows();
-        let a = self.a[self.parity[slot] as usize].slice(s![.., slot * rn..(slot + 1) * rn]);
+        let a = self.a.slice(s![.., slot * rn..(slot + 1) * rn]);
         (self.u.row(slot).to_owned(), a.mapv(|x| x * self.scale[slot]))
     }
 
@@ -135,7 +163,7 @@ impl<T: Float> KfRtrl<T> {
         spec: &ModelSpec,
     ) -> (ndarray::ArrayView1<'_, T>, ArrayView2<'_, T>, T) {
         let rn = spec.gate_rows();
-        let a = self.a[self.parity[slot] as usize].slice(s![.., slot * rn..(slot + 1) * rn]);
+        let a = self.a.slice(s![.., slot * rn..(slot + 1) * rn]);
         (self.u.row(slot), a, self.scale[slot])
     }
 
@@ -150,14 +178,13 @@ impl<T: Float> KfRtrl<T> {
     ) {
         let rn = spec.gate_rows();
         self.u.row_mut(slot).assign(&ndarray::ArrayView1::from(u));
-        let p = self.parity[slot] as usize;
-        self.a[p].slice_mut(s![.., slot * rn..(slot + 1) * rn]).assign(&a);
+        self.a.slice_mut(s![.., slot * rn..(slot + 1) * rn]).assign(&a);
         self.scale[slot] = scale;
     }
 
     pub(super) fn export_slot(&self, slot: usize, out: &mut SlotState<T>) {
-        let (s_len, rn) = (self.a[0].nrows(), self.v.ncols());
-        let a = self.a[self.parity[slot] as usize].slice(s![.., slot * rn..(slot + 1) * rn]);
+        let (s_len, rn) = (self.a.nrows(), self.v.ncols());
+        let a = self.a.slice(s![.., slot * rn..(slot + 1) * rn]);
         out.push_tensor(names::KF_U, vec![self.u.ncols()], self.u.row(slot).to_vec());
         out.push_tensor(names::KF_A, vec![s_len, rn], a.iter().copied().collect());
         out.push_tensor(names::KF_SCALE, vec![], vec![self.scale[slot]]);
@@ -165,12 +192,11 @@ impl<T: Float> KfRtrl<T> {
 
     /// Writes a checked [`SlotState`]'s factors into a slot (forced signs go back to the RNG).
     pub(super) fn import_slot(&mut self, slot: usize, state: &SlotState<T>) {
-        let (s_len, rn) = (self.a[0].nrows(), self.v.ncols());
+        let (s_len, rn) = (self.a.nrows(), self.v.ncols());
         let tensor = |name| state.tensor(name).expect("checked layout");
         self.u.row_mut(slot).assign(&ndarray::ArrayView1::from(tensor(names::KF_U)));
         let a = ArrayView2::from_shape((s_len, rn), tensor(names::KF_A)).expect("checked layout");
-        let p = self.parity[slot] as usize;
-        self.a[p].slice_mut(s![.., slot * rn..(slot + 1) * rn]).assign(&a);
+        self.a.slice_mut(s![.., slot * rn..(slot + 1) * rn]).assign(&a);
         self.scale[slot] = tensor(names::KF_SCALE)[0];
         self.forced_sign[slot] = None;
     }
@@ -178,15 +204,14 @@ impl<T: Float> KfRtrl<T> {
     /// Whether a slot's `u`, stored `A` and scale are all finite.
     pub(super) fn slot_is_finite(&self, slot: usize) -> bool {
         let rn = self.v.ncols();
-        let a = self.a[self.parity[slot] as usize].slice(s![.., slot * rn..(slot + 1) * rn]);
+        let a = self.a.slice(s![.., slot * rn..(slot + 1) * rn]);
         self.scale[slot].is_finite() && all_finite(self.u.row(slot)) && all_finite(a)
     }
 
     pub(super) fn reset(&mut self, slot: usize) {
         let rn = self.v.ncols();
         self.u.row_mut(slot).fill(T::zero());
-        let p = self.parity[slot] as usize;
-        self.a[p].slice_mut(s![.., slot * rn..(slot + 1) * rn]).fill(T::zero());
+        self.a.slice_mut(s![.., slot * rn..(slot + 1) * rn]).fill(T::zero());
         self.scale[slot] = T::one();
     }
 
@@ -194,10 +219,8 @@ impl<T: Float> KfRtrl<T> {
         let rn = self.v.ncols();
         let row = self.u.row(src).to_owned();
         self.u.row_mut(dst).assign(&row);
-        let p = self.parity[src] as usize;
-        let block = self.a[p].slice(s![.., src * rn..(src + 1) * rn]).to_owned();
-        self.a[p].slice_mut(s![.., dst * rn..(dst + 1) * rn]).assign(&block);
-        self.parity[dst] = self.parity[src];
+        let block = self.a.slice(s![.., src * rn..(src + 1) * rn]).to_owned();
+        self.a.slice_mut(s![.., dst * rn..(dst + 1) * rn]).assign(&block);
         self.scale[dst] = self.scale[src];
         self.forced_sign[dst] = self.forced_sign[src];
     }
@@ -213,7 +236,6 @@ impl<T: Float> KfRtrl<T> {
         let nb = inputs.len();
         let (n, rn, hoff) = (spec.n, spec.gate_rows(), spec.h_offset());
         let a = &self.a;
-        let parity = &self.parity;
         let scale = &self.scale;
         let u = &self.u;
         let vrows = SlotRows::new(&mut self.v);
@@ -228,7 +250,7 @@ impl<T: Float> KfRtrl<T> {
                 return;
             }
             let b = x.slot;
-            let block = a[parity[b] as usize].slice(s![hoff..hoff + n, b * rn..(b + 1) * rn]);
+            let block = a.slice(s![hoff..hoff + n, b * rn..(b + 1) * rn]);
             v.fill(T::zero());
             let delta = delta_h.row(i);
             let delta = delta.as_slice().expect("contiguous");
@@ -278,62 +300,68 @@ impl<T: Float> KfRtrl<T> {
     pub(super) fn advance(&mut self, spec: &ModelSpec, params: &Params<T>, step: &StepInputs<'_, T>) {
         let inputs = step.inputs;
         let nb = inputs.len();
+        if nb == 0 {
+            return;
+        }
         let rn = spec.gate_rows();
-        let w_h = params.w_h(spec);
-        let [a0, a1] = &mut self.a;
-        let slabs = [SlotBlocks::new(a0, rn), SlotBlocks::new(a1, rn)];
-        let urows = SlotRows::new(&mut self.u);
-        let parity = &self.parity;
-        let forced = &self.forced_sign;
-
-        if self.strategy == KfStrategy::Wide {
-            // Chunks of consecutive slots that share a parity, at most one chunk per thread's
-            // share of the batch and at most what fits in half a core's L2: each chunk is one
-            // GEMM `W_h [A_b0 … A_b1]`, followed while the result is still in cache by the
-            // per-stream scaling and compression.
-            let threads = rayon::current_num_threads().max(1);
-            let block_bytes = spec.state_len() * rn * std::mem::size_of::<T>();
-            let fits_l2 = (CHUNK_CACHE_BYTES / block_bytes.max(1)).max(1);
-            let max_chunk = nb.div_ceil(threads).min(fits_l2).max(1);
-            let chunks = &mut self.chunks;
-            chunks.clear();
+        let threads = rayon::current_num_threads().max(1);
+        let workers = if self.strategy == KfStrategy::Wide {
+            // Chunks of consecutive slots, at most one chunk per thread's share of the batch and
+            // at most what fits in half a core's L2: each chunk is one GEMM `W_h [A_b0 … A_b1]`
+            // into a workspace, followed while the result is still in cache by the per-stream
+            // scaling back into the slab and the compression.
+            let max_chunk = nb.div_ceil(threads).min(self.slots_per_chunk());
+            self.chunks.clear();
             let mut i = 0;
             while i < nb {
-                let p = parity[inputs[i].slot];
                 let mut j = i + 1;
-                while j < nb
-                    && j - i < max_chunk
-                    && inputs[j].slot == inputs[j - 1].slot + 1
-                    && parity[inputs[j].slot] == p
-                {
+                while j < nb && j - i < max_chunk && inputs[j].slot == inputs[j - 1].slot + 1 {
                     j += 1;
                 }
-                chunks.push((i, j));
+                self.chunks.push((i, j));
                 i = j;
             }
+            threads.min(self.chunks.len())
+        } else {
+            threads.min(nb)
+        };
+        self.ensure_workspaces(workers);
+        let w_h = params.w_h(spec);
+        let slab = SlotBlocks::new(&mut self.a, rn);
+        let urows = SlotRows::new(&mut self.u);
+        let scales = SlotRows::new(&mut self.scale);
+        let forced = &self.forced_sign;
+        let workspaces = &mut self.workspaces[..workers];
+        // One thread per workspace; a single worker lets the GEMM use the pool.
+        let par = if workers > 1 { Par::Single } else { Par::Pool };
+        if self.strategy == KfStrategy::Wide {
             let chunks = &self.chunks;
-            let results = SlotRows::new(&mut self.scale);
-            let par = if chunks.len() > 1 { Par::Single } else { Par::Pool };
-            let run_chunk = |&(i0, i1): &(usize, usize)| {
+            let run_chunk = |ws: &mut Workspace<T>, (i0, i1): (usize, usize)| {
                 let b0 = inputs[i0].slot;
-                let p = parity[b0] as usize;
-                // SAFETY: chunks cover distinct slots, so each task owns the column blocks of its
-                // slots in both slabs, their rows of `u` and their entries of `scale`.
-                let (src, dst) = unsafe { (slabs[p].blocks(b0, i1 - i0), slabs[1 - p].blocks(b0, i1 - i0)) };
-                gemm(T::one(), w_h, src.view(), T::zero(), dst, par);
+                let mut product = ws.product.slice_mut(s![.., ..(i1 - i0) * rn]);
+                {
+                    // SAFETY: chunks cover distinct slots, so each task owns the column blocks of
+                    // its slots, their rows of `u` and their entries of `scale`.
+                    let src = unsafe { slab.blocks(b0, i1 - i0) };
+                    gemm(T::one(), w_h, src.view(), T::zero(), product.view_mut(), par);
+                }
                 for i in i0..i1 {
                     let b = inputs[i].slot;
                     // SAFETY: as above; the chunk's GEMM view is no longer used.
-                    let (mut dst, u, sc) = unsafe { (slabs[1 - p].block(b), urows.row(b), results.row(b)) };
+                    let (mut dst, u, sc) = unsafe { (slab.block(b), urows.row(b), scales.row(b)) };
+                    let col = (i - i0) * rn;
+                    let prod = product.slice(s![.., col..col + rn]);
                     let d = step.d.row(i);
                     let d = d.as_slice().expect("contiguous");
                     let sb = sc[0];
                     let mut nb2 = 0.0f64;
-                    for (mut row, &dj) in dst.axis_iter_mut(Axis(0)).zip(d) {
+                    for ((mut row, prow), &dj) in
+                        dst.axis_iter_mut(Axis(0)).zip(prod.axis_iter(Axis(0))).zip(d)
+                    {
                         let c = sb * dj;
                         let rs = row.as_slice_mut().expect("contiguous rows");
-                        for x in rs.iter_mut() {
-                            *x = *x * c;
+                        for (x, &p) in rs.iter_mut().zip(prow.as_slice().expect("contiguous rows")) {
+                            *x = p * c;
                         }
                         nb2 += sum_squares(rs);
                     }
@@ -341,41 +369,39 @@ impl<T: Float> KfRtrl<T> {
                     sc[0] = compress(spec, u, dst.view_mut(), nb2, step, i, sign);
                 }
             };
-            if chunks.len() > 1 {
-                chunks.par_iter().for_each(run_chunk);
+            if workers > 1 {
+                workspaces.par_iter_mut().enumerate().for_each(|(w, ws)| {
+                    chunks.iter().skip(w).step_by(workers).for_each(|&chunk| run_chunk(ws, chunk));
+                });
             } else {
-                chunks.iter().for_each(run_chunk);
+                chunks.iter().for_each(|&chunk| run_chunk(&mut workspaces[0], chunk));
             }
         } else {
-            let jac = SlotRows::new(&mut self.jac);
-            let s_len = spec.state_len();
-            let results = SlotRows::new(&mut self.scale);
-            let par = if nb > 1 { Par::Single } else { Par::Pool };
-            for_each_input(nb, |i| {
-                let x = inputs[i];
-                let b = x.slot;
-                let p = parity[b] as usize;
+            let run_input = |ws: &mut Workspace<T>, i: usize| {
+                let b = inputs[i].slot;
                 // SAFETY: every input names a distinct slot (validated by the stream set), so each
-                // task owns block `b` of both slabs, row `b` of `u`, `scale` and row `i` of `jac`.
-                let (src, mut dst, u, sc, h) = unsafe {
-                    (slabs[p].block(b), slabs[1 - p].block(b), urows.row(b), results.row(b), jac.row(i))
-                };
-                let mut h = ArrayViewMut2::from_shape((s_len, s_len), h).expect("jacobian shape");
+                // task owns block `b` of the slab, row `b` of `u` and entry `b` of `scale`.
+                let (mut a, u, sc) = unsafe { (slab.block(b), urows.row(b), scales.row(b)) };
                 jacobian(
                     spec,
                     w_h,
                     step.d.row(i).as_slice().expect("contiguous"),
                     step.carry.row(i).as_slice().expect("contiguous"),
-                    h.view_mut(),
+                    ws.jac.view_mut(),
                 );
-                gemm(sc[0], h.view(), src.view(), T::zero(), dst.view_mut(), par);
-                let nb2: f64 = dst.axis_iter(Axis(0)).map(|r| sum_squares(r.as_slice().expect("rows"))).sum();
+                gemm(sc[0], ws.jac.view(), a.view(), T::zero(), ws.product.view_mut(), par);
+                a.assign(&ws.product);
+                let nb2: f64 = a.axis_iter(Axis(0)).map(|r| sum_squares(r.as_slice().expect("rows"))).sum();
                 let sign = sign_for(forced, step, b);
-                sc[0] = compress(spec, u, dst.view_mut(), nb2, step, i, sign);
-            });
-        }
-        for x in inputs {
-            self.parity[x.slot] ^= 1;
+                sc[0] = compress(spec, u, a.view_mut(), nb2, step, i, sign);
+            };
+            if workers > 1 {
+                workspaces.par_iter_mut().enumerate().for_each(|(w, ws)| {
+                    (w * nb / workers..(w + 1) * nb / workers).for_each(|i| run_input(ws, i));
+                });
+            } else {
+                (0..nb).for_each(|i| run_input(&mut workspaces[0], i));
+            }
         }
     }
 }
