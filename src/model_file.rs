@@ -372,18 +372,24 @@ pub fn from_bytes(bytes: &[u8]) -> Result<ModelFile, ModelFileError> {
 /// the directory). On failure the target is untouched and no temporary file is left.
 pub fn save(path: &Path, model: &ModelFile) -> Result<(), ModelFileError> {
     let bytes = to_bytes(model)?;
-    let io = |source| ModelFileError::Io { path: path.to_path_buf(), source };
+    write_atomic(path, &bytes).map_err(|source| ModelFileError::Io { path: path.to_path_buf(), source })
+}
+
+/// Writes `bytes` to `path` atomically: a uniquely named temporary file in the same directory,
+/// fsync, rename over `path`, fsync of the directory. A reader sees the old file or the new one,
+/// never a mix; on failure `path` is untouched and no temporary file is left.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let name = path.file_name().ok_or_else(|| io(std::io::Error::other("the path has no file name")))?;
+    let name = path.file_name().ok_or_else(|| std::io::Error::other("the path has no file name"))?;
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let unique = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let tmp = dir.join(format!(".{}.tmp-{}-{unique}", name.to_string_lossy(), std::process::id()));
     let write = || -> std::io::Result<()> {
         let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
-        f.write_all(&bytes)?;
+        f.write_all(bytes)?;
         f.sync_all()?;
         drop(f);
         std::fs::rename(&tmp, path)?;
@@ -393,9 +399,8 @@ pub fn save(path: &Path, model: &ModelFile) -> Result<(), ModelFileError> {
         }
         Ok(())
     };
-    write().map_err(|e| {
+    write().inspect_err(|_| {
         let _ = std::fs::remove_file(&tmp);
-        io(e)
     })
 }
 

@@ -14,7 +14,6 @@
 //! An evicted stream's state is a small safetensors file `streams/<hex of name>-<generation>.state`.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
@@ -434,7 +433,7 @@ pub fn write_stream(
     let header = std::collections::HashMap::from([("stream".to_string(), json)]);
     let out = safetensors::tensor::serialize(views, &Some(header)).map_err(|e| format!("{e:?}"))?;
     let path = streams.join(stream_file_name(&meta.name, generation));
-    write_atomic(&path, &out).map_err(|e| format!("{}: {e}", path.display()))
+    model_file::write_atomic(&path, &out).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// Reads an evicted stream's state.
@@ -458,23 +457,4 @@ pub fn read_stream(dir: &Path, name: &str, generation: u64) -> Result<(StreamMet
         return Err(bad("checksum mismatch: the file is damaged".into()));
     }
     Ok((f.meta, f.scalars.with_tensors(tensors)))
-}
-
-/// Writes `bytes` to `path` atomically: a temporary file in the same directory, fsync, rename,
-/// fsync of the directory.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().ok_or_else(|| std::io::Error::other("no parent directory"))?;
-    let name = path.file_name().ok_or_else(|| std::io::Error::other("no file name"))?;
-    let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        std::fs::File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
 }
