@@ -217,8 +217,6 @@ struct Worker {
     order: Vec<usize>,
     finished: Vec<(usize, usize)>,
     readout_slots: Vec<usize>,
-    /// Slots whose learner state the last step reset after a non-finite value.
-    faulted: Vec<usize>,
     h1: Array2<f32>,
     logits: Array2<f32>,
 }
@@ -255,7 +253,6 @@ impl Worker {
             order: Vec::with_capacity(capacity),
             finished: Vec::with_capacity(capacity),
             readout_slots: Vec::with_capacity(capacity),
-            faulted: Vec::with_capacity(capacity),
             h1: Array2::zeros((capacity, n + 1)),
             logits: Array2::zeros((capacity, vocab)),
             definition,
@@ -645,7 +642,6 @@ impl Worker {
     /// request: the live path does that). Returns the step's outcome.
     fn apply_step(&mut self, inputs: &[SlotStep]) -> bool {
         self.log_step(inputs);
-        self.faulted.clear();
         let nb = inputs.len();
         self.record_top1(inputs);
         let started = Instant::now();
@@ -696,13 +692,17 @@ impl Worker {
             self.metrics.loss_bits.observe(bits);
             ema(&mut self.loss_avg, bits);
         }
-        let scratch = self.scratch;
-        self.faulted.extend(self.set.last_faulted_slots().iter().copied().filter(|&slot| slot != scratch));
-        for &slot in &self.faulted {
-            self.stats.stream_faults += 1;
-            self.metrics.stream_faults.inc();
-            if let Some(entry) = self.slots[slot].as_mut() {
+        // Streams whose learner the core reset after a non-finite value (a predict's scratch copy
+        // is left out: it is thrown away). The request in progress learns it too (none in replay).
+        let Self { set, slots, stats, metrics, scratch, .. } = self;
+        for &slot in set.last_faulted_slots().iter().filter(|&&slot| slot != *scratch) {
+            stats.stream_faults += 1;
+            metrics.stream_faults.inc();
+            if let Some(entry) = slots[slot].as_mut() {
                 entry.meta.faults += 1;
+                if let Some(Job::Tokens(active)) = entry.queue.front_mut() {
+                    active.learner_resets += 1;
+                }
             }
         }
         if let Some(avg) = self.loss_avg {
@@ -1052,13 +1052,6 @@ impl Worker {
         for (i, x) in inputs.iter().enumerate() {
             let bits = self.losses[i] / LN_2;
             self.book(x, bits);
-        }
-        for i in 0..self.faulted.len() {
-            let slot = self.faulted[i];
-            let owner = self.owner_of(slot);
-            if let Some(Some(Job::Tokens(active))) = self.slots[owner].as_mut().map(|e| e.queue.front_mut()) {
-                active.learner_resets += 1;
-            }
         }
         // Statistics first, so that a client holding its reply sees them include its tokens.
         self.metrics.queue_depth.set(self.queued_tokens as i64);
