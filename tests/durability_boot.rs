@@ -1,21 +1,17 @@
 //! Boot with a data directory: the server answers `/healthz` at once but `/readyz` only once every
 //! model is restored, and the checkpoint route writes a file whose reply matches its schema.
 
-use std::path::{Path, PathBuf};
+mod support;
+
+use std::path::Path;
 use std::time::Duration;
 
 use kfrtrl::api::{AppState, ServerConfig, serve};
 use kfrtrl::engine::{Durability, Engine, EngineLimits, EngineMetrics, ModelDefinition, checkpoint};
 use serde_json::{Value, json};
+use support::binary::temp_dir;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
-
-fn tempdir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("kfrtrl-boot-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 fn durability(dir: &Path) -> Durability {
     Durability { checkpoint_interval: None, stream_idle_ttl: None, ..Durability::new(dir) }
@@ -23,7 +19,7 @@ fn durability(dir: &Path) -> Durability {
 
 /// The bytes and file name of a fresh model's first checkpoint.
 async fn checkpoint_of(name: &str) -> (String, Vec<u8>) {
-    let dir = tempdir("source");
+    let dir = temp_dir("source");
     let metrics = EngineMetrics::register(&prometheus::Registry::new()).unwrap();
     let engine = Engine::with_durability(EngineLimits::default(), metrics, durability(&dir));
     let def = ModelDefinition { hidden: 8, vocab_size: 16, ..ModelDefinition::with_defaults(name, 4) };
@@ -36,7 +32,7 @@ async fn checkpoint_of(name: &str) -> (String, Vec<u8>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_is_503_until_every_model_is_restored() {
     let (file, bytes) = checkpoint_of("m").await;
-    let dir = tempdir("fifo");
+    let dir = temp_dir("fifo");
     let model_dir = dir.join("models/m");
     std::fs::create_dir_all(&model_dir).unwrap();
     // The checkpoint is a named pipe: restoring blocks on it until the test writes the bytes, so

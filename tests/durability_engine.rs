@@ -8,7 +8,9 @@
 //! request has been answered: with fsync `always` the copy holds exactly what a killed process
 //! would leave on disk (the real-process SIGKILL test is `durability_crash.rs`).
 
-use std::path::{Path, PathBuf};
+mod support;
+
+use std::path::Path;
 use std::sync::Arc;
 
 use kfrtrl::core::{CellKind, LearnerKind};
@@ -17,13 +19,7 @@ use kfrtrl::engine::{
     TokensReply, checkpoint, wal,
 };
 use kfrtrl::model_file;
-
-fn tempdir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("kfrtrl-dur-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
+use support::binary::temp_dir;
 
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
@@ -181,7 +177,7 @@ async fn the_log_alone_restores_a_model_bit_for_bit_for_every_learner() {
         .into_iter()
         .enumerate()
     {
-        let dir = tempdir(&format!("log-{i}"));
+        let dir = temp_dir(&format!("log-{i}"));
         let e = engine(&dir);
         e.create_model(definition("m", learner, 8)).await.unwrap();
         concurrent_traffic(&e, "m", 5, 12, i as u64).await;
@@ -189,7 +185,7 @@ async fn the_log_alone_restores_a_model_bit_for_bit_for_every_learner() {
         assert!(before.optimizer.steps > 0, "{learner:?} learned");
         // Only the first checkpoint exists: everything since comes from the log.
         assert_eq!(checkpoint::list(&dir.join("models/m")).unwrap().len(), 1);
-        let crash = tempdir(&format!("log-{i}-crash"));
+        let crash = temp_dir(&format!("log-{i}-crash"));
         copy_dir(&dir, &crash);
         let (r, after) = restored(&crash, "m").await;
         assert_same(&before, &after);
@@ -201,7 +197,7 @@ async fn the_log_alone_restores_a_model_bit_for_bit_for_every_learner() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_checkpoint_then_the_log_restore_bit_for_bit_and_old_segments_are_pruned() {
-    let dir = tempdir("ckpt");
+    let dir = temp_dir("ckpt");
     let e = engine(&dir);
     e.create_model(definition("m", LearnerKind::KfRtrl, 8)).await.unwrap();
     for round in 0..4 {
@@ -217,14 +213,14 @@ async fn a_checkpoint_then_the_log_restore_bit_for_bit_and_old_segments_are_prun
         assert!(*first > oldest);
     }
     let before = e.snapshot("m").await.unwrap();
-    let crash = tempdir("ckpt-crash");
+    let crash = temp_dir("ckpt-crash");
     copy_dir(&dir, &crash);
     let (r, after) = restored(&crash, "m").await;
     assert_same(&before, &after);
     same_future(&e, &r, "m", 4, 5).await;
 
     // The newest checkpoint damaged: the previous one and the longer log give the same state.
-    let crash2 = tempdir("ckpt-crash2");
+    let crash2 = temp_dir("ckpt-crash2");
     copy_dir(&dir, &crash2);
     let newest = checkpoint::list(&crash2.join("models/m")).unwrap().pop().unwrap().1;
     let mut bytes = std::fs::read(&newest).unwrap();
@@ -241,7 +237,7 @@ async fn a_checkpoint_then_the_log_restore_bit_for_bit_and_old_segments_are_prun
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn taking_checkpoints_changes_nothing_the_model_does_next() {
-    let (d1, d2) = (tempdir("noop-a"), tempdir("noop-b"));
+    let (d1, d2) = (temp_dir("noop-a"), temp_dir("noop-b"));
     let (a, b) = (engine(&d1), engine(&d2));
     for e in [&a, &b] {
         e.create_model(definition("m", LearnerKind::KfRtrl, 8)).await.unwrap();
@@ -264,12 +260,12 @@ async fn taking_checkpoints_changes_nothing_the_model_does_next() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_torn_last_record_is_dropped_and_the_state_is_the_one_before_it() {
-    let dir = tempdir("torn");
+    let dir = temp_dir("torn");
     let e = engine(&dir);
     e.create_model(definition("m", LearnerKind::KfRtrl, 8)).await.unwrap();
     concurrent_traffic(&e, "m", 3, 5, 1).await;
     let before = e.snapshot("m").await.unwrap();
-    let image = tempdir("torn-image");
+    let image = temp_dir("torn-image");
     copy_dir(&dir, &image);
     let model_dir = image.join("models/m");
     let (_, segment) = wal::segments(&model_dir).unwrap().pop().unwrap();
@@ -290,7 +286,7 @@ async fn a_torn_last_record_is_dropped_and_the_state_is_the_one_before_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn evicted_streams_come_back_exactly_and_delete_forgets_them() {
-    let (d1, d2) = (tempdir("evict-a"), tempdir("evict-b"));
+    let (d1, d2) = (temp_dir("evict-a"), temp_dir("evict-b"));
     // Two resident slots for five streams: most requests evict one stream and load another.
     let small = engine(&d1);
     let large = engine(&d2);
@@ -312,7 +308,7 @@ async fn evicted_streams_come_back_exactly_and_delete_forgets_them() {
     assert_eq!(listed.len(), 5);
     assert_eq!(listed.iter().filter(|s| !s.resident).count(), 3);
     // Restored from the log, evictions and loads included.
-    let crash = tempdir("evict-crash");
+    let crash = temp_dir("evict-crash");
     copy_dir(&d1, &crash);
     let (r, after) = restored(&crash, "m").await;
     assert_same(&snap, &after);
@@ -329,7 +325,7 @@ async fn evicted_streams_come_back_exactly_and_delete_forgets_them() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_injected_nonfinite_factor_never_reaches_the_weights() {
-    let dir = tempdir("fault");
+    let dir = temp_dir("fault");
     let e = engine(&dir);
     e.create_model(definition("m", LearnerKind::KfRtrl, 8)).await.unwrap();
     let x = |t: Vec<u32>| TokenInput { tokens: t, learn: true, reset: false, top_k: 2, return_losses: false };
@@ -382,7 +378,7 @@ async fn an_injected_nonfinite_factor_never_reaches_the_weights() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn shutdown_writes_a_final_checkpoint_and_a_deleted_model_leaves_nothing() {
-    let dir = tempdir("final");
+    let dir = temp_dir("final");
     let e = engine(&dir);
     e.create_model(definition("m", LearnerKind::KfRtrl, 8)).await.unwrap();
     e.create_model(definition("gone", LearnerKind::KfRtrl, 8)).await.unwrap();

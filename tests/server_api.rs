@@ -15,40 +15,14 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::Message;
 
+mod support;
+
+use support::Schemas;
+
 use kfrtrl::api::{AppState, Limits, SCHEMAS, ServerConfig, StartError, serve};
 use kfrtrl::core::rng::derive_key;
 use kfrtrl::core::{CellKind, Optimizer, Params, SlotStep, StreamSet};
 use kfrtrl::engine::{ModelRequest, stream_label};
-
-/// Schemas the replies are checked against, by component name.
-struct Schemas {
-    validators: HashMap<String, jsonschema::Validator>,
-}
-
-impl Schemas {
-    fn from_openapi(doc: &Value) -> Self {
-        let components = doc["components"].clone();
-        let mut validators = HashMap::new();
-        for name in doc["components"]["schemas"].as_object().expect("components/schemas").keys() {
-            let schema = json!({
-                "$schema": "https://json-schema.org/draft/2020-12/schema",
-                "$ref": format!("#/components/schemas/{name}"),
-                "components": components,
-            });
-            let validator =
-                jsonschema::validator_for(&schema).unwrap_or_else(|e| panic!("schema {name}: {e}"));
-            validators.insert(name.clone(), validator);
-        }
-        Self { validators }
-    }
-
-    fn check(&self, name: &str, value: &Value) {
-        let validator = self.validators.get(name).unwrap_or_else(|| panic!("no schema {name}"));
-        let errors: Vec<String> =
-            validator.iter_errors(value).map(|e| format!("{e} at {}", e.instance_path())).collect();
-        assert!(errors.is_empty(), "{name} does not validate {value}: {errors:?}");
-    }
-}
 
 struct TestServer {
     addr: SocketAddr,
