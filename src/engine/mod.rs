@@ -25,7 +25,7 @@ pub mod wal;
 mod worker;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -355,11 +355,6 @@ fn unique_suffix() -> String {
     format!("{}-{nanos}", std::process::id())
 }
 
-/// Whether `dir` holds a model's files (used by tools and tests).
-pub fn has_checkpoint(dir: &Path) -> bool {
-    checkpoint::list(dir).is_ok_and(|l| !l.is_empty())
-}
-
 /// The stable 64-bit FNV-1a hash of a stream name: the label of the stream's random-sign key,
 /// so that signs depend on the stream's name and position, never on its slot.
 pub fn stream_label(name: &str) -> u64 {
@@ -457,7 +452,7 @@ struct ModelHandle {
     shared: Arc<Shared>,
     thread: Mutex<Option<JoinHandle<Option<Box<ModelSnapshot>>>>>,
     /// Serializes the model's checkpoint writes; holds the sequence number of the last one.
-    checkpoint: tokio::sync::Mutex<Option<u64>>,
+    checkpoint: tokio::sync::Mutex<u64>,
 }
 
 impl ModelHandle {
@@ -683,9 +678,10 @@ impl Engine {
             stats: Mutex::new(ModelStats::default()),
             next_seq: AtomicU64::new(0),
         });
-        let restored_seq = match &start {
-            worker::Start::Restore(s) => Some(s.next_seq),
-            worker::Start::Fresh => None,
+        // The last checkpoint: the one restored, or the one a new model writes first (at seq 0).
+        let checkpointed = match &start {
+            worker::Start::Restore(s) => s.next_seq,
+            worker::Start::Fresh => 0,
         };
         let handle = Arc::new(ModelHandle {
             definition: def.clone(),
@@ -693,7 +689,7 @@ impl Engine {
             tx,
             shared: shared.clone(),
             thread: Mutex::new(None),
-            checkpoint: tokio::sync::Mutex::new(restored_seq.or(Some(0))),
+            checkpoint: tokio::sync::Mutex::new(checkpointed),
         });
         {
             let mut models = self.models.write().unwrap_or_else(PoisonError::into_inner);
@@ -918,7 +914,7 @@ impl Engine {
         let dir = d.model_dir(model);
         let result = self.write_checkpoint(model, dir, snapshot, d.checkpoint_keep, started).await;
         if let Ok(info) = &result {
-            *last = Some(info.next_seq);
+            *last = info.next_seq;
         }
         result
     }
@@ -974,7 +970,7 @@ impl Engine {
             for handle in handles {
                 let changed = {
                     let last = *handle.checkpoint.lock().await;
-                    last != Some(handle.shared.next_seq.load(Ordering::Acquire))
+                    last != handle.shared.next_seq.load(Ordering::Acquire)
                 };
                 if changed && handle.shared.ready.load(Ordering::Acquire) {
                     let _ = self.checkpoint(&handle.definition.name).await;

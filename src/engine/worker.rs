@@ -199,8 +199,6 @@ struct Worker {
     predict_owner: Option<usize>,
     queued_tokens: usize,
     stats: ModelStats,
-    top1_avg: Option<f64>,
-    loss_avg: Option<f64>,
     /// Sequence number of the next logged operation.
     next_seq: u64,
     /// Generation of the next evicted-stream file.
@@ -240,8 +238,6 @@ impl Worker {
             predict_owner: None,
             queued_tokens: 0,
             stats: ModelStats::default(),
-            top1_avg: None,
-            loss_avg: None,
             next_seq: 0,
             next_generation: 0,
             evicted: BTreeMap::new(),
@@ -359,8 +355,6 @@ impl Worker {
         self.next_seq = s.next_seq;
         self.next_generation = s.next_generation;
         self.evicted = s.evicted;
-        self.top1_avg = s.stats.top1_accuracy_avg;
-        self.loss_avg = s.stats.loss_bits_avg;
         self.stats = s.stats;
         self.metrics.active_streams.set(self.names.len() as i64);
         Ok(())
@@ -378,8 +372,6 @@ impl Worker {
             .collect();
         stream_slots.sort_by_key(|s| s.slot);
         let mut stats = self.stats.clone();
-        stats.loss_bits_avg = self.loss_avg;
-        stats.top1_accuracy_avg = self.top1_avg;
         stats.streams = self.names.len() + self.evicted.len();
         stats.queued_tokens = 0;
         ModelSnapshot {
@@ -690,7 +682,7 @@ impl Worker {
                 self.metrics.advanced.inc();
             }
             self.metrics.loss_bits.observe(bits);
-            ema(&mut self.loss_avg, bits);
+            ema(&mut self.stats.loss_bits_avg, bits);
         }
         // Streams whose learner the core reset after a non-finite value (a predict's scratch copy
         // is left out: it is thrown away). The request in progress learns it too (none in replay).
@@ -705,7 +697,7 @@ impl Worker {
                 }
             }
         }
-        if let Some(avg) = self.loss_avg {
+        if let Some(avg) = self.stats.loss_bits_avg {
             self.metrics.loss_bits_avg.set(avg);
         }
         true
@@ -964,8 +956,6 @@ impl Worker {
         self.stats.streams = self.names.len() + self.evicted.len();
         self.stats.resident_streams = self.names.len();
         self.stats.queued_tokens = self.queued_tokens;
-        self.stats.loss_bits_avg = self.loss_avg;
-        self.stats.top1_accuracy_avg = self.top1_avg;
         let mut shared = self.shared.stats.lock().unwrap_or_else(PoisonError::into_inner);
         shared.clone_from(&self.stats);
     }
@@ -1161,9 +1151,9 @@ impl Worker {
                 let best = row.iter().enumerate().fold((0usize, f32::NEG_INFINITY), |best, (t, &l)| {
                     if l > best.1 { (t, l) } else { best }
                 });
-                ema(&mut self.top1_avg, if best.0 == x.token as usize { 1.0 } else { 0.0 });
+                ema(&mut self.stats.top1_accuracy_avg, if best.0 == x.token as usize { 1.0 } else { 0.0 });
             }
-            if let Some(avg) = self.top1_avg {
+            if let Some(avg) = self.stats.top1_accuracy_avg {
                 self.metrics.top1_accuracy_avg.set(avg);
             }
         }
