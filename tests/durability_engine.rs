@@ -399,3 +399,74 @@ async fn shutdown_writes_a_final_checkpoint_and_a_deleted_model_leaves_nothing()
     assert_same(&before, &after);
     r.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idle_streams_are_evicted_after_the_ttl_and_a_stream_cap_bounds_them_all() {
+    let dir = temp_dir("dur-ttl");
+    let d = Durability { stream_idle_ttl: Some(std::time::Duration::from_millis(100)), ..durability(&dir) };
+    let e = engine_with(d, EngineLimits { max_stored_streams: 3, ..EngineLimits::default() });
+    e.create_model(definition("m", LearnerKind::KfRtrl, 8)).await.unwrap();
+    let x = |t: Vec<u32>| TokenInput { tokens: t, learn: true, reset: false, top_k: 1, return_losses: false };
+    e.tokens("m", "idle", x(vec![1, 2]), Mode::Consume).await.unwrap();
+    assert!(e.stream_info("m", "idle").await.unwrap().resident);
+    let mut evicted = false;
+    for _ in 0..100 {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        if !e.stream_info("m", "idle").await.unwrap().resident {
+            evicted = true;
+            break;
+        }
+    }
+    assert!(evicted, "the idle stream was evicted after its TTL");
+    assert_eq!(e.snapshot("m").await.unwrap().evicted.len(), 1);
+    let reply = e.tokens("m", "idle", x(vec![3]), Mode::Consume).await.unwrap();
+    assert_eq!(reply.position, 3, "loaded back where it was");
+    // Three streams at most, resident or evicted.
+    e.tokens("m", "b", x(vec![1]), Mode::Consume).await.unwrap();
+    e.tokens("m", "c", x(vec![1]), Mode::Consume).await.unwrap();
+    let refused = e.tokens("m", "d", x(vec![1]), Mode::Consume).await;
+    assert!(matches!(refused, Err(kfrtrl::engine::EngineError::StreamLimit { limit: 3, .. })), "{refused:?}");
+    e.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn periodic_checkpoints_follow_changes_and_boot_ignores_temporary_files() {
+    let dir = temp_dir("dur-periodic");
+    let d =
+        Durability { checkpoint_interval: Some(std::time::Duration::from_millis(100)), ..durability(&dir) };
+    let e = engine_with(d, EngineLimits::default());
+    e.create_model(definition("m", LearnerKind::KfRtrl, 8)).await.unwrap();
+    tokio::spawn(e.clone().run_checkpoints());
+    concurrent_traffic(&e, "m", 3, 4, 4).await;
+    let before = e.snapshot("m").await.unwrap();
+    let model_dir = dir.join("models/m");
+    let mut covered = false;
+    for _ in 0..100 {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        if checkpoint::list(&model_dir).unwrap().last().is_some_and(|(seq, _)| *seq == before.next_seq) {
+            covered = true;
+            break;
+        }
+    }
+    assert!(covered, "a periodic checkpoint covers the traffic");
+    // Nothing changed: no checkpoint is written again (not even over the same file).
+    let written = || {
+        checkpoint::list(&model_dir)
+            .unwrap()
+            .into_iter()
+            .map(|(seq, path)| (seq, std::fs::metadata(path).unwrap().modified().unwrap()))
+            .collect::<Vec<_>>()
+    };
+    let files = written();
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    assert_eq!(written(), files);
+    // A crash in the middle of a write leaves a temporary file: boot ignores it.
+    let image = temp_dir("dur-periodic-image");
+    copy_dir(&dir, &image);
+    std::fs::write(image.join("models/m/.checkpoint-99999999999999999999.safetensors.tmp-1-0"), b"half")
+        .unwrap();
+    let (r, after) = restored(&image, "m").await;
+    assert_same(&before, &after);
+    r.shutdown().await;
+    e.shutdown().await;
+}
