@@ -137,6 +137,8 @@ pub struct ServerSide {
 pub struct EngineComparison {
     /// Streams per step (the server's mean batch, rounded).
     pub batch: usize,
+    /// Threads of the in-process step (match the server's `--model-threads` to compare alike).
+    pub threads: usize,
     /// Median tokens per second of the in-process step.
     pub symbols_per_sec: f64,
     /// Wall time of one in-process step, in milliseconds.
@@ -580,16 +582,21 @@ async fn next_reply(ws: &mut Ws, url: &str) -> Result<Result<(), String>, String
 
 /// Measures the in-process engine at the server's mean batch size (blocking: run it while the
 /// server is idle) and fills `report.engine`.
-pub fn engine_comparison(report: &mut LoadReport, rep_seconds: f64) -> Result<(), LoadError> {
+pub fn engine_comparison(report: &mut LoadReport, rep_seconds: f64, threads: usize) -> Result<(), LoadError> {
     let (Some(server), Some(definition)) = (&report.server, &report.definition) else {
         return Err(LoadError::Server("no step metrics for the model: nothing to compare".into()));
     };
     let batch = (server.mean_batch.round() as usize).max(1);
     let cfg = BenchConfig { model: definition.model_config(), batch, reps: 3, rep_seconds };
-    let r = run_bench(&cfg).map_err(|e| LoadError::Config(e.to_string()))?;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads.max(1))
+        .build()
+        .map_err(|e| LoadError::Config(format!("cannot build the thread pool: {e}")))?;
+    let r = pool.install(|| run_bench(&cfg)).map_err(|e| LoadError::Config(e.to_string()))?;
     let step_ms = batch as f64 / r.tokens_per_sec * 1e3;
     report.engine = Some(EngineComparison {
         batch,
+        threads: threads.max(1),
         symbols_per_sec: r.tokens_per_sec,
         step_ms,
         server_fraction: report.symbols_per_sec / r.tokens_per_sec,

@@ -100,6 +100,7 @@ log_format = "human"
 [limits]
 max_streams = 5
 queue_requests = 64
+model_threads = 3
 
 [[models]]
 name = "tiny"
@@ -132,9 +133,21 @@ max_streams = 2
             ("KFRTRL_MAX_STREAMS", "4"),
             ("KFRTRL_QUEUE_TOKENS", "4096"),
             ("KFRTRL_MAX_TOKENS_PER_REQUEST", "1000"),
+            ("KFRTRL_MODEL_THREADS", "2"),
         ],
     );
     assert!(data.is_dir(), "the data dir is created");
+    // Each model steps in a pool of its own, as wide as the environment says (not the file).
+    let pool_threads = |model: &str| {
+        let prefix = format!("model-{model}-");
+        std::fs::read_dir(format!("/proc/{}/task", server.child.id()))
+            .unwrap()
+            .filter_map(|task| std::fs::read_to_string(task.unwrap().path().join("comm")).ok())
+            .filter(|comm| comm.trim_end().starts_with(&prefix))
+            .count()
+    };
+    assert_eq!(pool_threads("tiny"), 2);
+    assert_eq!(pool_threads("ids"), 2);
     let http = reqwest::Client::new();
     let ready = http.get(server.url("/readyz")).send().await.unwrap();
     assert_eq!(ready.status(), reqwest::StatusCode::OK);

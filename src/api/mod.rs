@@ -77,6 +77,9 @@ pub struct Limits {
     pub max_websockets: usize,
     /// Streams per model, resident and evicted together.
     pub max_stored_streams: usize,
+    /// Threads of each model's pool (`None`: every core; `kfrtrl serve` leaves the async
+    /// runtime's cores out).
+    pub model_threads: Option<usize>,
 }
 
 impl Default for Limits {
@@ -97,6 +100,7 @@ impl Default for Limits {
             max_concurrent_requests: 512,
             max_websockets: 1024,
             max_stored_streams: engine.max_stored_streams,
+            model_threads: None,
         }
     }
 }
@@ -111,6 +115,7 @@ impl Limits {
             max_model_bytes: self.max_model_bytes,
             default_max_streams: self.max_streams,
             max_stored_streams: self.max_stored_streams,
+            model_threads: self.model_threads.unwrap_or(EngineLimits::default().model_threads),
         }
     }
 
@@ -127,6 +132,7 @@ impl Limits {
             ("max_concurrent_requests", self.max_concurrent_requests),
             ("max_websockets", self.max_websockets),
             ("max_stored_streams", self.max_stored_streams),
+            ("model_threads", self.model_threads.unwrap_or(1)),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(StartError::Config(format!("limits.{name} must be positive")));

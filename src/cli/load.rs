@@ -40,6 +40,10 @@ pub struct LoadArgs {
     /// in this process; the server should be otherwise idle).
     #[arg(long)]
     engine: bool,
+    /// Threads of the in-process engine (the server's `--model-threads` compares alike)
+    /// [default: every core].
+    #[arg(long)]
+    engine_threads: Option<usize>,
     /// Threads of the load generator's async runtime.
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -105,7 +109,9 @@ pub fn run(args: LoadArgs) -> Result<(), String> {
     let mut report = runtime.block_on(run_with(&cfg, on_sample)).map_err(|e| e.to_string())?;
     drop(runtime);
     if args.engine {
-        engine_comparison(&mut report, 1.0).map_err(|e| e.to_string())?;
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        engine_comparison(&mut report, 1.0, args.engine_threads.unwrap_or(cores))
+            .map_err(|e| e.to_string())?;
     }
     if args.json {
         println!("{}", serde_json::to_string(&report).map_err(|e| e.to_string())?);
@@ -170,8 +176,9 @@ fn print_report(r: &LoadReport) {
     }
     if let Some(e) = &r.engine {
         println!(
-            "engine in-process at batch {}: {:.0} symbols/s, step {:.2} ms; server/engine {:.0}%; p99 budget {:.2} ms",
+            "engine in-process at batch {} on {} thread(s): {:.0} symbols/s, step {:.2} ms; server/engine {:.0}%; p99 budget {:.2} ms",
             e.batch,
+            e.threads,
             e.symbols_per_sec,
             e.step_ms,
             100.0 * e.server_fraction,

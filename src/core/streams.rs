@@ -7,7 +7,9 @@
 //!    estimated by the model's learner and averaged over the batch;
 //! 2. the caller applies the optimizer ([`StreamSet::step`] does all three);
 //! 3. [`StreamSet::advance`]: the state consumes `token` (`a_t = [x_t; h_{t-1}; 1]`) and the
-//!    learner's influence estimate follows it.
+//!    learner's influence estimate follows it. Its two halves can be called apart
+//!    ([`StreamSet::advance_states`], then [`StreamSet::advance_learner`]) so that the new
+//!    predictions are known before the learner's costly update runs.
 //!
 //! The per-token path (`score`, `advance`, `step`, `predict`) allocates nothing after
 //! construction: every buffer is sized for the full capacity.
@@ -96,6 +98,8 @@ pub struct StreamSet<T: Float> {
     /// preallocated to the capacity.
     faulted: Vec<usize>,
     restarted: Vec<usize>,
+    /// Inputs of an [`StreamSet::advance_states`] whose learner part has not run yet.
+    pending_learner: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -146,6 +150,7 @@ impl<T: Float> StreamSet<T> {
             grad: Gradients::zeros(spec),
             faulted: Vec::with_capacity(capacity),
             restarted: Vec::with_capacity(capacity),
+            pending_learner: None,
         }
     }
 
@@ -214,6 +219,7 @@ impl<T: Float> StreamSet<T> {
     /// Starts a new sequence in a slot: state, position and learner factors to zero (the sign
     /// counter runs on, so the new sequence draws fresh signs).
     pub fn reset(&mut self, slot: usize) {
+        self.assert_no_pending_learner();
         self.state.row_mut(slot).fill(T::zero());
         self.position[slot] = 0;
         self.learner.reset(slot);
@@ -263,6 +269,7 @@ impl<T: Float> StreamSet<T> {
         inputs: &[SlotStep],
         losses: &mut [f64],
     ) -> Result<f64, StepError> {
+        self.assert_no_pending_learner();
         self.validate(inputs)?;
         assert!(losses.len() >= inputs.len(), "losses buffer too short");
         let nb = inputs.len();
@@ -353,7 +360,23 @@ impl<T: Float> StreamSet<T> {
     /// Phase 3: every input's slot consumes its token, with the weights as they are now.
     /// An input's `reset` applies here too, so that `advance` alone is correct; after `score`
     /// the slot is already at its start and the reset changes nothing.
+    /// Same as [`StreamSet::advance_states`] then [`StreamSet::advance_learner`].
     pub fn advance(&mut self, params: &Params<T>, inputs: &[SlotStep]) -> Result<(), StepError> {
+        self.advance_states(params, inputs)?;
+        self.advance_learner(params, inputs);
+        Ok(())
+    }
+
+    /// Phase 3, first half: every input's state consumes its token (the cell's forward pass), so
+    /// that [`StreamSet::hidden`] and [`StreamSet::predict`] already give the new predictions.
+    /// The learner's half, the costliest part of a KF-RTRL or exact RTRL step, is left to
+    /// [`StreamSet::advance_learner`], which must come next with the same weights and inputs:
+    /// a server can answer in between while the learner's update still runs.
+    ///
+    /// # Panics
+    /// If the learner's half of the previous advance is still pending.
+    pub fn advance_states(&mut self, params: &Params<T>, inputs: &[SlotStep]) -> Result<(), StepError> {
+        self.assert_no_pending_learner();
         self.validate(inputs)?;
         for x in inputs {
             if x.reset && self.position[x.slot] != 0 {
@@ -395,6 +418,23 @@ impl<T: Float> StreamSet<T> {
                 cell.forward(n, z, prev.row(i).as_slice().expect("contiguous"), next, d, carry);
             });
         }
+        for x in inputs {
+            self.position[x.slot] += 1;
+        }
+        self.pending_learner = Some(nb);
+        Ok(())
+    }
+
+    /// Phase 3, second half: the learner's influence estimates follow the states that
+    /// [`StreamSet::advance_states`] just advanced (`params` and `inputs` must be the same);
+    /// nothing to do when no advance is pending.
+    ///
+    /// # Panics
+    /// If `inputs` is not as long as the pending advance's.
+    pub fn advance_learner(&mut self, params: &Params<T>, inputs: &[SlotStep]) {
+        let Some(nb) = self.pending_learner.take() else { return };
+        assert_eq!(nb, inputs.len(), "advance_learner needs the inputs of advance_states");
+        let sc = &self.scratch;
         let step = StepInputs {
             inputs,
             prev: sc.prev.slice(s![..nb, ..]),
@@ -403,12 +443,23 @@ impl<T: Float> StreamSet<T> {
             sign_counter: &self.sign_counter,
             sign_key: &self.sign_key,
         };
-        self.learner.advance(spec, params, &step);
+        self.learner.advance(&self.spec, params, &step);
         for x in inputs {
-            self.position[x.slot] += 1;
             self.sign_counter[x.slot] += 1;
         }
-        Ok(())
+    }
+
+    /// Whether [`StreamSet::advance_learner`] has work left from the last
+    /// [`StreamSet::advance_states`].
+    pub fn learner_pending(&self) -> bool {
+        self.pending_learner.is_some()
+    }
+
+    fn assert_no_pending_learner(&self) {
+        assert!(
+            self.pending_learner.is_none(),
+            "the learner's half of the last advance is pending: call advance_learner first"
+        );
     }
 
     /// One full online step: score, update the weights with `optimizer` (if anything learned),
@@ -421,10 +472,25 @@ impl<T: Float> StreamSet<T> {
         inputs: &[SlotStep],
         losses: &mut [f64],
     ) -> Result<StepReport, StepError> {
+        let report = self.step_states(params, optimizer, inputs, losses)?;
+        self.advance_learner(params, inputs);
+        Ok(report)
+    }
+
+    /// [`StreamSet::step`] up to [`StreamSet::advance_states`]: the new predictions are ready,
+    /// the learner's half of the advance is pending ([`StreamSet::advance_learner`] with the
+    /// same `params` and `inputs` completes the step).
+    pub fn step_states(
+        &mut self,
+        params: &mut Params<T>,
+        optimizer: &mut Optimizer<T>,
+        inputs: &[SlotStep],
+        losses: &mut [f64],
+    ) -> Result<StepReport, StepError> {
         let contributions = self.score(params, inputs, losses)?;
         let update = (contributions > 0.0).then(|| optimizer.apply(params, &self.grad));
         let faulted = self.recover_from_faults(params, inputs, &losses[..inputs.len()], update);
-        self.advance(params, inputs)?;
+        self.advance_states(params, inputs)?;
         Ok(StepReport { contributions, update, faulted })
     }
 
@@ -516,6 +582,7 @@ impl<T: Float> StreamSet<T> {
     /// state exactly as stored), for checkpoints and eviction. Allocates (not for the per-token
     /// loop). Panics if `slot` is out of range.
     pub fn export_slot(&self, slot: usize) -> SlotState<T> {
+        self.assert_no_pending_learner();
         let mut out = SlotState::empty(self.position[slot], self.sign_key[slot], self.sign_counter[slot]);
         out.push_tensor(names::STATE, vec![self.spec.state_len()], self.state(slot).to_vec());
         self.learner.export_slot(slot, &mut out);
@@ -527,6 +594,7 @@ impl<T: Float> StreamSet<T> {
     /// name, shape and counter is checked first (any float value is accepted, non-finite
     /// included); on error the slot is unchanged. Oracle hooks (forced signs) go back to the RNG.
     pub fn import_slot(&mut self, slot: usize, state: &SlotState<T>) -> Result<(), SlotStateError> {
+        self.assert_no_pending_learner();
         if slot >= self.capacity {
             return Err(SlotStateError::SlotOutOfRange { slot, capacity: self.capacity });
         }
@@ -551,6 +619,7 @@ impl<T: Float> StreamSet<T> {
     /// learns should get its own sign key, or its noise correlates with the original's).
     /// Allocates (not for the per-token loop).
     pub fn copy_slot(&mut self, src: usize, dst: usize) {
+        self.assert_no_pending_learner();
         if src == dst {
             return;
         }

@@ -62,6 +62,9 @@ pub struct EngineLimits {
     /// Streams per model, resident and evicted together (durable engines evict idle streams to
     /// disk; this bounds the disk and the bookkeeping).
     pub max_stored_streams: usize,
+    /// Threads of each model's pool, the worker's own included: the most cores one model's step
+    /// uses at once.
+    pub model_threads: usize,
 }
 
 /// Where and how an engine keeps its models durable.
@@ -114,6 +117,7 @@ impl Default for EngineLimits {
             max_model_bytes: 4 << 30,
             default_max_streams: 256,
             max_stored_streams: 100_000,
+            model_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
     }
 }
@@ -718,6 +722,7 @@ impl Engine {
                 keep: d.checkpoint_keep,
             }),
             max_stored_streams: self.limits.max_stored_streams,
+            threads: self.limits.model_threads,
             start,
         };
         let spawned = std::thread::Builder::new()

@@ -77,6 +77,8 @@ pub(super) struct WorkerInit {
     pub metrics: ModelMetrics,
     pub durable: Option<DurableConfig>,
     pub max_stored_streams: usize,
+    /// Threads of the model's pool (at least 1).
+    pub threads: usize,
     pub start: Start,
 }
 
@@ -90,6 +92,7 @@ pub(super) fn run(
 ) -> Option<Box<ModelSnapshot>> {
     // The core's parallel sections fork inside this pool, off the async runtime's threads.
     let pool = match rayon::ThreadPoolBuilder::new()
+        .num_threads(init.threads.max(1))
         .thread_name({
             let name = init.definition.name.clone();
             move |i| format!("model-{name}-{i}")
@@ -217,6 +220,8 @@ struct Worker {
     readout_slots: Vec<usize>,
     h1: Array2<f32>,
     logits: Array2<f32>,
+    /// When the step whose learner half is pending started.
+    step_started: Instant,
 }
 
 impl Worker {
@@ -251,6 +256,7 @@ impl Worker {
             readout_slots: Vec::with_capacity(capacity),
             h1: Array2::zeros((capacity, n + 1)),
             logits: Array2::zeros((capacity, vocab)),
+            step_started: Instant::now(),
             definition,
             spec,
             shared: init.shared.clone(),
@@ -530,7 +536,9 @@ impl Worker {
                 if !ok {
                     return Err(bad("step"));
                 }
-                self.apply_step(&inputs);
+                if self.apply_step(&inputs) {
+                    self.finish_step(&inputs);
+                }
             }
             Event::Evict { slot, generation } => {
                 let slot = slot as usize;
@@ -632,13 +640,16 @@ impl Worker {
 
     /// One batched step: scores, learns, advances; books each token to its stream (not to its
     /// request: the live path does that). Returns the step's outcome.
+    /// Logs and steps a batch up to its new predictions; [`Worker::finish_step`] must follow
+    /// (after the replies are on their way) with the same inputs. False if the core refused the
+    /// batch (nothing changed, nothing to finish).
     fn apply_step(&mut self, inputs: &[SlotStep]) -> bool {
         self.log_step(inputs);
         let nb = inputs.len();
         self.record_top1(inputs);
-        let started = Instant::now();
-        let outcome = self.set.step(&mut self.params, &mut self.optimizer, inputs, &mut self.losses[..nb]);
-        self.metrics.step_duration.observe(started.elapsed().as_secs_f64());
+        self.step_started = Instant::now();
+        let outcome =
+            self.set.step_states(&mut self.params, &mut self.optimizer, inputs, &mut self.losses[..nb]);
         self.metrics.batch_size.observe(nb as f64);
         match outcome {
             Ok(report) => match report.update {
@@ -701,6 +712,12 @@ impl Worker {
             self.metrics.loss_bits_avg.set(avg);
         }
         true
+    }
+
+    /// The learner's half of the step [`Worker::apply_step`] began.
+    fn finish_step(&mut self, inputs: &[SlotStep]) {
+        self.set.advance_learner(&self.params, inputs);
+        self.metrics.step_duration.observe(self.step_started.elapsed().as_secs_f64());
     }
 
     /// Evicts streams idle past the TTL (at most every [`SWEEP_EVERY`]).
@@ -1047,6 +1064,9 @@ impl Worker {
         self.metrics.queue_depth.set(self.queued_tokens as i64);
         self.publish_stats();
         self.answer_finished();
+        // The replies leave (once logged) while the learner's update, most of a step, runs.
+        self.flush_log();
+        self.finish_step(inputs);
     }
 
     fn owner_of(&self, slot: usize) -> usize {
