@@ -133,6 +133,50 @@ fn tbptt_flushes_its_window_at_a_reset() {
     assert!(err < 1e-12, "flush at reset differs from a closed window: {err:e}");
 }
 
+/// TBPTT used to drop its unfinished window at a reset inside `advance` (only `score` flushed
+/// it), so in the copy task, which advances the inputs and then scores the targets, TBPTT with
+/// resets never trained its recurrent weights (L = 1 at 2M steps).
+#[test]
+fn tbptt_carries_its_window_across_a_reset_inside_advance() {
+    let inputs = [1u32, 3, 0, 4];
+    let targets = [2u32, 2, 1, 0];
+    // Advance x_t, score y_t; window 4 closes at the fourth score with these 4 losses.
+    let closed = {
+        let spec = spec_of(CellKind::Lstm, LearnerKind::Tbptt, 4, 4);
+        let params = Params::<f64>::init(&spec);
+        let mut set = StreamSet::<f64>::new(&spec, 1);
+        let mut loss = [0.0];
+        let mut last = (0.0, ndarray::Array2::zeros((0, 0)));
+        for (&x, &y) in inputs.iter().zip(&targets) {
+            set.advance(&params, &[SlotStep::learn(0, x)]).unwrap();
+            let c = set.score(&params, &[SlotStep::learn(0, y)], &mut loss).unwrap();
+            last = (c, set.gradients().w.mapv(|g| g * c));
+        }
+        last
+    };
+    assert_eq!(closed.0, 4.0);
+    // Window 25: a new sequence starts (reset inside advance) before the window is full; the next
+    // score counts the 4 carried losses (its own is the first entry of the new window).
+    let spec = spec_of(CellKind::Lstm, LearnerKind::Tbptt, 4, 25);
+    let params = Params::<f64>::init(&spec);
+    let mut set = StreamSet::<f64>::new(&spec, 1);
+    let mut loss = [0.0];
+    for (&x, &y) in inputs.iter().zip(&targets) {
+        set.advance(&params, &[SlotStep::learn(0, x)]).unwrap();
+        assert_eq!(set.score(&params, &[SlotStep::learn(0, y)], &mut loss).unwrap(), 0.0);
+    }
+    set.advance(&params, &[SlotStep { slot: 0, token: 2, learn: true, reset: true }]).unwrap();
+    assert_eq!(set.position(0), 1);
+    let c = set.score(&params, &[SlotStep::learn(0, 3)], &mut loss).unwrap();
+    assert_eq!(c, 4.0, "the 4 losses of the window cut by the reset");
+    let carried = set.gradients().w.mapv(|g| g * c);
+    let err = (&carried - &closed.1).mapv(f64::abs).sum() / closed.1.mapv(f64::abs).sum();
+    assert!(err < 1e-12, "carried window differs from a closed window: {err:e}");
+    // Counted once: the next score starts from a clean gradient.
+    set.advance(&params, &[SlotStep::learn(0, 1)]).unwrap();
+    assert_eq!(set.score(&params, &[SlotStep::learn(0, 0)], &mut loss).unwrap(), 0.0);
+}
+
 /// The production compression (not only the dense reference) has the paper's one-step mean
 /// and variance: two copies of one stream, advanced with opposite forced signs.
 #[test]

@@ -107,6 +107,25 @@ fn short_run_climbs_the_curriculum() {
     assert_eq!(json["max_length"].as_u64(), Some(r.max_length as u64));
 }
 
+/// Truncated BPTT in the copy task with the task's resets: it used to drop its window at every
+/// reset (the task advances the inputs, then scores the targets), so it never updated its
+/// recurrent weights and stayed at L = 1 for 2M steps.
+#[test]
+fn tbptt_learns_the_copy_task_with_resets() {
+    let model = ModelConfig {
+        cell: CellKind::Rhn,
+        hidden: 32,
+        learner: LearnerKind::Tbptt,
+        tbptt_window: 25,
+        ..Default::default()
+    };
+    let cfg = CopyConfig::new(model, 16, 8_000, 0);
+    assert!(cfg.reset_at_sequence_end);
+    let r = run_copy(&cfg, |_| {}).unwrap();
+    assert!(r.max_length >= 2, "TBPTT-25 n=32 B=16 with resets: {r:?}");
+    assert_eq!(r.nonfinite_updates, 0);
+}
+
 /// KF-RTRL.md T13 (CI-sized): within the same steps KF-RTRL climbs further than UORO (median of
 /// three seeds). A larger learning rate than the paper's makes 20k steps enough to separate them
 /// (measured: KF-RTRL 7/6/6, UORO 5/5/5).

@@ -307,11 +307,6 @@ fn copy(a: CopyArgs) -> Result<(), String> {
         ..ModelConfig::default()
     };
     let cfg = CopyConfig::new(model, a.batch, a.steps, a.seed);
-    if !cfg.reset_at_sequence_end {
-        eprintln!(
-            "note: tbptt streams are not reset between sequences (an incomplete window is dropped at a reset)"
-        );
-    }
     let t0 = std::time::Instant::now();
     let log_every = a.log_every;
     let report = run_copy(&cfg, |p| {

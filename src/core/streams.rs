@@ -100,6 +100,9 @@ pub struct StreamSet<T: Float> {
     restarted: Vec<usize>,
     /// Inputs of an [`StreamSet::advance_states`] whose learner part has not run yet.
     pending_learner: Option<usize>,
+    /// Gradient contributions that resets inside `advance` flushed into `grad` (TBPTT's scored
+    /// windows), summed and counted by the next `score`.
+    carried: f64,
 }
 
 #[derive(Debug, Clone)]
@@ -151,6 +154,7 @@ impl<T: Float> StreamSet<T> {
             faulted: Vec::with_capacity(capacity),
             restarted: Vec::with_capacity(capacity),
             pending_learner: None,
+            carried: 0.0,
         }
     }
 
@@ -261,8 +265,9 @@ impl<T: Float> StreamSet<T> {
     }
 
     /// Phase 1: applies resets, scores every input's token (losses in nats into `losses`), and
-    /// leaves the averaged gradient estimate in [`StreamSet::gradients`]. Returns the number of
-    /// gradient contributions averaged (0 when nothing learns).
+    /// leaves the averaged gradient estimate in [`StreamSet::gradients`] (with the TBPTT windows
+    /// that resets inside [`StreamSet::advance`] flushed since the last score). Returns the
+    /// number of gradient contributions averaged (0 when nothing learns).
     pub fn score(
         &mut self,
         params: &Params<T>,
@@ -273,9 +278,14 @@ impl<T: Float> StreamSet<T> {
         self.validate(inputs)?;
         assert!(losses.len() >= inputs.len(), "losses buffer too short");
         let nb = inputs.len();
+        if nb == 0 {
+            return Ok(0.0);
+        }
         let n = self.spec.n;
-        self.grad.clear();
-        let mut finished = 0.0;
+        let mut finished = std::mem::take(&mut self.carried);
+        if finished == 0.0 {
+            self.grad.clear();
+        }
         for x in inputs.iter().filter(|x| x.reset) {
             if self.position[x.slot] != 0 {
                 let state = self.state.row(x.slot);
@@ -283,9 +293,6 @@ impl<T: Float> StreamSet<T> {
                 finished += self.learner.finish_sequence(&self.spec, params, x.slot, state, &mut self.grad);
             }
             self.reset(x.slot);
-        }
-        if nb == 0 {
-            return Ok(0.0);
         }
         let hoff = self.spec.h_offset();
         let sc = &mut self.scratch;
@@ -380,6 +387,7 @@ impl<T: Float> StreamSet<T> {
         self.validate(inputs)?;
         for x in inputs {
             if x.reset && self.position[x.slot] != 0 {
+                self.carry_sequence(params, x.slot);
                 self.reset(x.slot);
             }
         }
@@ -453,6 +461,22 @@ impl<T: Float> StreamSet<T> {
     /// [`StreamSet::advance_states`].
     pub fn learner_pending(&self) -> bool {
         self.pending_learner.is_some()
+    }
+
+    /// Before a reset inside `advance`: TBPTT's window holds losses already scored, which the
+    /// reset must not drop; they are backpropagated now into `grad` and counted by the next
+    /// [`StreamSet::score`] (a reset inside `score` adds them to that score's own gradient).
+    fn carry_sequence(&mut self, params: &Params<T>, slot: usize) {
+        if self.spec.learner() != LearnerKind::Tbptt {
+            return;
+        }
+        if self.carried == 0.0 {
+            // `grad` still holds the last score's gradient, already applied.
+            self.grad.clear();
+        }
+        let state = self.state.row(slot);
+        let state = state.as_slice().expect("contiguous");
+        self.carried += self.learner.finish_sequence(&self.spec, params, slot, state, &mut self.grad);
     }
 
     fn assert_no_pending_learner(&self) {

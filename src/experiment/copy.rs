@@ -115,21 +115,15 @@ pub struct CopyConfig {
     /// Seed of the sequences (the weights and signs use `model.seed`).
     pub data_seed: u64,
     /// Whether a stream is reset (state and learner zeroed) when it starts a new sequence, as
-    /// the task prescribes. Truncated BPTT needs `false`: this task steps with separate
-    /// `advance` and `score` calls (its targets are not its next inputs), and a reset inside
-    /// `advance` drops TBPTT's incomplete window (only `score`, and so `StreamSet::step`, flushes
-    /// it first), so with sequences shorter than its window it would never update (measured: L = 1
-    /// at 2M steps). Without resets its windows run across sequence boundaries (the start marker
-    /// delimits them).
+    /// the task prescribes (every learner, truncated BPTT included: a reset carries its scored
+    /// window into the next update). `false` lets states run across sequences (an ablation).
     pub reset_at_sequence_end: bool,
 }
 
 impl CopyConfig {
-    /// The task's setup for a model: streams reset at every new sequence, except for truncated
-    /// BPTT (see [`CopyConfig::reset_at_sequence_end`]).
+    /// The task's setup for a model: streams reset at every new sequence.
     pub fn new(model: ModelConfig, batch: usize, steps: u64, data_seed: u64) -> Self {
-        let reset_at_sequence_end = model.learner != crate::core::LearnerKind::Tbptt;
-        Self { model, batch, steps, data_seed, reset_at_sequence_end }
+        Self { model, batch, steps, data_seed, reset_at_sequence_end: true }
     }
 }
 
@@ -191,8 +185,8 @@ pub struct CopyProgress {
 /// One time step of the copy task for a batch: `advance` with the inputs (`adv`, whose `reset`
 /// starts new sequences), `score` of the targets (`sc`, never `reset`; losses in nats into
 /// `losses`), then the optimizer update if anything contributed. Returns the update's outcome;
-/// after a non-finite gradient the learners of the batch are restarted, as
-/// [`StreamSet::step`] does.
+/// after a non-finite value the streams at fault are restarted
+/// ([`StreamSet::recover_from_faults`]), as [`StreamSet::step`] does.
 pub fn copy_step(
     set: &mut StreamSet<f32>,
     params: &mut Params<f32>,
@@ -205,11 +199,7 @@ pub fn copy_step(
     set.advance(params, adv).expect("valid batch");
     let contributions = set.score(params, sc, losses).expect("valid batch");
     let outcome = (contributions > 0.0).then(|| opt.apply(params, set.gradients()));
-    if outcome == Some(UpdateOutcome::NonFinite) {
-        for x in sc {
-            set.learner_mut().reset(x.slot);
-        }
-    }
+    set.recover_from_faults(params, sc, &losses[..sc.len()], outcome);
     outcome
 }
 
