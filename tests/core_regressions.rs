@@ -140,41 +140,62 @@ fn tbptt_flushes_its_window_at_a_reset() {
 fn tbptt_carries_its_window_across_a_reset_inside_advance() {
     let inputs = [1u32, 3, 0, 4];
     let targets = [2u32, 2, 1, 0];
-    // Advance x_t, score y_t; window 4 closes at the fourth score with these 4 losses.
+    let spec_window = |window| spec_of(CellKind::Lstm, LearnerKind::Tbptt, 4, window);
+    let sums =
+        |set: &StreamSet<f64>, c: f64| (set.gradients().w.mapv(|g| g * c), set.gradients().v.mapv(|g| g * c));
+    // Reference 1: advance x_t, score y_t; window 4 closes at the fourth score with these 4 losses.
     let closed = {
-        let spec = spec_of(CellKind::Lstm, LearnerKind::Tbptt, 4, 4);
+        let spec = spec_window(4);
         let params = Params::<f64>::init(&spec);
         let mut set = StreamSet::<f64>::new(&spec, 1);
         let mut loss = [0.0];
-        let mut last = (0.0, ndarray::Array2::zeros((0, 0)));
+        let mut c = 0.0;
         for (&x, &y) in inputs.iter().zip(&targets) {
             set.advance(&params, &[SlotStep::learn(0, x)]).unwrap();
-            let c = set.score(&params, &[SlotStep::learn(0, y)], &mut loss).unwrap();
-            last = (c, set.gradients().w.mapv(|g| g * c));
+            c = set.score(&params, &[SlotStep::learn(0, y)], &mut loss).unwrap();
         }
-        last
+        assert_eq!(c, 4.0);
+        sums(&set, c)
     };
-    assert_eq!(closed.0, 4.0);
-    // Window 25: a new sequence starts (reset inside advance) before the window is full; the next
-    // score counts the 4 carried losses (its own is the first entry of the new window).
-    let spec = spec_of(CellKind::Lstm, LearnerKind::Tbptt, 4, 25);
+    // Reference 2: a slot scored at the start of its sequence (a readout-only contribution).
+    let spec = spec_window(25);
     let params = Params::<f64>::init(&spec);
-    let mut set = StreamSet::<f64>::new(&spec, 1);
-    let mut loss = [0.0];
-    for (&x, &y) in inputs.iter().zip(&targets) {
+    let readout_only = {
+        let mut set = StreamSet::<f64>::new(&spec, 2);
+        let c = set.score(&params, &[SlotStep::learn(1, 4)], &mut [0.0]).unwrap();
+        assert_eq!(c, 1.0);
+        sums(&set, c)
+    };
+    // Window 25: slot 0 starts a new sequence (a reset inside advance) before its window is full,
+    // right after a score whose own (already applied) gradient is not zero: slot 1's readout.
+    let mut set = StreamSet::<f64>::new(&spec, 2);
+    let mut losses = [0.0; 2];
+    for (t, (&x, &y)) in inputs.iter().zip(&targets).enumerate() {
         set.advance(&params, &[SlotStep::learn(0, x)]).unwrap();
-        assert_eq!(set.score(&params, &[SlotStep::learn(0, y)], &mut loss).unwrap(), 0.0);
+        let scored = if t == 3 {
+            vec![SlotStep::learn(0, y), SlotStep::learn(1, 1)]
+        } else {
+            vec![SlotStep::learn(0, y)]
+        };
+        let c = set.score(&params, &scored, &mut losses).unwrap();
+        assert_eq!(c, if t == 3 { 1.0 } else { 0.0 }, "t={t}");
     }
     set.advance(&params, &[SlotStep { slot: 0, token: 2, learn: true, reset: true }]).unwrap();
     assert_eq!(set.position(0), 1);
-    let c = set.score(&params, &[SlotStep::learn(0, 3)], &mut loss).unwrap();
-    assert_eq!(c, 4.0, "the 4 losses of the window cut by the reset");
-    let carried = set.gradients().w.mapv(|g| g * c);
-    let err = (&carried - &closed.1).mapv(f64::abs).sum() / closed.1.mapv(f64::abs).sum();
-    assert!(err < 1e-12, "carried window differs from a closed window: {err:e}");
+    // The next score counts the 4 carried losses with its own (slot 0's is the first entry of its
+    // new window; slot 1's is a readout contribution), averaged once.
+    let c = set.score(&params, &[SlotStep::learn(0, 3), SlotStep::learn(1, 4)], &mut losses).unwrap();
+    assert_eq!(c, 5.0, "the 4 losses of the window cut by the reset and slot 1's");
+    let (w, v) = sums(&set, c);
+    let (want_w, want_v) = (&closed.0 + &readout_only.0, &closed.1 + &readout_only.1);
+    let rel = |a: &ndarray::Array2<f64>, b: &ndarray::Array2<f64>| {
+        (a - b).mapv(f64::abs).sum() / b.mapv(f64::abs).sum()
+    };
+    assert!(rel(&w, &want_w) < 1e-12, "recurrent gradient: {:e}", rel(&w, &want_w));
+    assert!(rel(&v, &want_v) < 1e-12, "readout gradient: {:e}", rel(&v, &want_v));
     // Counted once: the next score starts from a clean gradient.
     set.advance(&params, &[SlotStep::learn(0, 1)]).unwrap();
-    assert_eq!(set.score(&params, &[SlotStep::learn(0, 0)], &mut loss).unwrap(), 0.0);
+    assert_eq!(set.score(&params, &[SlotStep::learn(0, 0)], &mut losses).unwrap(), 0.0);
 }
 
 /// The production compression (not only the dense reference) has the paper's one-step mean

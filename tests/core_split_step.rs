@@ -1,6 +1,10 @@
 //! A step split in two (`step_states`, then `advance_learner`), as the server runs it to answer
-//! before the learner's update, is the same step: same predictions at the split, same weights,
-//! states and learner factors after it, bit for bit, for every cell and learner.
+//! before the learner's update: what a reply reads at the split (every slot's prediction) is what
+//! it would read after the whole step, for every cell and learner, and the pending half is
+//! tracked (an empty batch leaves nothing pending; scoring with a half pending is refused).
+//! `step` itself is the two halves, so the weights, states and factors after the split step are
+//! compared with `step`'s only as a guard against the two drifting apart; the learners' exact
+//! oracles (`core_kf_rtrl.rs`, `core_exact_gradients.rs`) check the step's numbers.
 
 use kfrtrl::core::{CellKind, LearnerKind, ModelConfig, ModelSpec, Optimizer, Params, SlotStep, StreamSet};
 
@@ -18,8 +22,11 @@ fn spec(cell: CellKind, learner: LearnerKind) -> ModelSpec {
     .unwrap()
 }
 
-/// Batch `t` of a schedule with missing slots, resets and inputs that do not learn.
+/// Batch `t` of a schedule with missing slots, empty batches, resets and inputs that do not learn.
 fn inputs(t: u32, batch: usize) -> Vec<SlotStep> {
+    if t % 7 == 6 {
+        return Vec::new();
+    }
     (0..batch)
         .filter(|b| (t as usize + b) % 5 != 0)
         .map(|b| SlotStep {

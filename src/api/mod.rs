@@ -45,6 +45,9 @@ pub use openapi::{ContractError, OPENAPI_YAML, SCHEMAS, bundled_schemas, openapi
 pub use problem::{ApiError, PROBLEM_TYPE_PREFIX};
 pub use wire::{DEFAULT_TOP_K, TokensRequest};
 
+/// Most threads of one model's pool (every model has its own pool).
+pub const MAX_MODEL_THREADS: usize = 256;
+
 /// Limits of the server (the `[limits]` table of the config file).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -139,6 +142,11 @@ impl Limits {
         }
         if self.max_parameters == 0 {
             return Err(StartError::Config("limits.max_parameters must be positive".to_owned()));
+        }
+        if self.model_threads.is_some_and(|t| t > MAX_MODEL_THREADS) {
+            return Err(StartError::Config(format!(
+                "limits.model_threads must be at most {MAX_MODEL_THREADS}"
+            )));
         }
         // Past a few years, a timeout is no timeout (and `Duration` would overflow).
         if !(self.request_timeout_secs > 0.0 && self.request_timeout_secs <= 1e8) {

@@ -40,10 +40,10 @@ pub struct LoadArgs {
     /// in this process; the server should be otherwise idle).
     #[arg(long)]
     engine: bool,
-    /// Threads of the in-process engine (the server's `--model-threads` compares alike)
-    /// [default: every core].
-    #[arg(long)]
-    engine_threads: Option<usize>,
+    /// Threads of the in-process engine; the server's `--model-threads` compares alike
+    /// [default: the server's default on this machine, the cores its runtime leaves].
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    engine_threads: Option<u16>,
     /// Threads of the load generator's async runtime.
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -110,8 +110,8 @@ pub fn run(args: LoadArgs) -> Result<(), String> {
     drop(runtime);
     if args.engine {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        engine_comparison(&mut report, 1.0, args.engine_threads.unwrap_or(cores))
-            .map_err(|e| e.to_string())?;
+        let threads = args.engine_threads.map_or(cores - cores / 2, usize::from);
+        engine_comparison(&mut report, 1.0, threads).map_err(|e| e.to_string())?;
     }
     if args.json {
         println!("{}", serde_json::to_string(&report).map_err(|e| e.to_string())?);

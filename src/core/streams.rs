@@ -205,7 +205,9 @@ impl<T: Float> StreamSet<T> {
         self.sign_counter[slot] = counter;
     }
 
-    /// The gradient accumulated by the last [`StreamSet::score`] (averaged).
+    /// The gradient averaged by the last [`StreamSet::score`] that had inputs. Between an
+    /// [`StreamSet::advance`] whose resets carried a TBPTT window and the next score it holds
+    /// that window's unaveraged sum instead: apply the optimizer right after a score.
     pub fn gradients(&self) -> &Gradients<T> {
         &self.grad
     }
@@ -367,7 +369,9 @@ impl<T: Float> StreamSet<T> {
     /// Phase 3: every input's slot consumes its token, with the weights as they are now.
     /// An input's `reset` applies here too, so that `advance` alone is correct; after `score`
     /// the slot is already at its start and the reset changes nothing.
-    /// Same as [`StreamSet::advance_states`] then [`StreamSet::advance_learner`].
+    /// Same as [`StreamSet::advance_states`] then [`StreamSet::advance_learner`]. A reset here
+    /// (not already applied by `score`) backpropagates the losses TBPTT's window has scored into
+    /// [`StreamSet::gradients`], which the next `score` counts and averages with its own.
     pub fn advance(&mut self, params: &Params<T>, inputs: &[SlotStep]) -> Result<(), StepError> {
         self.advance_states(params, inputs)?;
         self.advance_learner(params, inputs);
@@ -592,7 +596,7 @@ impl<T: Float> StreamSet<T> {
     }
 
     /// Of [`StreamSet::last_faulted_slots`], those whose cell state was not finite, restarted
-    /// from the start of a sequence (position 0 before the step's advance).
+    /// from the start of a sequence (position 0).
     pub fn last_restarted_slots(&self) -> &[usize] {
         &self.restarted
     }
@@ -639,9 +643,9 @@ impl<T: Float> StreamSet<T> {
     }
 
     /// Copies another slot's complete state (hidden state, position, sign key and counter,
-    /// learner factors) into `dst`: a move, or a fork whose copy is only evaluated (a fork that
-    /// learns should get its own sign key, or its noise correlates with the original's).
-    /// Allocates (not for the per-token loop).
+    /// learner factors) into `dst`: a move (a fork that learns should get its own sign key, or its
+    /// noise correlates with the original's; a fork that is only evaluated wants
+    /// [`StreamSet::copy_slot_for_evaluation`]). Allocates (not for the per-token loop).
     pub fn copy_slot(&mut self, src: usize, dst: usize) {
         self.assert_no_pending_learner();
         if src == dst {
@@ -653,6 +657,18 @@ impl<T: Float> StreamSet<T> {
         self.sign_key[dst] = self.sign_key[src];
         self.sign_counter[dst] = self.sign_counter[src];
         self.learner.copy_slot(src, dst);
+    }
+
+    /// Copies a slot's hidden state, position and signs into `dst` with an empty learner state,
+    /// for a fork that is only evaluated (`learn` false): its steps give the same losses and
+    /// predictions as the original's would, and nothing it scores can reach the weights (a
+    /// copied TBPTT window would hold the original's learned losses, flushed at the fork's
+    /// next reset or full window).
+    pub fn copy_slot_for_evaluation(&mut self, src: usize, dst: usize) {
+        self.copy_slot(src, dst);
+        if src != dst {
+            self.learner.discard(dst);
+        }
     }
 }
 

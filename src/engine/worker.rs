@@ -1,10 +1,12 @@
 //! A model's worker: the one thread that owns the model's weights, optimizer and stream slots.
 //!
 //! Its loop drains the command channel into per-stream FIFO queues, then takes one token from
-//! every stream with queued work, runs them as one batched [`StreamSet::step`] (one optimizer
-//! update for the whole batch), books each token's loss to the request it came from, and answers
-//! a request when its last token is consumed. So the tokens of one stream are stepped in arrival
-//! order, and requests to one stream queue behind each other.
+//! every stream with queued work, runs them as one batched step (one optimizer update for the
+//! whole batch), books each token's loss to the request it came from, and answers a request when
+//! its last token is consumed. So the tokens of one stream are stepped in arrival order, and
+//! requests to one stream queue behind each other. The step runs in two halves
+//! ([`StreamSet::step_states`], then [`StreamSet::advance_learner`]): the replies leave between
+//! them, as soon as the new predictions are known, while the learner's update still runs.
 //!
 //! `/predict` requests run on the scratch slot (the last one): when such a request reaches the
 //! head of its stream's queue, the stream's slot is copied into the scratch slot, and its tokens
@@ -220,8 +222,8 @@ struct Worker {
     readout_slots: Vec<usize>,
     h1: Array2<f32>,
     logits: Array2<f32>,
-    /// When the step whose learner half is pending started.
-    step_started: Instant,
+    /// Seconds the pending step's first half took (its second half adds to it).
+    step_seconds: f64,
 }
 
 impl Worker {
@@ -256,7 +258,7 @@ impl Worker {
             readout_slots: Vec::with_capacity(capacity),
             h1: Array2::zeros((capacity, n + 1)),
             logits: Array2::zeros((capacity, vocab)),
-            step_started: Instant::now(),
+            step_seconds: 0.0,
             definition,
             spec,
             shared: init.shared.clone(),
@@ -593,7 +595,7 @@ impl Worker {
 
     fn apply_copy(&mut self, src: usize, dst: usize) {
         self.log(&Event::Copy { src: src as u32, dst: dst as u32 });
-        self.set.copy_slot(src, dst);
+        self.set.copy_slot_for_evaluation(src, dst);
     }
 
     /// Writes the stream in `slot` to its file and frees the slot.
@@ -638,18 +640,18 @@ impl Worker {
         self.evicted.remove(name);
     }
 
-    /// One batched step: scores, learns, advances; books each token to its stream (not to its
-    /// request: the live path does that). Returns the step's outcome.
-    /// Logs and steps a batch up to its new predictions; [`Worker::finish_step`] must follow
+    /// Logs and steps a batch up to its new predictions ([`StreamSet::step_states`]) and books
+    /// each token to its stream (not to its request: the live path does that); [`Worker::finish_step`] must follow
     /// (after the replies are on their way) with the same inputs. False if the core refused the
     /// batch (nothing changed, nothing to finish).
     fn apply_step(&mut self, inputs: &[SlotStep]) -> bool {
         self.log_step(inputs);
         let nb = inputs.len();
         self.record_top1(inputs);
-        self.step_started = Instant::now();
+        let started = Instant::now();
         let outcome =
             self.set.step_states(&mut self.params, &mut self.optimizer, inputs, &mut self.losses[..nb]);
+        self.step_seconds = started.elapsed().as_secs_f64();
         self.metrics.batch_size.observe(nb as f64);
         match outcome {
             Ok(report) => match report.update {
@@ -716,8 +718,10 @@ impl Worker {
 
     /// The learner's half of the step [`Worker::apply_step`] began.
     fn finish_step(&mut self, inputs: &[SlotStep]) {
+        let started = Instant::now();
         self.set.advance_learner(&self.params, inputs);
-        self.metrics.step_duration.observe(self.step_started.elapsed().as_secs_f64());
+        // The step's own time: the bookkeeping and replies between the halves are left out.
+        self.metrics.step_duration.observe(self.step_seconds + started.elapsed().as_secs_f64());
     }
 
     /// Evicts streams idle past the TTL (at most every [`SWEEP_EVERY`]).

@@ -109,8 +109,8 @@ impl<T: Float> Learner<T> {
         }
     }
 
-    /// Called before a reset that comes with a scored token: TBPTT backpropagates the losses
-    /// its window has taken so far (a boundary must not drop them); returns the contributions.
+    /// Called before a reset (in `score` or in `advance`): TBPTT backpropagates the losses its
+    /// window has scored so far (a boundary must not drop them); returns the contributions.
     pub(crate) fn finish_sequence(
         &mut self,
         spec: &ModelSpec,

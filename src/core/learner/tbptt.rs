@@ -2,7 +2,8 @@
 //! token) and the readout error of the token scored after each; once `K` are complete, the
 //! window's `K` losses are backpropagated through its `K` advances (the state at the window's start
 //! is a constant) and the window restarts. With streams in step, that is one update every `K`
-//! steps. A reset drops an incomplete window, as at any sequence boundary.
+//! steps. At a reset (a sequence boundary) the losses an incomplete window has already scored are
+//! backpropagated (`finish_sequence`); only entries not yet scored are dropped.
 
 use ndarray::{Array2, Array3, ArrayView2, Axis, s};
 

@@ -1,0 +1,45 @@
+//! `predict` evaluates on a copy of a stream and changes nothing. Regression: the copy carried a
+//! TBPTT stream's window of learned losses, so a predict that started with `reset` (or ran past
+//! the window) backpropagated them and moved the weights.
+
+use std::sync::Arc;
+
+use kfrtrl::core::{CellKind, LearnerKind};
+use kfrtrl::engine::{Engine, EngineLimits, EngineMetrics, Mode, ModelDefinition, TokenInput};
+
+fn input(tokens: Vec<u32>, learn: bool, reset: bool) -> TokenInput {
+    TokenInput { tokens, learn, reset, top_k: 3, return_losses: false }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn predict_never_changes_the_weights_for_any_learner() {
+    for learner in [LearnerKind::Tbptt, LearnerKind::KfRtrl, LearnerKind::Uoro, LearnerKind::Rtrl] {
+        let metrics = EngineMetrics::register(&prometheus::Registry::new()).unwrap();
+        let engine = Arc::new(Engine::new(EngineLimits::default(), metrics));
+        let definition = ModelDefinition {
+            vocab_size: 12,
+            cell: CellKind::Rhn,
+            hidden: 6,
+            learner,
+            tbptt_window: 5,
+            lr: 0.01,
+            ..ModelDefinition::with_defaults("m", 4)
+        };
+        engine.create_model(definition).await.unwrap();
+        // Three learned tokens: TBPTT's window holds three scored losses, not yet flushed.
+        engine.tokens("m", "s", input(vec![1, 2, 3], true, false), Mode::Consume).await.unwrap();
+        let before = engine.snapshot("m").await.unwrap();
+        let reset_first = input(vec![4, 5], false, true);
+        let past_the_window = input((0..12).collect(), false, false);
+        for x in [reset_first, past_the_window] {
+            engine.tokens("m", "s", x, Mode::Predict).await.unwrap();
+            let after = engine.snapshot("m").await.unwrap();
+            assert!(after.params == before.params, "{learner}: a predict changed the weights");
+            assert_eq!(after.stats.optimizer_updates, before.stats.optimizer_updates, "{learner}");
+        }
+        // The stream itself still learns (TBPTT: its window of 5 fills and flushes).
+        engine.tokens("m", "s", input(vec![6, 7, 8], true, false), Mode::Consume).await.unwrap();
+        let learned = engine.snapshot("m").await.unwrap();
+        assert!(learned.params != before.params, "{learner}: the stream stopped learning");
+    }
+}
