@@ -143,11 +143,19 @@ max_streams = 2
         std::fs::read_dir(format!("/proc/{}/task", server.child.id()))
             .unwrap()
             .filter_map(|task| std::fs::read_to_string(task.unwrap().path().join("comm")).ok())
-            .filter(|comm| comm.trim_end().starts_with(&prefix))
-            .count()
+            .map(|comm| comm.trim_end().to_owned())
+            .filter(|comm| comm.starts_with(&prefix))
+            .collect::<std::collections::BTreeSet<_>>()
     };
-    assert_eq!(pool_threads("tiny"), 2);
-    assert_eq!(pool_threads("ids"), 2);
+    // A new thread names itself once it runs: wait for the names to settle.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while (pool_threads("tiny").len() != 2 || pool_threads("ids").len() != 2)
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(pool_threads("tiny"), ["model-tiny-0", "model-tiny-1"].map(String::from).into());
+    assert_eq!(pool_threads("ids"), ["model-ids-0", "model-ids-1"].map(String::from).into());
     let http = reqwest::Client::new();
     let ready = http.get(server.url("/readyz")).send().await.unwrap();
     assert_eq!(ready.status(), reqwest::StatusCode::OK);
