@@ -48,6 +48,16 @@ pub use wire::{DEFAULT_TOP_K, TokensRequest};
 /// Most threads of one model's pool (every model has its own pool).
 pub const MAX_MODEL_THREADS: usize = 256;
 
+/// How the server splits the machine's cores when not told: `(runtime threads, threads of each
+/// model's pool)`. The runtime gets half (at least 1) and the models the rest (at least 1): a
+/// model's pool thread that competes with the runtime for a core delays every reply (measured on
+/// 2 cores, 64 HTTP streams: p99 5.9-9.2 ms with a 2-thread pool, 4.5-4.7 ms with 1 thread, same
+/// throughput).
+pub fn default_thread_split(cores: usize) -> (usize, usize) {
+    let runtime = (cores / 2).max(1);
+    (runtime, cores.saturating_sub(runtime).max(1))
+}
+
 /// Limits of the server (the `[limits]` table of the config file).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]

@@ -110,7 +110,7 @@ pub fn run(args: LoadArgs) -> Result<(), String> {
     drop(runtime);
     if args.engine {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let threads = args.engine_threads.map_or(cores - cores / 2, usize::from);
+        let threads = args.engine_threads.map_or(kfrtrl::api::default_thread_split(cores).1, usize::from);
         engine_comparison(&mut report, 1.0, threads).map_err(|e| e.to_string())?;
     }
     if args.json {

@@ -9,7 +9,9 @@ use clap::{Args, ValueEnum};
 use serde::Deserialize;
 use tracing_subscriber::EnvFilter;
 
-use kfrtrl::api::{ApiKey, AppState, DEFAULT_SHUTDOWN_TIMEOUT, Limits, ServerConfig, serve};
+use kfrtrl::api::{
+    ApiKey, AppState, DEFAULT_SHUTDOWN_TIMEOUT, Limits, ServerConfig, default_thread_split, serve,
+};
 use kfrtrl::engine::{Durability, FsyncPolicy, ModelRequest};
 
 const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -234,12 +236,10 @@ fn settings(args: ServeArgs) -> Result<Settings, String> {
     if let Some(seconds) = pick(args.request_timeout, "REQUEST_TIMEOUT_SECS", None)? {
         limits.request_timeout_secs = seconds;
     }
-    // The runtime and the models split the cores: a model's pool thread that competes with the
-    // runtime for a core delays every reply (measured on 2 cores, 64 HTTP streams: p99 5.9-9.2 ms
-    // with a 2-thread pool, 4.5-4.7 ms with 1 thread, same throughput).
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let runtime_threads =
-        pick(args.runtime_threads, "RUNTIME_THREADS", file.runtime_threads)?.unwrap_or(cores / 2).max(1);
+    let runtime_threads = pick(args.runtime_threads, "RUNTIME_THREADS", file.runtime_threads)?
+        .unwrap_or(default_thread_split(cores).0)
+        .max(1);
     limits.model_threads = Some(
         pick(args.model_threads, "MODEL_THREADS", limits.model_threads)?
             .unwrap_or(cores.saturating_sub(runtime_threads).max(1)),

@@ -647,16 +647,9 @@ impl<T: Float> StreamSet<T> {
     /// noise correlates with the original's; a fork that is only evaluated wants
     /// [`StreamSet::copy_slot_for_evaluation`]). Allocates (not for the per-token loop).
     pub fn copy_slot(&mut self, src: usize, dst: usize) {
-        self.assert_no_pending_learner();
-        if src == dst {
-            return;
+        if self.copy_cell_state(src, dst) {
+            self.learner.copy_slot(src, dst);
         }
-        let row = self.state.row(src).to_owned();
-        self.state.row_mut(dst).assign(&row);
-        self.position[dst] = self.position[src];
-        self.sign_key[dst] = self.sign_key[src];
-        self.sign_counter[dst] = self.sign_counter[src];
-        self.learner.copy_slot(src, dst);
     }
 
     /// Copies a slot's hidden state, position and signs into `dst` with an empty learner state,
@@ -665,10 +658,24 @@ impl<T: Float> StreamSet<T> {
     /// copied TBPTT window would hold the original's learned losses, flushed at the fork's
     /// next reset or full window).
     pub fn copy_slot_for_evaluation(&mut self, src: usize, dst: usize) {
-        self.copy_slot(src, dst);
-        if src != dst {
+        if self.copy_cell_state(src, dst) {
             self.learner.discard(dst);
         }
+    }
+
+    /// Copies the hidden state, position and signs of `src` into `dst`; false if they are the
+    /// same slot (nothing to do).
+    fn copy_cell_state(&mut self, src: usize, dst: usize) -> bool {
+        self.assert_no_pending_learner();
+        if src == dst {
+            return false;
+        }
+        let row = self.state.row(src).to_owned();
+        self.state.row_mut(dst).assign(&row);
+        self.position[dst] = self.position[src];
+        self.sign_key[dst] = self.sign_key[src];
+        self.sign_counter[dst] = self.sign_counter[src];
+        true
     }
 }
 
