@@ -266,21 +266,7 @@ pub fn checkpoint_name(next_seq: u64) -> String {
 
 /// The checkpoints in `dir`, oldest first (temporary files are ignored).
 pub fn list(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let name = entry.file_name();
-        let Some(name) = name.to_str() else { continue };
-        if let Some(seq) = name
-            .strip_prefix("checkpoint-")
-            .and_then(|s| s.strip_suffix(".safetensors"))
-            .and_then(|s| s.parse().ok())
-        {
-            out.push((seq, entry.path()));
-        }
-    }
-    out.sort();
-    Ok(out)
+    super::wal::numbered_files(dir, "checkpoint-", ".safetensors")
 }
 
 /// Writes a checkpoint atomically, keeps the newest `keep`, deletes the log segments and

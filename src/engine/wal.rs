@@ -294,13 +294,18 @@ pub fn segment_name(first_seq: u64) -> String {
 
 /// The segments in `dir`, by first sequence number.
 pub fn segments(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
+    numbered_files(dir, "wal-", ".log")
+}
+
+/// The files `<prefix><number><suffix>` in `dir` (anything else ignored), by number.
+pub(crate) fn numbered_files(dir: &Path, prefix: &str, suffix: &str) -> std::io::Result<Vec<(u64, PathBuf)>> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
         if let Some(seq) =
-            name.strip_prefix("wal-").and_then(|s| s.strip_suffix(".log")).and_then(|s| s.parse().ok())
+            name.strip_prefix(prefix).and_then(|s| s.strip_suffix(suffix)).and_then(|s| s.parse().ok())
         {
             out.push((seq, entry.path()));
         }
