@@ -28,11 +28,12 @@ fn tiny_variance_experiment_orders_the_estimators() {
     }
 }
 
-#[test]
-fn cli_prints_rows_and_draws_the_plot() {
-    let dir = std::env::temp_dir().join(format!("kfrtrl-test-variance-{}", std::process::id()));
+/// Runs a tiny `kfrtrl experiment variance --json --plot <dir>/<file_name>` in a fresh
+/// directory; returns the directory, the plot's path and stdout.
+fn run_cli_with_plot(file_name: &str) -> (std::path::PathBuf, std::path::PathBuf, Vec<u8>) {
+    let dir = std::env::temp_dir().join(format!("kfrtrl-test-variance-{}-{file_name}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let plot = dir.join("variance.svg");
+    let plot = dir.join(file_name);
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_kfrtrl"))
         .args(["experiment", "variance", "--hidden", "4,6", "--steps", "50", "--samples", "16"])
         .args(["--sequences", "1", "--json", "--plot"])
@@ -40,7 +41,13 @@ fn cli_prints_rows_and_draws_the_plot() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    (dir, plot, out.stdout)
+}
+
+#[test]
+fn cli_prints_rows_and_draws_the_plot() {
+    let (dir, plot, stdout) = run_cli_with_plot("variance.svg");
+    let v: serde_json::Value = serde_json::from_slice(&stdout).unwrap();
     let rows = v["rows"].as_array().unwrap();
     for learner in ["kf-rtrl", "uoro"] {
         for n in [4, 6] {
@@ -54,4 +61,45 @@ fn cli_prints_rows_and_draws_the_plot() {
     let svg = std::fs::read_to_string(&plot).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("kf-rtrl") && svg.contains("uoro"));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Pixels of `rgb` (8-bit RGB) that have exactly the colour `c`.
+fn count_colour(rgb: &[u8], c: [u8; 3]) -> usize {
+    rgb.chunks_exact(3).filter(|p| *p == c).count()
+}
+
+#[test]
+fn cli_draws_the_plot_as_png() {
+    let (dir, plot, _) = run_cli_with_plot("variance.PNG");
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&plot).unwrap()));
+    let mut reader = decoder.read_info().unwrap();
+    let mut rgb = vec![0; reader.output_buffer_size().unwrap()];
+    let frame = reader.next_frame(&mut rgb).unwrap();
+    // Two panels (over t, over n) side by side.
+    assert_eq!((frame.width, frame.height), (1280, 440));
+    assert_eq!(frame.color_type, png::ColorType::Rgb);
+    let rgb = &rgb[..frame.buffer_size()];
+    let white = count_colour(rgb, [255, 255, 255]);
+    assert!(white > rgb.len() / 3 / 2, "the background is white: {white} white pixels");
+    // The first two series' colours (kf-rtrl n=4 and n=6 in the first panel) are drawn.
+    for c in [[31, 119, 180], [255, 127, 14]] {
+        assert!(count_colour(rgb, c) > 50, "too few pixels of {c:?}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn cli_refuses_an_unknown_plot_format_before_running() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kfrtrl"))
+        .args(["experiment", "variance", "--hidden", "64", "--steps", "100000", "--plot", "variance.jpg"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    // The argument parser refuses the name (clap's "invalid value ... for '--plot"), before any
+    // step: a failure after the run would have printed the experiment's progress first.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("invalid value 'variance.jpg' for '--plot"), "{stderr}");
+    assert!(stderr.contains("use a .svg or .png file name"), "{stderr}");
+    assert!(!stderr.contains("n=64"), "no progress line: {stderr}");
+    assert!(!std::path::Path::new("variance.jpg").exists());
 }

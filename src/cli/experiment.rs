@@ -32,8 +32,8 @@ enum Which {
 /// Flags of `kfrtrl experiment copy-plot`.
 #[derive(Debug, Args)]
 pub struct CopyPlotArgs {
-    /// Output file (.svg).
-    #[arg(long)]
+    /// Output file (.svg or .png).
+    #[arg(long, value_parser = parse_plot_path)]
     plot: PathBuf,
     /// Chart title.
     #[arg(long, default_value = "copy task: curriculum length L")]
@@ -135,8 +135,8 @@ pub struct VarianceArgs {
     /// Print the table as JSON on stdout: {"rows": [{"learner","n","t","rel_var"}, ...]}.
     #[arg(long)]
     json: bool,
-    /// Draw rel_var against t and against n to this file (.svg).
-    #[arg(long)]
+    /// Draw rel_var against t and against n to this file (.svg or .png).
+    #[arg(long, value_parser = parse_plot_path)]
     plot: Option<PathBuf>,
 }
 
@@ -199,7 +199,7 @@ fn variance(a: VarianceArgs) -> Result<(), String> {
                 Panel {
                     title: "relative variance over time".into(),
                     x_label: "t".into(),
-                    y_label: "E|g^ - g|^2 / |g|^2".into(),
+                    y_label: "E‖ĝ − g‖² / ‖g‖²".into(),
                     log_x: false,
                     log_y: true,
                     series: over_t,
@@ -208,7 +208,7 @@ fn variance(a: VarianceArgs) -> Result<(), String> {
                 Panel {
                     title: format!("relative variance at t = {t_end}"),
                     x_label: "hidden units n".into(),
-                    y_label: "E|g^ - g|^2 / |g|^2".into(),
+                    y_label: "E‖ĝ − g‖² / ‖g‖²".into(),
                     log_x: true,
                     log_y: true,
                     series: over_n,
@@ -276,11 +276,20 @@ pub struct CopyArgs {
     #[arg(long)]
     json: bool,
     /// Draw L against steps to this file (.svg or .png).
-    #[arg(long)]
+    #[arg(long, value_parser = parse_plot_path)]
     plot: Option<PathBuf>,
     /// Print a progress line on stderr every this many steps (0: only level-ups).
     #[arg(long, default_value_t = 10_000)]
     log_every: u64,
+}
+
+/// A plot's file name, refused at parsing unless its extension names a format
+/// ([`PlotFormat::of`](kfrtrl::experiment::plot::PlotFormat::of)), so that a long run does not
+/// fail only at its end.
+fn parse_plot_path(s: &str) -> Result<PathBuf, String> {
+    let path = PathBuf::from(s);
+    kfrtrl::experiment::plot::PlotFormat::of(&path).map_err(|e| e.to_string())?;
+    Ok(path)
 }
 
 /// Runs `kfrtrl experiment ...`.

@@ -1,9 +1,14 @@
-//! Line charts of the experiments' results, drawn with `plotters` into SVG files (one or more
-//! panels side by side).
+//! Line charts of the experiments' results, drawn with `plotters` into SVG or PNG files (one or
+//! more panels side by side). Text is laid out with the embedded DejaVu Sans font
+//! (`assets/fonts`), so a plot looks the same on every machine, fonts installed or not.
 
+use std::fs::File;
+use std::io::BufWriter;
 use std::path::Path;
+use std::sync::OnceLock;
 
 use plotters::prelude::*;
+use plotters::style::register_font;
 
 /// One line of a panel.
 #[derive(Debug, Clone)]
@@ -48,8 +53,8 @@ pub enum LegendAt {
 /// Why a plot could not be drawn.
 #[derive(Debug, thiserror::Error)]
 pub enum PlotError {
-    /// Only SVG is built in.
-    #[error("unsupported plot format (use a .svg file name)")]
+    /// The file name ends neither in `.svg` nor in `.png`.
+    #[error("unsupported plot format (use a .svg or .png file name)")]
     Format,
     /// Nothing to draw.
     #[error("no finite points to draw")]
@@ -57,6 +62,46 @@ pub enum PlotError {
     /// The drawing backend failed.
     #[error("drawing failed: {0}")]
     Draw(String),
+    /// The PNG file could not be written.
+    #[error("cannot write {path}: {source}")]
+    Write {
+        /// The plot's path.
+        path: String,
+        /// What went wrong.
+        source: std::io::Error,
+    },
+}
+
+/// The file formats a plot can be written in, chosen by the file name's extension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlotFormat {
+    /// Scalable vector graphics (`.svg`).
+    Svg,
+    /// An 8-bit RGB bitmap (`.png`).
+    Png,
+}
+
+impl PlotFormat {
+    /// The format a file name asks for (extension, any case).
+    pub fn of(path: &Path) -> Result<Self, PlotError> {
+        match path.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()).as_deref() {
+            Some("svg") => Ok(Self::Svg),
+            Some("png") => Ok(Self::Png),
+            _ => Err(PlotError::Format),
+        }
+    }
+}
+
+/// The font family every text element of a chart uses.
+const FONT_FAMILY: &str = "sans-serif";
+static FONT_BYTES: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
+
+/// Registers the embedded font with `plotters` once per process; both backends measure text
+/// with it.
+fn ensure_font() -> Result<(), PlotError> {
+    static REGISTERED: OnceLock<bool> = OnceLock::new();
+    let ok = *REGISTERED.get_or_init(|| register_font(FONT_FAMILY, FontStyle::Normal, FONT_BYTES).is_ok());
+    if ok { Ok(()) } else { Err(PlotError::Draw("the embedded font cannot be parsed".into())) }
 }
 
 const PANEL_W: u32 = 640;
@@ -79,24 +124,64 @@ fn colour(i: usize) -> RGBColor {
     C[i % C.len()]
 }
 
-/// Draws the panels side by side into `path` (an `.svg` file).
+/// Draws the panels side by side into `path`, an `.svg` or `.png` file ([`PlotFormat::of`]).
 pub fn line_chart(path: &Path, panels: &[Panel]) -> Result<(), PlotError> {
-    let ext = path.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase());
-    if ext.as_deref() != Some("svg") {
-        return Err(PlotError::Format);
-    }
+    let format = PlotFormat::of(path)?;
     if panels.is_empty() {
         return Err(PlotError::Empty);
     }
-    let width = PANEL_W * panels.len() as u32;
-    let root = SVGBackend::new(path, (width, PANEL_H)).into_drawing_area();
+    ensure_font()?;
+    let size = (PANEL_W * panels.len() as u32, PANEL_H);
+    match format {
+        PlotFormat::Svg => draw_panels(SVGBackend::new(path, size).into_drawing_area(), panels),
+        PlotFormat::Png => {
+            let mut rgb = vec![0u8; size.0 as usize * size.1 as usize * 3];
+            draw_panels(BitMapBackend::with_buffer(&mut rgb, size).into_drawing_area(), panels)?;
+            write_png(path, size, &rgb)
+        }
+    }
+}
+
+fn draw_panels<DB: DrawingBackend>(
+    root: DrawingArea<DB, plotters::coord::Shift>,
+    panels: &[Panel],
+) -> Result<(), PlotError> {
     root.fill(&WHITE).map_err(draw_err)?;
     let areas = root.split_evenly((1, panels.len()));
     for (panel, area) in panels.iter().zip(areas.iter()) {
         draw_panel(area, panel)?;
     }
-    root.present().map_err(draw_err)?;
-    Ok(())
+    root.present().map_err(draw_err)
+}
+
+/// Encodes an RGB buffer of `size` pixels as a PNG file.
+fn write_png(path: &Path, size: (u32, u32), rgb: &[u8]) -> Result<(), PlotError> {
+    let write_err = |source: std::io::Error| PlotError::Write { path: path.display().to_string(), source };
+    let encoding_err = |e: png::EncodingError| match e {
+        png::EncodingError::IoError(source) => write_err(source),
+        other => PlotError::Draw(other.to_string()),
+    };
+    let file = File::create(path).map_err(write_err)?;
+    let mut encoder = png::Encoder::new(BufWriter::new(file), size.0, size.1);
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    let mut writer = encoder.write_header().map_err(encoding_err)?;
+    writer.write_image_data(rgb).map_err(encoding_err)?;
+    writer.finish().map_err(encoding_err)
+}
+
+/// A short axis label: `1.5M`, `200k`, `36`, `0.25`.
+fn tick_label(v: f64) -> String {
+    fn trimmed(x: f64) -> String {
+        let s = format!("{x:.2}");
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    }
+    match v.abs() {
+        a if a >= 1e6 => format!("{}M", trimmed(v / 1e6)),
+        a if a >= 1e4 => format!("{}k", trimmed(v / 1e3)),
+        a if a != 0.0 && a < 0.01 => format!("{v:.0e}"),
+        _ => trimmed(v),
+    }
 }
 
 fn draw_err<E: std::fmt::Debug>(e: E) -> PlotError {
@@ -130,7 +215,7 @@ fn draw_panel<DB: DrawingBackend>(
     let (x0, x1) = bounds(pts().map(|q| q.0), p.log_x).ok_or(PlotError::Empty)?;
     let (y0, y1) = bounds(pts().map(|q| q.1), p.log_y).ok_or(PlotError::Empty)?;
     let mut builder = ChartBuilder::on(area);
-    builder.caption(&p.title, ("sans-serif", 18)).margin(12).x_label_area_size(40).y_label_area_size(60);
+    builder.caption(&p.title, (FONT_FAMILY, 18)).margin(12).x_label_area_size(40).y_label_area_size(60);
     // The four axis combinations have different coordinate types.
     macro_rules! finish {
         ($chart:expr) => {{
@@ -139,6 +224,8 @@ fn draw_panel<DB: DrawingBackend>(
                 .configure_mesh()
                 .x_desc(p.x_label.as_str())
                 .y_desc(p.y_label.as_str())
+                .x_label_formatter(&|v| tick_label(*v))
+                .y_label_formatter(&|v| tick_label(*v))
                 .draw()
                 .map_err(draw_err)?;
             for (i, s) in p.series.iter().enumerate() {
@@ -174,4 +261,28 @@ fn draw_panel<DB: DrawingBackend>(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tick_label;
+
+    #[test]
+    fn tick_labels_are_short() {
+        let cases = [
+            (2_000_000.0, "2M"),
+            (1_500_000.0, "1.5M"),
+            (200_000.0, "200k"),
+            (12_500.0, "12.5k"),
+            (5000.0, "5000"),
+            (36.0, "36"),
+            (0.25, "0.25"),
+            (0.0, "0"),
+            (-3.0, "-3"),
+            (0.001, "1e-3"),
+        ];
+        for (v, want) in cases {
+            assert_eq!(tick_label(v), want, "{v}");
+        }
+    }
 }
