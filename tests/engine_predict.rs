@@ -45,10 +45,13 @@ async fn predict_never_changes_the_weights_for_any_learner() {
 }
 
 /// Regression guard (mutation testing found no test for it): a predict starts from the stream's
-/// own state, the state the stream would continue from, not from a fresh one.
+/// own state, the state the stream would continue from, not from a fresh one. Compared with the
+/// stream consuming the same tokens without learning, for the online learners (a TBPTT stream
+/// that stops learning closes its pending window with an update, so its consume moves the
+/// weights between the two tokens; the copied cell state is the same for every learner).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn predict_continues_from_the_streams_state() {
-    for learner in [LearnerKind::KfRtrl, LearnerKind::Tbptt] {
+    for learner in [LearnerKind::KfRtrl, LearnerKind::Uoro] {
         let metrics = EngineMetrics::register(&prometheus::Registry::new()).unwrap();
         let engine = Arc::new(Engine::new(EngineLimits::default(), metrics));
         let definition = ModelDefinition {
@@ -68,12 +71,12 @@ async fn predict_continues_from_the_streams_state() {
         let from_fresh_state = engine.tokens("m", "s", probe(true), Mode::Predict).await.unwrap();
         let consumed = engine.tokens("m", "s", probe(false), Mode::Consume).await.unwrap();
         let (p, f, c) = (
-            predicted.losses_bits.unwrap(),
+            predicted.losses_bits.clone().unwrap(),
             from_fresh_state.losses_bits.unwrap(),
-            consumed.losses_bits.unwrap(),
+            consumed.losses_bits.clone().unwrap(),
         );
         // The stream's state matters to the first token's loss, so the comparison below can fail.
-        assert!((p[0] - f[0]).abs() > 1e-3, "{learner}: state-independent losses {p:?} {f:?}");
+        assert!((c[0] - f[0]).abs() > 1e-3, "{learner}: state-independent losses {c:?} {f:?}");
         for (a, b) in p.iter().zip(&c) {
             assert!(
                 (a - b).abs() <= 1e-9 * b.abs().max(1.0),
