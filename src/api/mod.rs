@@ -480,8 +480,10 @@ pub async fn serve(
         () = until_draining(&mut draining) => None,
         ended = &mut server => Some(ended),
     };
-    tracing::info!("draining");
+    // Readiness turns first, then the log line: whoever reads "draining" (an operator, the
+    // shutdown tests) must find `/readyz` already at 503.
     state.begin_drain();
+    tracing::info!("draining");
     let deadline = state.inner.shutdown_timeout;
     let drain = async {
         state.inner.admission.work.idle().await;
