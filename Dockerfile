@@ -19,6 +19,8 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /usr/local/bin/kfrtrl /usr/local/bin/kfrtrl
+# The binary embeds DejaVu Sans (PNG plots); its licence travels with it.
+COPY --from=build /src/assets/fonts/LICENSE /usr/share/doc/kfrtrl/DejaVuSans-LICENSE
 # An empty data directory owned by the runtime user, so that a fresh named volume inherits it.
 COPY --from=build --chown=65532:65532 /data /data
 ENV KFRTRL_LISTEN=0.0.0.0:8080 \

@@ -46,12 +46,13 @@ async fn predict_never_changes_the_weights_for_any_learner() {
 
 /// Regression guard (mutation testing found no test for it): a predict starts from the stream's
 /// own state, the state the stream would continue from, not from a fresh one. Compared with the
-/// stream consuming the same tokens without learning, for the online learners (a TBPTT stream
-/// that stops learning closes its pending window with an update, so its consume moves the
-/// weights between the two tokens; the copied cell state is the same for every learner).
+/// stream consuming the same tokens without learning, for the online learners (a TBPTT stream's
+/// window of learned losses fills at its first consumed token and flushes into an update, so
+/// its consume moves the weights between the two tokens; the copied cell state is the same for
+/// every learner).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn predict_continues_from_the_streams_state() {
-    for learner in [LearnerKind::KfRtrl, LearnerKind::Uoro] {
+    for learner in [LearnerKind::KfRtrl, LearnerKind::Uoro, LearnerKind::Rtrl] {
         let metrics = EngineMetrics::register(&prometheus::Registry::new()).unwrap();
         let engine = Arc::new(Engine::new(EngineLimits::default(), metrics));
         let definition = ModelDefinition {

@@ -89,17 +89,21 @@ fn cli_draws_the_plot_as_png() {
 }
 
 #[test]
-fn cli_refuses_an_unknown_plot_format_before_running() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kfrtrl"))
-        .args(["experiment", "variance", "--hidden", "64", "--steps", "100000", "--plot", "variance.jpg"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    // The argument parser refuses the name (clap's "invalid value ... for '--plot"), before any
-    // step: a failure after the run would have printed the experiment's progress first.
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("invalid value 'variance.jpg' for '--plot"), "{stderr}");
-    assert!(stderr.contains("use a .svg or .png file name"), "{stderr}");
-    assert!(!stderr.contains("n=64"), "no progress line: {stderr}");
-    assert!(!std::path::Path::new("variance.jpg").exists());
+fn cli_refuses_an_unknown_plot_format_or_a_missing_directory_before_running() {
+    let refused = |plot: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_kfrtrl"))
+            .args(["experiment", "variance", "--hidden", "4", "--steps", "50", "--plot", plot])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        // The argument parser refuses the name (clap's "invalid value ... for '--plot"), before
+        // any step of the experiment.
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(stderr.contains(&format!("invalid value '{plot}' for '--plot")), "{stderr}");
+        stderr
+    };
+    assert!(refused("variance.jpg").contains("use a .svg or .png file name"));
+    let missing = std::env::temp_dir().join(format!("kfrtrl-no-such-dir-{}", std::process::id()));
+    let stderr = refused(missing.join("variance.svg").to_str().unwrap());
+    assert!(stderr.contains("does not exist"), "{stderr}");
 }

@@ -169,6 +169,29 @@ fn variance(a: VarianceArgs) -> Result<(), String> {
     .map_err(|e| e.to_string())?;
     let learners = ["kf-rtrl", "uoro"];
     let t_end = a.steps;
+    if a.json {
+        println!("{}", serde_json::to_string(&report).map_err(|e| e.to_string())?);
+    } else {
+        let t_mid = if a.steps >= 50 { 50 } else { a.steps };
+        println!(
+            "n     KF@{t_mid:<5} KF@{t_end:<5} UORO@{t_mid:<5} UORO@{t_end:<5} ratio@{t_end:<5} KF{t_end}/KF{t_mid}"
+        );
+        for &n in &a.hidden {
+            let g = |l: &str, t: usize| report.get(l, n, t).unwrap_or(f64::NAN);
+            println!(
+                "{n:<5} {:<8.3} {:<8.3} {:<10.2} {:<10.2} {:<10.1} {:.2}",
+                g("kf-rtrl", t_mid),
+                g("kf-rtrl", t_end),
+                g("uoro", t_mid),
+                g("uoro", t_end),
+                g("uoro", t_end) / g("kf-rtrl", t_end),
+                g("kf-rtrl", t_end) / g("kf-rtrl", t_mid)
+            );
+        }
+        println!("{:.1} s", report.seconds);
+    }
+    // The report is out before the plot is drawn: a plot that cannot be written must not
+    // cost a long run its results.
     if let Some(path) = &a.plot {
         let mut over_t = Vec::new();
         for l in learners {
@@ -218,27 +241,6 @@ fn variance(a: VarianceArgs) -> Result<(), String> {
         )
         .map_err(|e| format!("{}: {e}", path.display()))?;
     }
-    if a.json {
-        println!("{}", serde_json::to_string(&report).map_err(|e| e.to_string())?);
-    } else {
-        let t_mid = if a.steps >= 50 { 50 } else { a.steps };
-        println!(
-            "n     KF@{t_mid:<5} KF@{t_end:<5} UORO@{t_mid:<5} UORO@{t_end:<5} ratio@{t_end:<5} KF{t_end}/KF{t_mid}"
-        );
-        for &n in &a.hidden {
-            let g = |l: &str, t: usize| report.get(l, n, t).unwrap_or(f64::NAN);
-            println!(
-                "{n:<5} {:<8.3} {:<8.3} {:<10.2} {:<10.2} {:<10.1} {:.2}",
-                g("kf-rtrl", t_mid),
-                g("kf-rtrl", t_end),
-                g("uoro", t_mid),
-                g("uoro", t_end),
-                g("uoro", t_end) / g("kf-rtrl", t_end),
-                g("kf-rtrl", t_end) / g("kf-rtrl", t_mid)
-            );
-        }
-        println!("{:.1} s", report.seconds);
-    }
     Ok(())
 }
 
@@ -284,12 +286,17 @@ pub struct CopyArgs {
 }
 
 /// A plot's file name, refused at parsing unless its extension names a format
-/// ([`PlotFormat::of`](kfrtrl::experiment::plot::PlotFormat::of)), so that a long run does not
-/// fail only at its end.
+/// ([`PlotFormat::of`](kfrtrl::experiment::plot::PlotFormat::of)) and its directory exists, so
+/// that a long run does not fail only at its end.
 fn parse_plot_path(s: &str) -> Result<PathBuf, String> {
     let path = PathBuf::from(s);
     kfrtrl::experiment::plot::PlotFormat::of(&path).map_err(|e| e.to_string())?;
-    Ok(path)
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => {
+            Err(format!("the directory {} does not exist", dir.display()))
+        }
+        _ => Ok(path),
+    }
 }
 
 /// Runs `kfrtrl experiment ...`.
@@ -334,6 +341,24 @@ fn copy(a: CopyArgs) -> Result<(), String> {
         }
     })
     .map_err(|e| e.to_string())?;
+    if a.json {
+        println!("{}", serde_json::to_string(&report).map_err(|e| e.to_string())?);
+    } else {
+        println!(
+            "{} {} n={} B={}: {} steps, max L {}, final EMA {:.3} bits, {:.0} steps/s, {:.1} s",
+            report.learner,
+            report.cell,
+            report.hidden,
+            report.batch,
+            report.steps,
+            report.max_length,
+            report.final_ema,
+            report.steps_per_sec,
+            report.seconds
+        );
+    }
+    // The report is out before the plot is drawn: a plot that cannot be written must not
+    // cost a long run its results.
     if let Some(path) = &a.plot {
         let title =
             format!("copy task: {} {} n={} B={}", report.learner, report.cell, report.hidden, report.batch);
@@ -354,22 +379,6 @@ fn copy(a: CopyArgs) -> Result<(), String> {
             }],
         )
         .map_err(|e| format!("{}: {e}", path.display()))?;
-    }
-    if a.json {
-        println!("{}", serde_json::to_string(&report).map_err(|e| e.to_string())?);
-    } else {
-        println!(
-            "{} {} n={} B={}: {} steps, max L {}, final EMA {:.3} bits, {:.0} steps/s, {:.1} s",
-            report.learner,
-            report.cell,
-            report.hidden,
-            report.batch,
-            report.steps,
-            report.max_length,
-            report.final_ema,
-            report.steps_per_sec,
-            report.seconds
-        );
     }
     Ok(())
 }

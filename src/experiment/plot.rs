@@ -1,6 +1,7 @@
 //! Line charts of the experiments' results, drawn with `plotters` into SVG or PNG files (one or
-//! more panels side by side). Text is laid out with the embedded DejaVu Sans font
-//! (`assets/fonts`), so a plot looks the same on every machine, fonts installed or not.
+//! more panels side by side). The embedded DejaVu Sans font (`assets/fonts`) draws the text of a
+//! PNG, so it needs no installed fonts; in an SVG it only measures the text, which the viewer
+//! then draws in its own sans-serif font.
 
 use std::fs::File;
 use std::io::BufWriter;
@@ -62,14 +63,12 @@ pub enum PlotError {
     /// The drawing backend failed.
     #[error("drawing failed: {0}")]
     Draw(String),
-    /// The PNG file could not be written.
-    #[error("cannot write {path}: {source}")]
-    Write {
-        /// The plot's path.
-        path: String,
-        /// What went wrong.
-        source: std::io::Error,
-    },
+    /// The file could not be written.
+    #[error("cannot write the file: {0}")]
+    Write(#[source] std::io::Error),
+    /// The PNG encoder refused the image.
+    #[error("cannot encode the PNG: {0}")]
+    Encode(String),
 }
 
 /// The file formats a plot can be written in, chosen by the file name's extension.
@@ -92,7 +91,8 @@ impl PlotFormat {
     }
 }
 
-/// The font family every text element of a chart uses.
+/// The family the embedded font is registered as. It must stay "sans-serif": plotters' default
+/// tick and legend labels ask for that family by name.
 const FONT_FAMILY: &str = "sans-serif";
 static FONT_BYTES: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
 
@@ -132,8 +132,13 @@ pub fn line_chart(path: &Path, panels: &[Panel]) -> Result<(), PlotError> {
     }
     ensure_font()?;
     let size = (PANEL_W * panels.len() as u32, PANEL_H);
+    // Both formats are drawn in memory first, so a failed drawing leaves no partial file.
     match format {
-        PlotFormat::Svg => draw_panels(SVGBackend::new(path, size).into_drawing_area(), panels),
+        PlotFormat::Svg => {
+            let mut svg = String::new();
+            draw_panels(SVGBackend::with_string(&mut svg, size).into_drawing_area(), panels)?;
+            std::fs::write(path, svg).map_err(PlotError::Write)
+        }
         PlotFormat::Png => {
             let mut rgb = vec![0u8; size.0 as usize * size.1 as usize * 3];
             draw_panels(BitMapBackend::with_buffer(&mut rgb, size).into_drawing_area(), panels)?;
@@ -142,6 +147,7 @@ pub fn line_chart(path: &Path, panels: &[Panel]) -> Result<(), PlotError> {
     }
 }
 
+/// Fills `root` white and draws the panels side by side on it.
 fn draw_panels<DB: DrawingBackend>(
     root: DrawingArea<DB, plotters::coord::Shift>,
     panels: &[Panel],
@@ -156,12 +162,11 @@ fn draw_panels<DB: DrawingBackend>(
 
 /// Encodes an RGB buffer of `size` pixels as a PNG file.
 fn write_png(path: &Path, size: (u32, u32), rgb: &[u8]) -> Result<(), PlotError> {
-    let write_err = |source: std::io::Error| PlotError::Write { path: path.display().to_string(), source };
     let encoding_err = |e: png::EncodingError| match e {
-        png::EncodingError::IoError(source) => write_err(source),
-        other => PlotError::Draw(other.to_string()),
+        png::EncodingError::IoError(source) => PlotError::Write(source),
+        other => PlotError::Encode(other.to_string()),
     };
-    let file = File::create(path).map_err(write_err)?;
+    let file = File::create(path).map_err(PlotError::Write)?;
     let mut encoder = png::Encoder::new(BufWriter::new(file), size.0, size.1);
     encoder.set_color(png::ColorType::Rgb);
     encoder.set_depth(png::BitDepth::Eight);
@@ -170,16 +175,16 @@ fn write_png(path: &Path, size: (u32, u32), rgb: &[u8]) -> Result<(), PlotError>
     writer.finish().map_err(encoding_err)
 }
 
-/// A short axis label: `1.5M`, `200k`, `36`, `0.25`.
+/// A short axis label: `1.5M`, `200k`, `36`, `0.015`.
 fn tick_label(v: f64) -> String {
     fn trimmed(x: f64) -> String {
-        let s = format!("{x:.2}");
+        let s = format!("{x:.4}");
         s.trim_end_matches('0').trim_end_matches('.').to_string()
     }
     match v.abs() {
-        a if a >= 1e6 => format!("{}M", trimmed(v / 1e6)),
-        a if a >= 1e4 => format!("{}k", trimmed(v / 1e3)),
-        a if a != 0.0 && a < 0.01 => format!("{v:.0e}"),
+        a if a >= 999_950.0 => format!("{}M", trimmed(v / 1e6)),
+        a if a >= 1e3 => format!("{}k", trimmed(v / 1e3)),
+        a if a != 0.0 && a < 1e-3 => format!("{v:.1e}"),
         _ => trimmed(v),
     }
 }
@@ -272,14 +277,17 @@ mod tests {
         let cases = [
             (2_000_000.0, "2M"),
             (1_500_000.0, "1.5M"),
+            (999_999.0, "1M"),
             (200_000.0, "200k"),
             (12_500.0, "12.5k"),
-            (5000.0, "5000"),
+            (5000.0, "5k"),
             (36.0, "36"),
             (0.25, "0.25"),
+            (0.015, "0.015"),
+            (0.02, "0.02"),
             (0.0, "0"),
             (-3.0, "-3"),
-            (0.001, "1e-3"),
+            (0.0005, "5.0e-4"),
         ];
         for (v, want) in cases {
             assert_eq!(tick_label(v), want, "{v}");
