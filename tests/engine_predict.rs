@@ -11,21 +11,27 @@ fn input(tokens: Vec<u32>, learn: bool, reset: bool) -> TokenInput {
     TokenInput { tokens, learn, reset, top_k: 3, return_losses: false }
 }
 
+/// An engine with one model "m": RHN n = 6, vocabulary 12, a TBPTT window of 5.
+async fn engine_with_model(learner: LearnerKind, lr: f64) -> Arc<Engine> {
+    let metrics = EngineMetrics::register(&prometheus::Registry::new()).unwrap();
+    let engine = Arc::new(Engine::new(EngineLimits::default(), metrics));
+    let definition = ModelDefinition {
+        vocab_size: 12,
+        cell: CellKind::Rhn,
+        hidden: 6,
+        learner,
+        tbptt_window: 5,
+        lr,
+        ..ModelDefinition::with_defaults("m", 4)
+    };
+    engine.create_model(definition).await.unwrap();
+    engine
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn predict_never_changes_the_weights_for_any_learner() {
     for learner in [LearnerKind::Tbptt, LearnerKind::KfRtrl, LearnerKind::Uoro, LearnerKind::Rtrl] {
-        let metrics = EngineMetrics::register(&prometheus::Registry::new()).unwrap();
-        let engine = Arc::new(Engine::new(EngineLimits::default(), metrics));
-        let definition = ModelDefinition {
-            vocab_size: 12,
-            cell: CellKind::Rhn,
-            hidden: 6,
-            learner,
-            tbptt_window: 5,
-            lr: 0.01,
-            ..ModelDefinition::with_defaults("m", 4)
-        };
-        engine.create_model(definition).await.unwrap();
+        let engine = engine_with_model(learner, 0.01).await;
         // Three learned tokens: TBPTT's window holds three scored losses, not yet flushed.
         engine.tokens("m", "s", input(vec![1, 2, 3], true, false), Mode::Consume).await.unwrap();
         let before = engine.snapshot("m").await.unwrap();
@@ -53,18 +59,7 @@ async fn predict_never_changes_the_weights_for_any_learner() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn predict_continues_from_the_streams_state() {
     for learner in [LearnerKind::KfRtrl, LearnerKind::Uoro, LearnerKind::Rtrl] {
-        let metrics = EngineMetrics::register(&prometheus::Registry::new()).unwrap();
-        let engine = Arc::new(Engine::new(EngineLimits::default(), metrics));
-        let definition = ModelDefinition {
-            vocab_size: 12,
-            cell: CellKind::Rhn,
-            hidden: 6,
-            learner,
-            tbptt_window: 5,
-            lr: 0.05,
-            ..ModelDefinition::with_defaults("m", 4)
-        };
-        engine.create_model(definition).await.unwrap();
+        let engine = engine_with_model(learner, 0.05).await;
         let pattern: Vec<u32> = (0..40).map(|i| [1, 2, 3, 1, 4][i % 5]).collect();
         engine.tokens("m", "s", input(pattern, true, false), Mode::Consume).await.unwrap();
         let probe = |reset| TokenInput { return_losses: true, ..input(vec![1, 2], false, reset) };
