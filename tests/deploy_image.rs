@@ -82,7 +82,8 @@ fn read_image() -> Image {
             "EXPOSE" => image.exposed = value.split_whitespace().map(|p| p.parse().unwrap()).collect(),
             "USER" => image.user = value.clone(),
             "WORKDIR" => image.workdir = value.clone(),
-            "COPY" if value.contains("kfrtrl") => {
+            // The binary's COPY, not any other file whose path names the project (its docs).
+            "COPY" if value.split_whitespace().last().is_some_and(|to| to.ends_with("/bin/kfrtrl")) => {
                 image.binary = value.split_whitespace().last().unwrap().to_owned();
             }
             _ => {}
