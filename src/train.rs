@@ -26,7 +26,7 @@ pub struct TrainConfig {
 }
 
 /// One evaluation during training.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize)]
 pub struct EvalPoint {
     /// Training symbols consumed when it was taken.
     pub symbols: u64,
@@ -74,6 +74,8 @@ pub struct Progress {
     pub total: u64,
     /// Running prequential bits per symbol (recent symbols).
     pub recent_bpc: f64,
+    /// The evaluation taken at this step, if one was due.
+    pub eval: Option<EvalPoint>,
 }
 
 /// Mean bits per symbol of `tokens` under frozen weights: one sequential pass from a zero state.
@@ -144,15 +146,18 @@ pub fn train(
             recent = if recent_init { 0.999 * recent + 0.001 * bpc } else { bpc };
             recent_init = true;
             let symbols = (t + 1) * b as u64;
+            let mut eval_now = None;
             if let (Some(every), Some(ev)) = (cfg.eval_every, eval)
                 && every > 0
                 && symbols / every != (symbols - b as u64) / every
             {
                 let e0 = Instant::now();
-                evals.push(EvalPoint { symbols, bpc: evaluate(&spec, &params, ev) });
+                let point = EvalPoint { symbols, bpc: evaluate(&spec, &params, ev) };
+                evals.push(point);
+                eval_now = Some(point);
                 eval_seconds += e0.elapsed().as_secs_f64();
             }
-            on_progress(Progress { symbols, total, recent_bpc: recent });
+            on_progress(Progress { symbols, total, recent_bpc: recent, eval: eval_now });
         }
     });
     let seconds = start.elapsed().as_secs_f64() - eval_seconds;

@@ -125,6 +125,16 @@ pub fn run(args: TrainArgs) -> Result<(), String> {
             .map_err(|e| e.to_string())?,
     );
     let (report, params, opt) = train(&cfg, &tokens, eval.as_deref(), |p| {
+        // One line per evaluation, also when stderr is not a terminal (the bar is then hidden),
+        // so that a long run that is stopped early has still reported its curve.
+        if let Some(e) = p.eval {
+            bar.suspend(|| {
+                eprintln!(
+                    "eval at {} symbols: {:.4} bpc (running train bpc {:.4})",
+                    e.symbols, e.bpc, p.recent_bpc
+                )
+            });
+        }
         if p.symbols % (1024 * batch) < batch || p.symbols == p.total {
             bar.set_position(p.symbols);
             bar.set_message(format!("running bpc {:.3}", p.recent_bpc));
