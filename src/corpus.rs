@@ -21,6 +21,14 @@ impl Format {
             _ => None,
         }
     }
+
+    /// The name [`Format::parse`] reads.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Bytes => "bytes",
+            Format::PtbChar => "ptb-char",
+        }
+    }
 }
 
 /// The symbols of a corpus and their token ids.
@@ -38,6 +46,21 @@ impl Vocab {
     pub fn bytes() -> Self {
         Self { symbols: Vec::new(), index: BTreeMap::new(), size: 256 }
     }
+
+    /// A saved symbol vocabulary (token id = position in `symbols`).
+    pub fn from_symbols(symbols: Vec<String>) -> Result<Self, CorpusError> {
+        if symbols.is_empty() {
+            return Err(CorpusError::BadVocabulary(String::new()));
+        }
+        let mut index = BTreeMap::new();
+        for (i, s) in symbols.iter().enumerate() {
+            if index.insert(s.clone(), i as u32).is_some() {
+                return Err(CorpusError::BadVocabulary(s.clone()));
+            }
+        }
+        let size = symbols.len();
+        Ok(Self { symbols, index, size })
+    }
 }
 
 /// Why a corpus could not be read.
@@ -46,6 +69,9 @@ pub enum CorpusError {
     /// The corpus has no symbols.
     #[error("the corpus is empty")]
     Empty,
+    /// A saved vocabulary lists a symbol twice, or none.
+    #[error("a vocabulary needs distinct symbols, at least one; {0:?} is not")]
+    BadVocabulary(String),
     /// A symbol of an evaluation file is not in the training vocabulary.
     #[error("symbol {0:?} is not in the training vocabulary")]
     UnknownSymbol(String),
@@ -121,6 +147,24 @@ mod tests {
         assert!(
             matches!(tokenize_with(b"z", Format::PtbChar, &vocab), Err(CorpusError::UnknownSymbol(s)) if s == "z")
         );
+    }
+
+    #[test]
+    fn a_saved_vocabulary_tokenizes_as_the_one_it_was_built_as() {
+        let (tokens, vocab) = tokenize_train(b"b a _\nc", Format::PtbChar).unwrap();
+        let saved = Vocab::from_symbols(vocab.symbols.clone()).unwrap();
+        assert_eq!(saved, vocab);
+        assert_eq!(tokenize_with(b"b a _\nc", Format::PtbChar, &saved).unwrap(), tokens);
+        let twice = vec!["a".to_string(), "b".into(), "a".into()];
+        assert!(matches!(Vocab::from_symbols(twice), Err(CorpusError::BadVocabulary(s)) if s == "a"));
+        assert!(matches!(Vocab::from_symbols(Vec::new()), Err(CorpusError::BadVocabulary(_))));
+    }
+
+    #[test]
+    fn format_names_parse_back() {
+        for f in [Format::Bytes, Format::PtbChar] {
+            assert_eq!(Format::parse(f.name()), Some(f));
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Online training on a corpus (`kfrtrl train`): `B` streams read the text from evenly spaced
 //! offsets, every step scores each stream's next symbol before learning from it (prequential
-//! loss) and updates the weights, and evaluation passes run with the weights frozen.
+//! loss) and updates the weights, and evaluation passes run with the weights frozen. A run can
+//! continue a saved model ([`train_from`]): its weights, optimizer and place in the corpus.
 
 use std::time::Instant;
 
@@ -28,7 +29,7 @@ pub struct TrainConfig {
 /// One evaluation during training.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct EvalPoint {
-    /// Training symbols consumed when it was taken.
+    /// Training symbols the model had consumed when it was taken (earlier runs included).
     pub symbols: u64,
     /// Held-out bits per symbol.
     pub bpc: f64,
@@ -47,8 +48,10 @@ pub struct TrainReport {
     pub batch: usize,
     /// Vocabulary size.
     pub vocab: usize,
-    /// Training symbols consumed.
+    /// Training symbols consumed by this run.
     pub symbols: u64,
+    /// Training symbols the model had consumed before this run (0 for a fresh model).
+    pub start_symbols: u64,
     /// Prequential bits per symbol over the whole run.
     pub train_bpc: f64,
     /// Prequential bits per symbol over the last 10% of the run.
@@ -65,10 +68,32 @@ pub struct TrainReport {
     pub seconds: f64,
 }
 
+/// Where a run starts: fresh weights, or a saved model's.
+#[derive(Debug, Clone)]
+pub struct Start {
+    /// The weights.
+    pub params: Params<f32>,
+    /// The optimizer, with its state.
+    pub optimizer: Optimizer<f32>,
+    /// Steps already taken: the streams read on from there, the periodic resets keep their
+    /// phase and the random signs their counters. The streams' states start at zero, so the run
+    /// continues an earlier one exactly when this is a multiple of the reset period.
+    pub steps: u64,
+    /// Symbols already consumed (the scale of the evaluation points).
+    pub symbols: u64,
+}
+
+impl Start {
+    /// Freshly initialised weights and optimizer.
+    pub fn fresh(spec: &ModelSpec) -> Self {
+        Self { params: Params::init(spec), optimizer: Optimizer::new(spec), steps: 0, symbols: 0 }
+    }
+}
+
 /// Progress of a run, reported after every step.
 #[derive(Debug, Clone, Copy)]
 pub struct Progress {
-    /// Symbols consumed.
+    /// Symbols consumed by this run.
     pub symbols: u64,
     /// Planned symbols.
     pub total: u64,
@@ -95,9 +120,22 @@ pub fn evaluate(spec: &ModelSpec, params: &Params<f32>, tokens: &[u32]) -> f64 {
     sum / tokens.len() as f64 / std::f64::consts::LN_2
 }
 
-/// Trains online on `train`, optionally evaluating on `eval`. Returns the report and the weights.
+/// Trains a fresh model online on `train`, optionally evaluating on `eval`. Returns the report,
+/// the weights and the optimizer.
 pub fn train(
     cfg: &TrainConfig,
+    train: &[u32],
+    eval: Option<&[u32]>,
+    on_progress: impl FnMut(Progress) + Send,
+) -> Result<(TrainReport, Params<f32>, Optimizer<f32>), ConfigError> {
+    let spec = cfg.model.check()?;
+    train_from(cfg, Start::fresh(&spec), train, eval, on_progress)
+}
+
+/// Trains online from `start` (whose weights must fit `cfg.model`), for `cfg.steps` more steps.
+pub fn train_from(
+    cfg: &TrainConfig,
+    start: Start,
     train: &[u32],
     eval: Option<&[u32]>,
     mut on_progress: impl FnMut(Progress) + Send,
@@ -105,9 +143,16 @@ pub fn train(
     let spec = cfg.model.check()?;
     assert!(!train.is_empty(), "empty training corpus");
     let b = cfg.batch.max(1);
-    let mut params = Params::<f32>::init(&spec);
-    let mut opt = Optimizer::new(&spec);
+    let Start { mut params, optimizer: mut opt, steps: first, symbols: start_symbols } = start;
+    let fresh = Params::<f32>::init(&spec);
+    assert!(
+        params.w.dim() == fresh.w.dim() && params.v.dim() == fresh.v.dim(),
+        "the starting weights do not fit the model"
+    );
     let mut set = StreamSet::<f32>::new(&spec, b);
+    for s in 0..b {
+        set.set_sign_counter(s, first);
+    }
     let len = train.len();
     let offsets: Vec<usize> = (0..b).map(|s| s * len / b).collect();
     let mut inputs: Vec<SlotStep> = (0..b).map(|s| SlotStep::learn(s, 0)).collect();
@@ -127,9 +172,10 @@ pub fn train(
     // rather than handing work over from an outside thread at every step.
     let pool = rayon::ThreadPoolBuilder::new().build().expect("thread pool");
     pool.install(|| {
-        for t in 0..cfg.steps {
+        for i in 0..cfg.steps {
+            let t = first + i;
             for (s, x) in inputs.iter_mut().enumerate() {
-                x.token = train[(offsets[s] + t as usize) % len];
+                x.token = train[((offsets[s] as u64 + t) % len as u64) as usize];
                 x.reset = cfg.reset_every.is_some_and(|r| r > 0 && t > 0 && t % r == 0);
             }
             let report = set.step(&mut params, &mut opt, &inputs, &mut losses).expect("valid batch");
@@ -138,21 +184,22 @@ pub fn train(
             }
             let step_loss: f64 = losses.iter().sum::<f64>() / std::f64::consts::LN_2;
             sum += step_loss;
-            if t >= tail_from {
+            if i >= tail_from {
                 tail_sum += step_loss;
                 tail_count += b as u64;
             }
             let bpc = step_loss / b as f64;
             recent = if recent_init { 0.999 * recent + 0.001 * bpc } else { bpc };
             recent_init = true;
-            let symbols = (t + 1) * b as u64;
+            let symbols = (i + 1) * b as u64;
+            let model_symbols = start_symbols + symbols;
             let mut eval_now = None;
             if let (Some(every), Some(ev)) = (cfg.eval_every, eval)
                 && every > 0
-                && symbols / every != (symbols - b as u64) / every
+                && model_symbols / every != (model_symbols - b as u64) / every
             {
                 let e0 = Instant::now();
-                let point = EvalPoint { symbols, bpc: evaluate(&spec, &params, ev) };
+                let point = EvalPoint { symbols: model_symbols, bpc: evaluate(&spec, &params, ev) };
                 evals.push(point);
                 eval_now = Some(point);
                 eval_seconds += e0.elapsed().as_secs_f64();
@@ -169,6 +216,7 @@ pub fn train(
         batch: b,
         vocab: spec.vocab,
         symbols: total,
+        start_symbols,
         train_bpc: sum / total.max(1) as f64,
         train_bpc_final: tail_sum / tail_count.max(1) as f64,
         eval_bpc,

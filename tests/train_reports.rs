@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 
 use kfrtrl::core::{CellKind, LearnerKind, ModelConfig, Params};
+use kfrtrl::model_file::load;
 use kfrtrl::train::{TrainConfig, evaluate, train};
 
 fn config(learner: LearnerKind) -> ModelConfig {
@@ -135,4 +136,92 @@ fn train_prints_each_periodic_evaluation_on_stderr_as_it_is_taken() {
         assert!(line.starts_with(&expected), "{line:?} does not start with {expected:?}");
     }
     std::fs::remove_dir_all(corpus.parent().unwrap()).unwrap();
+}
+
+fn kfrtrl(args: &[&str], paths: &[(&str, &std::path::Path)]) -> std::process::Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_kfrtrl"));
+    cmd.arg("train").args(args);
+    for (flag, path) in paths {
+        cmd.arg(flag).arg(path);
+    }
+    cmd.output().unwrap()
+}
+
+fn json(out: &std::process::Output) -> serde_json::Value {
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// `--init` continues a saved model where it stopped: its weights, Adam moments, place in the
+/// corpus, reset phase and sign counters. Stopped at a multiple of the reset period, two runs
+/// give the weights of one uninterrupted run exactly, and the same evaluations.
+#[test]
+fn train_continued_with_init_equals_one_uninterrupted_run() {
+    let corpus = corpus("init");
+    let dir = corpus.parent().unwrap();
+    let (full, half, rest) = (dir.join("full.st"), dir.join("half.st"), dir.join("rest.st"));
+    let common =
+        ["--format", "ptb-char", "--batch", "2", "--reset-every", "50", "--eval-every", "200", "--json"];
+    let model = ["--cell", "rhn", "--hidden", "6", "--seed", "4", "--lr", "0.01", "--clip", "0"];
+    let one = json(&kfrtrl(
+        &[&common[..], &model, &["--symbols", "800"]].concat(),
+        &[("--corpus", &corpus), ("--eval", &corpus), ("--save", &full)],
+    ));
+    let first = json(&kfrtrl(
+        &[&common[..], &model, &["--symbols", "400"]].concat(),
+        &[("--corpus", &corpus), ("--eval", &corpus), ("--save", &half)],
+    ));
+    let second = json(&kfrtrl(
+        &[&common[..], &["--symbols", "400"]].concat(),
+        &[("--corpus", &corpus), ("--eval", &corpus), ("--init", &half), ("--save", &rest)],
+    ));
+    let (a, b) = (load(&full).unwrap(), load(&rest).unwrap());
+    assert_eq!(a.params, b.params);
+    assert_eq!(a.optimizer, b.optimizer);
+    assert_eq!(a.counters, b.counters);
+    assert_eq!(a.config, b.config);
+    assert_eq!(a.metadata["symbols"], b.metadata["symbols"]);
+    assert_eq!(second["start_symbols"], 400);
+    assert_eq!(second["symbols"], 400);
+    assert_eq!(one["eval_bpc"], second["eval_bpc"]);
+    let evals = |r: &serde_json::Value| r["evals"].as_array().unwrap().clone();
+    assert_eq!(evals(&one), [evals(&first), evals(&second)].concat());
+    // The flags that may change between runs do.
+    let faster = dir.join("faster.st");
+    json(&kfrtrl(
+        &[&common[..], &["--symbols", "400", "--lr", "0.02"]].concat(),
+        &[("--corpus", &corpus), ("--init", &half), ("--save", &faster)],
+    ));
+    let c = load(&faster).unwrap();
+    assert_eq!(c.config.lr, 0.02);
+    assert_eq!(c.optimizer.steps, a.optimizer.steps);
+    assert_ne!(c.params, a.params);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// What `--init` cannot change or read is refused before any training, with the reason.
+#[test]
+fn train_init_refuses_a_changed_model_or_a_foreign_corpus() {
+    let corpus = corpus("init-refusals");
+    let dir = corpus.parent().unwrap();
+    let saved = dir.join("saved.st");
+    json(&kfrtrl(
+        &["--format", "ptb-char", "--hidden", "4", "--symbols", "20", "--json"],
+        &[("--corpus", &corpus), ("--save", &saved)],
+    ));
+    let refused = |args: &[&str], corpus: &std::path::Path, needle: &str| {
+        let out = kfrtrl(args, &[("--corpus", corpus), ("--init", &saved)]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains(needle), "{needle:?} not in {stderr}");
+        assert!(out.stdout.is_empty());
+    };
+    refused(&["--hidden", "8"], &corpus, "cannot be used with");
+    refused(&["--cell", "tanh"], &corpus, "cannot be used with");
+    refused(&["--format", "bytes"], &corpus, "was trained on the ptb-char format, not bytes");
+    let foreign = dir.join("foreign.txt");
+    std::fs::write(&foreign, "a b z\n").unwrap();
+    refused(&[], &foreign, "symbol \"z\" is not in the training vocabulary");
+    refused(&[], &dir.join("missing.st"), "missing.st");
+    std::fs::remove_dir_all(dir).unwrap();
 }

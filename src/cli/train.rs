@@ -1,15 +1,16 @@
-//! `kfrtrl train`: online training on a corpus file (or the bundled sample), with a progress bar
-//! on stderr and, with `--json`, one final JSON object on stdout.
+//! `kfrtrl train`: online training on a corpus file (or the bundled sample), from fresh weights
+//! or a saved model (`--init`), with a progress bar on stderr and, with `--json`, one final JSON
+//! object on stdout.
 
 use std::path::PathBuf;
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use kfrtrl::core::{CellKind, ModelConfig, OptimizerKind};
-use kfrtrl::corpus::{Format, tokenize_train, tokenize_with};
-use kfrtrl::model_file::{Counters, ModelFile, save};
-use kfrtrl::train::{TrainConfig, train};
+use kfrtrl::core::{CellKind, LearnerKind, ModelConfig, Optimizer, OptimizerKind};
+use kfrtrl::corpus::{Format, Vocab, tokenize_train, tokenize_with};
+use kfrtrl::model_file::{Counters, ModelFile, load, save};
+use kfrtrl::train::{Start, TrainConfig, train_from};
 
 use super::bench::parse_learner;
 
@@ -22,36 +23,40 @@ pub struct TrainArgs {
     /// Training corpus (default: the bundled Tiny Shakespeare sample).
     #[arg(long)]
     corpus: Option<PathBuf>,
-    /// Corpus format: bytes or ptb-char.
-    #[arg(long, default_value = "bytes", value_parser = parse_format)]
-    format: Format,
+    /// Corpus format: bytes or ptb-char (default: bytes, or the --init model's).
+    #[arg(long, value_parser = parse_format)]
+    format: Option<Format>,
     /// Held-out corpus, evaluated after training (and every --eval-every symbols).
     #[arg(long)]
     eval: Option<PathBuf>,
     /// Evaluate every this many training symbols.
     #[arg(long)]
     eval_every: Option<u64>,
+    /// Continue training this saved model (from `--save` or a server checkpoint): its weights,
+    /// optimizer state, vocabulary and place in the corpus. Its cell, size and seed are kept.
+    #[arg(long, conflicts_with_all = ["cell", "hidden", "seed"])]
+    init: Option<PathBuf>,
     /// Cell: tanh, rhn, lstm.
     #[arg(long, default_value = "rhn", value_parser = super::bench::parse_cell)]
     cell: CellKind,
     /// Hidden units.
     #[arg(long, default_value_t = 128)]
     hidden: usize,
-    /// Learner: kf-rtrl, uoro, rtrl, tbptt:K, frozen.
-    #[arg(long, default_value = "kf-rtrl")]
-    learner: String,
-    /// Optimizer: adam or sgd.
-    #[arg(long, default_value = "adam", value_parser = super::bench::parse_optimizer)]
-    optimizer: OptimizerKind,
+    /// Learner: kf-rtrl, uoro, rtrl, tbptt:K, frozen (default: kf-rtrl, or the --init model's).
+    #[arg(long)]
+    learner: Option<String>,
+    /// Optimizer: adam or sgd (default: adam, or the --init model's).
+    #[arg(long, value_parser = super::bench::parse_optimizer)]
+    optimizer: Option<OptimizerKind>,
     /// Parallel streams reading the corpus from evenly spaced offsets.
     #[arg(long, default_value_t = 8)]
     batch: usize,
-    /// Learning rate (default 10^-3.5).
+    /// Learning rate (default: 10^-3.5, or the --init model's).
     #[arg(long)]
     lr: Option<f64>,
-    /// Global-norm gradient clip (0 disables).
-    #[arg(long, default_value_t = 1.0)]
-    clip: f64,
+    /// Global-norm gradient clip, 0 disables (default: 1, or the --init model's).
+    #[arg(long)]
+    clip: Option<f64>,
     /// Seed of the weights and the random signs.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -77,33 +82,139 @@ fn parse_format(s: &str) -> Result<Format, String> {
     Format::parse(s).ok_or_else(|| format!("unknown format {s:?} (bytes, ptb-char)"))
 }
 
+/// The model a run starts from: fresh from the flags, or loaded with `--init`.
+struct Initial {
+    config: ModelConfig,
+    format: Format,
+    vocab: Option<Vocab>,
+    start: Option<Start>,
+    counters: Counters,
+}
+
+/// Loads `--init` and checks that the model fits the corpus format (or builds the fresh model's
+/// config from the flags).
+fn initial(args: &TrainArgs) -> Result<Initial, String> {
+    let Some(path) = &args.init else {
+        return Ok(Initial {
+            config: ModelConfig {
+                cell: args.cell,
+                hidden: args.hidden,
+                seed: args.seed,
+                ..ModelConfig::default()
+            },
+            format: args.format.unwrap_or(Format::Bytes),
+            vocab: None,
+            start: None,
+            counters: Counters::default(),
+        });
+    };
+    let file = load(path).map_err(|e| e.to_string())?;
+    let saved_format =
+        match file.metadata.get("corpus_format").and_then(|f| f.as_str()) {
+            Some(name) => Some(Format::parse(name).ok_or_else(|| {
+                format!("{}: unknown corpus format {name:?} in its metadata", path.display())
+            })?),
+            None => None,
+        };
+    let format = match (args.format, saved_format) {
+        (Some(asked), Some(saved)) if asked != saved => {
+            return Err(format!(
+                "{} was trained on the {} format, not {}",
+                path.display(),
+                saved.name(),
+                asked.name()
+            ));
+        }
+        (asked, saved) => asked.or(saved).unwrap_or(Format::Bytes),
+    };
+    let vocab = match format {
+        Format::Bytes => Vocab::bytes(),
+        Format::PtbChar => {
+            let symbols: Vec<String> = file
+                .metadata
+                .get("symbols")
+                .and_then(|s| serde_json::from_value(s.clone()).ok())
+                .ok_or_else(|| {
+                    format!("{}: no ptb-char vocabulary (\"symbols\") in its metadata", path.display())
+                })?;
+            Vocab::from_symbols(symbols).map_err(|e| format!("{}: {e}", path.display()))?
+        }
+    };
+    if vocab.size != file.config.vocab_size {
+        return Err(format!(
+            "{}: the model's vocabulary has {} symbols, the {} format {}",
+            path.display(),
+            file.config.vocab_size,
+            format.name(),
+            vocab.size
+        ));
+    }
+    let config = file.config.clone();
+    let optimizer = file.optimizer;
+    Ok(Initial {
+        config,
+        format,
+        vocab: Some(vocab),
+        start: Some(Start {
+            params: file.params,
+            optimizer,
+            steps: file.counters.steps,
+            symbols: file.counters.symbols,
+        }),
+        counters: file.counters,
+    })
+}
+
 pub fn run(args: TrainArgs) -> Result<(), String> {
+    let init = initial(&args)?;
     let data = match &args.corpus {
         Some(p) => std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?,
         None => SAMPLE.to_vec(),
     };
-    let (tokens, vocab) = tokenize_train(&data, args.format).map_err(|e| e.to_string())?;
+    let corpus_name =
+        || args.corpus.as_ref().map_or("the bundled sample".into(), |p| p.display().to_string());
+    let (tokens, vocab) = match init.vocab {
+        Some(vocab) => {
+            (tokenize_with(&data, init.format, &vocab).map_err(|e| format!("{}: {e}", corpus_name()))?, vocab)
+        }
+        None => tokenize_train(&data, init.format).map_err(|e| format!("{}: {e}", corpus_name()))?,
+    };
     let eval = match &args.eval {
         Some(p) => {
             let d = std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?;
-            Some(tokenize_with(&d, args.format, &vocab).map_err(|e| format!("{}: {e}", p.display()))?)
+            Some(tokenize_with(&d, init.format, &vocab).map_err(|e| format!("{}: {e}", p.display()))?)
         }
         None => None,
     };
-    let (learner, window) = parse_learner(&args.learner)?;
+    let saved = &init.config;
+    let (learner, window) = match &args.learner {
+        Some(name) => parse_learner(name)?,
+        None => (saved.learner, None),
+    };
     let model = ModelConfig {
         vocab_size: vocab.size,
-        cell: args.cell,
-        hidden: args.hidden,
         learner,
-        tbptt_window: window.unwrap_or(25),
-        optimizer: args.optimizer,
-        lr: args.lr.unwrap_or(kfrtrl::core::model::DEFAULT_LR),
-        clip: args.clip,
-        seed: args.seed,
-        ..ModelConfig::default()
+        tbptt_window: window.unwrap_or(saved.tbptt_window),
+        optimizer: args.optimizer.unwrap_or(saved.optimizer),
+        lr: args.lr.unwrap_or(saved.lr),
+        clip: args.clip.unwrap_or(saved.clip),
+        ..saved.clone()
     };
-    model.check().map_err(|e| e.to_string())?;
+    let spec = model.check().map_err(|e| e.to_string())?;
+    let start = match init.start {
+        Some(mut start) => {
+            // The optimizer's state carries over when its kind does; its rate and clip are the
+            // flags'.
+            start.optimizer = if start.optimizer.kind() == model.optimizer {
+                Optimizer::restore(&spec, start.optimizer.steps, start.optimizer.m.zip(start.optimizer.v))
+                    .map_err(|e| e.to_string())?
+            } else {
+                Optimizer::new(&spec)
+            };
+            start
+        }
+        None => Start::fresh(&spec),
+    };
     let batch = args.batch.max(1) as u64;
     let symbols = match (args.symbols, args.epochs) {
         (Some(s), _) => s,
@@ -124,7 +235,7 @@ pub fn run(args: TrainArgs) -> Result<(), String> {
         ProgressStyle::with_template("{bar:40} {pos}/{len} symbols  {per_sec}  ETA {eta}  {msg}")
             .map_err(|e| e.to_string())?,
     );
-    let (report, params, opt) = train(&cfg, &tokens, eval.as_deref(), |p| {
+    let (report, params, opt) = train_from(&cfg, start, &tokens, eval.as_deref(), |p| {
         // One line per evaluation, also when stderr is not a terminal (the bar is then hidden),
         // so that a long run that is stopped early has still reported its curve.
         if let Some(e) = p.eval {
@@ -144,15 +255,15 @@ pub fn run(args: TrainArgs) -> Result<(), String> {
     bar.finish_and_clear();
     if let Some(path) = &args.save {
         let mut metadata = serde_json::Map::new();
-        let format = match args.format {
-            Format::Bytes => "bytes",
-            Format::PtbChar => "ptb-char",
-        };
-        metadata.insert("corpus_format".into(), format.into());
+        metadata.insert("corpus_format".into(), init.format.name().into());
         if !vocab.symbols.is_empty() {
             metadata.insert("symbols".into(), vocab.symbols.clone().into());
         }
-        metadata.insert("learner".into(), args.learner.clone().into());
+        let learner = match cfg.model.learner {
+            LearnerKind::Tbptt => format!("tbptt:{}", cfg.model.tbptt_window),
+            other => other.name().to_string(),
+        };
+        metadata.insert("learner".into(), learner.into());
         metadata.insert("batch".into(), report.batch.into());
         metadata.insert("train_bpc".into(), report.train_bpc.into());
         if let Some(e) = report.eval_bpc {
@@ -163,9 +274,9 @@ pub fn run(args: TrainArgs) -> Result<(), String> {
             params,
             optimizer: opt,
             counters: Counters {
-                steps: cfg.steps,
-                symbols: report.symbols,
-                nonfinite_updates: report.nonfinite_updates,
+                steps: init.counters.steps + cfg.steps,
+                symbols: init.counters.symbols + report.symbols,
+                nonfinite_updates: init.counters.nonfinite_updates + report.nonfinite_updates,
             },
             metadata,
             extra: Vec::new(),
