@@ -73,7 +73,7 @@ pub enum CorpusError {
     #[error("a vocabulary needs distinct symbols, at least one; {0:?} is not")]
     BadVocabulary(String),
     /// A symbol of an evaluation file is not in the training vocabulary.
-    #[error("symbol {0:?} is not in the training vocabulary")]
+    #[error("symbol {0:?} is not in the model's vocabulary")]
     UnknownSymbol(String),
     /// The file is not UTF-8 (ptb-char only).
     #[error("the corpus is not UTF-8 text: {0}")]

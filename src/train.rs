@@ -73,11 +73,13 @@ pub struct TrainReport {
 pub struct Start {
     /// The weights.
     pub params: Params<f32>,
-    /// The optimizer, with its state.
+    /// The optimizer. Its update count and moments carry over when its kind is the run's; its
+    /// rate and clip are always the run's.
     pub optimizer: Optimizer<f32>,
     /// Steps already taken: the streams read on from there, the periodic resets keep their
-    /// phase and the random signs their counters. The streams' states start at zero, so the run
-    /// continues an earlier one exactly when this is a multiple of the reset period.
+    /// phase and the random signs their counters. The streams' states start at zero, so an
+    /// online learner (KF-RTRL, UORO, RTRL) continues an earlier run exactly when this is a
+    /// multiple of the reset period; TBPTT loses the losses of its last unfinished window.
     pub steps: u64,
     /// Symbols already consumed (the scale of the evaluation points).
     pub symbols: u64,
@@ -143,12 +145,18 @@ pub fn train_from(
     let spec = cfg.model.check()?;
     assert!(!train.is_empty(), "empty training corpus");
     let b = cfg.batch.max(1);
-    let Start { mut params, optimizer: mut opt, steps: first, symbols: start_symbols } = start;
-    let fresh = Params::<f32>::init(&spec);
+    let Start { mut params, optimizer, steps: first, symbols: start_symbols } = start;
+    let shapes = Params::<f32>::zeros(&spec);
     assert!(
-        params.w.dim() == fresh.w.dim() && params.v.dim() == fresh.v.dim(),
+        params.w.dim() == shapes.w.dim() && params.v.dim() == shapes.v.dim(),
         "the starting weights do not fit the model"
     );
+    let mut opt = if optimizer.kind() == spec.config.optimizer {
+        Optimizer::restore(&spec, optimizer.steps, optimizer.m.zip(optimizer.v))
+            .expect("the starting optimizer's moments fit the model")
+    } else {
+        Optimizer::new(&spec)
+    };
     let mut set = StreamSet::<f32>::new(&spec, b);
     for s in 0..b {
         set.set_sign_counter(s, first);

@@ -86,10 +86,15 @@ fn prequential_loss_is_taken_before_learning_from_the_symbol() {
     };
     let spec = config(LearnerKind::KfRtrl).check().unwrap();
     for k in [0u64, 1, 7, 30] {
-        let (before, params_k, _) = run(k.max(1));
+        let (params_k, loss_before_k) = match k {
+            0 => (Params::init(&spec), 0.0),
+            _ => {
+                let (before, params, _) = run(k);
+                (params, before.train_bpc * k as f64)
+            }
+        };
         let (after, params_k1, _) = run(k + 1);
-        let params_k = if k == 0 { Params::init(&spec) } else { params_k };
-        let added = after.train_bpc * (k + 1) as f64 - if k == 0 { 0.0 } else { before.train_bpc * k as f64 };
+        let added = after.train_bpc * (k + 1) as f64 - loss_before_k;
         let symbol = [tokens[k as usize]];
         let expected = evaluate(&spec, &params_k, &symbol);
         assert!(close(added, expected), "step {}: {added} vs {expected}", k + 1);
@@ -153,16 +158,35 @@ fn json(out: &std::process::Output) -> serde_json::Value {
 }
 
 /// `--init` continues a saved model where it stopped: its weights, Adam moments, place in the
-/// corpus, reset phase and sign counters. Stopped at a multiple of the reset period, two runs
-/// give the weights of one uninterrupted run exactly, and the same evaluations.
+/// corpus, reset phase and sign counters. Stopped at a multiple of the reset period, two runs of
+/// an online learner give the weights of one uninterrupted run exactly, and the same evaluations.
 #[test]
 fn train_continued_with_init_equals_one_uninterrupted_run() {
-    let corpus = corpus("init");
+    for learner in ["kf-rtrl", "uoro", "rtrl"] {
+        continued_equals_uninterrupted(learner);
+    }
+}
+
+fn continued_equals_uninterrupted(learner: &str) {
+    let corpus = corpus(&format!("init-{learner}"));
     let dir = corpus.parent().unwrap();
     let (full, half, rest) = (dir.join("full.st"), dir.join("half.st"), dir.join("rest.st"));
     let common =
         ["--format", "ptb-char", "--batch", "2", "--reset-every", "50", "--eval-every", "200", "--json"];
-    let model = ["--cell", "rhn", "--hidden", "6", "--seed", "4", "--lr", "0.01", "--clip", "0"];
+    let model = [
+        "--cell",
+        "rhn",
+        "--hidden",
+        "6",
+        "--seed",
+        "4",
+        "--lr",
+        "0.01",
+        "--clip",
+        "0",
+        "--learner",
+        learner,
+    ];
     let one = json(&kfrtrl(
         &[&common[..], &model, &["--symbols", "800"]].concat(),
         &[("--corpus", &corpus), ("--eval", &corpus), ("--save", &full)],
@@ -176,7 +200,7 @@ fn train_continued_with_init_equals_one_uninterrupted_run() {
         &[("--corpus", &corpus), ("--eval", &corpus), ("--init", &half), ("--save", &rest)],
     ));
     let (a, b) = (load(&full).unwrap(), load(&rest).unwrap());
-    assert_eq!(a.params, b.params);
+    assert_eq!(a.params, b.params, "{learner}");
     assert_eq!(a.optimizer, b.optimizer);
     assert_eq!(a.counters, b.counters);
     assert_eq!(a.config, b.config);
@@ -209,19 +233,73 @@ fn train_init_refuses_a_changed_model_or_a_foreign_corpus() {
         &["--format", "ptb-char", "--hidden", "4", "--symbols", "20", "--json"],
         &[("--corpus", &corpus), ("--save", &saved)],
     ));
-    let refused = |args: &[&str], corpus: &std::path::Path, needle: &str| {
-        let out = kfrtrl(args, &[("--corpus", corpus), ("--init", &saved)]);
+    let refused_with = |args: &[&str], corpus: &std::path::Path, init: &std::path::Path, needle: &str| {
+        let out = kfrtrl(args, &[("--corpus", corpus), ("--init", init)]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{stderr}");
         assert!(stderr.contains(needle), "{needle:?} not in {stderr}");
         assert!(out.stdout.is_empty());
     };
+    let refused =
+        |args: &[&str], corpus: &std::path::Path, needle: &str| refused_with(args, corpus, &saved, needle);
     refused(&["--hidden", "8"], &corpus, "cannot be used with");
     refused(&["--cell", "tanh"], &corpus, "cannot be used with");
     refused(&["--format", "bytes"], &corpus, "was trained on the ptb-char format, not bytes");
     let foreign = dir.join("foreign.txt");
     std::fs::write(&foreign, "a b z\n").unwrap();
-    refused(&[], &foreign, "symbol \"z\" is not in the training vocabulary");
-    refused(&[], &dir.join("missing.st"), "missing.st");
+    refused(&[], &foreign, "symbol \"z\" is not in the model's vocabulary");
+    refused(&[], &dir.join("missing.txt"), "missing.txt");
+    refused_with(&[], &corpus, &dir.join("missing.st"), "missing.st");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A server checkpoint holds a byte-level model whose counters count write-ahead-log records:
+/// `--init` takes its weights, starts at the corpus's beginning and adds up its symbols; a
+/// checkpoint of a model with another vocabulary (no symbol list) is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn train_init_continues_a_server_checkpoint() {
+    use kfrtrl::engine::{
+        Engine, EngineLimits, EngineMetrics, Mode, ModelDefinition, TokenInput, checkpoint,
+    };
+    let corpus = corpus("init-server");
+    let dir = corpus.parent().unwrap().to_path_buf();
+    let metrics = EngineMetrics::register(&prometheus::Registry::new()).unwrap();
+    let engine = Engine::new(EngineLimits::default(), metrics);
+    let mut files = Vec::new();
+    for (name, vocab_size) in [("bytes", 256), ("small", 16)] {
+        let def = ModelDefinition { vocab_size, hidden: 6, ..ModelDefinition::with_defaults(name, 4) };
+        engine.create_model(def).await.unwrap();
+        let input = TokenInput {
+            tokens: vec![1, 2, 3, 4, 5],
+            learn: true,
+            reset: false,
+            top_k: 1,
+            return_losses: false,
+        };
+        engine.tokens(name, "s", input, Mode::Consume).await.unwrap();
+        let file = checkpoint::to_model_file(&engine.snapshot(name).await.unwrap()).unwrap();
+        assert!(file.counters.steps > 0 && file.counters.symbols == 5, "{:?}", file.counters);
+        let path = dir.join(format!("{name}.ckpt"));
+        kfrtrl::model_file::save(&path, &file).unwrap();
+        files.push((path, file));
+    }
+    engine.shutdown().await;
+    let (bytes_path, bytes_file) = &files[0];
+    let out = dir.join("continued.st");
+    let report = json(&kfrtrl(
+        &["--symbols", "40", "--batch", "2", "--learner", "frozen", "--json"],
+        &[("--corpus", &corpus), ("--init", bytes_path), ("--save", &out)],
+    ));
+    assert_eq!(report["start_symbols"], 5);
+    let continued = load(&out).unwrap();
+    assert_eq!(continued.params, bytes_file.params);
+    assert_eq!(continued.counters.steps, 20);
+    assert_eq!(continued.counters.symbols, 45);
+    assert_eq!(continued.config.hidden, 6);
+    assert_eq!(continued.metadata["corpus_format"], "bytes");
+    let small = kfrtrl(&["--symbols", "40"], &[("--corpus", &corpus), ("--init", &files[1].0)]);
+    let stderr = String::from_utf8_lossy(&small.stderr);
+    assert_eq!(small.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("the model's vocabulary has 16 symbols, the bytes format 256"), "{stderr}");
     std::fs::remove_dir_all(dir).unwrap();
 }

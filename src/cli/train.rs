@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use kfrtrl::core::{CellKind, LearnerKind, ModelConfig, Optimizer, OptimizerKind};
+use kfrtrl::core::{CellKind, LearnerKind, ModelConfig, OptimizerKind};
 use kfrtrl::corpus::{Format, Vocab, tokenize_train, tokenize_with};
 use kfrtrl::model_file::{Counters, ModelFile, load, save};
 use kfrtrl::train::{Start, TrainConfig, train_from};
@@ -32,8 +32,9 @@ pub struct TrainArgs {
     /// Evaluate every this many training symbols.
     #[arg(long)]
     eval_every: Option<u64>,
-    /// Continue training this saved model (from `--save` or a server checkpoint): its weights,
-    /// optimizer state, vocabulary and place in the corpus. Its cell, size and seed are kept.
+    /// Continue training this saved model (from `--save`, or a byte-level server checkpoint):
+    /// its weights, optimizer state, vocabulary and place in the corpus. Its cell, size and seed
+    /// are kept.
     #[arg(long, conflicts_with_all = ["cell", "hidden", "seed"])]
     init: Option<PathBuf>,
     /// Cell: tanh, rhn, lstm.
@@ -82,13 +83,19 @@ fn parse_format(s: &str) -> Result<Format, String> {
     Format::parse(s).ok_or_else(|| format!("unknown format {s:?} (bytes, ptb-char)"))
 }
 
-/// The model a run starts from: fresh from the flags, or loaded with `--init`.
+/// The model a run starts from: the flags' fresh model, or a saved one (`--init`).
 struct Initial {
-    config: ModelConfig,
+    /// The fresh model's config, or the saved one's (the flags that may change apply later).
+    base: ModelConfig,
     format: Format,
-    vocab: Option<Vocab>,
-    start: Option<Start>,
-    counters: Counters,
+    saved: Option<Saved>,
+}
+
+/// What `--init` brings beyond the config.
+struct Saved {
+    vocab: Vocab,
+    start: Start,
+    nonfinite_updates: u64,
 }
 
 /// Loads `--init` and checks that the model fits the corpus format (or builds the fresh model's
@@ -96,16 +103,14 @@ struct Initial {
 fn initial(args: &TrainArgs) -> Result<Initial, String> {
     let Some(path) = &args.init else {
         return Ok(Initial {
-            config: ModelConfig {
+            base: ModelConfig {
                 cell: args.cell,
                 hidden: args.hidden,
                 seed: args.seed,
                 ..ModelConfig::default()
             },
             format: args.format.unwrap_or(Format::Bytes),
-            vocab: None,
-            start: None,
-            counters: Counters::default(),
+            saved: None,
         });
     };
     let file = load(path).map_err(|e| e.to_string())?;
@@ -127,41 +132,44 @@ fn initial(args: &TrainArgs) -> Result<Initial, String> {
         }
         (asked, saved) => asked.or(saved).unwrap_or(Format::Bytes),
     };
-    let vocab = match format {
-        Format::Bytes => Vocab::bytes(),
-        Format::PtbChar => {
-            let symbols: Vec<String> = file
-                .metadata
-                .get("symbols")
-                .and_then(|s| serde_json::from_value(s.clone()).ok())
-                .ok_or_else(|| {
-                    format!("{}: no ptb-char vocabulary (\"symbols\") in its metadata", path.display())
-                })?;
+    let symbols =
+        file.metadata.get("symbols").and_then(|s| serde_json::from_value::<Vec<String>>(s.clone()).ok());
+    let vocab = match (format, symbols) {
+        (Format::Bytes, _) => Vocab::bytes(),
+        (Format::PtbChar, Some(symbols)) => {
             Vocab::from_symbols(symbols).map_err(|e| format!("{}: {e}", path.display()))?
+        }
+        (Format::PtbChar, None) => {
+            return Err(format!("{}: its metadata lists no ptb-char symbols (\"symbols\")", path.display()));
         }
     };
     if vocab.size != file.config.vocab_size {
         return Err(format!(
-            "{}: the model's vocabulary has {} symbols, the {} format {}",
+            "{}: the model's vocabulary has {} symbols, the {} format {} (a model without a saved \
+             symbol list, such as a server checkpoint's, can be continued on bytes only)",
             path.display(),
             file.config.vocab_size,
             format.name(),
             vocab.size
         ));
     }
-    let config = file.config.clone();
-    let optimizer = file.optimizer;
+    // A server checkpoint counts write-ahead-log records, not steps over this corpus: its run
+    // here starts at the corpus's beginning.
+    let from_server = file.metadata.contains_key("engine");
+    let steps = if from_server { 0 } else { file.counters.steps };
     Ok(Initial {
-        config,
+        base: file.config,
         format,
-        vocab: Some(vocab),
-        start: Some(Start {
-            params: file.params,
-            optimizer,
-            steps: file.counters.steps,
-            symbols: file.counters.symbols,
+        saved: Some(Saved {
+            vocab,
+            start: Start {
+                params: file.params,
+                optimizer: file.optimizer,
+                steps,
+                symbols: file.counters.symbols,
+            },
+            nonfinite_updates: file.counters.nonfinite_updates,
         }),
-        counters: file.counters,
     })
 }
 
@@ -173,11 +181,17 @@ pub fn run(args: TrainArgs) -> Result<(), String> {
     };
     let corpus_name =
         || args.corpus.as_ref().map_or("the bundled sample".into(), |p| p.display().to_string());
-    let (tokens, vocab) = match init.vocab {
-        Some(vocab) => {
-            (tokenize_with(&data, init.format, &vocab).map_err(|e| format!("{}: {e}", corpus_name()))?, vocab)
+    let (tokens, vocab, saved) = match init.saved {
+        Some(Saved { vocab, start, nonfinite_updates }) => {
+            let tokens =
+                tokenize_with(&data, init.format, &vocab).map_err(|e| format!("{}: {e}", corpus_name()))?;
+            (tokens, vocab, Some((start, nonfinite_updates)))
         }
-        None => tokenize_train(&data, init.format).map_err(|e| format!("{}: {e}", corpus_name()))?,
+        None => {
+            let (tokens, vocab) =
+                tokenize_train(&data, init.format).map_err(|e| format!("{}: {e}", corpus_name()))?;
+            (tokens, vocab, None)
+        }
     };
     let eval = match &args.eval {
         Some(p) => {
@@ -186,35 +200,35 @@ pub fn run(args: TrainArgs) -> Result<(), String> {
         }
         None => None,
     };
-    let saved = &init.config;
+    let base = &init.base;
     let (learner, window) = match &args.learner {
         Some(name) => parse_learner(name)?,
-        None => (saved.learner, None),
+        None => (base.learner, None),
     };
     let model = ModelConfig {
         vocab_size: vocab.size,
         learner,
-        tbptt_window: window.unwrap_or(saved.tbptt_window),
-        optimizer: args.optimizer.unwrap_or(saved.optimizer),
-        lr: args.lr.unwrap_or(saved.lr),
-        clip: args.clip.unwrap_or(saved.clip),
-        ..saved.clone()
+        tbptt_window: window.unwrap_or(base.tbptt_window),
+        optimizer: args.optimizer.unwrap_or(base.optimizer),
+        lr: args.lr.unwrap_or(base.lr),
+        clip: args.clip.unwrap_or(base.clip),
+        ..base.clone()
     };
     let spec = model.check().map_err(|e| e.to_string())?;
-    let start = match init.start {
-        Some(mut start) => {
-            // The optimizer's state carries over when its kind does; its rate and clip are the
-            // flags'.
-            start.optimizer = if start.optimizer.kind() == model.optimizer {
-                Optimizer::restore(&spec, start.optimizer.steps, start.optimizer.m.zip(start.optimizer.v))
-                    .map_err(|e| e.to_string())?
-            } else {
-                Optimizer::new(&spec)
-            };
-            start
+    let (start, earlier_nonfinite) = match saved {
+        Some((start, nonfinite)) => {
+            if start.optimizer.kind() != model.optimizer {
+                eprintln!(
+                    "note: the optimizer changes from {} to {}; it starts afresh",
+                    start.optimizer.kind().name(),
+                    model.optimizer.name()
+                );
+            }
+            (start, nonfinite)
         }
-        None => Start::fresh(&spec),
+        None => (Start::fresh(&spec), 0),
     };
+    let (start_steps, start_symbols) = (start.steps, start.symbols);
     let batch = args.batch.max(1) as u64;
     let symbols = match (args.symbols, args.epochs) {
         (Some(s), _) => s,
@@ -274,9 +288,9 @@ pub fn run(args: TrainArgs) -> Result<(), String> {
             params,
             optimizer: opt,
             counters: Counters {
-                steps: init.counters.steps + cfg.steps,
-                symbols: init.counters.symbols + report.symbols,
-                nonfinite_updates: init.counters.nonfinite_updates + report.nonfinite_updates,
+                steps: start_steps + cfg.steps,
+                symbols: start_symbols + report.symbols,
+                nonfinite_updates: earlier_nonfinite + report.nonfinite_updates,
             },
             metadata,
             extra: Vec::new(),
