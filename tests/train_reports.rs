@@ -143,6 +143,61 @@ fn train_prints_each_periodic_evaluation_on_stderr_as_it_is_taken() {
     std::fs::remove_dir_all(corpus.parent().unwrap()).unwrap();
 }
 
+/// A period of 0 means none: `--reset-every 0` resets nothing and `--eval-every 0` evaluates
+/// nothing, without reaching a division by zero (mutation testing found neither tested).
+#[test]
+fn a_period_of_zero_is_no_reset_and_no_evaluation() {
+    let tokens = text(50);
+    let run = |reset_every, eval_every| {
+        let cfg =
+            TrainConfig { model: config(LearnerKind::KfRtrl), batch: 2, steps: 30, reset_every, eval_every };
+        train(&cfg, &tokens, Some(&tokens[..20]), |_| {}).unwrap()
+    };
+    let (none, params_none, _) = run(None, None);
+    let (zero, params_zero, _) = run(Some(0), Some(0));
+    assert_eq!(params_zero, params_none);
+    assert_eq!(zero.train_bpc, none.train_bpc);
+    assert!(zero.evals.is_empty());
+    assert_eq!(none.nonfinite_updates, 0, "a healthy run skips no update");
+    let (_, params_reset, _) = run(Some(7), None);
+    assert_ne!(params_reset, params_none, "resets change the run");
+    // Evaluations fall on the steps that cross a multiple of the period.
+    let (every_14, _, _) = run(None, Some(14));
+    let at: Vec<u64> = every_14.evals.iter().map(|e| e.symbols).collect();
+    assert_eq!(at, [14, 28, 42, 56]);
+}
+
+/// The running BPC of the progress bar and the evaluation lines: the first step's BPC, then an
+/// exponential average with weight 0.001 on each new step's.
+#[test]
+fn running_bpc_is_the_exponential_average_of_the_steps_bpc() {
+    let tokens = text(60);
+    let cfg = TrainConfig {
+        model: config(LearnerKind::Frozen),
+        batch: 3,
+        steps: 12,
+        reset_every: None,
+        eval_every: None,
+    };
+    let mut reported = Vec::new();
+    let (_, params, _) = train(&cfg, &tokens, None, |p| reported.push((p.symbols, p.recent_bpc))).unwrap();
+    let spec = cfg.model.check().unwrap();
+    // Stream s reads from offset 20·s; with frozen weights its first t losses are a replay.
+    let stream_sum = |s: usize, t: usize| match t {
+        0 => 0.0,
+        _ => evaluate(&spec, &params, &tokens[20 * s..20 * s + t]) * t as f64,
+    };
+    let step_bpc = |t: usize| (0..3).map(|s| stream_sum(s, t + 1) - stream_sum(s, t)).sum::<f64>() / 3.0;
+    let mut recent = step_bpc(0);
+    for (t, &(symbols, got)) in reported.iter().enumerate() {
+        if t > 0 {
+            recent = 0.999 * recent + 0.001 * step_bpc(t);
+        }
+        assert_eq!(symbols, 3 * (t as u64 + 1));
+        assert!(close(got, recent), "step {}: {got} vs {recent}", t + 1);
+    }
+}
+
 fn kfrtrl(args: &[&str], paths: &[(&str, &std::path::Path)]) -> std::process::Output {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_kfrtrl"));
     cmd.arg("train").args(args);
