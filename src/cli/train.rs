@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use kfrtrl::core::{CellKind, LearnerKind, ModelConfig, OptimizerKind};
+use kfrtrl::core::{CellKind, ModelConfig, OptimizerKind};
 use kfrtrl::corpus::{Format, Vocab, tokenize_train, tokenize_with};
 use kfrtrl::model_file::{Counters, ModelFile, load, save};
 use kfrtrl::train::{Start, TrainConfig, train_from};
@@ -273,11 +273,7 @@ pub fn run(args: TrainArgs) -> Result<(), String> {
         if !vocab.symbols.is_empty() {
             metadata.insert("symbols".into(), vocab.symbols.clone().into());
         }
-        let learner = match cfg.model.learner {
-            LearnerKind::Tbptt => format!("tbptt:{}", cfg.model.tbptt_window),
-            other => other.name().to_string(),
-        };
-        metadata.insert("learner".into(), learner.into());
+        metadata.insert("learner".into(), cfg.model.learner_label().into());
         metadata.insert("batch".into(), report.batch.into());
         metadata.insert("train_bpc".into(), report.train_bpc.into());
         if let Some(e) = report.eval_bpc {

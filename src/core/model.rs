@@ -124,6 +124,16 @@ pub struct ModelConfig {
     pub uoro_epsilon: f64,
 }
 
+impl ModelConfig {
+    /// The learner as the command line names it (`tbptt:K` with its window).
+    pub fn learner_label(&self) -> String {
+        match self.learner {
+            LearnerKind::Tbptt => format!("tbptt:{}", self.tbptt_window),
+            l => l.name().to_string(),
+        }
+    }
+}
+
 impl Default for ModelConfig {
     fn default() -> Self {
         Self {

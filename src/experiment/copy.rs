@@ -203,14 +203,6 @@ pub fn copy_step(
     outcome
 }
 
-/// The display name of a learner config (`tbptt:K` with its window).
-pub fn learner_label(model: &ModelConfig) -> String {
-    match model.learner {
-        crate::core::LearnerKind::Tbptt => format!("tbptt:{}", model.tbptt_window),
-        l => l.name().to_string(),
-    }
-}
-
 /// Runs the copy task online. Weights `f32`, as in training.
 pub fn run_copy(
     cfg: &CopyConfig,
@@ -268,7 +260,7 @@ pub fn run_copy(
         curve.push(CurvePoint { step: cfg.steps, length: cur.level });
     }
     Ok(CopyReport {
-        learner: learner_label(&model),
+        learner: model.learner_label(),
         cell: spec.cell().name().into(),
         hidden: spec.n,
         batch: b,
