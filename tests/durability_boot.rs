@@ -58,11 +58,25 @@ async fn readyz_is_503_until_every_model_is_restored() {
         assert_eq!(ready.status(), 503, "not ready while a model is being restored");
         tokio::time::sleep(Duration::from_millis(40)).await;
     }
+    // Regression: `/v1` answered during the restore, so the model being restored looked
+    // missing (404), and creating it raced the restore. (Checked after the restore is let go,
+    // so that a failure cannot leave it blocked on the pipe.)
+    let create = http.post(format!("http://{addr}/v1/models")).json(&json!({"name": "m"})).send();
+    let mut while_loading = Vec::new();
+    for response in [get("/v1/models/m").await.unwrap(), create.await.unwrap()] {
+        let retry_after = response.headers().contains_key("retry-after");
+        let status = response.status().as_u16();
+        let problem: Value = response.json().await.unwrap();
+        while_loading.push((status, retry_after, problem["type"].clone()));
+    }
     assert!(!state.is_ready());
 
     let writer = std::thread::spawn(move || std::fs::write(&fifo, bytes).unwrap());
     tokio::time::timeout(Duration::from_secs(30), state.wait_ready()).await.expect("ready after the restore");
     writer.join().unwrap();
+    for answer in while_loading {
+        assert_eq!(answer, (503, true, json!("urn:kfrtrl:problem:not-ready")), "a /v1 request while loading");
+    }
     assert_eq!(get("/readyz").await.unwrap().status(), 200);
     let models: Value = get("/v1/models").await.unwrap().json().await.unwrap();
     assert_eq!(models["models"][0]["name"], "m", "{models}");
@@ -110,4 +124,46 @@ async fn a_server_without_a_data_directory_refuses_checkpoints_with_409() {
     assert_eq!(problem["type"], json!("urn:kfrtrl:problem:not-durable"));
     let _ = stop.send(());
     task.await.unwrap().unwrap();
+}
+
+/// A write-ahead log that fails (a full disk) takes its model out of service: its changes get
+/// 503 storage-failure, it reads as `failed`, and `/readyz` says why, until a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_write_ahead_log_shows_in_readyz_and_the_model_state() {
+    let dir = temp_dir("wal-full");
+    let config = ServerConfig {
+        models: vec![support::model("m", 16, 8)],
+        durability: Some(durability(&dir)),
+        ..Default::default()
+    };
+    let server = support::TestServer::start(config).await;
+    let tokens = |stream: &str| {
+        server
+            .http
+            .post(server.url(&format!("/v1/models/m/streams/{stream}/tokens")))
+            .json(&json!({"tokens": [1, 2]}))
+    };
+    assert_eq!(server.send(tokens("a")).await.status, 200);
+    let first = server.send(server.http.post(server.url("/v1/models/m/checkpoint"))).await;
+    assert_eq!(first.status, 200);
+    // Every segment the next checkpoint could start is a device that refuses writes.
+    let next_seq = first.body["next_seq"].as_u64().unwrap();
+    for seq in next_seq + 1..next_seq + 64 {
+        let segment = dir.join("models/m").join(kfrtrl::engine::wal::segment_name(seq));
+        std::os::unix::fs::symlink("/dev/full", segment).unwrap();
+    }
+    assert_eq!(server.send(tokens("a")).await.status, 200);
+    let _ = server.send(server.http.post(server.url("/v1/models/m/checkpoint"))).await;
+    let refused = server.send(tokens("b")).await;
+    assert_eq!(refused.status, 503, "{}", refused.body);
+    assert_eq!(refused.body["type"], json!("urn:kfrtrl:problem:storage-failure"));
+    let ready = server.send(server.http.get(server.url("/readyz"))).await;
+    assert_eq!(ready.status, 503);
+    assert!(ready.body["detail"].as_str().unwrap().contains("write-ahead log failed"), "{}", ready.body);
+    let info = server.send(server.http.get(server.url("/v1/models/m"))).await;
+    assert_eq!(info.status, 200);
+    server.schemas.check("ModelInfo", &info.body);
+    assert_eq!(info.body["state"], json!("failed"));
+    assert_eq!(server.send(server.http.get(server.url("/healthz"))).await.status, 200, "still live");
+    server.stop().await;
 }

@@ -15,8 +15,8 @@ use std::sync::Arc;
 
 use kfrtrl::core::{CellKind, LearnerKind};
 use kfrtrl::engine::{
-    Durability, Engine, EngineLimits, EngineMetrics, Mode, ModelDefinition, ModelSnapshot, TokenInput,
-    TokensReply, checkpoint, wal,
+    Durability, Engine, EngineError, EngineLimits, EngineMetrics, Mode, ModelDefinition, ModelSnapshot,
+    ModelState, TokenInput, TokensReply, checkpoint, wal,
 };
 use kfrtrl::model_file;
 use support::binary::temp_dir;
@@ -376,6 +376,128 @@ async fn an_injected_nonfinite_factor_never_reaches_the_weights() {
     e.shutdown().await;
 }
 
+/// Regression: restoring stopped at the first model that could not be loaded, and the server
+/// then refused to start, although the others were fine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_model_that_cannot_be_restored_is_skipped_and_the_others_serve() {
+    let dir = temp_dir("restore-skip");
+    let e = engine(&dir);
+    let big = ModelDefinition { hidden: 48, ..definition("big", LearnerKind::KfRtrl, 8) };
+    let small = definition("small", LearnerKind::KfRtrl, 8);
+    let bytes = |d: &ModelDefinition| {
+        let spec = e.check_definition(d).unwrap();
+        kfrtrl::engine::estimate_model_bytes(&spec, d.max_streams + 1)
+    };
+    let (big_bytes, small_bytes) = (bytes(&big), bytes(&small));
+    assert!(small_bytes < big_bytes);
+    for def in [big, small] {
+        e.create_model(def).await.unwrap();
+    }
+    let x = TokenInput { tokens: vec![1, 2], learn: true, reset: false, top_k: 1, return_losses: false };
+    e.tokens("small", "s", x.clone(), Mode::Consume).await.unwrap();
+    let before = e.snapshot("small").await.unwrap();
+    e.shutdown().await;
+    // Restarted with a size limit the big model no longer fits ("big" sorts first).
+    let limits = EngineLimits { max_model_bytes: small_bytes as u64, ..EngineLimits::default() };
+    let r = engine_with(durability(&dir), limits);
+    assert_eq!(r.restore().await.unwrap(), vec!["small".to_owned()]);
+    assert_same(&before, &r.snapshot("small").await.unwrap());
+    assert_eq!(r.tokens("small", "s", x, Mode::Consume).await.unwrap().position, 4);
+    // The skipped model's directory is kept, and its name is not given away.
+    assert!(!checkpoint::list(&dir.join("models/big")).unwrap().is_empty());
+    let taken = r.create_model(definition("big", LearnerKind::KfRtrl, 8)).await;
+    assert!(matches!(taken, Err(EngineError::Storage(_))), "{taken:?}");
+    r.shutdown().await;
+}
+
+/// Regression: after its write-ahead log failed (a full disk), a model went on stepping the
+/// requests it answered with a storage failure, and a later checkpoint saved their effects, so
+/// a client's retry was learned twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn after_a_log_failure_the_model_refuses_changes_and_the_disk_keeps_what_was_acknowledged() {
+    let dir = temp_dir("wal-fails");
+    let registry = prometheus::Registry::new();
+    let metrics = EngineMetrics::register(&registry).unwrap();
+    let e = Engine::with_durability(EngineLimits::default(), metrics, durability(&dir));
+    e.create_model(definition("m", LearnerKind::KfRtrl, 8)).await.unwrap();
+    let x = |t: Vec<u32>| TokenInput { tokens: t, learn: true, reset: false, top_k: 2, return_losses: false };
+    e.tokens("m", "a", x(vec![1, 2, 3]), Mode::Consume).await.unwrap();
+    e.tokens("m", "b", x(vec![1]), Mode::Consume).await.unwrap();
+    let acknowledged = e.snapshot("m").await.unwrap();
+    // The log's next segment is a device that refuses every write.
+    let model_dir = dir.join("models/m");
+    let next_segment = model_dir.join(wal::segment_name(acknowledged.next_seq));
+    std::os::unix::fs::symlink("/dev/full", &next_segment).unwrap();
+    // The checkpoint itself may or may not be written, depending on when the rotation fails.
+    let _ = e.checkpoint("m").await;
+    let failed = e.tokens("m", "a", x(vec![4, 5]), Mode::Consume).await;
+    assert!(matches!(failed, Err(EngineError::Storage(_))), "{failed:?}");
+    assert_eq!(e.model("m").unwrap().state, ModelState::Failed);
+    assert_eq!(e.failed_models().len(), 1);
+    let position = e.stream_info("m", "a").await.unwrap().position;
+    // From now on nothing changes: refused at once, or failed by the worker without a step.
+    for _ in 0..3 {
+        let refused = e.submit("m", "a", x(vec![6]), Mode::Consume);
+        assert!(matches!(refused, Err(EngineError::Storage(ref r)) if r.contains("restart")), "{refused:?}");
+    }
+    assert!(matches!(e.delete_stream("m", "b").await, Err(EngineError::Storage(_))));
+    assert!(matches!(e.checkpoint("m").await, Err(EngineError::Storage(_))));
+    let info = e.stream_info("m", "a").await.unwrap();
+    assert_eq!(info.position, position, "reads still work and show no change");
+    let text = prometheus::TextEncoder::new().encode_to_string(&registry.gather()).unwrap();
+    assert!(text.contains("kfrtrl_wal_failures_total{model=\"m\"} 1"), "{text}");
+    let newest_before = checkpoint::list(&model_dir).unwrap().last().unwrap().0;
+    e.shutdown().await;
+    assert_eq!(
+        checkpoint::list(&model_dir).unwrap().last().unwrap().0,
+        newest_before,
+        "no final checkpoint of a model whose memory holds unlogged steps"
+    );
+    // The disk is freed and the server restarts: it holds exactly what was acknowledged.
+    std::fs::remove_file(&next_segment).unwrap();
+    let (r, after) = restored(&dir, "m").await;
+    assert_same(&acknowledged, &after);
+    assert_eq!(r.model("m").unwrap().state, ModelState::Ready);
+    assert_eq!(r.tokens("m", "a", x(vec![4]), Mode::Consume).await.unwrap().position, 4);
+    r.shutdown().await;
+}
+
+/// Regression: a stream whose cell state was not finite scored a NaN loss, which went into its
+/// loss sum and averages; JSON has no NaN, so every later checkpoint was refused at boot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_nonfinite_cell_state_restarts_the_stream_and_later_checkpoints_still_load() {
+    let dir = temp_dir("fault-state");
+    let e = engine(&dir);
+    e.create_model(definition("m", LearnerKind::KfRtrl, 8)).await.unwrap();
+    let x = |t: Vec<u32>| TokenInput { tokens: t, learn: true, reset: false, top_k: 2, return_losses: false };
+    e.tokens("m", "a", x(vec![1, 2, 3]), Mode::Consume).await.unwrap();
+    e.shutdown().await;
+    let model_dir = dir.join("models/m");
+    let (_, path) = checkpoint::list(&model_dir).unwrap().pop().unwrap();
+    let mut file = model_file::load(&path).unwrap();
+    let state = file.extra.iter_mut().find(|t| t.name == "streams.state").unwrap();
+    state.data[0] = f32::NAN;
+    model_file::save(&path, &file).unwrap();
+
+    let e = engine(&dir);
+    e.restore().await.unwrap();
+    let reply = e.tokens("m", "a", x(vec![4]), Mode::Consume).await.unwrap();
+    assert_eq!(reply.learner_resets, 1);
+    let info = e.stream_info("m", "a").await.unwrap();
+    assert_eq!((info.position, info.sequence_position), (4, 1), "restarted: a new sequence from this token");
+    assert!(info.mean_loss_bits.is_some_and(f64::is_finite), "{info:?}");
+    assert!(info.loss_bits_avg.is_some_and(f64::is_finite), "{info:?}");
+    assert!(e.model("m").unwrap().stats.loss_bits_avg.is_some_and(f64::is_finite));
+    let written = e.checkpoint("m").await.unwrap();
+    let reloaded = checkpoint::from_model_file(model_file::load(Path::new(&written.path)).unwrap());
+    assert!(reloaded.is_ok(), "the checkpoint after the fault loads: {:?}", reloaded.err());
+    // The stream learns normally afterwards.
+    let reply = e.tokens("m", "a", x(vec![5, 6]), Mode::Consume).await.unwrap();
+    assert_eq!(reply.learner_resets, 0);
+    assert!(reply.mean_loss_bits.is_finite());
+    e.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn shutdown_writes_a_final_checkpoint_and_a_deleted_model_leaves_nothing() {
     let dir = temp_dir("final");
@@ -384,7 +506,7 @@ async fn shutdown_writes_a_final_checkpoint_and_a_deleted_model_leaves_nothing()
     e.create_model(definition("gone", LearnerKind::KfRtrl, 8)).await.unwrap();
     concurrent_traffic(&e, "m", 3, 4, 9).await;
     let before = e.snapshot("m").await.unwrap();
-    e.delete_model("gone").unwrap();
+    e.delete_model("gone").await.unwrap();
     e.shutdown().await;
     let newest = checkpoint::list(&dir.join("models/m")).unwrap().pop().unwrap().0;
     assert_eq!(newest, before.next_seq, "the final checkpoint covers everything");
@@ -434,7 +556,9 @@ async fn periodic_checkpoints_follow_changes_and_boot_ignores_temporary_files() 
     let dir = temp_dir("dur-periodic");
     let d =
         Durability { checkpoint_interval: Some(std::time::Duration::from_millis(100)), ..durability(&dir) };
-    let e = engine_with(d, EngineLimits::default());
+    let registry = prometheus::Registry::new();
+    let metrics = EngineMetrics::register(&registry).unwrap();
+    let e = Arc::new(Engine::with_durability(EngineLimits::default(), metrics, d));
     e.create_model(definition("m", LearnerKind::KfRtrl, 8)).await.unwrap();
     tokio::spawn(e.clone().run_checkpoints());
     concurrent_traffic(&e, "m", 3, 4, 4).await;
@@ -458,8 +582,20 @@ async fn periodic_checkpoints_follow_changes_and_boot_ignores_temporary_files() 
             .collect::<Vec<_>>()
     };
     let files = written();
+    let checkpointed_at = || {
+        let text = prometheus::TextEncoder::new().encode_to_string(&registry.gather()).unwrap();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("kfrtrl_checkpoint_last_success_timestamp_seconds{model=\"m\"}"))
+            .unwrap_or_else(|| panic!("no checkpoint timestamp in {text}"));
+        line.rsplit(' ').next().unwrap().parse::<f64>().unwrap()
+    };
+    let confirmed = checkpointed_at();
     tokio::time::sleep(std::time::Duration::from_millis(400)).await;
     assert_eq!(written(), files);
+    // Regression: an idle model's checkpoint age grew without bound and tripped the stale
+    // checkpoint alert; each periodic check that finds it current now confirms it.
+    assert!(checkpointed_at() > confirmed, "an unchanged model counts as checkpointed at each check");
     // A crash in the middle of a write leaves a temporary file: boot ignores it.
     let image = temp_dir("dur-periodic-image");
     copy_dir(&dir, &image);

@@ -113,6 +113,11 @@ pub async fn admit(State(state): State<AppState>, request: Request, next: Next) 
     if state.is_draining() {
         return ApiError::shutting_down().into_response();
     }
+    // Before the data directory is restored, a model would look missing (404) and a client
+    // creating or deleting it could race the restore.
+    if !state.is_ready() {
+        return ApiError::not_ready("models are loading").into_response();
+    }
     let limits = &inner.limits;
     let Ok(_permit) = inner.admission.requests.clone().try_acquire_owned() else {
         return ApiError::overloaded("requests in progress", limits.max_concurrent_requests).into_response();

@@ -77,7 +77,7 @@ pub async fn delete_model(
     State(state): State<AppState>,
     PathParams(model): PathParams<String>,
 ) -> ApiResult<StatusCode> {
-    state.engine().delete_model(&model)?;
+    state.engine().delete_model(&model).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -165,12 +165,19 @@ pub async fn healthz() -> Response {
     Json(status_body("ok")).into_response()
 }
 
-/// `GET /readyz`: 200 once every configured model is loaded, 503 before and while draining.
+/// `GET /readyz`: 200 once every configured model is loaded, 503 before, while draining, and
+/// once a model's write-ahead log failed (it then refuses changes until a restart).
 pub async fn readyz(State(state): State<AppState>) -> Response {
     if state.is_draining() {
         ApiError::not_ready("the server is draining").into_response()
     } else if !state.is_ready() {
         ApiError::not_ready("models are loading").into_response()
+    } else if let Some((model, reason)) = state.engine().failed_models().into_iter().next() {
+        ApiError::not_ready(format!(
+            "model `{model}` refuses changes: its write-ahead log failed ({reason}); restart the server \
+             once the disk is writable"
+        ))
+        .into_response()
     } else {
         Json(status_body("ready")).into_response()
     }

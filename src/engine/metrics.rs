@@ -203,7 +203,7 @@ impl EngineMetrics {
             checkpoint_last_success: GaugeVec::new(
                 Opts::new(
                     "kfrtrl_checkpoint_last_success_timestamp_seconds",
-                    "Unix time of a model's last successful checkpoint.",
+                    "Unix time at which a model was last known to be fully checkpointed: a checkpoint written, or a periodic check that found nothing new since the last one.",
                 ),
                 model,
             )?,
@@ -272,16 +272,19 @@ impl EngineMetrics {
     /// Records a successful checkpoint (`bytes` 0: the first one of a new or restored model,
     /// whose size is not known here).
     pub fn checkpoint_succeeded(&self, model: &str, seconds: f64, bytes: u64) {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0.0, |d| d.as_secs_f64());
-        self.checkpoint_last_success.with_label_values(&[model]).set(now);
+        self.checkpoint_last_success.with_label_values(&[model]).set(unix_now());
         if bytes > 0 {
             self.checkpoints.with_label_values(&[model, "ok"]).inc();
             self.checkpoint_duration.with_label_values(&[model]).observe(seconds);
             self.checkpoint_bytes.with_label_values(&[model]).set(bytes as i64);
         }
         let _ = self.checkpoints.with_label_values(&[model, "error"]);
+    }
+
+    /// Records that a periodic check found the model's newest checkpoint current (nothing
+    /// learned since), so the checkpoint's age stays a measure of learning at risk.
+    pub fn checkpoint_current(&self, model: &str) {
+        self.checkpoint_last_success.with_label_values(&[model]).set(unix_now());
     }
 
     /// Records a failed checkpoint.
@@ -318,4 +321,8 @@ impl EngineMetrics {
         let _ = self.checkpoint_duration.remove_label_values(one);
         let _ = self.checkpoint_bytes.remove_label_values(one);
     }
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
 }

@@ -28,7 +28,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -311,6 +311,9 @@ pub enum ModelState {
     Loading,
     /// Serving.
     Ready,
+    /// Its write-ahead log failed: it refuses every change and is not checkpointed until the
+    /// server restarts (reads still work).
+    Failed,
 }
 
 /// Live statistics of one model.
@@ -386,6 +389,24 @@ struct Shared {
     stats: Mutex<ModelStats>,
     /// Sequence number of the model's next logged operation (what a checkpoint would cover).
     next_seq: AtomicU64,
+    /// Why the model's write-ahead log failed, once it has: from then on the model refuses
+    /// every change and is never checkpointed, because its memory may hold steps the log lacks
+    /// (their requests were answered with a storage failure). A restart recovers it from the
+    /// disk, which holds exactly what was acknowledged.
+    storage_failure: OnceLock<String>,
+}
+
+impl Shared {
+    /// The error for a change refused because the model's log failed.
+    fn storage_failed(&self) -> Option<EngineError> {
+        self.storage_failure.get().map(|reason| {
+            EngineError::Storage(format!(
+                "model `{}` stopped accepting changes after its write-ahead log failed ({reason}); \
+                 restart the server once the disk is writable",
+                self.name
+            ))
+        })
+    }
 }
 
 /// An admitted token request's share of its model's queue, released when the job is dropped
@@ -469,8 +490,13 @@ impl ModelHandle {
 
     fn info(&self) -> ModelInfo {
         let stats = self.shared.stats.lock().unwrap_or_else(PoisonError::into_inner).clone();
-        let state =
-            if self.shared.ready.load(Ordering::Acquire) { ModelState::Ready } else { ModelState::Loading };
+        let state = if self.shared.storage_failure.get().is_some() {
+            ModelState::Failed
+        } else if self.shared.ready.load(Ordering::Acquire) {
+            ModelState::Ready
+        } else {
+            ModelState::Loading
+        };
         ModelInfo { name: self.definition.name.clone(), state, config: self.definition.clone(), stats }
     }
 
@@ -641,8 +667,15 @@ impl Engine {
             let dir = d.model_dir(&name);
             let found = tokio::task::spawn_blocking(move || checkpoint::load_latest(&dir))
                 .await
-                .map_err(|e| EngineError::Storage(e.to_string()))?
-                .map_err(|e| EngineError::Storage(format!("model `{name}`: {e}")))?;
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()));
+            let found = match found {
+                Ok(found) => found,
+                Err(reason) => {
+                    tracing::error!(model = %name, %reason, "cannot read the model's checkpoints: skipped");
+                    continue;
+                }
+            };
             let checkpoint::Latest { best, rejected } = found;
             for reason in &rejected {
                 tracing::error!(model = %name, %reason, "checkpoint rejected");
@@ -657,9 +690,17 @@ impl Engine {
             }
             tracing::info!(model = %name, checkpoint = %path.display(), "restoring");
             let def = snapshot.definition.clone();
-            let spec = self.check_definition(&def)?;
-            self.spawn_model(def, spec, worker::Start::Restore(Box::new(snapshot))).await?;
-            loaded.push(name);
+            // One model that cannot be loaded (its log does not fit its checkpoint, it exceeds
+            // a lowered size limit, ...) must not keep the others from serving. Its directory
+            // stays as it is, and a new model cannot take its name until it is dealt with.
+            let spawned = match self.check_definition(&def) {
+                Ok(spec) => self.spawn_model(def, spec, worker::Start::Restore(Box::new(snapshot))).await,
+                Err(e) => Err(e),
+            };
+            match spawned {
+                Ok(_) => loaded.push(name),
+                Err(error) => tracing::error!(model = %name, %error, "model cannot be restored: skipped"),
+            }
         }
         Ok(loaded)
     }
@@ -681,6 +722,7 @@ impl Engine {
             ready: AtomicBool::new(false),
             stats: Mutex::new(ModelStats::default()),
             next_seq: AtomicU64::new(0),
+            storage_failure: OnceLock::new(),
         });
         // The last checkpoint: the one restored, or the one a new model writes first (at seq 0).
         let checkpointed = match &start {
@@ -744,8 +786,12 @@ impl Engine {
                 Ok(handle.info())
             }
             Err(reason) => {
-                self.models.write().unwrap_or_else(PoisonError::into_inner).remove(&name);
-                self.metrics.remove_model(&name);
+                let mut models = self.models.write().unwrap_or_else(PoisonError::into_inner);
+                if models.get(&name).is_some_and(|h| Arc::ptr_eq(h, &handle)) {
+                    models.remove(&name);
+                    self.metrics.remove_model(&name);
+                }
+                drop(models);
                 tracing::error!(model = %name, %reason, "model failed to load");
                 Err(EngineError::Storage(format!("model `{name}` failed to load: {reason}")))
             }
@@ -774,16 +820,42 @@ impl Engine {
         models.values().all(|h| h.shared.ready.load(Ordering::Acquire))
     }
 
+    /// The models whose write-ahead log failed, with the reason (see [`ModelState::Failed`]).
+    pub fn failed_models(&self) -> Vec<(String, String)> {
+        let models = self.models.read().unwrap_or_else(PoisonError::into_inner);
+        models
+            .values()
+            .filter_map(|h| h.shared.storage_failure.get().map(|r| (h.definition.name.clone(), r.clone())))
+            .collect()
+    }
+
+    /// Whether `handle` is still the model registered under its name (not deleted, perhaps
+    /// replaced by a new model of the same name).
+    fn is_registered(&self, handle: &Arc<ModelHandle>) -> bool {
+        let models = self.models.read().unwrap_or_else(PoisonError::into_inner);
+        models.get(&handle.definition.name).is_some_and(|h| Arc::ptr_eq(h, handle))
+    }
+
     /// Deletes a model: its queued requests fail with [`EngineError::UnknownModel`] and its worker
-    /// exits (in the background).
-    pub fn delete_model(&self, model: &str) -> Result<(), EngineError> {
+    /// exits (in the background). Waits for a checkpoint of it in progress to finish first.
+    pub async fn delete_model(&self, model: &str) -> Result<(), EngineError> {
         let handle = self.handle(model)?;
-        let removed = self.models.write().unwrap_or_else(PoisonError::into_inner).remove(model);
+        let removed = {
+            let mut models = self.models.write().unwrap_or_else(PoisonError::into_inner);
+            match models.get(model) {
+                Some(h) if Arc::ptr_eq(h, &handle) => models.remove(model),
+                _ => None,
+            }
+        };
         if removed.is_none() {
             return Err(EngineError::UnknownModel(model.to_owned()));
         }
         handle.stop(STOP_ABORT);
         self.metrics.remove_model(model);
+        // A checkpoint of this model that is being written finishes before its directory is
+        // renamed, and one that starts later finds the model gone: no checkpoint of it can land
+        // in the directory of a new model of the same name.
+        let _checkpoints = handle.checkpoint.lock().await;
         if let Some(d) = &self.durability {
             // Renamed out of the way at once (a model of the same name may be created next),
             // removed in the background once the worker has let go of it.
@@ -821,6 +893,9 @@ impl Engine {
         }
         if !self.accepting.load(Ordering::Acquire) {
             return Err(EngineError::ShuttingDown);
+        }
+        if let Some(failed) = handle.shared.storage_failed() {
+            return Err(failed);
         }
         let count = input.tokens.len();
         if count == 0 {
@@ -912,10 +987,20 @@ impl Engine {
         let d = self.durability.clone().ok_or(EngineError::NotDurable)?;
         let handle = self.handle(model)?;
         let mut last = handle.checkpoint.lock().await;
+        if !self.is_registered(&handle) {
+            return Err(EngineError::UnknownModel(model.to_owned()));
+        }
+        if let Some(failed) = handle.shared.storage_failed() {
+            return Err(failed);
+        }
         let started = std::time::Instant::now();
         let (reply, rx) = oneshot::channel();
         handle.send(Command::Snapshot { reply, rotate: true })?;
         let snapshot = rx.await.map_err(|_| EngineError::WorkerStopped(model.to_owned()))?;
+        // The log may have failed while the snapshot was taken (its rotation, say).
+        if let Some(failed) = handle.shared.storage_failed() {
+            return Err(failed);
+        }
         let dir = d.model_dir(model);
         let result = self.write_checkpoint(model, dir, snapshot, d.checkpoint_keep, started).await;
         if let Ok(info) = &result {
@@ -977,8 +1062,17 @@ impl Engine {
                     let last = *handle.checkpoint.lock().await;
                     last != handle.shared.next_seq.load(Ordering::Acquire)
                 };
-                if changed && handle.shared.ready.load(Ordering::Acquire) {
+                if !handle.shared.ready.load(Ordering::Acquire)
+                    || handle.shared.storage_failure.get().is_some()
+                {
+                    continue;
+                }
+                if changed {
                     let _ = self.checkpoint(&handle.definition.name).await;
+                } else {
+                    // The newest checkpoint still holds all of the model's learning, so an idle
+                    // model must not look like one whose checkpoints stopped.
+                    self.metrics.checkpoint_current(&handle.definition.name);
                 }
             }
         }
@@ -1009,6 +1103,13 @@ impl Engine {
             let name = handle.definition.name.clone();
             let started = std::time::Instant::now();
             match tokio::task::spawn_blocking(move || thread.join()).await {
+                Ok(Ok(Some(_))) if handle.shared.storage_failure.get().is_some() => {
+                    tracing::error!(
+                        model = %name,
+                        "no final checkpoint: the write-ahead log failed, so memory may hold steps \
+                         that were answered as failed; the next start restores what was acknowledged"
+                    );
+                }
                 Ok(Ok(Some(snapshot))) => {
                     if let Some(d) = &self.durability {
                         let _last = handle.checkpoint.lock().await;

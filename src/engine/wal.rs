@@ -20,7 +20,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -341,7 +341,8 @@ pub trait WalObserver: Send + 'static {
     fn synced(&self, seconds: f64);
     /// Bytes written.
     fn wrote(&self, bytes: usize);
-    /// A write or sync failed; the log refuses everything after.
+    /// A write, sync or rotation failed; the log refuses everything after. Called once, before
+    /// the completions of the failed batch run.
     fn failed(&self, error: &str);
 }
 
@@ -413,8 +414,27 @@ fn write_loop(
     let mut dirty = false;
     let mut completions: Vec<Completion> = Vec::new();
     let mut syncs: Vec<Completion> = Vec::new();
-    while let Ok(first) = rx.recv() {
-        let mut next = Some(first);
+    loop {
+        // Under an interval policy, written data is synced when its interval ends even if no
+        // more records arrive, so at most the last interval is ever at risk.
+        let wait = match policy {
+            FsyncPolicy::Interval(every) if dirty && failed.is_none() => {
+                Some(every.saturating_sub(last_sync.elapsed()))
+            }
+            _ => None,
+        };
+        let mut next = match wait {
+            Some(wait) => match rx.recv_timeout(wait) {
+                Ok(message) => Some(message),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => break,
+            },
+            None => match rx.recv() {
+                Ok(message) => Some(message),
+                Err(_) => break,
+            },
+        };
+        let was_failed = failed.is_some();
         let mut force_sync = false;
         // Group commit: everything queued so far goes out with one sync.
         while let Some(message) = next.take().or_else(|| rx.try_recv().ok()) {
@@ -474,9 +494,11 @@ fn write_loop(
             if let Err(e) = result {
                 failed = Some(format!("write-ahead log sync failed: {e}"));
             }
-            if let Some(error) = &failed {
-                observer.failed(error);
-            }
+        }
+        // Reported before the completions run, so that whoever learns of the failure from a
+        // reply finds the model already marked failed.
+        if !was_failed && let Some(error) = &failed {
+            observer.failed(error);
         }
         let outcome = failed.clone().map_or(Ok(()), Err);
         for c in completions.drain(..) {
@@ -605,6 +627,31 @@ mod tests {
         fn failed(&self, _: &str) {}
     }
 
+    /// Counts what the writer reports.
+    #[derive(Clone, Default)]
+    struct Counting {
+        syncs: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+        failures: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    }
+    impl WalObserver for Counting {
+        fn synced(&self, _: f64) {
+            self.syncs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        fn wrote(&self, _: usize) {}
+        fn failed(&self, error: &str) {
+            self.failures.lock().unwrap().push(error.to_owned());
+        }
+    }
+
+    /// Appends one record and returns what its completion was told.
+    fn append_one(w: &WalWriter, seq: u64) -> Result<(), String> {
+        let mut buf = RecordBuf::default();
+        buf.push_event(seq, &Event::Forget { name: format!("s{seq}") });
+        let (tx, rx) = std::sync::mpsc::channel();
+        w.append(buf.take(), vec![Box::new(move |r| tx.send(r).unwrap())]);
+        rx.recv().unwrap()
+    }
+
     fn sample() -> Vec<Event> {
         vec![
             Event::Open { slot: 3, name: "s-1".into() },
@@ -629,6 +676,48 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         w.append(buf.take(), vec![Box::new(move |r| tx.send(r).unwrap())]);
         assert_eq!(rx.recv().unwrap(), Ok(()));
+    }
+
+    /// Regression: under the interval policy a write was synced only when a later record
+    /// arrived, so the last acknowledged writes before a quiet spell stayed unsynced for as
+    /// long as it lasted.
+    #[test]
+    fn an_interval_policy_syncs_the_last_write_without_further_traffic() {
+        let dir = tempdir("interval");
+        let observer = Counting::default();
+        let policy = FsyncPolicy::Interval(Duration::from_millis(20));
+        let w = WalWriter::start(&dir, 0, policy, "t", observer.clone()).unwrap();
+        let synced = || observer.syncs.load(std::sync::atomic::Ordering::SeqCst);
+        for seq in 0..2 {
+            append_one(&w, seq).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while synced() <= seq as usize && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            assert_eq!(synced(), seq as usize + 1, "write {seq} is synced once, with nothing after it");
+        }
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(synced(), 2, "nothing new written: no sync");
+    }
+
+    /// Regression: a failed write or rotation (as opposed to a failed sync) was never reported,
+    /// so the model went on as if its log were healthy.
+    #[test]
+    fn a_failed_rotation_is_reported_once_and_fails_every_later_batch() {
+        let dir = tempdir("rotation-fails");
+        let observer = Counting::default();
+        let w = WalWriter::start(&dir, 0, FsyncPolicy::Always, "t", observer.clone()).unwrap();
+        append_one(&w, 0).unwrap();
+        // The next segment's file is a device that refuses every write (a full disk).
+        std::os::unix::fs::symlink("/dev/full", dir.join(segment_name(1))).unwrap();
+        w.rotate(1);
+        for seq in 1..4 {
+            let outcome = append_one(&w, seq);
+            assert!(outcome.as_ref().is_err_and(|e| e.contains("rotation failed")), "{outcome:?}");
+        }
+        let failures = observer.failures.lock().unwrap().clone();
+        assert_eq!(failures.len(), 1, "{failures:?}");
+        assert!(failures[0].contains("rotation failed"), "{failures:?}");
     }
 
     #[test]

@@ -169,18 +169,28 @@ struct Durable {
     last_sweep: Instant,
 }
 
-struct Observer(ModelMetrics);
+struct Observer {
+    metrics: ModelMetrics,
+    shared: Arc<Shared>,
+}
 
 impl WalObserver for Observer {
     fn synced(&self, seconds: f64) {
-        self.0.wal_fsync_duration.observe(seconds);
+        self.metrics.wal_fsync_duration.observe(seconds);
     }
     fn wrote(&self, bytes: usize) {
-        self.0.wal_bytes.inc_by(bytes as u64);
+        self.metrics.wal_bytes.inc_by(bytes as u64);
     }
     fn failed(&self, error: &str) {
-        self.0.wal_failures.inc();
-        tracing::error!(error, "write-ahead log failed: requests are refused until restart");
+        // Set before the failed batch's replies go out: the worker and the front refuse every
+        // later change, and no checkpoint saves the steps the log lacks.
+        let _ = self.shared.storage_failure.set(error.to_owned());
+        self.metrics.wal_failures.inc();
+        tracing::error!(
+            model = %self.shared.name,
+            error,
+            "write-ahead log failed: the model refuses changes and is not checkpointed until restart"
+        );
     }
 }
 
@@ -312,7 +322,7 @@ impl Worker {
                 worker.next_seq,
                 config.fsync,
                 &worker.definition.name,
-                Observer(worker.metrics.clone()),
+                Observer { metrics: worker.metrics.clone(), shared: worker.shared.clone() },
             )
             .map_err(|e| format!("{}: cannot open the write-ahead log: {e}", dir.display()))?;
             worker.durable = Some(Durable {
@@ -403,6 +413,9 @@ impl Worker {
             if stop == STOP_ABORT {
                 self.abort(&rx);
                 return false;
+            }
+            if let Some(failed) = self.shared.storage_failed() {
+                self.fail_queued(&failed);
             }
             let held = stop != STOP_DRAIN && self.shared.held.load(Ordering::Acquire);
             if self.busy.is_empty() || held {
@@ -683,8 +696,14 @@ impl Worker {
             let Some(entry) = self.slots[x.slot].as_mut() else { continue };
             let meta = &mut entry.meta;
             meta.position += 1;
-            meta.loss_bits_sum += bits;
-            ema(&mut meta.loss_bits_avg, bits);
+            // A stream at fault (its learner is reset below) can score a non-finite loss; booked,
+            // it would poison its averages for good and make every later checkpoint unloadable
+            // (JSON has no NaN).
+            let scored = bits.is_finite();
+            if scored {
+                meta.loss_bits_sum += bits;
+                ema(&mut meta.loss_bits_avg, bits);
+            }
             entry.last_active = Instant::now();
             self.stats.symbols_seen += 1;
             if x.learn {
@@ -694,8 +713,10 @@ impl Worker {
             } else {
                 self.metrics.advanced.inc();
             }
-            self.metrics.loss_bits.observe(bits);
-            ema(&mut self.stats.loss_bits_avg, bits);
+            if scored {
+                self.metrics.loss_bits.observe(bits);
+                ema(&mut self.stats.loss_bits_avg, bits);
+            }
         }
         // Streams whose learner the core reset after a non-finite value (a predict's scratch copy
         // is left out: it is thrown away). The request in progress learns it too (none in replay).
@@ -727,6 +748,9 @@ impl Worker {
     /// Evicts streams idle past the TTL (at most every [`SWEEP_EVERY`]).
     fn sweep_idle(&mut self) {
         let Some(ttl) = self.ttl() else { return };
+        if self.shared.storage_failure.get().is_some() {
+            return;
+        }
         let Some(d) = self.durable.as_mut() else { return };
         if d.last_sweep.elapsed() < SWEEP_EVERY {
             return;
@@ -841,7 +865,37 @@ impl Worker {
         }
     }
 
+    /// Fails every queued job with `error`, changing nothing (the model's log failed).
+    fn fail_queued(&mut self, error: &EngineError) {
+        if self.busy.is_empty() {
+            return;
+        }
+        for entry in self.slots.iter_mut().flatten() {
+            for job in entry.queue.drain(..) {
+                match job {
+                    Job::Tokens(active) => active.job.answer(Err(error.clone())),
+                    Job::Delete(reply) => {
+                        let _ = reply.send(Err(error.clone()));
+                    }
+                }
+            }
+            entry.queued_tokens = 0;
+        }
+        self.busy.clear();
+        self.queued_tokens = 0;
+        self.predict_owner = None;
+    }
+
     fn handle(&mut self, command: Command) {
+        // After the log failed, nothing may change: what is on disk is what was acknowledged.
+        let command = match (self.shared.storage_failed(), command) {
+            (Some(failed), Command::Tokens { job, .. }) => return job.answer(Err(failed)),
+            (Some(failed), Command::DeleteStream { reply, .. }) => {
+                let _ = reply.send(Err(failed));
+                return;
+            }
+            (_, command) => command,
+        };
         match command {
             Command::Tokens { stream, job } => {
                 // A predict changes nothing, so it does not create the stream either.
