@@ -1,4 +1,4 @@
-//! The `kfrtrl` command line: `serve`, `train`, `experiment` and `bench`.
+//! The `kfrtrl` command line: `serve`, `train`, `experiment`, `bench`, `load` and `healthcheck`.
 
 mod cli;
 

@@ -54,8 +54,8 @@ pub struct LoadArgs {
     /// Seconds between two soak reports.
     #[arg(long, default_value_t = 10.0, value_name = "SECS")]
     report_every: f64,
-    /// Process id of a local server, to read its resident memory from /proc when its /metrics
-    /// has no process_resident_memory_bytes.
+    /// Process id of a local server, to read its resident memory from /proc (without it, from
+    /// process_resident_memory_bytes of its /metrics).
     #[arg(long)]
     server_pid: Option<u32>,
     /// Bearer token of a server with an API key [env: KFRTRL_API_KEY].
