@@ -250,10 +250,13 @@ fn continued_equals_uninterrupted(learner: &str) {
         &[&common[..], &model, &["--symbols", "400"]].concat(),
         &[("--corpus", &corpus), ("--eval", &corpus), ("--save", &half)],
     ));
+    // Format, batch and reset period are the saved run's unless given (regression: the batch
+    // fell back to 8 and the resets stopped, which made a continued PTB run worse).
     let second = json(&kfrtrl(
-        &[&common[..], &["--symbols", "400"]].concat(),
+        &["--eval-every", "200", "--json", "--symbols", "400"],
         &[("--corpus", &corpus), ("--eval", &corpus), ("--init", &half), ("--save", &rest)],
     ));
+    assert_eq!(second["batch"], 2);
     let (a, b) = (load(&full).unwrap(), load(&rest).unwrap());
     assert_eq!(a.params, b.params, "{learner}");
     assert_eq!(a.optimizer, b.optimizer);

@@ -49,9 +49,10 @@ pub struct TrainArgs {
     /// Optimizer: adam or sgd (default: adam, or the --init model's).
     #[arg(long, value_parser = super::bench::parse_optimizer)]
     optimizer: Option<OptimizerKind>,
-    /// Parallel streams reading the corpus from evenly spaced offsets.
-    #[arg(long, default_value_t = 8)]
-    batch: usize,
+    /// Parallel streams reading the corpus from evenly spaced offsets (default: 8, or the --init
+    /// model's).
+    #[arg(long)]
+    batch: Option<usize>,
     /// Learning rate (default: 10^-3.5, or the --init model's).
     #[arg(long)]
     lr: Option<f64>,
@@ -67,7 +68,8 @@ pub struct TrainArgs {
     /// Passes over the corpus (default 1).
     #[arg(long)]
     epochs: Option<f64>,
-    /// Zero each stream's state every N of its symbols.
+    /// Zero each stream's state every N of its symbols; 0: never (default: never, or the --init
+    /// model's).
     #[arg(long)]
     reset_every: Option<u64>,
     /// Print one JSON object on stdout at the end.
@@ -96,6 +98,9 @@ struct Saved {
     vocab: Vocab,
     start: Start,
     nonfinite_updates: u64,
+    /// The run's batch and reset period, when its file records them (0: no reset).
+    batch: Option<usize>,
+    reset_every: Option<u64>,
 }
 
 /// Loads `--init` and checks that the model fits the corpus format (or builds the fresh model's
@@ -169,6 +174,8 @@ fn initial(args: &TrainArgs) -> Result<Initial, String> {
                 symbols: file.counters.symbols,
             },
             nonfinite_updates: file.counters.nonfinite_updates,
+            batch: file.metadata.get("batch").and_then(serde_json::Value::as_u64).map(|b| b as usize),
+            reset_every: file.metadata.get("reset_every").and_then(serde_json::Value::as_u64),
         }),
     })
 }
@@ -181,8 +188,23 @@ pub fn run(args: TrainArgs) -> Result<(), String> {
     };
     let corpus_name =
         || args.corpus.as_ref().map_or("the bundled sample".into(), |p| p.display().to_string());
+    // A continued run keeps the saved run's batch and reset period unless told otherwise: with
+    // other ones it is no longer the same run (and a KF-RTRL model trained with resets can
+    // degrade quickly without them).
+    let mut batch = args.batch;
+    let mut reset_every = args.reset_every;
     let (tokens, vocab, saved) = match init.saved {
-        Some(Saved { vocab, start, nonfinite_updates }) => {
+        Some(Saved { vocab, start, nonfinite_updates, batch: saved_batch, reset_every: saved_reset }) => {
+            batch = batch.or(saved_batch);
+            // A file of `kfrtrl train` from before the period was recorded (a server checkpoint
+            // records no batch: its streams never reset periodically).
+            if reset_every.is_none() && saved_reset.is_none() && saved_batch.is_some() {
+                eprintln!(
+                    "note: the --init model does not record its reset period; continuing without resets \
+                     (give --reset-every N to reset)"
+                );
+            }
+            reset_every = reset_every.or(saved_reset);
             let tokens =
                 tokenize_with(&data, init.format, &vocab).map_err(|e| format!("{}: {e}", corpus_name()))?;
             (tokens, vocab, Some((start, nonfinite_updates)))
@@ -229,7 +251,8 @@ pub fn run(args: TrainArgs) -> Result<(), String> {
         None => (Start::fresh(&spec), 0),
     };
     let (start_steps, start_symbols) = (start.steps, start.symbols);
-    let batch = args.batch.max(1) as u64;
+    let batch = batch.unwrap_or(8).max(1) as u64;
+    let reset_every = reset_every.filter(|&n| n > 0);
     let symbols = match (args.symbols, args.epochs) {
         (Some(s), _) => s,
         (None, Some(e)) if e.is_finite() && e > 0.0 => (e * tokens.len() as f64).round() as u64,
@@ -237,13 +260,7 @@ pub fn run(args: TrainArgs) -> Result<(), String> {
         (None, None) => tokens.len() as u64,
     };
     let steps = symbols.div_ceil(batch).max(1);
-    let cfg = TrainConfig {
-        model,
-        batch: batch as usize,
-        steps,
-        reset_every: args.reset_every,
-        eval_every: args.eval_every,
-    };
+    let cfg = TrainConfig { model, batch: batch as usize, steps, reset_every, eval_every: args.eval_every };
     let bar = ProgressBar::new(steps * batch);
     bar.set_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} symbols  {per_sec}  ETA {eta}  {msg}")
@@ -275,6 +292,7 @@ pub fn run(args: TrainArgs) -> Result<(), String> {
         }
         metadata.insert("learner".into(), cfg.model.learner_label().into());
         metadata.insert("batch".into(), report.batch.into());
+        metadata.insert("reset_every".into(), cfg.reset_every.unwrap_or(0).into());
         metadata.insert("train_bpc".into(), report.train_bpc.into());
         if let Some(e) = report.eval_bpc {
             metadata.insert("eval_bpc".into(), e.into());
