@@ -376,6 +376,47 @@ async fn an_injected_nonfinite_factor_never_reaches_the_weights() {
     e.shutdown().await;
 }
 
+/// The values of the samples of `metric` for model `m` in a registry's text exposition.
+fn samples(registry: &prometheus::Registry, metric: &str) -> Vec<f64> {
+    let text = prometheus::TextEncoder::new().encode_to_string(&registry.gather()).unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{metric}{{")) && l.contains("model=\"m\""))
+        .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+        .collect()
+}
+
+/// Regression: replaying the log at boot counted the replayed steps again in the new process's
+/// counters, and a restored model's checkpoint age restarted at the boot although the replayed
+/// steps are in no checkpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restore_counts_no_replayed_work_and_keeps_the_checkpoints_age() {
+    let dir = temp_dir("restore-metrics");
+    let e = engine(&dir);
+    e.create_model(definition("m", LearnerKind::KfRtrl, 8)).await.unwrap();
+    let x = TokenInput { tokens: vec![1, 2, 3], learn: true, reset: false, top_k: 1, return_losses: false };
+    e.tokens("m", "a", x, Mode::Consume).await.unwrap();
+    // A crash: the first checkpoint and the log.
+    let crash = temp_dir("restore-metrics-crash");
+    copy_dir(&dir, &crash);
+    e.shutdown().await;
+    let (_, path) = checkpoint::list(&crash.join("models/m")).unwrap().pop().unwrap();
+    let written = std::fs::metadata(&path).unwrap().modified().unwrap();
+    let written = written.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let registry = prometheus::Registry::new();
+    let metrics = EngineMetrics::register(&registry).unwrap();
+    let r = Engine::with_durability(EngineLimits::default(), metrics, durability(&crash));
+    r.restore().await.unwrap();
+    assert_eq!(r.model("m").unwrap().stats.symbols_seen, 3, "the replay restored the steps");
+    assert_eq!(samples(&registry, "kfrtrl_symbols_total").iter().sum::<f64>(), 0.0, "but counts none");
+    assert_eq!(samples(&registry, "kfrtrl_optimizer_updates_total"), [0.0]);
+    assert_eq!(samples(&registry, "kfrtrl_active_streams"), [1.0]);
+    assert!(samples(&registry, "kfrtrl_loss_bits_avg")[0] > 0.0);
+    let age = samples(&registry, "kfrtrl_checkpoint_last_success_timestamp_seconds");
+    assert!((age[0] - written).abs() < 1e-3, "{age:?} against {written}");
+    r.shutdown().await;
+}
+
 /// Regression: restoring stopped at the first model that could not be loaded, and the server
 /// then refused to start, although the others were fine.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -244,6 +244,24 @@ impl EngineMetrics {
         Ok(m)
     }
 
+    /// Metrics of one model that no registry exports (for work that must not be counted, such
+    /// as replaying the write-ahead log at boot).
+    pub fn detached(model: &str) -> ModelMetrics {
+        let registry = Registry::new();
+        match Self::register(&registry) {
+            Ok(metrics) => metrics.for_model(model),
+            // Registering into an empty registry only fails on a bug in the metric definitions,
+            // which the engine's own registration at start would have hit first.
+            Err(e) => unreachable!("metric definitions are invalid: {e}"),
+        }
+    }
+
+    /// Records when a restored model's checkpoint was written (it is the newest state on disk).
+    pub fn checkpoint_written_at(&self, model: &str, at: std::time::SystemTime) {
+        let secs = at.duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+        self.checkpoint_last_success.with_label_values(&[model]).set(secs);
+    }
+
     /// The metrics of one model (created at zero on first use).
     pub fn for_model(&self, model: &str) -> ModelMetrics {
         ModelMetrics {

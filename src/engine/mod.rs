@@ -698,7 +698,13 @@ impl Engine {
                 Err(e) => Err(e),
             };
             match spawned {
-                Ok(_) => loaded.push(name),
+                Ok(_) => {
+                    // Its age is the checkpoint's, not the boot's: the replayed log is not in it.
+                    if let Ok(written) = std::fs::metadata(&path).and_then(|m| m.modified()) {
+                        self.metrics.checkpoint_written_at(&name, written);
+                    }
+                    loaded.push(name);
+                }
                 Err(error) => tracing::error!(model = %name, %error, "model cannot be restored: skipped"),
             }
         }

@@ -38,8 +38,8 @@ use tokio::sync::oneshot;
 use super::checkpoint::{self, EvictedStream, ModelSnapshot, StreamMeta, StreamSnapshot};
 use super::wal::{self, Completion, Event, FsyncPolicy, RecordBuf, WalObserver, WalWriter};
 use super::{
-    Command, EngineError, Mode, ModelDefinition, ModelMetrics, ModelStats, Prediction, STOP_ABORT,
-    STOP_DRAIN, Shared, StreamInfo, TokenJob, TokensReply, stream_label,
+    Command, EngineError, EngineMetrics, Mode, ModelDefinition, ModelMetrics, ModelStats, Prediction,
+    STOP_ABORT, STOP_DRAIN, Shared, StreamInfo, TokenJob, TokensReply, stream_label,
 };
 use crate::core::rng::derive_key;
 use crate::core::{ModelSpec, Optimizer, Params, SlotStep, StreamSet, UpdateOutcome};
@@ -312,9 +312,14 @@ impl Worker {
                 }
                 let events = log.events.len();
                 worker.dir = Some(dir.clone());
-                for event in log.events {
-                    worker.replay(event)?;
-                }
+                // The process's counters count this process's work: the replayed steps were
+                // counted by the one that crashed, so they go to metrics nobody scrapes.
+                let live =
+                    std::mem::replace(&mut worker.metrics, EngineMetrics::detached(&worker.definition.name));
+                let replayed = log.events.into_iter().try_for_each(|event| worker.replay(event));
+                worker.metrics = live;
+                replayed?;
+                worker.publish_gauges();
                 tracing::info!(model = %worker.definition.name, events, next_seq = worker.next_seq, "log replayed");
             }
             let wal = WalWriter::start(
@@ -1024,6 +1029,17 @@ impl Worker {
             queued_tokens: 0,
             idle_seconds: 0.0,
             resident: false,
+        }
+    }
+
+    /// Sets the model's gauges from its state (after a restore).
+    fn publish_gauges(&self) {
+        self.metrics.active_streams.set(self.names.len() as i64);
+        if let Some(avg) = self.stats.loss_bits_avg {
+            self.metrics.loss_bits_avg.set(avg);
+        }
+        if let Some(avg) = self.stats.top1_accuracy_avg {
+            self.metrics.top1_accuracy_avg.set(avg);
         }
     }
 
