@@ -440,8 +440,12 @@ async fn a_model_that_cannot_be_restored_is_skipped_and_the_others_serve() {
     e.shutdown().await;
     // Restarted with a size limit the big model no longer fits ("big" sorts first).
     let limits = EngineLimits { max_model_bytes: small_bytes as u64, ..EngineLimits::default() };
-    let r = engine_with(durability(&dir), limits);
+    let registry = prometheus::Registry::new();
+    let r = Engine::with_durability(limits, EngineMetrics::register(&registry).unwrap(), durability(&dir));
     assert_eq!(r.restore().await.unwrap(), vec!["small".to_owned()]);
+    let text = prometheus::TextEncoder::new().encode_to_string(&registry.gather()).unwrap();
+    let flagged: Vec<&str> = text.lines().filter(|l| l.starts_with("kfrtrl_model_not_restored{")).collect();
+    assert_eq!(flagged, ["kfrtrl_model_not_restored{model=\"big\"} 1"], "for the alert");
     assert_same(&before, &r.snapshot("small").await.unwrap());
     assert_eq!(r.tokens("small", "s", x, Mode::Consume).await.unwrap().position, 4);
     // The skipped model's directory is kept, and its name is not given away.
@@ -465,12 +469,27 @@ async fn after_a_log_failure_the_model_refuses_changes_and_the_disk_keeps_what_w
     e.tokens("m", "a", x(vec![1, 2, 3]), Mode::Consume).await.unwrap();
     e.tokens("m", "b", x(vec![1]), Mode::Consume).await.unwrap();
     let acknowledged = e.snapshot("m").await.unwrap();
-    // The log's next segment is a device that refuses every write.
+    // Every segment the next checkpoint could start is a device that refuses every write.
+    assert!(Path::new("/dev/full").exists(), "this test needs the device /dev/full");
     let model_dir = dir.join("models/m");
-    let next_segment = model_dir.join(wal::segment_name(acknowledged.next_seq));
-    std::os::unix::fs::symlink("/dev/full", &next_segment).unwrap();
+    let segments: Vec<_> = (acknowledged.next_seq..acknowledged.next_seq + 64)
+        .map(|seq| model_dir.join(wal::segment_name(seq)))
+        .collect();
+    for segment in &segments {
+        std::os::unix::fs::symlink("/dev/full", segment).unwrap();
+    }
+    // Requests in flight around the failing rotation: those answered Ok must survive, those
+    // answered with the error must not (the rotation syncs what came before it).
+    let in_flight: Vec<_> =
+        (0..3).map(|_| e.submit("m", "c", x(vec![7, 8]), Mode::Consume).unwrap()).collect();
     // The checkpoint itself may or may not be written, depending on when the rotation fails.
     let _ = e.checkpoint("m").await;
+    let mut acknowledged_c = 0;
+    for pending in in_flight {
+        if let Ok(reply) = pending.wait().await {
+            acknowledged_c = reply.position;
+        }
+    }
     let failed = e.tokens("m", "a", x(vec![4, 5]), Mode::Consume).await;
     assert!(matches!(failed, Err(EngineError::Storage(_))), "{failed:?}");
     assert_eq!(e.model("m").unwrap().state, ModelState::Failed);
@@ -495,9 +514,18 @@ async fn after_a_log_failure_the_model_refuses_changes_and_the_disk_keeps_what_w
         "no final checkpoint of a model whose memory holds unlogged steps"
     );
     // The disk is freed and the server restarts: it holds exactly what was acknowledged.
-    std::fs::remove_file(&next_segment).unwrap();
+    for segment in &segments {
+        std::fs::remove_file(segment).unwrap();
+    }
     let (r, after) = restored(&dir, "m").await;
-    assert_same(&acknowledged, &after);
+    let position =
+        |name: &str| after.stream_slots.iter().find(|s| s.meta.name == name).map(|s| s.meta.position);
+    assert_eq!((position("a"), position("b")), (Some(3), Some(1)));
+    // Stream c holds its acknowledged tokens, and of the first request answered with the error
+    // at most a part (never all of it: its reply waits for its last token's record).
+    let c = position("c").unwrap_or(0);
+    assert!((acknowledged_c..acknowledged_c + 2).contains(&c), "c at {c}, {acknowledged_c} acknowledged");
+    assert_eq!(after.optimizer.steps, acknowledged.optimizer.steps + c, "one step per token of c");
     assert_eq!(r.model("m").unwrap().state, ModelState::Ready);
     assert_eq!(r.tokens("m", "a", x(vec![4]), Mode::Consume).await.unwrap().position, 4);
     r.shutdown().await;

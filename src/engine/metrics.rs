@@ -30,6 +30,7 @@ pub struct EngineMetrics {
     checkpoint_last_success: GaugeVec,
     checkpoint_duration: HistogramVec,
     checkpoint_bytes: IntGaugeVec,
+    not_restored: IntGaugeVec,
 }
 
 /// How a symbol was processed.
@@ -219,6 +220,14 @@ impl EngineMetrics {
                 Opts::new("kfrtrl_checkpoint_bytes", "Size of a model's last checkpoint."),
                 model,
             )?,
+            not_restored: IntGaugeVec::new(
+                Opts::new(
+                    "kfrtrl_model_not_restored",
+                    "1 for a model of the data directory that could not be restored at start (skipped; \
+                     the log says why).",
+                ),
+                model,
+            )?,
         };
         registry.register(Box::new(m.symbols.clone()))?;
         registry.register(Box::new(m.loss_bits.clone()))?;
@@ -241,6 +250,7 @@ impl EngineMetrics {
         registry.register(Box::new(m.checkpoint_last_success.clone()))?;
         registry.register(Box::new(m.checkpoint_duration.clone()))?;
         registry.register(Box::new(m.checkpoint_bytes.clone()))?;
+        registry.register(Box::new(m.not_restored.clone()))?;
         Ok(m)
     }
 
@@ -254,6 +264,16 @@ impl EngineMetrics {
             // which the engine's own registration at start would have hit first.
             Err(e) => unreachable!("metric definitions are invalid: {e}"),
         }
+    }
+
+    /// Records a model of the data directory that could not be restored.
+    pub fn model_not_restored(&self, model: &str) {
+        self.not_restored.with_label_values(&[model]).set(1);
+    }
+
+    /// Clears [`EngineMetrics::model_not_restored`] once a model of that name serves.
+    pub fn model_serving(&self, model: &str) {
+        let _ = self.not_restored.remove_label_values(&[model]);
     }
 
     /// Records when a restored model's checkpoint was written (it is the newest state on disk).

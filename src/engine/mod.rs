@@ -444,7 +444,8 @@ enum Command {
     },
     /// Take a snapshot; with `rotate`, also start a new log segment after it (a checkpoint).
     Snapshot {
-        reply: oneshot::Sender<Box<ModelSnapshot>>,
+        /// With `rotate`, sent once the log holds everything in the snapshot (or its error).
+        reply: oneshot::Sender<Result<Box<ModelSnapshot>, String>>,
         rotate: bool,
     },
     /// Re-check the hold and stop flags.
@@ -673,6 +674,7 @@ impl Engine {
                 Ok(found) => found,
                 Err(reason) => {
                     tracing::error!(model = %name, %reason, "cannot read the model's checkpoints: skipped");
+                    self.metrics.model_not_restored(&name);
                     continue;
                 }
             };
@@ -705,7 +707,10 @@ impl Engine {
                     }
                     loaded.push(name);
                 }
-                Err(error) => tracing::error!(model = %name, %error, "model cannot be restored: skipped"),
+                Err(error) => {
+                    tracing::error!(model = %name, %error, "model cannot be restored: skipped");
+                    self.metrics.model_not_restored(&name);
+                }
             }
         }
         Ok(loaded)
@@ -788,6 +793,7 @@ impl Engine {
                 if self.durability.is_some() {
                     self.metrics.checkpoint_succeeded(&name, 0.0, 0);
                 }
+                self.metrics.model_serving(&name);
                 tracing::info!(model = %name, "model ready");
                 Ok(handle.info())
             }
@@ -857,30 +863,36 @@ impl Engine {
             return Err(EngineError::UnknownModel(model.to_owned()));
         }
         handle.stop(STOP_ABORT);
-        self.metrics.remove_model(model);
-        // A checkpoint of this model that is being written finishes before its directory is
-        // renamed, and one that starts later finds the model gone: no checkpoint of it can land
-        // in the directory of a new model of the same name.
-        let _checkpoints = handle.checkpoint.lock().await;
-        if let Some(d) = &self.durability {
-            // Renamed out of the way at once (a model of the same name may be created next),
-            // removed in the background once the worker has let go of it.
-            let dir = d.model_dir(model);
-            let grave = d.models_dir().join(format!(".deleted-{model}-{}", unique_suffix()));
-            if let Err(e) = std::fs::rename(&dir, &grave) {
-                tracing::error!(model, error = %e, "cannot remove the model's directory");
-            } else {
-                let thread = handle.thread.lock().unwrap_or_else(PoisonError::into_inner).take();
-                std::thread::spawn(move || {
-                    if let Some(t) = thread {
-                        let _ = t.join();
-                    }
-                    let _ = std::fs::remove_dir_all(&grave);
-                });
+        // Finished in a task of its own: a caller that gives up waiting (a request timeout, a
+        // client gone) must not leave the directory in place, to come back at the next boot.
+        let (metrics, durability, model) = (self.metrics.clone(), self.durability.clone(), model.to_owned());
+        let finish = tokio::spawn(async move {
+            // A checkpoint of this model that is being written finishes before its directory is
+            // renamed (and before its metrics go, which it would bring back), and one that
+            // starts later finds the model gone: no checkpoint of it can land in the directory
+            // of a new model of the same name.
+            let _checkpoints = handle.checkpoint.lock().await;
+            metrics.remove_model(&model);
+            if let Some(d) = &durability {
+                // Renamed out of the way at once (a model of the same name may be created next),
+                // removed in the background once the worker has let go of it.
+                let dir = d.model_dir(&model);
+                let grave = d.models_dir().join(format!(".deleted-{model}-{}", unique_suffix()));
+                if let Err(e) = std::fs::rename(&dir, &grave) {
+                    tracing::error!(model, error = %e, "cannot remove the model's directory");
+                } else {
+                    let thread = handle.thread.lock().unwrap_or_else(PoisonError::into_inner).take();
+                    std::thread::spawn(move || {
+                        if let Some(t) = thread {
+                            let _ = t.join();
+                        }
+                        let _ = std::fs::remove_dir_all(&grave);
+                    });
+                }
             }
-        }
-        tracing::info!(model, "model deleted");
-        Ok(())
+            tracing::info!(model, "model deleted");
+        });
+        finish.await.map_err(|e| EngineError::Storage(format!("deleting the model failed: {e}")))
     }
 
     /// Validates and queues a token request; the reply comes when the worker has consumed (or,
@@ -984,7 +996,8 @@ impl Engine {
         let handle = self.handle(model)?;
         let (reply, rx) = oneshot::channel();
         handle.send(Command::Snapshot { reply, rotate: false })?;
-        rx.await.map(|s| *s).map_err(|_| EngineError::WorkerStopped(model.to_owned()))
+        let snapshot = rx.await.map_err(|_| EngineError::WorkerStopped(model.to_owned()))?;
+        snapshot.map(|s| *s).map_err(EngineError::Storage)
     }
 
     /// Writes a checkpoint of a model now (one writer per model: a second call waits for the
@@ -1002,8 +1015,16 @@ impl Engine {
         let started = std::time::Instant::now();
         let (reply, rx) = oneshot::channel();
         handle.send(Command::Snapshot { reply, rotate: true })?;
+        // It arrives once the log holds every step in it (or with the log's error).
         let snapshot = rx.await.map_err(|_| EngineError::WorkerStopped(model.to_owned()))?;
-        // The log may have failed while the snapshot was taken (its rotation, say).
+        let snapshot = snapshot.map_err(|_| {
+            handle
+                .shared
+                .storage_failed()
+                .unwrap_or_else(|| EngineError::Storage("the write-ahead log failed".into()))
+        })?;
+        // Its steps are on disk, so writing it would be sound even if the new segment could not
+        // be created; a failed model is still never checkpointed, which keeps the rule simple.
         if let Some(failed) = handle.shared.storage_failed() {
             return Err(failed);
         }
@@ -1064,16 +1085,19 @@ impl Engine {
             let handles: Vec<Arc<ModelHandle>> =
                 self.models.read().unwrap_or_else(PoisonError::into_inner).values().cloned().collect();
             for handle in handles {
-                let changed = {
-                    let last = *handle.checkpoint.lock().await;
-                    last != handle.shared.next_seq.load(Ordering::Acquire)
-                };
                 if !handle.shared.ready.load(Ordering::Acquire)
                     || handle.shared.storage_failure.get().is_some()
                 {
                     continue;
                 }
-                if changed {
+                let last = handle.checkpoint.lock().await;
+                // Checked under the lock that deletion takes: a deleted model's metrics must
+                // not come back.
+                if !self.is_registered(&handle) {
+                    continue;
+                }
+                if *last != handle.shared.next_seq.load(Ordering::Acquire) {
+                    drop(last);
                     let _ = self.checkpoint(&handle.definition.name).await;
                 } else {
                     // The newest checkpoint still holds all of the model's learning, so an idle

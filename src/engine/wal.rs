@@ -282,6 +282,8 @@ enum Message {
     /// Close the current segment and continue in a new one starting at `first_seq`.
     Rotate {
         first_seq: u64,
+        /// Told once everything before the rotation is written and synced.
+        done: Completion,
     },
     /// Sync, then run the completion (a barrier: everything sent before is on disk).
     Sync(Completion),
@@ -377,9 +379,15 @@ impl WalWriter {
         }
     }
 
-    /// Continues the log in a new segment starting at `first_seq` (at a checkpoint).
-    pub fn rotate(&self, first_seq: u64) {
-        let _ = self.tx.send(Message::Rotate { first_seq });
+    /// Continues the log in a new segment starting at `first_seq` (at a checkpoint); `done` is
+    /// told once everything appended before is written and synced (a checkpoint must hold no
+    /// step whose record could still fail), or with the error.
+    pub fn rotate(&self, first_seq: u64, done: Completion) {
+        if let Err(e) = self.tx.send(Message::Rotate { first_seq, done })
+            && let Message::Rotate { done, .. } = e.0
+        {
+            done(Err("the write-ahead log is closed".into()));
+        }
     }
 
     /// Runs `done` once everything appended before is on disk and synced.
@@ -404,14 +412,20 @@ impl Drop for WalWriter {
 
 fn write_loop(
     dir: PathBuf,
-    mut file: BufWriter<File>,
+    file: BufWriter<File>,
     rx: Receiver<Message>,
     policy: FsyncPolicy,
     observer: impl WalObserver,
 ) {
+    let mut file = Some(file);
     let mut failed: Option<String> = None;
     let mut last_sync = Instant::now();
     let mut dirty = false;
+    // Bytes of the current segment whose batches were answered (or its header), and bytes
+    // written since: on a failure the segment is cut back to the former, so that no record of a
+    // batch answered with the error can be replayed.
+    let mut answered_len = MAGIC.len() as u64;
+    let mut written_len = 0u64;
     let mut completions: Vec<Completion> = Vec::new();
     let mut syncs: Vec<Completion> = Vec::new();
     loop {
@@ -440,10 +454,11 @@ fn write_loop(
         while let Some(message) = next.take().or_else(|| rx.try_recv().ok()) {
             match message {
                 Message::Batch { bytes, completions: c } => {
-                    if failed.is_none() {
-                        match file.write_all(&bytes) {
+                    if let (None, Some(w)) = (&failed, file.as_mut()) {
+                        match w.write_all(&bytes) {
                             Ok(()) => {
                                 observer.wrote(bytes.len());
+                                written_len += bytes.len() as u64;
                                 dirty = true;
                             }
                             Err(e) => failed = Some(format!("write-ahead log write failed: {e}")),
@@ -451,18 +466,33 @@ fn write_loop(
                     }
                     completions.extend(c);
                 }
-                Message::Rotate { first_seq } => {
-                    if failed.is_none() {
-                        let rotated = file
-                            .flush()
-                            .and_then(|()| file.get_ref().sync_data())
-                            .and_then(|()| create_segment(&dir, first_seq));
-                        match rotated {
-                            Ok(new) => {
-                                file = new;
-                                dirty = false;
-                            }
-                            Err(e) => failed = Some(format!("write-ahead log rotation failed: {e}")),
+                Message::Rotate { first_seq, done } => {
+                    let Some(w) = file.as_mut().filter(|_| failed.is_none()) else {
+                        done(Err(failed.clone().unwrap_or_default()));
+                        continue;
+                    };
+                    if let Err(e) = w.flush().and_then(|()| w.get_ref().sync_data()) {
+                        failed = Some(format!("write-ahead log sync failed: {e}"));
+                        done(Err(failed.clone().unwrap_or_default()));
+                        continue;
+                    }
+                    // Everything before the rotation is durable: its batches and the snapshot
+                    // that waits for it are answered now, whatever happens to the new segment.
+                    for c in completions.drain(..) {
+                        c(Ok(()));
+                    }
+                    done(Ok(()));
+                    match create_segment(&dir, first_seq) {
+                        Ok(new) => {
+                            file = Some(new);
+                            dirty = false;
+                            answered_len = MAGIC.len() as u64;
+                            written_len = 0;
+                        }
+                        Err(e) => {
+                            answered_len += written_len;
+                            written_len = 0;
+                            failed = Some(format!("write-ahead log rotation failed: {e}"));
                         }
                     }
                 }
@@ -475,29 +505,40 @@ fn write_loop(
                 break;
             }
         }
-        if failed.is_none() {
+        if let (None, Some(w)) = (&failed, file.as_mut()) {
             let sync = match policy {
                 FsyncPolicy::Always => true,
                 FsyncPolicy::Interval(every) => last_sync.elapsed() >= every,
                 FsyncPolicy::Never => false,
             } || force_sync;
-            let result = file.flush().and_then(|()| {
+            let result = w.flush().and_then(|()| {
                 if sync && dirty {
                     let started = Instant::now();
-                    file.get_ref().sync_data()?;
+                    w.get_ref().sync_data()?;
                     observer.synced(started.elapsed().as_secs_f64());
                     last_sync = Instant::now();
                     dirty = false;
                 }
                 Ok(())
             });
-            if let Err(e) = result {
-                failed = Some(format!("write-ahead log sync failed: {e}"));
+            match result {
+                Ok(()) => {
+                    answered_len += written_len;
+                    written_len = 0;
+                }
+                Err(e) => failed = Some(format!("write-ahead log sync failed: {e}")),
             }
         }
-        // Reported before the completions run, so that whoever learns of the failure from a
-        // reply finds the model already marked failed.
         if !was_failed && let Some(error) = &failed {
+            // The unanswered records go: the buffer is dropped unwritten and the segment cut
+            // back (best effort: on a failing disk even this may fail, which is why a client
+            // told of a storage failure checks its stream's position after the restart).
+            if let Some(w) = file.take() {
+                let (segment, _unwritten) = w.into_parts();
+                let _ = segment.set_len(answered_len).and_then(|()| segment.sync_all());
+            }
+            // Reported before the completions run, so that whoever learns of the failure from
+            // a reply finds the model already marked failed.
             observer.failed(error);
         }
         let outcome = failed.clone().map_or(Ok(()), Err);
@@ -508,7 +549,9 @@ fn write_loop(
             c(outcome.clone());
         }
     }
-    let _ = file.flush().and_then(|()| file.get_ref().sync_data());
+    if let (None, Some(mut w)) = (failed, file) {
+        let _ = w.flush().and_then(|()| w.get_ref().sync_data());
+    }
 }
 
 /// The records of the log in `dir` from sequence number `from` on, in order. Stops at the first
@@ -700,24 +743,42 @@ mod tests {
         assert_eq!(synced(), 2, "nothing new written: no sync");
     }
 
-    /// Regression: a failed write or rotation (as opposed to a failed sync) was never reported,
-    /// so the model went on as if its log were healthy.
+    /// Regressions: a failed write or rotation (as opposed to a failed sync) was never reported,
+    /// so the model went on as if its log were healthy; and a batch written and synced in the
+    /// same group as a rotation that then failed was answered with the error although it was
+    /// on disk, to be replayed at the next start.
     #[test]
-    fn a_failed_rotation_is_reported_once_and_fails_every_later_batch() {
+    fn a_failed_rotation_answers_what_it_synced_and_fails_every_later_batch() {
+        assert!(Path::new("/dev/full").exists(), "this test needs the device /dev/full");
         let dir = tempdir("rotation-fails");
         let observer = Counting::default();
         let w = WalWriter::start(&dir, 0, FsyncPolicy::Always, "t", observer.clone()).unwrap();
         append_one(&w, 0).unwrap();
         // The next segment's file is a device that refuses every write (a full disk).
-        std::os::unix::fs::symlink("/dev/full", dir.join(segment_name(1))).unwrap();
-        w.rotate(1);
-        for seq in 1..4 {
+        let next = dir.join(segment_name(2));
+        std::os::unix::fs::symlink("/dev/full", &next).unwrap();
+        // Batch 1 and the rotation after it, sent together so that they usually share a group.
+        let mut buf = RecordBuf::default();
+        buf.push_event(1, &Event::Forget { name: "s1".into() });
+        let (tx, rx) = std::sync::mpsc::channel();
+        let batch_tx = tx.clone();
+        w.append(buf.take(), vec![Box::new(move |r| batch_tx.send(("batch", r)).unwrap())]);
+        w.rotate(2, Box::new(move |r| tx.send(("rotation", r)).unwrap()));
+        let answers: Vec<_> = (0..2).map(|_| rx.recv().unwrap()).collect();
+        assert_eq!(answers, [("batch", Ok(())), ("rotation", Ok(()))], "both are on disk before the failure");
+        for seq in 2..5 {
             let outcome = append_one(&w, seq);
             assert!(outcome.as_ref().is_err_and(|e| e.contains("rotation failed")), "{outcome:?}");
         }
         let failures = observer.failures.lock().unwrap().clone();
         assert_eq!(failures.len(), 1, "{failures:?}");
         assert!(failures[0].contains("rotation failed"), "{failures:?}");
+        drop(w);
+        // What was answered is what a restart replays.
+        std::fs::remove_file(&next).unwrap();
+        let log = read_from(&dir, 0).unwrap();
+        assert_eq!(log.events.len(), 2);
+        assert_eq!(log.next_seq, 2);
     }
 
     #[test]

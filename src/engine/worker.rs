@@ -961,14 +961,22 @@ impl Worker {
                 let _ = reply.send(Ok(list));
             }
             Command::Snapshot { reply, rotate } => {
-                let snapshot = self.snapshot();
+                let snapshot = Box::new(self.snapshot());
                 if rotate {
                     self.flush_log();
                     if let Some(d) = &self.durable {
-                        d.wal.rotate(self.next_seq);
+                        // A checkpoint of steps whose records could still fail would save steps
+                        // answered as failed: the snapshot leaves once they are on disk.
+                        d.wal.rotate(
+                            self.next_seq,
+                            Box::new(move |logged: Result<(), String>| {
+                                let _ = reply.send(logged.map(|()| snapshot));
+                            }),
+                        );
+                        return;
                     }
                 }
-                let _ = reply.send(Box::new(snapshot));
+                let _ = reply.send(Ok(snapshot));
             }
             Command::Wake => {}
         }
