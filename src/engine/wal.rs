@@ -741,6 +741,19 @@ mod tests {
         }
         std::thread::sleep(Duration::from_millis(60));
         assert_eq!(synced(), 2, "nothing new written: no sync");
+        // And at most once per interval: writes answered within one are not synced each.
+        let dir = tempdir("interval-long");
+        let observer = Counting::default();
+        let policy = FsyncPolicy::Interval(Duration::from_secs(30));
+        let w = WalWriter::start(&dir, 0, policy, "t", observer.clone()).unwrap();
+        for seq in 0..5 {
+            append_one(&w, seq).unwrap();
+        }
+        assert_eq!(
+            observer.syncs.load(std::sync::atomic::Ordering::SeqCst),
+            0,
+            "no sync within the interval"
+        );
     }
 
     /// Regressions: a failed write or rotation (as opposed to a failed sync) was never reported,
@@ -774,7 +787,12 @@ mod tests {
         assert_eq!(failures.len(), 1, "{failures:?}");
         assert!(failures[0].contains("rotation failed"), "{failures:?}");
         drop(w);
-        // What was answered is what a restart replays.
+        // What was answered is what a restart replays, and the segment holds nothing else.
+        let mut answered = RecordBuf::default();
+        answered.push_event(0, &Event::Forget { name: "s0".into() });
+        answered.push_event(1, &Event::Forget { name: "s1".into() });
+        let segment = std::fs::metadata(dir.join(segment_name(0))).unwrap().len();
+        assert_eq!(segment, (MAGIC.len() + answered.take().len()) as u64);
         std::fs::remove_file(&next).unwrap();
         let log = read_from(&dir, 0).unwrap();
         assert_eq!(log.events.len(), 2);
