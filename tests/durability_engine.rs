@@ -335,15 +335,13 @@ async fn an_injected_nonfinite_factor_never_reaches_the_weights() {
     e.shutdown().await;
     // Poison stream a's Kronecker factor in the checkpoint (the checksum is recomputed: this is
     // a fault in the state, not a damaged file).
-    let model_dir = dir.join("models/m");
-    let (_, path) = checkpoint::list(&model_dir).unwrap().pop().unwrap();
-    let mut file = model_file::load(&path).unwrap();
-    let snap = checkpoint::from_model_file(file.clone()).unwrap();
-    let row = snap.stream_slots.iter().position(|s| s.meta.name == "a").unwrap();
-    let a = file.extra.iter_mut().find(|t| t.name == "streams.kf.a").unwrap();
-    let per: usize = a.shape[1..].iter().product();
-    a.data[row * per + 3] = f32::NAN;
-    model_file::save(&path, &file).unwrap();
+    edit_newest_checkpoint(&dir.join("models/m"), |file| {
+        let snap = checkpoint::from_model_file(file.clone()).unwrap();
+        let row = snap.stream_slots.iter().position(|s| s.meta.name == "a").unwrap();
+        let a = file.extra.iter_mut().find(|t| t.name == "streams.kf.a").unwrap();
+        let per: usize = a.shape[1..].iter().product();
+        a.data[row * per + 3] = f32::NAN;
+    });
 
     let e = engine(&dir);
     e.restore().await.unwrap();
@@ -376,11 +374,20 @@ async fn an_injected_nonfinite_factor_never_reaches_the_weights() {
     e.shutdown().await;
 }
 
-/// The values of the samples of `metric` for model `m` in a registry's text exposition.
-fn samples(registry: &prometheus::Registry, metric: &str) -> Vec<f64> {
+/// Rewrites the newest checkpoint of a model (its checksum recomputed: a fault in the state,
+/// not a damaged file).
+fn edit_newest_checkpoint(model_dir: &Path, edit: impl FnOnce(&mut model_file::ModelFile)) {
+    let (_, path) = checkpoint::list(model_dir).unwrap().pop().unwrap();
+    let mut file = model_file::load(&path).unwrap();
+    edit(&mut file);
+    model_file::save(&path, &file).unwrap();
+}
+
+/// The values of the samples of `metric` for `model` in a registry's text exposition.
+fn samples(registry: &prometheus::Registry, metric: &str, model: &str) -> Vec<f64> {
     let text = prometheus::TextEncoder::new().encode_to_string(&registry.gather()).unwrap();
     text.lines()
-        .filter(|l| l.starts_with(&format!("{metric}{{")) && l.contains("model=\"m\""))
+        .filter(|l| l.starts_with(&format!("{metric}{{")) && l.contains(&format!("model=\"{model}\"")))
         .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
         .collect()
 }
@@ -408,11 +415,11 @@ async fn a_restore_counts_no_replayed_work_and_keeps_the_checkpoints_age() {
     let r = Engine::with_durability(EngineLimits::default(), metrics, durability(&crash));
     r.restore().await.unwrap();
     assert_eq!(r.model("m").unwrap().stats.symbols_seen, 3, "the replay restored the steps");
-    assert_eq!(samples(&registry, "kfrtrl_symbols_total").iter().sum::<f64>(), 0.0, "but counts none");
-    assert_eq!(samples(&registry, "kfrtrl_optimizer_updates_total"), [0.0]);
-    assert_eq!(samples(&registry, "kfrtrl_active_streams"), [1.0]);
-    assert!(samples(&registry, "kfrtrl_loss_bits_avg")[0] > 0.0);
-    let age = samples(&registry, "kfrtrl_checkpoint_last_success_timestamp_seconds");
+    assert_eq!(samples(&registry, "kfrtrl_symbols_total", "m").iter().sum::<f64>(), 0.0, "but counts none");
+    assert_eq!(samples(&registry, "kfrtrl_optimizer_updates_total", "m"), [0.0]);
+    assert_eq!(samples(&registry, "kfrtrl_active_streams", "m"), [1.0]);
+    assert!(samples(&registry, "kfrtrl_loss_bits_avg", "m")[0] > 0.0);
+    let age = samples(&registry, "kfrtrl_checkpoint_last_success_timestamp_seconds", "m");
     assert!((age[0] - written).abs() < 1e-3, "{age:?} against {written}");
     r.shutdown().await;
 }
@@ -443,9 +450,8 @@ async fn a_model_that_cannot_be_restored_is_skipped_and_the_others_serve() {
     let registry = prometheus::Registry::new();
     let r = Engine::with_durability(limits, EngineMetrics::register(&registry).unwrap(), durability(&dir));
     assert_eq!(r.restore().await.unwrap(), vec!["small".to_owned()]);
-    let text = prometheus::TextEncoder::new().encode_to_string(&registry.gather()).unwrap();
-    let flagged: Vec<&str> = text.lines().filter(|l| l.starts_with("kfrtrl_model_not_restored{")).collect();
-    assert_eq!(flagged, ["kfrtrl_model_not_restored{model=\"big\"} 1"], "for the alert");
+    let flagged = |model| samples(&registry, "kfrtrl_model_not_restored", model);
+    assert_eq!((flagged("big"), flagged("small")), (vec![1.0], vec![]), "for the alert");
     assert_same(&before, &r.snapshot("small").await.unwrap());
     assert_eq!(r.tokens("small", "s", x, Mode::Consume).await.unwrap().position, 4);
     // The skipped model's directory is kept, and its name is not given away.
@@ -504,8 +510,7 @@ async fn after_a_log_failure_the_model_refuses_changes_and_the_disk_keeps_what_w
     assert!(matches!(e.checkpoint("m").await, Err(EngineError::Storage(_))));
     let info = e.stream_info("m", "a").await.unwrap();
     assert_eq!(info.position, position, "reads still work and show no change");
-    let text = prometheus::TextEncoder::new().encode_to_string(&registry.gather()).unwrap();
-    assert!(text.contains("kfrtrl_wal_failures_total{model=\"m\"} 1"), "{text}");
+    assert_eq!(samples(&registry, "kfrtrl_wal_failures_total", "m"), [1.0]);
     let newest_before = checkpoint::list(&model_dir).unwrap().last().unwrap().0;
     e.shutdown().await;
     assert_eq!(
@@ -541,12 +546,10 @@ async fn a_nonfinite_cell_state_restarts_the_stream_and_later_checkpoints_still_
     let x = |t: Vec<u32>| TokenInput { tokens: t, learn: true, reset: false, top_k: 2, return_losses: false };
     e.tokens("m", "a", x(vec![1, 2, 3]), Mode::Consume).await.unwrap();
     e.shutdown().await;
-    let model_dir = dir.join("models/m");
-    let (_, path) = checkpoint::list(&model_dir).unwrap().pop().unwrap();
-    let mut file = model_file::load(&path).unwrap();
-    let state = file.extra.iter_mut().find(|t| t.name == "streams.state").unwrap();
-    state.data[0] = f32::NAN;
-    model_file::save(&path, &file).unwrap();
+    edit_newest_checkpoint(&dir.join("models/m"), |file| {
+        let state = file.extra.iter_mut().find(|t| t.name == "streams.state").unwrap();
+        state.data[0] = f32::NAN;
+    });
 
     let e = engine(&dir);
     e.restore().await.unwrap();
@@ -651,14 +654,7 @@ async fn periodic_checkpoints_follow_changes_and_boot_ignores_temporary_files() 
             .collect::<Vec<_>>()
     };
     let files = written();
-    let checkpointed_at = || {
-        let text = prometheus::TextEncoder::new().encode_to_string(&registry.gather()).unwrap();
-        let line = text
-            .lines()
-            .find(|l| l.starts_with("kfrtrl_checkpoint_last_success_timestamp_seconds{model=\"m\"}"))
-            .unwrap_or_else(|| panic!("no checkpoint timestamp in {text}"));
-        line.rsplit(' ').next().unwrap().parse::<f64>().unwrap()
-    };
+    let checkpointed_at = || samples(&registry, "kfrtrl_checkpoint_last_success_timestamp_seconds", "m")[0];
     let confirmed = checkpointed_at();
     tokio::time::sleep(std::time::Duration::from_millis(400)).await;
     assert_eq!(written(), files);

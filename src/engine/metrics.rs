@@ -278,8 +278,7 @@ impl EngineMetrics {
 
     /// Records when a restored model's checkpoint was written (it is the newest state on disk).
     pub fn checkpoint_written_at(&self, model: &str, at: std::time::SystemTime) {
-        let secs = at.duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
-        self.checkpoint_last_success.with_label_values(&[model]).set(secs);
+        self.checkpoint_last_success.with_label_values(&[model]).set(unix_seconds(at));
     }
 
     /// The metrics of one model (created at zero on first use).
@@ -310,7 +309,9 @@ impl EngineMetrics {
     /// Records a successful checkpoint (`bytes` 0: the first one of a new or restored model,
     /// whose size is not known here).
     pub fn checkpoint_succeeded(&self, model: &str, seconds: f64, bytes: u64) {
-        self.checkpoint_last_success.with_label_values(&[model]).set(unix_now());
+        self.checkpoint_last_success
+            .with_label_values(&[model])
+            .set(unix_seconds(std::time::SystemTime::now()));
         if bytes > 0 {
             self.checkpoints.with_label_values(&[model, "ok"]).inc();
             self.checkpoint_duration.with_label_values(&[model]).observe(seconds);
@@ -322,7 +323,9 @@ impl EngineMetrics {
     /// Records that a periodic check found the model's newest checkpoint current (nothing
     /// learned since), so the checkpoint's age stays a measure of learning at risk.
     pub fn checkpoint_current(&self, model: &str) {
-        self.checkpoint_last_success.with_label_values(&[model]).set(unix_now());
+        self.checkpoint_last_success
+            .with_label_values(&[model])
+            .set(unix_seconds(std::time::SystemTime::now()));
     }
 
     /// Records a failed checkpoint.
@@ -361,6 +364,6 @@ impl EngineMetrics {
     }
 }
 
-fn unix_now() -> f64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+fn unix_seconds(at: std::time::SystemTime) -> f64 {
+    at.duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
 }
