@@ -157,11 +157,12 @@ fn reply_bits(r: &Result<TokensReply, kfrtrl::engine::EngineError>) -> String {
     match r {
         Ok(r) => {
             let probs: Vec<(u32, u64)> = r.predictions.iter().map(|p| (p.token, p.prob.to_bits())).collect();
-            let losses: Vec<u64> = r.losses_bits.iter().flatten().map(|l| l.to_bits()).collect();
+            let losses: Vec<Option<u64>> =
+                r.losses_bits.iter().flatten().map(|l| l.map(f64::to_bits)).collect();
             format!(
-                "{} {} {:?} {:?} {}",
+                "{} {:?} {:?} {:?} {}",
                 r.position,
-                r.mean_loss_bits.to_bits(),
+                r.mean_loss_bits.map(f64::to_bits),
                 losses,
                 probs,
                 r.learner_resets
@@ -553,10 +554,16 @@ async fn a_nonfinite_cell_state_restarts_the_stream_and_later_checkpoints_still_
 
     let e = engine(&dir);
     e.restore().await.unwrap();
-    let reply = e.tokens("m", "a", x(vec![4]), Mode::Consume).await.unwrap();
+    let with_losses = TokenInput { return_losses: true, ..x(vec![4, 7]) };
+    let reply = e.tokens("m", "a", with_losses, Mode::Consume).await.unwrap();
     assert_eq!(reply.learner_resets, 1);
+    // Regression: the reply's mean took the NaN in and went out as `null` where the contract
+    // promised a number. The faulted token's loss is null and the mean is over the others.
+    let losses = reply.losses_bits.clone().unwrap();
+    assert!(losses[0].is_none() && losses[1].is_some_and(f64::is_finite), "{losses:?}");
+    assert_eq!(reply.mean_loss_bits, losses[1]);
     let info = e.stream_info("m", "a").await.unwrap();
-    assert_eq!((info.position, info.sequence_position), (4, 1), "restarted: a new sequence from this token");
+    assert_eq!((info.position, info.sequence_position), (5, 2), "restarted: a new sequence from token 4");
     assert!(info.mean_loss_bits.is_some_and(f64::is_finite), "{info:?}");
     assert!(info.loss_bits_avg.is_some_and(f64::is_finite), "{info:?}");
     assert!(e.model("m").unwrap().stats.loss_bits_avg.is_some_and(f64::is_finite));
@@ -566,7 +573,7 @@ async fn a_nonfinite_cell_state_restarts_the_stream_and_later_checkpoints_still_
     // The stream learns normally afterwards.
     let reply = e.tokens("m", "a", x(vec![5, 6]), Mode::Consume).await.unwrap();
     assert_eq!(reply.learner_resets, 0);
-    assert!(reply.mean_loss_bits.is_finite());
+    assert!(reply.mean_loss_bits.is_some_and(f64::is_finite));
     e.shutdown().await;
 }
 

@@ -258,11 +258,13 @@ pub struct TokensReply {
     pub position: u64,
     /// Tokens of this request.
     pub consumed: usize,
-    /// Mean loss of this request's tokens, in bits, each scored before learning from it.
-    pub mean_loss_bits: f64,
-    /// Every token's loss in bits, when asked.
+    /// Mean loss of this request's tokens, in bits, each scored before learning from it; tokens
+    /// whose loss was not finite (see `learner_resets`) are left out, and when that is every
+    /// token it is `None` (`null` on the wire).
+    pub mean_loss_bits: Option<f64>,
+    /// Every token's loss in bits, when asked; `None` (`null`) for a loss that was not finite.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub losses_bits: Option<Vec<f64>>,
+    pub losses_bits: Option<Vec<Option<f64>>>,
     /// Times during this request that a non-finite loss, gradient or learner factor was met: the
     /// weight update of that step was skipped and the stream's learner state reset (its
     /// hidden state and position are kept). Omitted when zero.

@@ -134,8 +134,10 @@ struct ActiveJob {
     job: TokenJob,
     /// Index of the next token to step.
     next: usize,
+    /// Sum and count of the request's finite losses (a stream at fault can score a non-finite one).
     loss_bits_sum: f64,
-    losses_bits: Vec<f64>,
+    scored: usize,
+    losses_bits: Vec<Option<f64>>,
     /// Times the stream's learner was reset after a non-finite value during this request.
     learner_resets: u32,
 }
@@ -924,6 +926,7 @@ impl Worker {
                         job,
                         next: 0,
                         loss_bits_sum: 0.0,
+                        scored: 0,
                         learner_resets: 0,
                     }));
                     self.queued_tokens += count;
@@ -1186,9 +1189,13 @@ impl Worker {
         let owner = self.owner_of(x.slot);
         let Some(entry) = self.slots[owner].as_mut() else { return };
         let Some(Job::Tokens(active)) = entry.queue.front_mut() else { return };
-        active.loss_bits_sum += bits;
+        let finite = bits.is_finite().then_some(bits);
+        if let Some(bits) = finite {
+            active.loss_bits_sum += bits;
+            active.scored += 1;
+        }
         if active.job.input.return_losses {
-            active.losses_bits.push(bits);
+            active.losses_bits.push(finite);
         }
         active.next += 1;
         let done = active.next == active.job.input.tokens.len();
@@ -1226,7 +1233,7 @@ impl Worker {
                 stream: entry.meta.name.clone(),
                 position: entry.meta.position,
                 consumed,
-                mean_loss_bits: active.loss_bits_sum / consumed as f64,
+                mean_loss_bits: (active.scored > 0).then(|| active.loss_bits_sum / active.scored as f64),
                 losses_bits: active.job.input.return_losses.then_some(active.losses_bits),
                 learner_resets: active.learner_resets,
                 predictions,
