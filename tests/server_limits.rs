@@ -364,3 +364,125 @@ async fn names_with_path_tricks_are_refused_before_the_engine() {
     assert_eq!(server.state.engine().models().len(), 1);
     server.stop().await;
 }
+
+/// The value of one series of the server's `/metrics` (`name{labels}` exactly as exposed).
+async fn metric_value(server: &TestServer, series: &str) -> Option<f64> {
+    let text = server.http.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    text.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Regression: a request stayed "in flight" only until the engine answered it, so finished
+/// replies a slow reader had not taken piled up without bound (and up to `ws_max_in_flight + 2`
+/// requests were queued); there was no bound in tokens at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_holds_at_most_its_in_flight_requests_and_tokens() {
+    for (max_requests, max_tokens, per_request, queued) in [(2, 65_536, 1, 2), (8, 3, 2, 2)] {
+        let limits = Limits {
+            ws_max_in_flight: max_requests,
+            ws_max_in_flight_tokens: max_tokens,
+            max_streams: 16,
+            ..Limits::default()
+        };
+        let server =
+            TestServer::start(ServerConfig { limits, models: vec![model("m", 16, 4)], ..Default::default() })
+                .await;
+        let hold = server.state.engine().hold("m").unwrap();
+        let url = format!("ws://{}/v1/models/m/streams/w/ws", server.addr);
+        let (socket, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+        let (mut sink, mut source) = socket.split();
+        let requests = 5;
+        let sender = tokio::spawn(async move {
+            for _ in 0..requests {
+                let message = json!({"tokens": vec![1; per_request]}).to_string();
+                sink.send(Message::text(message)).await.unwrap();
+            }
+            sink
+        });
+        let queued_tokens = || server.state.engine().model("m").unwrap().stats.queued_tokens;
+        eventually("the first requests to be queued", async || queued_tokens() == queued).await;
+        // What was in flight would have grown past the bound by now, had the reader kept going.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(queued_tokens(), queued, "{max_requests} requests, {max_tokens} tokens in flight at most");
+        drop(hold);
+        for i in 1..=requests {
+            let reply: Value =
+                serde_json::from_str(source.next().await.unwrap().unwrap().to_text().unwrap()).unwrap();
+            server.schemas.check("TokensReply", &reply);
+            assert_eq!(reply["position"], i * per_request, "{reply}");
+        }
+        let _sink = sender.await.unwrap();
+        server.stop().await;
+    }
+}
+
+/// Regression: a client that sent requests and never read the replies blocked the server's
+/// writes for ever, so its connection, its permit and the drain were held until the shutdown
+/// deadline, which then skipped the final checkpoints.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_client_that_stops_reading_is_dropped_and_the_server_still_drains() {
+    let limits = Limits { ws_idle_timeout_secs: 1.0, max_streams: 16, ..Limits::default() };
+    let server =
+        TestServer::start(ServerConfig { limits, models: vec![model("m", 4096, 4)], ..Default::default() })
+            .await;
+    // A small receive buffer, so that the unread replies fill the connection quickly.
+    let tcp = tokio::net::TcpSocket::new_v4().unwrap();
+    tcp.set_recv_buffer_size(4096).unwrap();
+    let tcp = tcp.connect(server.addr).await.unwrap();
+    let url = format!("ws://{}/v1/models/m/streams/w/ws", server.addr);
+    let (socket, _) = tokio_tungstenite::client_async(url, tcp).await.unwrap();
+    let (mut sink, _source) = socket.split();
+    // Each reply lists 1,024 predictions (tens of kB); the client never reads one.
+    let flood = tokio::spawn(async move {
+        for _ in 0..2000 {
+            if sink.send(Message::text(r#"{"tokens": [1], "top_k": 1024}"#)).await.is_err() {
+                break;
+            }
+        }
+    });
+    eventually("the server to give the reader up", async || {
+        metric_value(&server, r#"kfrtrl_websocket_closes_total{reason="write_timeout"}"#).await == Some(1.0)
+    })
+    .await;
+    assert_eq!(metric_value(&server, "kfrtrl_websocket_connections").await, Some(0.0));
+    flood.abort();
+    server.stop().await;
+}
+
+/// Regression: a peer that vanished (or never answers) held its connection and its permit for
+/// ever: the server sent no pings and had no idle timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_websocket_peer_is_dropped_after_the_idle_timeout() {
+    let limits =
+        Limits { ws_idle_timeout_secs: 1.0, max_websockets: 1, max_streams: 16, ..Limits::default() };
+    let server =
+        TestServer::start(ServerConfig { limits, models: vec![model("m", 16, 4)], ..Default::default() })
+            .await;
+    let url = format!("ws://{}/v1/models/m/streams/w/ws", server.addr);
+    // Never polled again: it reads no Ping and so answers none.
+    let (_silent, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    eventually("the silent peer to be dropped", async || {
+        metric_value(&server, r#"kfrtrl_websocket_closes_total{reason="idle_timeout"}"#).await == Some(1.0)
+    })
+    .await;
+    // Its permit is back; a client that answers the pings outlives the timeout.
+    let (mut live, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(2500) {
+        match tokio::time::timeout(Duration::from_millis(100), live.next()).await {
+            Err(_) | Ok(Some(Ok(Message::Ping(_)))) => {}
+            other => panic!("the live client was dropped: {other:?}"),
+        }
+    }
+    live.send(Message::text(r#"{"tokens": [1]}"#)).await.unwrap();
+    let reply = loop {
+        match live.next().await.unwrap().unwrap() {
+            Message::Text(text) => break serde_json::from_str::<Value>(&text).unwrap(),
+            Message::Ping(_) => continue,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(reply["position"], 1, "{reply}");
+    assert_eq!(metric_value(&server, r#"kfrtrl_websocket_replies_total{status="200"}"#).await, Some(1.0));
+    live.close(None).await.unwrap();
+    server.stop().await;
+}

@@ -192,6 +192,16 @@ async fn a_drain_past_the_deadline_exits_non_zero_with_a_log_line() {
     let line = line.unwrap_or_else(|| panic!("no deadline log line: {:?}", server.seen));
     assert_eq!(line["level"], "ERROR");
     assert_eq!(line["in_progress"], 1);
+    // Regression: past the deadline the models were never stopped, so their final checkpoints
+    // were skipped and the next start replayed the whole log.
+    let after_deadline = server.seen.iter().position(|l| l["message"] == "shutdown deadline passed").unwrap();
+    assert!(
+        server.seen[after_deadline..]
+            .iter()
+            .any(|l| l["message"] == "checkpoint written" && l["model"] == "m"),
+        "no final checkpoint after the deadline: {:?}",
+        &server.seen[after_deadline..]
+    );
     drop(slow);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1,5 +1,5 @@
 //! HTTP-level metrics (requests and durations by route template, requests in progress, WebSocket
-//! connections) and the process's own (`process_*`: memory, CPU, file descriptors), the
+//! connections, replies and closes) and the process's own (`process_*`: memory, CPU, file descriptors), the
 //! middleware that records them, and the `/metrics` exposition of the server's registry.
 
 use std::time::Instant;
@@ -9,7 +9,7 @@ use axum::http::{HeaderValue, Method, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
     exponential_buckets,
 };
 
@@ -26,6 +26,12 @@ pub struct HttpMetrics {
     durations: HistogramVec,
     /// Open WebSocket connections.
     pub websocket_connections: IntGauge,
+    /// WebSocket replies written, by status (200 for a tokens reply, else the problem's).
+    pub websocket_replies: IntCounterVec,
+    /// Time from reading a WebSocket request to writing its reply.
+    pub websocket_reply_durations: Histogram,
+    /// WebSocket connections ended, by why.
+    pub websocket_closes: IntCounterVec,
     /// `/v1` HTTP requests admitted and not yet answered.
     pub requests_in_progress: IntGauge,
 }
@@ -53,6 +59,27 @@ impl HttpMetrics {
                 "kfrtrl_websocket_connections",
                 "Open WebSocket connections.",
             )?,
+            websocket_replies: IntCounterVec::new(
+                Opts::new(
+                    "kfrtrl_websocket_replies_total",
+                    "WebSocket replies written, by status (200: a tokens reply; else the problem's status).",
+                ),
+                &["status"],
+            )?,
+            websocket_reply_durations: Histogram::with_opts(
+                HistogramOpts::new(
+                    "kfrtrl_websocket_reply_duration_seconds",
+                    "Time from reading a WebSocket request to writing its reply.",
+                )
+                .buckets(exponential_buckets(5e-5, 2.0, 18)?),
+            )?,
+            websocket_closes: IntCounterVec::new(
+                Opts::new(
+                    "kfrtrl_websocket_closes_total",
+                    "WebSocket connections ended, by reason (client, shutdown, idle_timeout, write_timeout, message_too_large, invalid_utf8, protocol_error).",
+                ),
+                &["reason"],
+            )?,
             requests_in_progress: IntGauge::new(
                 "kfrtrl_http_requests_in_progress",
                 "HTTP requests under /v1 admitted and not yet answered (capped by max_concurrent_requests).",
@@ -61,6 +88,9 @@ impl HttpMetrics {
         registry.register(Box::new(m.requests.clone()))?;
         registry.register(Box::new(m.durations.clone()))?;
         registry.register(Box::new(m.websocket_connections.clone()))?;
+        registry.register(Box::new(m.websocket_replies.clone()))?;
+        registry.register(Box::new(m.websocket_reply_durations.clone()))?;
+        registry.register(Box::new(m.websocket_closes.clone()))?;
         registry.register(Box::new(m.requests_in_progress.clone()))?;
         // process_resident_memory_bytes, CPU seconds, open fds, threads: what a soak watches.
         #[cfg(target_os = "linux")]

@@ -76,8 +76,17 @@ pub struct Limits {
     pub max_model_bytes: u64,
     /// Streams per model when its definition does not say.
     pub max_streams: usize,
-    /// Requests outstanding per WebSocket connection before the server stops reading.
+    /// Requests outstanding per WebSocket connection before the server stops reading; a request
+    /// stays outstanding until its reply is written.
     pub ws_max_in_flight: usize,
+    /// Tokens of the requests outstanding per WebSocket connection before the server stops
+    /// reading (a larger request waits until it is alone); bounds the memory of replies a slow
+    /// reader has not taken yet.
+    pub ws_max_in_flight_tokens: usize,
+    /// Seconds a WebSocket may stay silent (no message, not even the Pong to the server's Ping,
+    /// sent every half of it) while the server waits to read, and the longest a write to it
+    /// may take; past it the server drops the connection.
+    pub ws_idle_timeout_secs: f64,
     /// Largest hidden size of a model.
     pub max_hidden: usize,
     /// Most parameters (weights and readout) of a model.
@@ -107,6 +116,8 @@ impl Default for Limits {
             max_model_bytes: engine.max_model_bytes,
             max_streams: engine.default_max_streams,
             ws_max_in_flight: 256,
+            ws_max_in_flight_tokens: 65_536,
+            ws_idle_timeout_secs: 60.0,
             max_hidden: crate::core::model::limits::MAX_HIDDEN,
             max_parameters: 1 << 26,
             request_timeout_secs: 30.0,
@@ -141,6 +152,7 @@ impl Limits {
             ("max_models", self.max_models),
             ("max_streams", self.max_streams),
             ("ws_max_in_flight", self.ws_max_in_flight),
+            ("ws_max_in_flight_tokens", self.ws_max_in_flight_tokens),
             ("max_hidden", self.max_hidden),
             ("max_concurrent_requests", self.max_concurrent_requests),
             ("max_websockets", self.max_websockets),
@@ -162,6 +174,15 @@ impl Limits {
         if !(self.request_timeout_secs > 0.0 && self.request_timeout_secs <= 1e8) {
             return Err(StartError::Config("limits.request_timeout_secs must be in (0, 1e8]".to_owned()));
         }
+        if u32::try_from(self.ws_max_in_flight_tokens).is_err() {
+            return Err(StartError::Config(format!(
+                "limits.ws_max_in_flight_tokens must be at most {}",
+                u32::MAX
+            )));
+        }
+        if !(self.ws_idle_timeout_secs > 0.0 && self.ws_idle_timeout_secs <= 1e8) {
+            return Err(StartError::Config("limits.ws_idle_timeout_secs must be in (0, 1e8]".to_owned()));
+        }
         if self.queue_tokens < self.max_tokens_per_request {
             return Err(StartError::Config(
                 "limits.queue_tokens must be at least limits.max_tokens_per_request".to_owned(),
@@ -173,6 +194,11 @@ impl Limits {
     /// [`Limits::request_timeout_secs`] as a duration.
     pub fn request_timeout(&self) -> Duration {
         Duration::from_secs_f64(self.request_timeout_secs)
+    }
+
+    /// [`Limits::ws_idle_timeout_secs`] as a duration.
+    pub fn ws_idle_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.ws_idle_timeout_secs)
     }
 
     /// The server's caps on a model's size beyond the engine's memory estimate: hidden units
@@ -435,7 +461,8 @@ pub fn router(state: AppState) -> Router {
 /// Serves `state` on `listener` until `shutdown` completes (or a configured model fails to
 /// load), then drains (see the module's docs) within [`ServerConfig::shutdown_timeout`]. Logs
 /// `listening` with the bound address, `ready` once every configured model is loaded, and
-/// `stopped` after a complete drain; past the deadline it logs `shutdown deadline passed` and
+/// `stopped` after a complete drain; past the deadline it logs `shutdown deadline passed`, gives
+/// up the work in progress, stops the models (final checkpoints, within one more deadline) and
 /// fails with [`StartError::ShutdownTimeout`].
 pub async fn serve(
     listener: TcpListener,
@@ -509,6 +536,11 @@ pub async fn serve(
         Err(_) => {
             let in_progress = state.inner.admission.work.active();
             tracing::error!(?deadline, in_progress, "shutdown deadline passed");
+            // The work in progress is given up, not the models: they still stop and write their
+            // final checkpoints, so the next start need not replay their logs.
+            if tokio::time::timeout(deadline, state.engine().shutdown()).await.is_err() {
+                tracing::error!(?deadline, "the models did not stop within a second deadline");
+            }
             Err(StartError::ShutdownTimeout(deadline))
         }
     }

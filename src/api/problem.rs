@@ -203,6 +203,8 @@ impl ApiError {
         Self::new(StatusCode::UPGRADE_REQUIRED, "upgrade-required", "WebSocket upgrade required", detail)
             .with_header(header::UPGRADE, HeaderValue::from_static("websocket"))
             .with_header(header::CONNECTION, HeaderValue::from_static("Upgrade"))
+            // RFC 6455 §4.4: a refused version is answered with the versions the server speaks.
+            .with_header(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"))
     }
 
     /// 500: a bug (a handler panicked).

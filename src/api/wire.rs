@@ -14,6 +14,10 @@ use crate::engine::{EngineError, Mode, ModelDefinition, TokenInput};
 /// Default number of next-token predictions in a reply.
 pub const DEFAULT_TOP_K: usize = 5;
 
+/// Most next-token predictions a request may ask for: a reply lists them all, so a large
+/// vocabulary must not let one request make a multi-megabyte reply.
+pub const MAX_TOP_K: usize = 1024;
+
 /// A tokens request: `{"tokens": [..]}` or `{"text": ".."}` with options.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -30,7 +34,8 @@ pub struct TokensRequest {
     /// Whether the stream starts a new sequence first (default false).
     #[serde(default)]
     pub reset: bool,
-    /// Number of next-token predictions (default 5, capped at the vocabulary size).
+    /// Number of next-token predictions (default 5, at most [`MAX_TOP_K`], capped at the
+    /// vocabulary size).
     #[serde(default, deserialize_with = "present")]
     pub top_k: Option<usize>,
     /// Whether the reply lists every token's loss (default false).
@@ -91,6 +96,10 @@ impl TokensRequest {
         if tokens.is_empty() {
             return Err(EngineError::EmptyInput.into());
         }
+        let top_k = self.top_k.unwrap_or(DEFAULT_TOP_K);
+        if top_k > MAX_TOP_K {
+            return Err(ApiError::invalid_request(format!("top_k must be at most {MAX_TOP_K}")));
+        }
         if tokens.len() > max_tokens {
             return Err(EngineError::TooManyTokens { count: tokens.len(), limit: max_tokens }.into());
         }
@@ -98,7 +107,7 @@ impl TokensRequest {
             tokens,
             learn: self.learn,
             reset: self.reset,
-            top_k: self.top_k.unwrap_or(DEFAULT_TOP_K).min(model.vocab_size),
+            top_k: top_k.min(model.vocab_size),
             return_losses: self.return_losses,
         })
     }
@@ -252,5 +261,8 @@ mod tests {
         assert_eq!(input.top_k, 256);
         assert!(!input.learn && !input.reset && !input.return_losses);
         assert_eq!(req(r#"{"tokens":[1]}"#).into_input(&model(5), 4).unwrap().top_k, 5);
+        assert_eq!(req(r#"{"tokens":[1],"top_k":1024}"#).into_input(&model(5000), 4).unwrap().top_k, 1024);
+        let refused = req(r#"{"tokens":[1],"top_k":1025}"#).into_input(&model(5000), 4).unwrap_err();
+        assert_eq!((refused.status().as_u16(), refused.slug()), (422, "invalid-request"));
     }
 }

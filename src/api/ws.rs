@@ -2,25 +2,40 @@
 //!
 //! Each client text message is a tokens request; each server text message is its reply, in the
 //! order of the requests. A request consumes its tokens unless it says `"predict": true`, which
-//! evaluates them on a copy of the stream's state like `POST .../predict`. The client may pipeline: the reader submits each request to the engine
-//! as soon as it arrives (so they queue in order on the stream) and the writer sends the replies
-//! in order, with at most `ws_max_in_flight` requests outstanding (beyond that the reader stops
-//! reading, which pushes back on the client through TCP). A request that fails (bad JSON, a
-//! token outside the vocabulary, a full queue, ...) is answered in its place by a problem
-//! object, and the connection stays open. The server closes the connection with 1009 when a
-//! message exceeds the size limit, with 1002 on a protocol error, and with 1001 when it shuts
-//! down (after the replies in flight).
+//! evaluates them on a copy of the stream's state like `POST .../predict`. The client may
+//! pipeline: the reader submits each request to the engine as soon as it arrives (so they queue
+//! in order on the stream) and the writer sends the replies in order. A request is in flight
+//! from the moment it is read until its reply is written; with `ws_max_in_flight` requests or
+//! `ws_max_in_flight_tokens` tokens in flight the reader stops reading, which pushes back on the
+//! client through TCP, and the replies a slow reader has not taken stay bounded. A request that
+//! fails (bad JSON, a token outside the vocabulary, a full queue, ...) is answered in its place
+//! by a problem object, and the connection stays open.
+//!
+//! The server sends a Ping every half of `ws_idle_timeout_secs`. It drops a connection that
+//! sends nothing (not even the Pong) for that long while the server waits to read, or whose
+//! write takes that long, so dead peers and clients that stop reading free their permits and
+//! never hold up a shutdown. It closes with 1009 when a message exceeds the size limit, 1007 on
+//! text that is not UTF-8, 1002 on a protocol error, and 1001 when it shuts down (after the
+//! replies in flight) or the connection was idle. Requests read before the client closed take
+//! effect even though their replies can no longer be sent: the stream's `position` tells.
 //!
 //! Each connection holds one of the server's `max_websockets` permits and counts as work in
 //! progress for the drain. When the client offers the subprotocol `kfrtrl.v1` (browsers must, to
 //! send their key as the subprotocol `kfrtrl.bearer.<key>`), the server selects it.
 
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
 use axum::extract::State;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade, close_code};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
-use tokio::sync::mpsc;
+use prometheus::IntGauge;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::time::MissedTickBehavior;
 
 use super::AppState;
 use super::admission::WorkGuard;
@@ -28,7 +43,7 @@ use super::auth::WS_PROTOCOL;
 use super::problem::{ApiError, ApiResult};
 use super::routes::PathParams;
 use super::wire::{TokensRequest, parse_json};
-use crate::engine::{Mode, PendingReply, TokensReply};
+use crate::engine::{Mode, PendingReply, TokenInput, TokensReply};
 
 /// The upgrade handler: checks the model, the stream name and the connection limit before
 /// switching protocols.
@@ -56,106 +71,278 @@ pub async fn upgrade(
         .into_response())
 }
 
-/// The close code for a failed read: 1009 when the message or frame was too large.
-fn read_failure(error: axum::Error) -> (u16, &'static str) {
-    use tokio_tungstenite::tungstenite::Error as WsError;
-    match error.into_inner().downcast::<WsError>().map(|e| *e) {
-        Ok(WsError::Capacity(_)) => (close_code::SIZE, "message too large"),
-        Ok(WsError::Utf8(_)) => (close_code::INVALID, "text message is not UTF-8"),
-        _ => (close_code::PROTOCOL, "protocol error"),
+/// Why a connection ended: the `reason` label of `kfrtrl_websocket_closes_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// The client closed or the connection broke.
+    Client,
+    Shutdown,
+    IdleTimeout,
+    WriteTimeout,
+    MessageTooLarge,
+    InvalidUtf8,
+    ProtocolError,
+}
+
+impl End {
+    fn label(self) -> &'static str {
+        match self {
+            End::Client => "client",
+            End::Shutdown => "shutdown",
+            End::IdleTimeout => "idle_timeout",
+            End::WriteTimeout => "write_timeout",
+            End::MessageTooLarge => "message_too_large",
+            End::InvalidUtf8 => "invalid_utf8",
+            End::ProtocolError => "protocol_error",
+        }
+    }
+
+    /// The close frame the server sends; none when the peer is gone or does not read.
+    fn close_frame(self) -> Option<CloseFrame> {
+        let (code, reason) = match self {
+            End::Shutdown => (close_code::AWAY, "server shutting down"),
+            End::IdleTimeout => (close_code::AWAY, "idle timeout"),
+            End::MessageTooLarge => (close_code::SIZE, "message too large"),
+            End::InvalidUtf8 => (close_code::INVALID, "text message is not UTF-8"),
+            End::ProtocolError => (close_code::PROTOCOL, "protocol error"),
+            End::Client | End::WriteTimeout => return None,
+        };
+        Some(CloseFrame { code, reason: Utf8Bytes::from_static(reason) })
     }
 }
 
-/// A reply in the writer's queue.
+/// How a failed read ends the connection.
+fn read_failure(error: axum::Error) -> End {
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    match error.into_inner().downcast::<WsError>().map(|e| *e) {
+        Ok(WsError::Capacity(_)) => End::MessageTooLarge,
+        Ok(WsError::Utf8(_)) => End::InvalidUtf8,
+        Ok(WsError::ConnectionClosed | WsError::AlreadyClosed | WsError::Io(_)) => End::Client,
+        _ => End::ProtocolError,
+    }
+}
+
+/// What the writer sends next.
 enum Outgoing {
+    /// The reply to a request, in the request's turn.
+    Reply { read_at: Instant, body: Body, in_flight: InFlight },
+    /// The reader stopped: after the replies before it, the writer closes.
+    End(End),
+}
+
+enum Body {
     Pending(PendingReply<TokensReply>),
-    Ready(String),
-    Close(u16, &'static str),
+    Problem(ApiError),
+}
+
+/// The share of the connection's in-flight budget a request holds until its reply is written.
+struct InFlight {
+    _request: OwnedSemaphorePermit,
+    _tokens: Option<OwnedSemaphorePermit>,
+}
+
+/// Keeps `kfrtrl_websocket_connections` right however the connection's task ends.
+struct Open(IntGauge);
+
+impl Open {
+    fn new(gauge: IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+async fn serve_socket(socket: WebSocket, state: AppState, model: String, stream: String, _work: WorkGuard) {
+    let http = state.inner.http.clone();
+    let _open = Open::new(http.websocket_connections.clone());
+    let limits = &state.inner.limits;
+    let idle = limits.ws_idle_timeout();
+    let requests = Arc::new(Semaphore::new(limits.ws_max_in_flight));
+    let token_budget = limits.ws_max_in_flight_tokens;
+    let tokens = Arc::new(Semaphore::new(token_budget));
+    let (mut sink, mut source) = socket.split();
+    // Unbounded, because the semaphores bound it; so the reader can always queue its `End`.
+    let (tx, mut rx) = mpsc::unbounded_channel::<Outgoing>();
+    let mut draining = state.inner.draining.subscribe();
+
+    let end = {
+        let reader = async {
+            let end = loop {
+                // Without a free request permit the server does not read: that is the backpressure.
+                let request = tokio::select! {
+                    biased;
+                    () = super::until_draining(&mut draining) => break End::Shutdown,
+                    permit = requests.clone().acquire_owned() => match permit {
+                        Ok(permit) => permit,
+                        Err(_) => break End::Shutdown,
+                    },
+                };
+                let message = match next_message(&mut source, &mut draining, idle).await {
+                    Ok(message) => message,
+                    Err(end) => break end,
+                };
+                let read_at = Instant::now();
+                let (body, tokens_held) = match message {
+                    Message::Text(text) => match parse(&state, &model, text.as_bytes()) {
+                        Ok((input, mode)) => {
+                            // A request larger than the budget waits until it is alone.
+                            let want = input.tokens.len().min(token_budget);
+                            let held = tokens.clone().acquire_many_owned(want as u32).await.ok();
+                            let body = match state.engine().submit(&model, &stream, input, mode) {
+                                Ok(pending) => Body::Pending(pending),
+                                Err(e) => Body::Problem(e.into()),
+                            };
+                            (body, held)
+                        }
+                        Err(e) => (Body::Problem(e), None),
+                    },
+                    _ => (Body::Problem(ApiError::unsupported_message()), None),
+                };
+                let in_flight = InFlight { _request: request, _tokens: tokens_held };
+                if tx.send(Outgoing::Reply { read_at, body, in_flight }).is_err() {
+                    break End::Client;
+                }
+            };
+            if end != End::Client {
+                let _ = tx.send(Outgoing::End(end));
+            }
+            end
+        };
+        let writer = async {
+            // `interval` refuses a zero period, which a tiny configured timeout would give.
+            let ping_every = (idle / 2).max(Duration::from_millis(1));
+            let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+            ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            loop {
+                let outgoing = tokio::select! {
+                    biased;
+                    outgoing = rx.recv() => outgoing,
+                    _ = ping.tick() => {
+                        if let Err(end) = write(&mut sink, Message::Ping(Default::default()), idle).await {
+                            return end;
+                        }
+                        continue;
+                    }
+                };
+                let Some(outgoing) = outgoing else { return End::Client };
+                let (read_at, body, in_flight) = match outgoing {
+                    Outgoing::End(end) => {
+                        if let Some(frame) = end.close_frame() {
+                            let _ = write(&mut sink, Message::Close(Some(frame)), idle).await;
+                        }
+                        return end;
+                    }
+                    Outgoing::Reply { read_at, body, in_flight } => (read_at, body, in_flight),
+                };
+                let (status, text) = match body {
+                    Body::Problem(e) => (e.status(), problem_text(&e)),
+                    Body::Pending(pending) => {
+                        let answer = pending.wait();
+                        tokio::pin!(answer);
+                        // Pings go on while the engine works on the request.
+                        let answer = loop {
+                            tokio::select! {
+                                biased;
+                                answer = &mut answer => break answer,
+                                _ = ping.tick() => {
+                                    if let Err(end) = write(&mut sink, Message::Ping(Default::default()), idle).await {
+                                        return end;
+                                    }
+                                }
+                            }
+                        };
+                        match answer.map_err(ApiError::from).and_then(|reply| {
+                            serde_json::to_string(&reply)
+                                .map_err(|e| ApiError::internal(format!("cannot encode the reply: {e}")))
+                        }) {
+                            Ok(text) => (StatusCode::OK, text),
+                            Err(e) => (e.status(), problem_text(&e)),
+                        }
+                    }
+                };
+                if status.is_server_error() {
+                    tracing::warn!(%model, %stream, status = status.as_u16(), "websocket request failed");
+                }
+                if let Err(end) = write(&mut sink, Message::Text(text.into()), idle).await {
+                    return end;
+                }
+                http.websocket_replies.with_label_values(&[status.as_str()]).inc();
+                http.websocket_reply_durations.observe(read_at.elapsed().as_secs_f64());
+                drop(in_flight);
+            }
+        };
+        tokio::pin!(reader, writer);
+        tokio::select! {
+            // The writer gave up (or closed): the reader goes with it.
+            end = &mut writer => end,
+            end = &mut reader => match end {
+                // The peer is gone: replies still due could not be delivered.
+                End::Client => End::Client,
+                _ => writer.await,
+            },
+        }
+    };
+    // Completes the closing handshake (tungstenite queued its answer to the client's Close).
+    if end != End::WriteTimeout {
+        let _ = tokio::time::timeout(idle, sink.close()).await;
+    }
+    http.websocket_closes.with_label_values(&[end.label()]).inc();
+    tracing::debug!(%model, %stream, reason = end.label(), "websocket closed");
+}
+
+/// The next data message; pings and pongs only show that the peer is alive.
+async fn next_message(
+    source: &mut SplitStream<WebSocket>,
+    draining: &mut watch::Receiver<bool>,
+    idle: Duration,
+) -> Result<Message, End> {
+    loop {
+        let message = tokio::select! {
+            biased;
+            () = super::until_draining(draining) => return Err(End::Shutdown),
+            message = source.next() => message,
+            () = tokio::time::sleep(idle) => return Err(End::IdleTimeout),
+        };
+        match message {
+            None | Some(Ok(Message::Close(_))) => return Err(End::Client),
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "websocket read failed");
+                return Err(read_failure(e));
+            }
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            Some(Ok(message)) => return Ok(message),
+        }
+    }
+}
+
+/// Writes one message within `limit`: a peer that does not take it by then is given up.
+async fn write(
+    sink: &mut SplitSink<WebSocket, Message>,
+    message: Message,
+    limit: Duration,
+) -> Result<(), End> {
+    match tokio::time::timeout(limit, sink.send(message)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(End::Client),
+        Err(_) => Err(End::WriteTimeout),
+    }
 }
 
 fn problem_text(error: &ApiError) -> String {
     error.to_json().to_string()
 }
 
-async fn serve_socket(socket: WebSocket, state: AppState, model: String, stream: String, _work: WorkGuard) {
-    let gauge = state.inner.http.websocket_connections.clone();
-    gauge.inc();
-    let (mut sink, mut source) = socket.split();
-    let (tx, mut rx) = mpsc::channel::<Outgoing>(state.inner.limits.ws_max_in_flight.max(1));
-    let mut draining = state.inner.draining.subscribe();
-
-    let reader = async {
-        loop {
-            let message = tokio::select! {
-                message = source.next() => message,
-                () = super::until_draining(&mut draining) => {
-                    let _ = tx.send(Outgoing::Close(close_code::AWAY, "server shutting down")).await;
-                    break;
-                }
-            };
-            let outgoing = match message {
-                None | Some(Ok(Message::Close(_))) => break,
-                Some(Err(e)) => {
-                    tracing::debug!(error = %e, "websocket read failed");
-                    let (code, reason) = read_failure(e);
-                    let _ = tx.send(Outgoing::Close(code, reason)).await;
-                    break;
-                }
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-                Some(Ok(Message::Binary(_))) => {
-                    Outgoing::Ready(problem_text(&ApiError::unsupported_message()))
-                }
-                Some(Ok(Message::Text(text))) => match submit(&state, &model, &stream, text.as_bytes()) {
-                    Ok(pending) => Outgoing::Pending(pending),
-                    Err(e) => Outgoing::Ready(problem_text(&e)),
-                },
-            };
-            if tx.send(outgoing).await.is_err() {
-                break;
-            }
-        }
-        drop(tx);
-    };
-
-    let writer = async {
-        while let Some(outgoing) = rx.recv().await {
-            let text = match outgoing {
-                Outgoing::Ready(text) => text,
-                Outgoing::Pending(pending) => match pending.wait().await {
-                    Ok(reply) => serde_json::to_string(&reply).unwrap_or_else(|e| {
-                        problem_text(&ApiError::internal(format!("cannot encode the reply: {e}")))
-                    }),
-                    Err(e) => problem_text(&ApiError::from(e)),
-                },
-                Outgoing::Close(code, reason) => {
-                    let frame = CloseFrame { code, reason: Utf8Bytes::from_static(reason) };
-                    let _ = sink.send(Message::Close(Some(frame))).await;
-                    break;
-                }
-            };
-            if sink.send(Message::Text(text.into())).await.is_err() {
-                break;
-            }
-        }
-        // Dropping the receiver makes the reader stop at its next message.
-        rx.close();
-        let _ = sink.close().await;
-    };
-
-    tokio::join!(reader, writer);
-    gauge.dec();
-}
-
-fn submit(
-    state: &AppState,
-    model: &str,
-    stream: &str,
-    text: &[u8],
-) -> Result<PendingReply<TokensReply>, ApiError> {
+/// Parses and checks a request against the model.
+fn parse(state: &AppState, model: &str, text: &[u8]) -> Result<(TokenInput, Mode), ApiError> {
     let request: TokensRequest = parse_json(text)?;
     let engine = state.engine();
     let definition = engine.definition(model)?;
     let mode = request.mode(Mode::Consume);
     let input = request.into_input(&definition, engine.limits().max_tokens_per_request)?;
-    Ok(engine.submit(model, stream, input, mode)?)
+    Ok((input, mode))
 }

@@ -104,10 +104,19 @@ pub struct ServeArgs {
     /// [env: KFRTRL_MAX_WEBSOCKETS] [default: 1024].
     #[arg(long)]
     max_websockets: Option<usize>,
-    /// Requests in flight per WebSocket before the server stops reading it
-    /// [env: KFRTRL_WS_MAX_IN_FLIGHT] [default: 256].
+    /// Requests in flight per WebSocket before the server stops reading it (in flight until
+    /// the reply is written) [env: KFRTRL_WS_MAX_IN_FLIGHT] [default: 256].
     #[arg(long)]
     ws_max_in_flight: Option<usize>,
+    /// Tokens in flight per WebSocket before the server stops reading it (a larger request
+    /// waits until it is alone) [env: KFRTRL_WS_MAX_IN_FLIGHT_TOKENS] [default: 65536].
+    #[arg(long)]
+    ws_max_in_flight_tokens: Option<usize>,
+    /// Seconds a WebSocket may stay silent, Pongs to the server's Pings (sent every half of
+    /// it) included, and the longest a write to it may take; past it the connection is dropped
+    /// [env: KFRTRL_WS_IDLE_TIMEOUT_SECS] [default: 60].
+    #[arg(long, value_name = "SECS")]
+    ws_idle_timeout: Option<f64>,
     /// Models in the server [env: KFRTRL_MAX_MODELS] [default: 16].
     #[arg(long)]
     max_models: Option<usize>,
@@ -217,6 +226,7 @@ fn settings(args: ServeArgs) -> Result<Settings, String> {
         (args.max_concurrent_requests, "MAX_CONCURRENT_REQUESTS", &mut limits.max_concurrent_requests),
         (args.max_websockets, "MAX_WEBSOCKETS", &mut limits.max_websockets),
         (args.ws_max_in_flight, "WS_MAX_IN_FLIGHT", &mut limits.ws_max_in_flight),
+        (args.ws_max_in_flight_tokens, "WS_MAX_IN_FLIGHT_TOKENS", &mut limits.ws_max_in_flight_tokens),
         (args.max_models, "MAX_MODELS", &mut limits.max_models),
         (args.max_hidden, "MAX_HIDDEN", &mut limits.max_hidden),
     ];
@@ -235,6 +245,9 @@ fn settings(args: ServeArgs) -> Result<Settings, String> {
     }
     if let Some(seconds) = pick(args.request_timeout, "REQUEST_TIMEOUT_SECS", None)? {
         limits.request_timeout_secs = seconds;
+    }
+    if let Some(seconds) = pick(args.ws_idle_timeout, "WS_IDLE_TIMEOUT_SECS", None)? {
+        limits.ws_idle_timeout_secs = seconds;
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let runtime_threads = pick(args.runtime_threads, "RUNTIME_THREADS", file.runtime_threads)?
