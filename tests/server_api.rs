@@ -8,7 +8,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -470,7 +470,7 @@ async fn websocket_replies_in_order_to_pipelined_requests() {
         expected.push(outcome);
     }
     for (i, outcome) in expected.iter().enumerate() {
-        let message = socket.next().await.unwrap().unwrap();
+        let message = support::next_data(&mut socket).await.unwrap().unwrap();
         let value: Value = serde_json::from_str(message.to_text().unwrap()).unwrap();
         match outcome {
             Ok(position) => {
@@ -486,7 +486,8 @@ async fn websocket_replies_in_order_to_pipelined_requests() {
     // Still open after the problems.
     socket.send(Message::text(r#"{"text":"z"}"#)).await.unwrap();
     let value: Value =
-        serde_json::from_str(socket.next().await.unwrap().unwrap().to_text().unwrap()).unwrap();
+        serde_json::from_str(support::next_data(&mut socket).await.unwrap().unwrap().to_text().unwrap())
+            .unwrap();
     assert_eq!(value["position"].as_u64(), Some(position + 1));
 
     // WebSocket and HTTP requests to one stream share its queue and position.

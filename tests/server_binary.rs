@@ -19,6 +19,19 @@ struct Server {
     logs: mpsc::Receiver<Value>,
 }
 
+/// The next message that is not a Ping or a Pong (the server pings every connection).
+async fn next_data<S>(socket: &mut S) -> Option<Result<Message, tokio_tungstenite::tungstenite::Error>>
+where
+    S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
+    loop {
+        match socket.next().await {
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            other => return other,
+        }
+    }
+}
+
 fn temp_dir(tag: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("kfrtrl-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -187,7 +200,7 @@ max_streams = 2
     }
     let mut positions = Vec::new();
     for _ in 0..2 {
-        let message = socket.next().await.unwrap().unwrap();
+        let message = next_data(&mut socket).await.unwrap().unwrap();
         let value: Value = serde_json::from_str(message.to_text().unwrap()).unwrap();
         positions.push(value["position"].as_u64().unwrap());
     }
@@ -195,7 +208,7 @@ max_streams = 2
 
     // SIGTERM: the open WebSocket is closed with 1001 and the process exits cleanly.
     let terminate = std::thread::spawn(move || server.terminate());
-    match socket.next().await {
+    match next_data(&mut socket).await {
         Some(Ok(Message::Close(Some(frame)))) => assert_eq!(u16::from(frame.code), 1001),
         other => panic!("expected a close frame, got {other:?}"),
     }

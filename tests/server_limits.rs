@@ -453,7 +453,7 @@ async fn a_websocket_client_that_stops_reading_is_dropped_and_the_server_still_d
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_websocket_peer_is_dropped_after_the_idle_timeout() {
     let limits =
-        Limits { ws_idle_timeout_secs: 1.0, max_websockets: 1, max_streams: 16, ..Limits::default() };
+        Limits { ws_idle_timeout_secs: 2.0, max_websockets: 1, max_streams: 16, ..Limits::default() };
     let server =
         TestServer::start(ServerConfig { limits, models: vec![model("m", 16, 4)], ..Default::default() })
             .await;
@@ -467,7 +467,7 @@ async fn a_silent_websocket_peer_is_dropped_after_the_idle_timeout() {
     // Its permit is back; a client that answers the pings outlives the timeout.
     let (mut live, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
     let started = Instant::now();
-    while started.elapsed() < Duration::from_millis(2500) {
+    while started.elapsed() < Duration::from_millis(5000) {
         match tokio::time::timeout(Duration::from_millis(100), live.next()).await {
             Err(_) | Ok(Some(Ok(Message::Ping(_)))) => {}
             other => panic!("the live client was dropped: {other:?}"),
@@ -482,7 +482,95 @@ async fn a_silent_websocket_peer_is_dropped_after_the_idle_timeout() {
         }
     };
     assert_eq!(reply["position"], 1, "{reply}");
-    assert_eq!(metric_value(&server, r#"kfrtrl_websocket_replies_total{status="200"}"#).await, Some(1.0));
+    // Counted once the write completes, which the client may see first.
+    eventually("the reply to be counted", async || {
+        metric_value(&server, r#"kfrtrl_websocket_replies_total{status="200"}"#).await == Some(1.0)
+    })
+    .await;
     live.close(None).await.unwrap();
     server.stop().await;
+}
+
+/// Regression: the idle timer only saw frames from the client, so a client that took large
+/// replies steadily but slowly, sending nothing meanwhile, was dropped as idle: the server's
+/// pings queued behind the reply being written, so no Pong could come back either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_client_that_reads_slowly_but_steadily_is_not_idle() {
+    let limits = Limits { ws_idle_timeout_secs: 1.5, max_streams: 16, ..Limits::default() };
+    let server =
+        TestServer::start(ServerConfig { limits, models: vec![model("m", 4096, 4)], ..Default::default() })
+            .await;
+    let tcp = tokio::net::TcpSocket::new_v4().unwrap();
+    tcp.set_recv_buffer_size(4096).unwrap();
+    let tcp = tcp.connect(server.addr).await.unwrap();
+    let url = format!("ws://{}/v1/models/m/streams/w/ws", server.addr);
+    let (mut socket, _) = tokio_tungstenite::client_async(url, tcp).await.unwrap();
+    // Tens of kB per reply, read one every 20 ms: the replies take a few idle timeouts to
+    // deliver, and the client sends nothing until it has them all.
+    let requests = 200;
+    for _ in 0..requests {
+        socket.send(Message::text(r#"{"tokens": [1], "top_k": 1024}"#)).await.unwrap();
+    }
+    let started = Instant::now();
+    for i in 1..=requests {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let message = support::next_data(&mut socket)
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("reply {i} after {:?}: {e}", started.elapsed()));
+        let reply: Value = serde_json::from_str(message.to_text().unwrap())
+            .unwrap_or_else(|e| panic!("reply {i}: {e}: {message:?}"));
+        assert_eq!(reply["position"], i, "{reply}");
+    }
+    assert!(started.elapsed() > Duration::from_secs(3), "the replies took {:?}", started.elapsed());
+    socket.send(Message::text(r#"{"tokens": [1]}"#)).await.unwrap();
+    let message = support::next_data(&mut socket).await.unwrap().unwrap();
+    let reply: Value = serde_json::from_str(message.to_text().unwrap())
+        .unwrap_or_else(|e| panic!("the connection was dropped: {e}: {message:?}"));
+    assert_eq!(reply["position"], requests + 1, "{reply}");
+    assert_eq!(metric_value(&server, r#"kfrtrl_websocket_closes_total{reason="idle_timeout"}"#).await, None);
+    socket.close(None).await.unwrap();
+    server.stop().await;
+}
+
+/// Regression: during a drain a write to a client that stopped reading could take the whole
+/// idle timeout (60 s by default), longer than the shutdown timeout (30 s), so such a client
+/// held the drain to its deadline and the models missed their final checkpoints.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_client_that_stops_reading_cannot_hold_the_drain_to_its_deadline() {
+    let server = TestServer::start(ServerConfig {
+        limits: Limits { max_streams: 16, ..Limits::default() },
+        shutdown_timeout: Duration::from_secs(6),
+        models: vec![model("m", 4096, 4)],
+        ..Default::default()
+    })
+    .await;
+    let tcp = tokio::net::TcpSocket::new_v4().unwrap();
+    tcp.set_recv_buffer_size(4096).unwrap();
+    let tcp = tcp.connect(server.addr).await.unwrap();
+    let url = format!("ws://{}/v1/models/m/streams/w/ws", server.addr);
+    let (socket, _) = tokio_tungstenite::client_async(url, tcp).await.unwrap();
+    let (mut sink, _source) = socket.split();
+    let flood = tokio::spawn(async move {
+        for _ in 0..2000 {
+            if sink.send(Message::text(r#"{"tokens": [1], "top_k": 1024}"#)).await.is_err() {
+                break;
+            }
+        }
+    });
+    // The replies stop being counted once the client's buffers are full and a write blocks.
+    let replies = async || {
+        metric_value(&server, r#"kfrtrl_websocket_replies_total{status="200"}"#).await.unwrap_or(0.0)
+    };
+    let mut last = -1.0;
+    eventually("a write to block", async || {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = replies().await;
+        std::mem::replace(&mut last, now) == now && now > 0.0
+    })
+    .await;
+    assert_eq!(metric_value(&server, "kfrtrl_websocket_connections").await, Some(1.0));
+    // `stop` fails unless the drain completes within the shutdown timeout.
+    server.stop().await;
+    flood.abort();
 }

@@ -8,7 +8,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -136,13 +136,13 @@ async fn drains_on(signal: &str) {
     // Every pipelined request is answered, in order, then the socket closes with 1001.
     let mut position = 0;
     for i in 0..messages {
-        let message = socket.next().await.unwrap().unwrap();
+        let message = support::next_data(&mut socket).await.unwrap().unwrap();
         let reply: Value = serde_json::from_str(message.to_text().unwrap())
             .unwrap_or_else(|e| panic!("reply {i}: {e}: {message:?}"));
         position += tokens_per_message;
         assert_eq!(reply["position"].as_u64(), Some(position), "reply {i}: {reply}");
     }
-    match socket.next().await {
+    match support::next_data(&mut socket).await {
         Some(Ok(Message::Close(Some(frame)))) => {
             assert_eq!(u16::from(frame.code), 1001);
             assert_eq!(frame.reason.as_str(), "server shutting down");
@@ -176,7 +176,7 @@ async fn sigint_drains_in_flight_work_then_exits_0() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drain_past_the_deadline_exits_non_zero_with_a_log_line() {
-    let (mut server, dir) = start("deadline", &["--shutdown-timeout", "0.5"]);
+    let (mut server, dir) = start("deadline", &["--shutdown-timeout", "2"]);
     let http = reqwest::Client::new();
     let slow = slow_request(&server.addr, "stuck").await;
     eventually("the slow request to be admitted", async || {

@@ -80,12 +80,14 @@ pub struct Limits {
     /// stays outstanding until its reply is written.
     pub ws_max_in_flight: usize,
     /// Tokens of the requests outstanding per WebSocket connection before the server stops
-    /// reading (a larger request waits until it is alone); bounds the memory of replies a slow
-    /// reader has not taken yet.
+    /// reading (a larger request waits until it is alone). A reply holds a loss per token and
+    /// the `top_k` predictions of the last one, so with `ws_max_in_flight` this bounds the
+    /// memory of the replies a slow reader has not taken yet.
     pub ws_max_in_flight_tokens: usize,
-    /// Seconds a WebSocket may stay silent (no message, not even the Pong to the server's Ping,
-    /// sent every half of it) while the server waits to read, and the longest a write to it
-    /// may take; past it the server drops the connection.
+    /// Seconds a WebSocket may show no sign of life (no message, not even the Pong to the
+    /// server's Ping, sent every half of it, and no reply taken) while the server waits to read,
+    /// and the longest a write to it may take (during a drain, at most half the shutdown
+    /// timeout); past it the server drops the connection.
     pub ws_idle_timeout_secs: f64,
     /// Largest hidden size of a model.
     pub max_hidden: usize,
@@ -512,6 +514,16 @@ pub async fn serve(
     state.begin_drain();
     tracing::info!("draining");
     let deadline = state.inner.shutdown_timeout;
+    // Stopping the models is one task, started by the drain or at its deadline, so that a drain
+    // cut off halfway through it neither stops them twice nor abandons the stop.
+    let (start_stopping, stop_now) = tokio::sync::oneshot::channel::<()>();
+    let mut stopping = tokio::spawn({
+        let engine = state.engine().clone();
+        async move {
+            let _ = stop_now.await;
+            engine.shutdown().await;
+        }
+    });
     let drain = async {
         state.inner.admission.work.idle().await;
         let _ = stop_accepting.send(());
@@ -523,12 +535,14 @@ pub async fn serve(
             Ok(result) => result,
             Err(e) => Err(StartError::Config(format!("model loading failed: {e}"))),
         };
-        state.engine().shutdown().await;
+        let _ = start_stopping.send(());
+        let _ = (&mut stopping).await;
         let served = served.map_err(|e| StartError::Config(format!("the server task failed: {e}")))?;
         served?;
         loaded
     };
-    match tokio::time::timeout(deadline, drain).await {
+    let drained = tokio::time::timeout(deadline, drain).await;
+    match drained {
         Ok(result) => {
             tracing::info!("stopped");
             result
@@ -538,7 +552,8 @@ pub async fn serve(
             tracing::error!(?deadline, in_progress, "shutdown deadline passed");
             // The work in progress is given up, not the models: they still stop and write their
             // final checkpoints, so the next start need not replay their logs.
-            if tokio::time::timeout(deadline, state.engine().shutdown()).await.is_err() {
+            // Dropping the drain dropped `start_stopping`, which starts the stop if it had not.
+            if tokio::time::timeout(deadline, &mut stopping).await.is_err() {
                 tracing::error!(?deadline, "the models did not stop within a second deadline");
             }
             Err(StartError::ShutdownTimeout(deadline))

@@ -12,9 +12,10 @@
 //! by a problem object, and the connection stays open.
 //!
 //! The server sends a Ping every half of `ws_idle_timeout_secs`. It drops a connection that
-//! sends nothing (not even the Pong) for that long while the server waits to read, or whose
-//! write takes that long, so dead peers and clients that stop reading free their permits and
-//! never hold up a shutdown. It closes with 1009 when a message exceeds the size limit, 1007 on
+//! shows no sign of life for that long (no frame from the client, not even the Pong, and no
+//! reply taken) while the server waits to read, or whose write takes that long; once the server
+//! drains, a write may take at most half the shutdown timeout. So dead peers and clients that
+//! stop reading free their permits and cannot hold a drain to its deadline. It closes with 1009 when a message exceeds the size limit, 1007 on
 //! text that is not UTF-8, 1002 on a protocol error, and 1001 when it shuts down (after the
 //! replies in flight) or the connection was idle. Requests read before the client closed take
 //! effect even though their replies can no longer be sent: the stream's `position` tells.
@@ -24,6 +25,7 @@
 //! send their key as the subprotocol `kfrtrl.bearer.<key>`), the server selects it.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::extract::State;
@@ -157,11 +159,42 @@ impl Drop for Open {
     }
 }
 
+/// When the peer last showed it is alive: a frame read from it, or a reply it took. Sent pings
+/// do not count, since a dead peer's kernel buffer takes them too.
+struct Liveness {
+    since: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Liveness {
+    fn new() -> Self {
+        Self { since: Instant::now(), last_ms: AtomicU64::new(0) }
+    }
+
+    fn touch(&self) {
+        let now = u64::try_from(self.since.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(now, Ordering::Relaxed);
+    }
+
+    fn quiet_for(&self) -> Duration {
+        self.since.elapsed().saturating_sub(Duration::from_millis(self.last_ms.load(Ordering::Relaxed)))
+    }
+}
+
+/// How long a write may take: `idle`, and once the server drains at most `draining` more.
+#[derive(Clone, Copy)]
+struct WriteLimits {
+    idle: Duration,
+    draining: Duration,
+}
+
 async fn serve_socket(socket: WebSocket, state: AppState, model: String, stream: String, _work: WorkGuard) {
     let http = state.inner.http.clone();
-    let _open = Open::new(http.websocket_connections.clone());
+    let open = Open::new(http.websocket_connections.clone());
     let limits = &state.inner.limits;
     let idle = limits.ws_idle_timeout();
+    let write_limits = WriteLimits { idle, draining: state.inner.shutdown_timeout / 2 };
+    let liveness = Liveness::new();
     let requests = Arc::new(Semaphore::new(limits.ws_max_in_flight));
     let token_budget = limits.ws_max_in_flight_tokens;
     let tokens = Arc::new(Semaphore::new(token_budget));
@@ -169,6 +202,7 @@ async fn serve_socket(socket: WebSocket, state: AppState, model: String, stream:
     // Unbounded, because the semaphores bound it; so the reader can always queue its `End`.
     let (tx, mut rx) = mpsc::unbounded_channel::<Outgoing>();
     let mut draining = state.inner.draining.subscribe();
+    let mut writer_draining = state.inner.draining.subscribe();
 
     let end = {
         let reader = async {
@@ -182,7 +216,7 @@ async fn serve_socket(socket: WebSocket, state: AppState, model: String, stream:
                         Err(_) => break End::Shutdown,
                     },
                 };
-                let message = match next_message(&mut source, &mut draining, idle).await {
+                let message = match next_message(&mut source, &mut draining, idle, &liveness).await {
                     Ok(message) => message,
                     Err(end) => break end,
                 };
@@ -210,6 +244,14 @@ async fn serve_socket(socket: WebSocket, state: AppState, model: String, stream:
             };
             if end != End::Client {
                 let _ = tx.send(Outgoing::End(end));
+                // Reads on (and drops) what the client sends until it closes: data left unread
+                // when the socket closes turns the close into a reset, which can cost the client
+                // the last replies and the close frame.
+                while let Some(Ok(message)) = source.next().await {
+                    if matches!(message, Message::Close(_)) {
+                        break;
+                    }
+                }
             }
             end
         };
@@ -218,22 +260,25 @@ async fn serve_socket(socket: WebSocket, state: AppState, model: String, stream:
             let ping_every = (idle / 2).max(Duration::from_millis(1));
             let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
             ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            let draining = &mut writer_draining;
             loop {
+                // Pings first, so that a steady flow of replies cannot hold them back.
                 let outgoing = tokio::select! {
                     biased;
-                    outgoing = rx.recv() => outgoing,
                     _ = ping.tick() => {
-                        if let Err(end) = write(&mut sink, Message::Ping(Default::default()), idle).await {
+                        if let Err(end) = write(&mut sink, Message::Ping(Default::default()), write_limits, draining).await {
                             return end;
                         }
                         continue;
                     }
+                    outgoing = rx.recv() => outgoing,
                 };
                 let Some(outgoing) = outgoing else { return End::Client };
                 let (read_at, body, in_flight) = match outgoing {
                     Outgoing::End(end) => {
                         if let Some(frame) = end.close_frame() {
-                            let _ = write(&mut sink, Message::Close(Some(frame)), idle).await;
+                            let _ =
+                                write(&mut sink, Message::Close(Some(frame)), write_limits, draining).await;
                         }
                         return end;
                     }
@@ -248,12 +293,12 @@ async fn serve_socket(socket: WebSocket, state: AppState, model: String, stream:
                         let answer = loop {
                             tokio::select! {
                                 biased;
-                                answer = &mut answer => break answer,
                                 _ = ping.tick() => {
-                                    if let Err(end) = write(&mut sink, Message::Ping(Default::default()), idle).await {
+                                    if let Err(end) = write(&mut sink, Message::Ping(Default::default()), write_limits, draining).await {
                                         return end;
                                     }
                                 }
+                                answer = &mut answer => break answer,
                             }
                         };
                         match answer.map_err(ApiError::from).and_then(|reply| {
@@ -268,46 +313,67 @@ async fn serve_socket(socket: WebSocket, state: AppState, model: String, stream:
                 if status.is_server_error() {
                     tracing::warn!(%model, %stream, status = status.as_u16(), "websocket request failed");
                 }
-                if let Err(end) = write(&mut sink, Message::Text(text.into()), idle).await {
+                if let Err(end) = write(&mut sink, Message::Text(text.into()), write_limits, draining).await {
                     return end;
                 }
+                liveness.touch();
                 http.websocket_replies.with_label_values(&[status.as_str()]).inc();
                 http.websocket_reply_durations.observe(read_at.elapsed().as_secs_f64());
                 drop(in_flight);
             }
         };
         tokio::pin!(reader, writer);
-        tokio::select! {
+        let mut reader_done = false;
+        let end = tokio::select! {
             // The writer gave up (or closed): the reader goes with it.
             end = &mut writer => end,
-            end = &mut reader => match end {
-                // The peer is gone: replies still due could not be delivered.
-                End::Client => End::Client,
-                _ => writer.await,
-            },
+            end = &mut reader => {
+                reader_done = true;
+                match end {
+                    // The peer is gone: replies still due could not be delivered.
+                    End::Client => End::Client,
+                    _ => writer.await,
+                }
+            }
+        };
+        // The server closed: the reader takes the client's answering Close, briefly.
+        if !reader_done && end.close_frame().is_some() {
+            let _ = tokio::time::timeout(CLOSE_GRACE.min(idle), &mut reader).await;
         }
+        end
     };
     // Completes the closing handshake (tungstenite queued its answer to the client's Close).
     if end != End::WriteTimeout {
         let _ = tokio::time::timeout(idle, sink.close()).await;
     }
+    // Before the count goes up, so that whoever sees the close counted sees the gauge down too.
+    drop(open);
     http.websocket_closes.with_label_values(&[end.label()]).inc();
     tracing::debug!(%model, %stream, reason = end.label(), "websocket closed");
 }
+
+/// How long the server waits for the client's answer to its Close.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// The next data message; pings and pongs only show that the peer is alive.
 async fn next_message(
     source: &mut SplitStream<WebSocket>,
     draining: &mut watch::Receiver<bool>,
     idle: Duration,
+    liveness: &Liveness,
 ) -> Result<Message, End> {
     loop {
+        let quiet_left = idle.saturating_sub(liveness.quiet_for());
+        if quiet_left.is_zero() {
+            return Err(End::IdleTimeout);
+        }
         let message = tokio::select! {
             biased;
             () = super::until_draining(draining) => return Err(End::Shutdown),
             message = source.next() => message,
-            () = tokio::time::sleep(idle) => return Err(End::IdleTimeout),
+            () = tokio::time::sleep(quiet_left) => continue,
         };
+        liveness.touch();
         match message {
             None | Some(Ok(Message::Close(_))) => return Err(End::Client),
             Some(Err(e)) => {
@@ -320,17 +386,28 @@ async fn next_message(
     }
 }
 
-/// Writes one message within `limit`: a peer that does not take it by then is given up.
+/// Writes one message within `limits`: a peer that does not take it by then is given up.
 async fn write(
     sink: &mut SplitSink<WebSocket, Message>,
     message: Message,
-    limit: Duration,
+    limits: WriteLimits,
+    draining: &mut watch::Receiver<bool>,
 ) -> Result<(), End> {
-    match tokio::time::timeout(limit, sink.send(message)).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(_)) => Err(End::Client),
-        Err(_) => Err(End::WriteTimeout),
-    }
+    let started = Instant::now();
+    let send = sink.send(message);
+    tokio::pin!(send);
+    let sent = tokio::select! {
+        sent = &mut send => sent,
+        () = tokio::time::sleep(limits.idle) => return Err(End::WriteTimeout),
+        () = super::until_draining(draining) => {
+            let left = limits.idle.saturating_sub(started.elapsed()).min(limits.draining);
+            match tokio::time::timeout(left, &mut send).await {
+                Ok(sent) => sent,
+                Err(_) => return Err(End::WriteTimeout),
+            }
+        }
+    };
+    sent.map_err(|_| End::Client)
 }
 
 fn problem_text(error: &ApiError) -> String {

@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use kfrtrl::api::{AppState, ServerConfig, StartError, serve};
 use kfrtrl::engine::ModelRequest;
@@ -143,5 +144,20 @@ pub fn model(name: &str, vocab: usize, hidden: usize) -> ModelRequest {
         hidden: Some(hidden),
         max_streams: Some(16),
         ..Default::default()
+    }
+}
+
+/// The next message that is not a Ping or a Pong: the server pings every connection (every half
+/// of `ws_idle_timeout_secs`), and a test that runs long enough sees them.
+pub async fn next_data<S>(socket: &mut S) -> Option<Result<Message, WsError>>
+where
+    S: futures_util::Stream<Item = Result<Message, WsError>> + Unpin,
+{
+    use futures_util::StreamExt;
+    loop {
+        match socket.next().await {
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            other => return other,
+        }
     }
 }
