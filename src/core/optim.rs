@@ -84,6 +84,23 @@ pub enum OptimizerStateError {
         /// Shapes given.
         found: [(usize, usize); 2],
     },
+    /// A moment no sequence of finite gradients can produce: a NaN or infinity, or a negative
+    /// second moment (its square root is NaN). Either would reach the weights on the first
+    /// update and never leave them.
+    #[error(
+        "Adam's {moment} moment of {weights} holds {value} at index {index}; \
+         moments must be finite and second moments non-negative"
+    )]
+    InvalidMoment {
+        /// `"first"` or `"second"`.
+        moment: &'static str,
+        /// `"W"` or `"V"`.
+        weights: &'static str,
+        /// Row-major index of the first bad entry.
+        index: usize,
+        /// The entry, as text.
+        value: String,
+    },
 }
 
 /// What one optimizer call did.
@@ -141,6 +158,20 @@ fn fixed_chunk_sum<T: Float>(xs: &[T], chunk: usize) -> f64 {
     xs.chunks(chunk).map(sum_squares).sum()
 }
 
+/// The first entry of a saved moment that fails `ok`, as an error.
+fn check_moment<T: Float>(
+    g: &Gradients<T>,
+    moment: &'static str,
+    ok: impl Fn(T) -> bool,
+) -> Result<(), OptimizerStateError> {
+    for (weights, a) in [("W", &g.w), ("V", &g.v)] {
+        if let Some((index, x)) = a.iter().enumerate().find(|(_, x)| !ok(**x)) {
+            return Err(OptimizerStateError::InvalidMoment { moment, weights, index, value: x.to_string() });
+        }
+    }
+    Ok(())
+}
+
 /// One chunk of weights, gradient, first and second moments, as zipped iterators yield it.
 type AdamChunk<'a, T> = (((&'a mut [T], &'a [T]), &'a mut [T]), &'a mut [T]);
 
@@ -185,6 +216,8 @@ impl<T: Float> Optimizer<T> {
                         });
                     }
                 }
+                check_moment(&m, "first", |x| x.is_finite())?;
+                check_moment(&v, "second", |x| x.is_finite() && x >= T::zero())?;
                 (opt.m, opt.v) = (Some(m.into_standard_layout()), Some(v.into_standard_layout()));
             }
         }
@@ -363,6 +396,58 @@ mod tests {
             Err(OptimizerStateError::UnexpectedMoments)
         );
         assert_eq!(Optimizer::<f64>::restore(&sgd, 3, None).unwrap().steps, 3);
+    }
+
+    /// `restore` used to check shapes only: a saved negative second moment made `sqrt(v)` NaN and
+    /// the first update wrote NaN into the weights, for good.
+    #[test]
+    fn restore_refuses_non_finite_or_negative_moments() {
+        let s = spec(OptimizerKind::Adam, 0.0);
+        let good = || (Gradients::<f32>::zeros(&s), Gradients::<f32>::zeros(&s));
+        let restore = |(m, v)| Optimizer::restore(&s, 5, Some((m, v)));
+        let (m, mut v) = good();
+        v.w[[1, 2]] = -1e-12;
+        let err = restore((m, v)).unwrap_err();
+        assert_eq!(
+            err,
+            OptimizerStateError::InvalidMoment {
+                moment: "second",
+                weights: "W",
+                index: s.m + 2,
+                value: "-0.000000000001".into()
+            }
+        );
+        assert!(err.to_string().contains("second moment of W"), "{err}");
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let (mut m, v) = good();
+            m.v[[0, 1]] = bad;
+            assert!(
+                matches!(
+                    restore((m, v)),
+                    Err(OptimizerStateError::InvalidMoment { moment: "first", weights: "V", index: 1, .. })
+                ),
+                "first moment {bad}"
+            );
+            let (m, mut v) = good();
+            v.v[[2, 0]] = bad;
+            assert!(
+                matches!(
+                    restore((m, v)),
+                    Err(OptimizerStateError::InvalidMoment { moment: "second", weights: "V", .. })
+                ),
+                "second moment {bad}"
+            );
+        }
+        // Negative first moments and a negative zero second moment are reachable and harmless.
+        let (mut m, mut v) = good();
+        m.w[[0, 0]] = -3.0;
+        v.w[[0, 0]] = -0.0;
+        let mut o = restore((m, v)).unwrap();
+        let mut p = Params::<f32>::zeros(&s);
+        let mut g = Gradients::zeros(&s);
+        g.w[[0, 0]] = 1.0;
+        assert!(matches!(o.apply(&mut p, &g), UpdateOutcome::Applied { .. }));
+        assert!(p.w.iter().all(|x| x.is_finite()));
     }
 
     #[test]
