@@ -2,6 +2,10 @@
 //!
 //! A step whose gradient is not finite is refused before it touches the weights: the caller gets
 //! [`UpdateOutcome::NonFinite`] and the weights and optimizer moments stay exactly as they were.
+//! So is a finite gradient too large for the update's arithmetic in `T` (see
+//! [`max_update_norm`]): the norm is accumulated in f64, so f32 entries up to `f32::MAX` pass the
+//! finiteness check, and Adam's `g²` would overflow to a second moment of `+∞` that freezes its
+//! weight for good.
 
 use ndarray::Array2;
 use rayon::prelude::*;
@@ -113,7 +117,8 @@ pub enum UpdateOutcome {
         /// Whether clipping scaled the gradient down.
         clipped: bool,
     },
-    /// The gradient had a NaN or infinity: nothing changed.
+    /// The gradient had a NaN or infinity, or its norm after clipping exceeded
+    /// [`max_update_norm`]: nothing changed.
     NonFinite,
 }
 
@@ -170,6 +175,15 @@ fn check_moment<T: Float>(
         }
     }
     Ok(())
+}
+
+/// The largest gradient norm (after clipping) an update applies; larger ones are refused as
+/// [`UpdateOutcome::NonFinite`]. At `sqrt(T::MAX)/2` every entry has `g² ≤ T::MAX/4`, so Adam's
+/// `β2·v + (1−β2)·g²` stays finite for any finite `v ≥ 0` (rounding included), and SGD's step
+/// `lr·g` (lr ≤ 10) is far from `T::MAX`. For f32 that is about 9.2e18, beyond any gradient
+/// a working model produces; for f64 the f64 norm itself overflows first.
+pub fn max_update_norm<T: Float>() -> f64 {
+    0.5 * T::max_value().to_f64_lossless().sqrt()
 }
 
 /// One chunk of weights, gradient, first and second moments, as zipped iterators yield it.
@@ -243,10 +257,11 @@ impl<T: Float> Optimizer<T> {
     /// Applies one update with gradient `g` (already averaged), clipping it by global norm first.
     pub fn apply(&mut self, params: &mut Params<T>, g: &Gradients<T>) -> UpdateOutcome {
         let norm = g.norm();
-        if !norm.is_finite() {
+        let clipped = self.clip > 0.0 && norm > self.clip;
+        let applied_norm = if clipped { self.clip } else { norm };
+        if !norm.is_finite() || applied_norm > max_update_norm::<T>() {
             return UpdateOutcome::NonFinite;
         }
-        let clipped = self.clip > 0.0 && norm > self.clip;
         let gscale = if clipped { self.clip / norm } else { 1.0 };
         self.steps += 1;
         match self.kind {
@@ -448,6 +463,56 @@ mod tests {
         g.w[[0, 0]] = 1.0;
         assert!(matches!(o.apply(&mut p, &g), UpdateOutcome::Applied { .. }));
         assert!(p.w.iter().all(|x| x.is_finite()));
+    }
+
+    /// The norm is taken in f64, so a finite f32 gradient far beyond `sqrt(f32::MAX)` used to pass:
+    /// Adam's `g²` overflowed to `v = +∞` (the weight frozen for good), SGD's `lr·g` to an infinite
+    /// weight. Such an update is now refused like a non-finite one.
+    #[test]
+    fn f32_gradient_too_large_for_the_update_changes_nothing() {
+        let bound = max_update_norm::<f32>();
+        assert!((bound - 0.5 * f64::from(f32::MAX).sqrt()).abs() <= 1.0);
+        for (kind, lr, big) in [(OptimizerKind::Adam, 0.1, 1e21f32), (OptimizerKind::Sgd, 10.0, 1e38)] {
+            let s = ModelConfig {
+                vocab_size: 3,
+                hidden: 2,
+                optimizer: kind,
+                lr,
+                clip: 0.0,
+                ..Default::default()
+            }
+            .check()
+            .unwrap();
+            let mut p = Params::<f32>::init(&s);
+            let before = p.clone();
+            let mut g = Gradients::zeros(&s);
+            g.w[[0, 1]] = big;
+            let mut o = Optimizer::new(&s);
+            let o_before = o.clone();
+            assert_eq!(o.apply(&mut p, &g), UpdateOutcome::NonFinite, "{kind:?}");
+            assert_eq!((&p, &o), (&before, &o_before), "{kind:?}");
+            // The next ordinary gradient moves the weight: nothing was poisoned.
+            g.w[[0, 1]] = 1.0;
+            assert!(matches!(o.apply(&mut p, &g), UpdateOutcome::Applied { .. }));
+            assert!(p.w[[0, 1]] < before.w[[0, 1]], "{kind:?}: the weight must still learn");
+            assert!(p.w.iter().all(|x| x.is_finite()), "{kind:?}");
+        }
+        // Just below the bound an Adam update stays finite, moments included.
+        let s = spec(OptimizerKind::Adam, 0.0);
+        let (mut p, mut g, mut o) = (Params::<f32>::init(&s), Gradients::zeros(&s), Optimizer::new(&s));
+        g.w[[0, 1]] = (0.999 * bound) as f32;
+        assert!(matches!(o.apply(&mut p, &g), UpdateOutcome::Applied { .. }));
+        let v = o.v.as_ref().unwrap();
+        assert!(p.w.iter().chain(v.w.iter()).all(|x| x.is_finite()));
+        // With clipping the applied gradient is bounded by the clip: the same gradient is applied.
+        let s = spec(OptimizerKind::Adam, 1.0);
+        let (mut p, mut g, mut o) = (Params::<f32>::init(&s), Gradients::zeros(&s), Optimizer::new(&s));
+        g.w[[0, 1]] = 1e21;
+        assert_eq!(
+            o.apply(&mut p, &g),
+            UpdateOutcome::Applied { grad_norm: f64::from(1e21f32), clipped: true }
+        );
+        assert!(o.v.as_ref().unwrap().w.iter().all(|x| x.is_finite()));
     }
 
     #[test]
