@@ -236,6 +236,111 @@ mod tests {
         }
     }
 
+    // One test per cell against the equations of KF-RTRL.md §2.1-§2.3 written out in f64 for a
+    // hand-set example: the other oracles all call `forward`, so they cannot catch a wrong equation
+    // that RTRL, BPTT and KF-RTRL would then share.
+
+    fn run_cell(cell: CellKind, n: usize, z: &[f64], prev: &[f64]) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+        let (r, k) = (cell.gates(), cell.state_blocks());
+        let (mut next, mut d, mut carry) =
+            (vec![f64::NAN; k * n], vec![f64::NAN; k * r * n], vec![f64::NAN; k * k * n]);
+        cell.forward(n, z, prev, &mut next, &mut d, &mut carry);
+        (next, d, carry)
+    }
+
+    fn assert_close(got: &[f64], want: &[f64], what: &str) {
+        assert_eq!(got.len(), want.len(), "{what}");
+        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+            assert!((g - w).abs() <= 1e-15 * w.abs().max(1.0), "{what}[{i}]: {g} vs {w}");
+        }
+    }
+
+    fn logistic(z: f64) -> f64 {
+        1.0 / (1.0 + (-z).exp())
+    }
+
+    /// σ'(z) = e^{−z} / (1 + e^{−z})², written apart from σ(1−σ).
+    fn logistic_prime(z: f64) -> f64 {
+        let e = (-z).exp();
+        e / ((1.0 + e) * (1.0 + e))
+    }
+
+    /// §2.1: `h = tanh(z)`, `D = diag(1 − h²)`, no element-wise carry.
+    #[test]
+    fn tanh_cell_matches_its_equations() {
+        let z = [0.3, -1.2];
+        let (next, d, carry) = run_cell(CellKind::Tanh, 2, &z, &[0.9, -0.4]);
+        let h = [0.3f64.tanh(), (-1.2f64).tanh()];
+        assert_close(&next, &h, "h");
+        assert_close(&d, &[1.0 - h[0] * h[0], 1.0 - h[1] * h[1]], "D");
+        assert_close(&carry, &[0.0, 0.0], "carry");
+    }
+
+    /// §2.3: `c = 2σ(z_c) − 1`, `f = σ(z_f)`, `h = f⊙h_prev + (1−f)⊙c`,
+    /// `D = [(1−f)⊙2σ'(z_c) | (h_prev − c)⊙σ'(z_f)]`, element-wise part of `H` = `f`.
+    #[test]
+    fn rhn_cell_matches_its_equations() {
+        let (zc, zf, hp) = ([0.5, -2.0], [1.5, -0.25], [0.2, -0.7]);
+        let z = [zc[0], zc[1], zf[0], zf[1]];
+        let (next, d, carry) = run_cell(CellKind::Rhn, 2, &z, &hp);
+        let mut h = [0.0; 2];
+        let mut d_want = [0.0; 4];
+        let mut carry_want = [0.0; 2];
+        for j in 0..2 {
+            let c = 2.0 * logistic(zc[j]) - 1.0;
+            let f = logistic(zf[j]);
+            h[j] = f * hp[j] + (1.0 - f) * c;
+            d_want[j] = (1.0 - f) * 2.0 * logistic_prime(zc[j]);
+            d_want[2 + j] = (hp[j] - c) * logistic_prime(zf[j]);
+            carry_want[j] = f;
+        }
+        assert_close(&next, &h, "h");
+        assert_close(&d, &d_want, "D");
+        assert_close(&carry, &carry_want, "carry");
+        // Spot check of the first unit by hand: σ(1.5) = 0.8175745, 2σ(0.5) − 1 = 0.2449187.
+        assert!(
+            (h[0] - (0.817_574_476_193_643_7 * 0.2 + 0.182_425_523_806_356_35 * 0.244_918_662_403_709_2))
+                .abs()
+                < 1e-15
+        );
+    }
+
+    /// §2.2: gates `[i, f, o, g]`, `c = f⊙c_prev + i⊙g`, `h = o⊙tanh(c)`, `κ = o⊙(1 − tanh²c)`;
+    /// `D` c-rows `[g⊙σ'(z_i) | c_prev⊙σ'(z_f) | 0 | i⊙(1−g²)]`, h-rows κ times those except
+    /// `∂h/∂z_o = tanh(c)⊙σ'(z_o)`; element-wise `H`: `∂c/∂c_prev = f`, `∂h/∂c_prev = κ⊙f`, the
+    /// `h_prev` columns 0 (they act through `W` only).
+    #[test]
+    fn lstm_cell_matches_its_equations() {
+        let (zi, zf, zo, zg) = ([0.4, -1.1], [2.0, 0.1], [-0.3, 0.8], [0.9, -0.6]);
+        let (c_prev, h_prev) = ([0.5, -1.3], [0.25, -0.1]);
+        let z = [zi[0], zi[1], zf[0], zf[1], zo[0], zo[1], zg[0], zg[1]];
+        let prev = [c_prev[0], c_prev[1], h_prev[0], h_prev[1]];
+        let (next, d, carry) = run_cell(CellKind::Lstm, 2, &z, &prev);
+        let (n, r) = (2, 4);
+        let mut next_want = [0.0; 4];
+        let mut d_want = [0.0; 16];
+        let mut carry_want = [0.0; 8];
+        for j in 0..n {
+            let (i, f, o, g) = (logistic(zi[j]), logistic(zf[j]), logistic(zo[j]), zg[j].tanh());
+            let c = f * c_prev[j] + i * g;
+            let kappa = o * (1.0 - c.tanh() * c.tanh());
+            next_want[j] = c;
+            next_want[n + j] = o * c.tanh();
+            let dc = [g * logistic_prime(zi[j]), c_prev[j] * logistic_prime(zf[j]), 0.0, i * (1.0 - g * g)];
+            for q in 0..r {
+                d_want[q * n + j] = dc[q];
+                d_want[(r + q) * n + j] =
+                    if q == 2 { c.tanh() * logistic_prime(zo[j]) } else { kappa * dc[q] };
+            }
+            // Blocks (bi, bj) in the order cc, ch, hc, hh.
+            carry_want[j] = f;
+            carry_want[2 * n + j] = kappa * f;
+        }
+        assert_close(&next, &next_want, "[c; h]");
+        assert_close(&d, &d_want, "D");
+        assert_close(&carry, &carry_want, "carry");
+    }
+
     /// `1 − σ(z)` by subtraction is 0 in f32 for z ≳ 17 and coarse from z ≈ 8, so the gate
     /// derivatives `σ(1−σ)` and the RHN's `(1−f)` vanished or lost most digits at saturation.
     /// Expected values come from the §2.2/§2.3 formulas in f64 with `1 − σ(z) = 1/(1+eᶻ)`.
