@@ -515,6 +515,80 @@ mod tests {
         assert!(o.v.as_ref().unwrap().w.iter().all(|x| x.is_finite()));
     }
 
+    /// Above `CHUNK` weights the norm and the Adam pass run chunked on the pool; the result must
+    /// be bit-identical to the sequential pass, with clipping active so that the norm matters.
+    #[test]
+    fn parallel_adam_with_clipping_is_bit_identical_to_sequential() {
+        let s = ModelConfig {
+            vocab_size: 64,
+            hidden: 128,
+            optimizer: OptimizerKind::Adam,
+            lr: 0.01,
+            clip: 0.5,
+            ..Default::default()
+        }
+        .check()
+        .unwrap();
+        let mut rng = crate::core::rng::CounterRng::new(17);
+        let mut grads = Vec::new();
+        for _ in 0..3 {
+            let mut g = Gradients::<f32>::zeros(&s);
+            g.w.iter_mut().chain(g.v.iter_mut()).for_each(|x| *x = rng.normal() as f32);
+            grads.push(g);
+        }
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| {
+                let mut p = Params::<f32>::init(&s);
+                assert_eq!(parallel(p.w.len()), threads > 1, "W must take the pass under test");
+                let mut o = Optimizer::new(&s);
+                let outcomes: Vec<_> = grads.iter().map(|g| o.apply(&mut p, g)).collect();
+                (p, o, outcomes)
+            })
+        };
+        let (seq, par) = (run(1), run(4));
+        assert!(seq.0.w.len() > CHUNK);
+        assert!(seq.2.iter().all(|u| matches!(u, UpdateOutcome::Applied { clipped: true, .. })));
+        let bits = |p: &Params<f32>, o: &Optimizer<f32>| -> Vec<u32> {
+            let (m, v) = (o.m.as_ref().unwrap(), o.v.as_ref().unwrap());
+            [&p.w, &p.v, &m.w, &m.v, &v.w, &v.v].iter().flat_map(|a| a.iter().map(|x| x.to_bits())).collect()
+        };
+        assert_eq!(seq.2, par.2, "norms");
+        assert!(bits(&seq.0, &seq.1) == bits(&par.0, &par.1), "weights or moments differ");
+    }
+
+    /// Adam's moments must be built from the clipped gradient, not the raw one (the first step's
+    /// weight change is ±lr either way, so only the moments and the second step tell).
+    #[test]
+    fn adam_moments_are_built_from_the_clipped_gradient() {
+        let s = spec(OptimizerKind::Adam, 1.0);
+        let mut p = Params::<f64>::zeros(&s);
+        let mut o = Optimizer::new(&s);
+        let mut g = Gradients::zeros(&s);
+        g.w[[0, 0]] = 3.0;
+        g.v[[0, 0]] = 4.0;
+        assert_eq!(o.apply(&mut p, &g), UpdateOutcome::Applied { grad_norm: 5.0, clipped: true });
+        let close =
+            |got: f64, want: f64| assert!((got - want).abs() <= 1e-14 * want.abs(), "{got} vs {want}");
+        let (m, v) = (o.m.clone().unwrap(), o.v.clone().unwrap());
+        close(m.w[[0, 0]], 0.1 * 0.6);
+        close(m.v[[0, 0]], 0.1 * 0.8);
+        close(v.w[[0, 0]], 0.001 * 0.36);
+        close(v.v[[0, 0]], 0.001 * 0.64);
+        // A second gradient inside the clip is used as it is.
+        g.w[[0, 0]] = -0.3;
+        g.v[[0, 0]] = 0.0;
+        assert_eq!(o.apply(&mut p, &g), UpdateOutcome::Applied { grad_norm: 0.3, clipped: false });
+        let m2 = 0.9 * 0.06 + 0.1 * -0.3;
+        let v2 = 0.999 * 0.00036 + 0.001 * 0.09;
+        close(o.m.as_ref().unwrap().w[[0, 0]], m2);
+        close(o.v.as_ref().unwrap().w[[0, 0]], v2);
+        let (bc1, bc2) = (1.0 - 0.9f64.powi(2), 1.0 - 0.999f64.powi(2));
+        let step1 = 0.1 * 0.6 / (0.6 + 1e-8);
+        let step2 = 0.1 / bc1 * m2 / (v2.sqrt() / bc2.sqrt() + 1e-8);
+        close(p.w[[0, 0]], -step1 - step2);
+    }
+
     #[test]
     fn non_finite_gradient_changes_nothing() {
         for kind in [OptimizerKind::Adam, OptimizerKind::Sgd] {
