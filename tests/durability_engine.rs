@@ -374,6 +374,44 @@ async fn an_injected_nonfinite_factor_never_reaches_the_weights() {
     e.shutdown().await;
 }
 
+/// Closing a TBPTT stream used to drop the losses its unfinished window had scored. They are now
+/// applied as an update of their own at the close, which the log replays and a checkpoint taken
+/// right after holds: both restore bit for bit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn closing_a_tbptt_stream_applies_its_scored_window_and_restores_bit_for_bit() {
+    let dir = temp_dir("tbptt-close");
+    let e = engine(&dir);
+    e.create_model(definition("m", LearnerKind::Tbptt, 4)).await.unwrap();
+    // Three tokens in a window of 5: the first scores from the zero state (a readout-only update),
+    // the next two are scored into the window, which is not yet full.
+    let x = |t: Vec<u32>| TokenInput { tokens: t, learn: true, reset: false, top_k: 2, return_losses: false };
+    e.tokens("m", "a", x(vec![1, 2, 3]), Mode::Consume).await.unwrap();
+    e.tokens("m", "b", x(vec![4, 5]), Mode::Consume).await.unwrap();
+    let before = e.snapshot("m").await.unwrap();
+    e.delete_stream("m", "a").await.unwrap();
+    let closed = e.snapshot("m").await.unwrap();
+    assert_eq!(closed.optimizer.steps, before.optimizer.steps + 1, "the close applies the window");
+    assert_eq!(closed.stats.optimizer_updates, before.stats.optimizer_updates + 1);
+    assert_ne!(closed.params.w, before.params.w, "the recurrent weights learn from the window");
+    let crash = temp_dir("tbptt-close-log");
+    copy_dir(&dir, &crash);
+    let (r, after) = restored(&crash, "m").await;
+    assert_same(&closed, &after);
+    r.shutdown().await;
+    // A checkpoint right after the close, then more traffic (a new stream under the old name).
+    e.checkpoint("m").await.unwrap();
+    e.tokens("m", "a", x(vec![6, 7]), Mode::Consume).await.unwrap();
+    e.delete_stream("m", "b").await.unwrap();
+    let now = e.snapshot("m").await.unwrap();
+    let crash = temp_dir("tbptt-close-ckpt");
+    copy_dir(&dir, &crash);
+    let (r, after) = restored(&crash, "m").await;
+    assert_same(&now, &after);
+    same_future(&e, &r, "m", 3, 9).await;
+    r.shutdown().await;
+    e.shutdown().await;
+}
+
 /// Rewrites the newest checkpoint of a model (its checksum recomputed: a fault in the state,
 /// not a damaged file).
 fn edit_newest_checkpoint(model_dir: &Path, edit: impl FnOnce(&mut model_file::ModelFile)) {

@@ -591,7 +591,7 @@ impl Worker {
     fn apply_open(&mut self, slot: usize, name: String) {
         self.log(&Event::Open { slot: slot as u32, name: name.clone() });
         take_free(&mut self.free, slot);
-        self.set.reset(slot);
+        self.set.vacate(slot);
         self.set.set_sign_key(slot, derive_key(self.definition.seed, stream_label(&name)));
         self.set.set_sign_counter(slot, 0);
         self.names.insert(name.clone(), slot);
@@ -599,10 +599,15 @@ impl Worker {
         self.metrics.active_streams.set(self.names.len() as i64);
     }
 
-    /// Forgets the stream in `slot` and frees the slot.
+    /// Forgets the stream in `slot` and frees the slot. The losses a TBPTT window has scored
+    /// but not yet backpropagated are applied as an update of their own right now: left to the
+    /// next step, they would be missing from a checkpoint taken in between, and a restore would
+    /// not reproduce the weights.
     fn apply_close(&mut self, slot: usize) {
         self.log(&Event::Close { slot: slot as u32 });
-        self.set.reset(slot);
+        self.set.reset(&self.params, slot);
+        let update = self.set.apply_carried(&mut self.params, &mut self.optimizer);
+        self.record_update(update);
         if let Some(entry) = self.slots[slot].take() {
             self.names.remove(&entry.meta.name);
         }
@@ -625,7 +630,8 @@ impl Worker {
         checkpoint::write_stream(&dir, generation, &meta, &self.set.export_slot(slot))?;
         self.log(&Event::Evict { slot: slot as u32, generation });
         self.next_generation += 1;
-        self.set.reset(slot);
+        // The stream's TBPTT window went to the file with it: nothing to carry.
+        self.set.vacate(slot);
         self.slots[slot] = None;
         self.names.remove(&meta.name);
         self.free.push(slot);
@@ -672,19 +678,7 @@ impl Worker {
         self.step_seconds = started.elapsed().as_secs_f64();
         self.metrics.batch_size.observe(nb as f64);
         match outcome {
-            Ok(report) => match report.update {
-                Some(UpdateOutcome::Applied { grad_norm, .. }) => {
-                    self.metrics.optimizer_updates.inc();
-                    self.metrics.gradient_norm.set(grad_norm);
-                    self.stats.optimizer_updates += 1;
-                }
-                Some(UpdateOutcome::NonFinite) => {
-                    self.metrics.nonfinite_updates.inc();
-                    self.stats.nonfinite_updates += 1;
-                    tracing::warn!(model = %self.definition.name, "non-finite gradient: update skipped");
-                }
-                None => {}
-            },
+            Ok(report) => self.record_update(report.update),
             Err(e) => {
                 // Inputs are validated on admission, so this is a bug; the step changed nothing.
                 tracing::error!(model = %self.definition.name, error = %e, "batched step refused");
@@ -740,6 +734,23 @@ impl Worker {
             self.metrics.loss_bits_avg.set(avg);
         }
         true
+    }
+
+    /// Counts an optimizer update (applied or refused) in the statistics and metrics.
+    fn record_update(&mut self, update: Option<UpdateOutcome>) {
+        match update {
+            Some(UpdateOutcome::Applied { grad_norm, .. }) => {
+                self.metrics.optimizer_updates.inc();
+                self.metrics.gradient_norm.set(grad_norm);
+                self.stats.optimizer_updates += 1;
+            }
+            Some(UpdateOutcome::NonFinite) => {
+                self.metrics.nonfinite_updates.inc();
+                self.stats.nonfinite_updates += 1;
+                tracing::warn!(model = %self.definition.name, "non-finite gradient: update skipped");
+            }
+            None => {}
+        }
     }
 
     /// The learner's half of the step [`Worker::apply_step`] began.
