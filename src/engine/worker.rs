@@ -218,6 +218,8 @@ struct Worker {
     next_seq: u64,
     /// Generation of the next evicted-stream file.
     next_generation: u64,
+    /// Streams opened so far: the label of the next open's sign key.
+    opened_streams: u64,
     /// Streams whose state is on disk.
     evicted: BTreeMap<String, EvictedStream>,
     max_stored_streams: usize,
@@ -257,6 +259,7 @@ impl Worker {
             stats: ModelStats::default(),
             next_seq: 0,
             next_generation: 0,
+            opened_streams: 0,
             evicted: BTreeMap::new(),
             max_stored_streams: init.max_stored_streams,
             dir: None,
@@ -377,6 +380,7 @@ impl Worker {
         self.free = s.free;
         self.next_seq = s.next_seq;
         self.next_generation = s.next_generation;
+        self.opened_streams = s.opened_streams;
         self.evicted = s.evicted;
         self.stats = s.stats;
         self.metrics.active_streams.set(self.names.len() as i64);
@@ -406,6 +410,7 @@ impl Worker {
             free: self.free.clone(),
             next_seq: self.next_seq,
             next_generation: self.next_generation,
+            opened_streams: self.opened_streams,
             evicted: self.evicted.clone(),
             stats,
         }
@@ -586,13 +591,18 @@ impl Worker {
         Ok(())
     }
 
-    /// A new stream takes `slot` (which must be free) at the start of a sequence, with signs keyed
-    /// by its name from counter 0: its randomness never depends on the slot's history.
+    /// A new stream takes `slot` (which must be free) at the start of a sequence, with signs from
+    /// counter 0 keyed by its name and by the index of this open among the model's opens. The
+    /// name alone would make a stream closed and reopened under the same name replay the
+    /// same signs (KF-RTRL.md §8.3 wants fresh ones); the index is checkpointed and counted again
+    /// by replay, so a restore gives the same keys. The slot's history never enters.
     fn apply_open(&mut self, slot: usize, name: String) {
         self.log(&Event::Open { slot: slot as u32, name: name.clone() });
         take_free(&mut self.free, slot);
         self.set.vacate(slot);
-        self.set.set_sign_key(slot, derive_key(self.definition.seed, stream_label(&name)));
+        let key = derive_key(derive_key(self.definition.seed, stream_label(&name)), self.opened_streams);
+        self.opened_streams += 1;
+        self.set.set_sign_key(slot, key);
         self.set.set_sign_counter(slot, 0);
         self.names.insert(name.clone(), slot);
         self.slots[slot] = Some(StreamEntry::new(StreamMeta::new(name)));
