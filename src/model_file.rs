@@ -13,8 +13,8 @@
 //!
 //! [`save`] writes atomically: a temporary file in the same directory, `fsync`, `rename` over the
 //! target, then `fsync` of the directory; a reader sees the old file or the new one, never a mix.
-//! [`load`] validates everything (format, version, checksum, config, shapes, finiteness) and says
-//! what is wrong.
+//! [`load`] validates everything (format, version, checksum, config, shapes, finiteness, Adam's
+//! second moments non-negative) and says what is wrong.
 //!
 //! A server checkpoint adds [`ExtraTensor`]s (every stream's state and learner factors, stacked
 //! per name under `streams.`) and its bookkeeping as JSON in `metadata`; `kfrtrl train --save`
@@ -359,12 +359,14 @@ pub fn from_bytes(bytes: &[u8]) -> Result<ModelFile, ModelFileError> {
     }
     let mut it = arrays.into_iter();
     let params = Params { w: it.next().expect("w"), v: it.next().expect("v") };
-    let mut optimizer = Optimizer::new(&spec);
-    optimizer.steps = state.optimizer_updates;
-    if adam {
-        optimizer.m = Some(Gradients { w: it.next().expect("m.w"), v: it.next().expect("m.v") });
-        optimizer.v = Some(Gradients { w: it.next().expect("v.w"), v: it.next().expect("v.v") });
-    }
+    let moments = adam.then(|| {
+        let m = Gradients { w: it.next().expect("m.w"), v: it.next().expect("m.v") };
+        let v = Gradients { w: it.next().expect("v.w"), v: it.next().expect("v.v") };
+        (m, v)
+    });
+    // Through `restore`, which refuses moments that would poison the weights (a negative v).
+    let optimizer = Optimizer::restore(&spec, state.optimizer_updates, moments)
+        .map_err(|e| invalid(format!("optimizer state: {e}")))?;
     Ok(ModelFile { config, params, optimizer, counters: state.counters, metadata, extra })
 }
 

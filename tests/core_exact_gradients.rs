@@ -490,7 +490,7 @@ fn uoro_average(
     let mut set = StreamSet::<f64>::new(spec, 1);
     let mut acc = Array2::<f64>::zeros((s_len, p_len));
     for path in 0..paths {
-        set.reset(0);
+        set.reset(params, 0);
         for (t, &x) in toks.iter().enumerate() {
             let nu: Vec<f64> = (0..s_len).map(|i| sign(path, t, i)).collect();
             match set.learner_mut() {

@@ -394,8 +394,8 @@ fn t7_first_step_after_a_reset_is_exact_whatever_the_sign() {
             (0..2).map(|b| SlotStep { slot: b, token: tok, learn: true, reset: true }).collect();
         set.score(&params, &via_step, &mut losses).unwrap();
         set.advance(&params, &via_step).unwrap();
-        set.reset(2);
-        set.reset(3);
+        set.reset(&params, 2);
+        set.reset(&params, 3);
         set.advance(&params, &[SlotStep::learn(2, tok), SlotStep::learn(3, tok)]).unwrap();
 
         let zero = vec![0.0; spec.state_len()];
@@ -458,7 +458,7 @@ fn monte_carlo(
     let mut umat = Array2::<f64>::zeros((cap, m));
     while batches < max_batches && (batches < min_batches || start.elapsed() < budget) {
         for b in 0..cap {
-            set.reset(b);
+            set.reset(params, b);
             set.set_sign_key(b, derive_key(key_seed, (batches * cap + b) as u64));
             let forced = if mode == SignMode::AllPlus { Some(1.0) } else { None };
             kf_mut(set).force_sign(b, forced);

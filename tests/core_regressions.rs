@@ -1,6 +1,8 @@
 //! Regression tests, each named after the bug it pins down.
 
-use kfrtrl::core::{CellKind, LearnerKind, ModelConfig, Params, SlotStep, StreamSet};
+use kfrtrl::core::{
+    CellKind, LearnerKind, ModelConfig, Optimizer, OptimizerKind, Params, SlotStep, StreamSet,
+};
 
 /// A token scored with `learn: false` at a TBPTT window boundary used to skip the learner
 /// entirely, so the window was never flushed and its learned losses were silently dropped.
@@ -78,7 +80,7 @@ fn kf_rtrl_draws_new_signs_after_a_reset() {
     let mut set = StreamSet::<f64>::new(&spec, 1);
     let tokens = [1u32, 3, 0, 4, 2, 2, 1, 0, 3, 3, 4, 1, 0, 2, 4, 4, 1, 3, 2, 0];
     let run = |set: &mut StreamSet<f64>| {
-        set.reset(0);
+        set.reset(&params, 0);
         for &t in &tokens {
             set.advance(&params, &[SlotStep::learn(0, t)]).unwrap();
         }
@@ -131,6 +133,63 @@ fn tbptt_flushes_its_window_at_a_reset() {
     let flushed = set.gradients().w.mapv(|g| g * c);
     let err = (&flushed - &window_run.1).mapv(f64::abs).sum() / window_run.1.mapv(f64::abs).sum();
     assert!(err < 1e-12, "flush at reset differs from a closed window: {err:e}");
+}
+
+/// The public `StreamSet::reset` (the engine's on closing a stream) zeroed the slot without the
+/// `finish_sequence` of the resets inside `score` and `advance`, dropping the losses TBPTT's
+/// window had scored. It now carries them into the next update, exactly as a reset in `score`
+/// does, or applies them at once with `apply_carried`.
+#[test]
+fn tbptt_public_reset_carries_the_scored_window() {
+    let spec = spec_of(CellKind::Rhn, LearnerKind::Tbptt, 4, 25);
+    let params = Params::<f64>::init(&spec);
+    let warmed = || {
+        let mut set = StreamSet::<f64>::new(&spec, 1);
+        for &t in &[1u32, 3, 0, 4, 2] {
+            let x = [SlotStep::learn(0, t)];
+            set.score(&params, &x, &mut [0.0]).unwrap();
+            set.advance(&params, &x).unwrap();
+        }
+        set
+    };
+    let bits = |set: &StreamSet<f64>| -> Vec<u64> {
+        let g = set.gradients();
+        g.w.iter().chain(g.v.iter()).map(|x| x.to_bits()).collect()
+    };
+    // Reference: the reset inside `score` flushes the 4 scored losses with the token's own.
+    let mut reference = warmed();
+    let c_ref = reference
+        .score(&params, &[SlotStep { slot: 0, token: 3, learn: true, reset: true }], &mut [0.0])
+        .unwrap();
+    assert_eq!(c_ref, 5.0);
+
+    let mut set = warmed();
+    set.reset(&params, 0);
+    assert_eq!((set.position(0), set.carried()), (0, 4.0), "the 4 scored losses are carried");
+    let c = set.score(&params, &[SlotStep::learn(0, 3)], &mut [0.0]).unwrap();
+    assert_eq!(c, c_ref, "the next score counts the carried losses");
+    assert_eq!(set.carried(), 0.0);
+    assert!(bits(&set) == bits(&reference), "the gradient differs from the reset inside score");
+    assert!(set.gradients().w.iter().any(|&g| g != 0.0), "the recurrent weights get the window's gradient");
+
+    // Applied at once: the same update as the window's 4 losses averaged by a score.
+    let spec_sgd =
+        ModelConfig { optimizer: OptimizerKind::Sgd, lr: 0.1, ..spec.config.clone() }.check().unwrap();
+    let mut reference = warmed();
+    let x = [SlotStep { slot: 0, token: 3, learn: false, reset: true }];
+    assert_eq!(reference.score(&params, &x, &mut [0.0]).unwrap(), 4.0);
+    let (mut p_ref, mut opt_ref) = (params.clone(), Optimizer::new(&spec_sgd));
+    let expected = opt_ref.apply(&mut p_ref, reference.gradients());
+    let mut set = warmed();
+    set.reset(&params, 0);
+    let (mut p, mut opt) = (params.clone(), Optimizer::new(&spec_sgd));
+    assert_eq!(set.apply_carried(&mut p, &mut opt), Some(expected));
+    assert_eq!((set.carried(), set.apply_carried(&mut p, &mut opt)), (0.0, None));
+    assert!(p == p_ref && p != params, "apply_carried must apply the window's averaged gradient");
+    // A slot that moves elsewhere (eviction) carries nothing: its window travels with it.
+    let mut set = warmed();
+    set.vacate(0);
+    assert_eq!((set.position(0), set.carried()), (0, 0.0));
 }
 
 /// TBPTT used to drop its unfinished window at a reset inside `advance` (only `score` flushed

@@ -128,6 +128,7 @@ fn assert_same(a: &ModelSnapshot, b: &ModelSnapshot) {
     }
     assert_eq!(a.free, b.free);
     assert_eq!(a.next_seq, b.next_seq);
+    assert_eq!(a.opened_streams, b.opened_streams);
     assert_eq!(a.evicted, b.evicted);
     assert_eq!(a.stats, b.stats);
 }
@@ -372,6 +373,105 @@ async fn an_injected_nonfinite_factor_never_reaches_the_weights() {
     let later = e.snapshot("m").await.unwrap();
     assert_eq!(later.optimizer.steps, after.optimizer.steps + 2);
     assert!(later.params.w.iter().all(|w| w.is_finite()));
+    e.shutdown().await;
+}
+
+/// Closing a TBPTT stream used to drop the losses its unfinished window had scored. They are now
+/// applied as an update of their own at the close, which the log replays and a checkpoint taken
+/// right after holds: both restore bit for bit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn closing_a_tbptt_stream_applies_its_scored_window_and_restores_bit_for_bit() {
+    let dir = temp_dir("tbptt-close");
+    let e = engine(&dir);
+    e.create_model(definition("m", LearnerKind::Tbptt, 4)).await.unwrap();
+    // Three tokens in a window of 5: the first scores from the zero state (a readout-only update),
+    // the next two are scored into the window, which is not yet full.
+    let x = |t: Vec<u32>| TokenInput { tokens: t, learn: true, reset: false, top_k: 2, return_losses: false };
+    e.tokens("m", "a", x(vec![1, 2, 3]), Mode::Consume).await.unwrap();
+    e.tokens("m", "b", x(vec![4, 5]), Mode::Consume).await.unwrap();
+    let before = e.snapshot("m").await.unwrap();
+    e.delete_stream("m", "a").await.unwrap();
+    let closed = e.snapshot("m").await.unwrap();
+    assert_eq!(closed.optimizer.steps, before.optimizer.steps + 1, "the close applies the window");
+    assert_eq!(closed.stats.optimizer_updates, before.stats.optimizer_updates + 1);
+    assert_ne!(closed.params.w, before.params.w, "the recurrent weights learn from the window");
+    let crash = temp_dir("tbptt-close-log");
+    copy_dir(&dir, &crash);
+    let (r, after) = restored(&crash, "m").await;
+    assert_same(&closed, &after);
+    r.shutdown().await;
+    // A checkpoint right after the close, then more traffic (a new stream under the old name).
+    e.checkpoint("m").await.unwrap();
+    e.tokens("m", "a", x(vec![6, 7]), Mode::Consume).await.unwrap();
+    e.delete_stream("m", "b").await.unwrap();
+    let now = e.snapshot("m").await.unwrap();
+    let crash = temp_dir("tbptt-close-ckpt");
+    copy_dir(&dir, &crash);
+    let (r, after) = restored(&crash, "m").await;
+    assert_same(&now, &after);
+    same_future(&e, &r, "m", 3, 9).await;
+    r.shutdown().await;
+    e.shutdown().await;
+}
+
+/// A stream's signs used to be keyed by its name alone from counter 0, so a stream closed and
+/// reopened under the same name replayed exactly the same signs. Each open now mixes in the
+/// model's count of opens: the same tokens on the same weights give different factors, and the
+/// log and a checkpoint restore the same keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stream_reopened_under_its_name_draws_new_signs_and_restores_bit_for_bit() {
+    let dir = temp_dir("reopen");
+    let e = engine(&dir);
+    e.create_model(definition("m", LearnerKind::KfRtrl, 4)).await.unwrap();
+    // Predict-only tokens: the weights stay put, so only the signs can tell the sessions apart.
+    let x = TokenInput {
+        tokens: vec![3, 1, 4, 1, 5, 9, 2, 6],
+        learn: false,
+        reset: false,
+        top_k: 1,
+        return_losses: false,
+    };
+    let session = || async {
+        e.tokens("m", "a", x.clone(), Mode::Consume).await.unwrap();
+        let snap = e.snapshot("m").await.unwrap();
+        e.delete_stream("m", "a").await.unwrap();
+        let a = snap.stream_slots.into_iter().find(|s| s.meta.name == "a").unwrap();
+        (snap.params, a.state)
+    };
+    let (w1, first) = session().await;
+    let (w2, second) = session().await;
+    assert_eq!(w1, w2, "nothing learned");
+    assert_eq!((first.position, second.position), (8, 8));
+    assert_eq!((first.sign_counter, second.sign_counter), (8, 8));
+    assert_ne!(first.sign_key, second.sign_key, "a reopened stream must get a new sign key");
+    let factors =
+        |s: &kfrtrl::core::SlotState<f32>| s.tensor(kfrtrl::core::slot_state::names::KF_A).unwrap().to_vec();
+    assert_ne!(factors(&first), factors(&second), "the second session replayed the first one's signs");
+    assert_eq!(first.tensor("state"), second.tensor("state"), "same weights and tokens, same states");
+
+    // Open it a third time, checkpoint, open a fourth: the log alone and the checkpoint + log
+    // both restore the same keys.
+    e.tokens("m", "a", x.clone(), Mode::Consume).await.unwrap();
+    let crash = temp_dir("reopen-log");
+    copy_dir(&dir, &crash);
+    let live = e.snapshot("m").await.unwrap();
+    assert_eq!(live.opened_streams, 3);
+    let (r, after) = restored(&crash, "m").await;
+    assert_same(&live, &after);
+    r.shutdown().await;
+    e.checkpoint("m").await.unwrap();
+    e.delete_stream("m", "a").await.unwrap();
+    e.tokens("m", "a", x.clone(), Mode::Consume).await.unwrap();
+    let live = e.snapshot("m").await.unwrap();
+    let crash = temp_dir("reopen-ckpt");
+    copy_dir(&dir, &crash);
+    let (r, after) = restored(&crash, "m").await;
+    assert_same(&live, &after);
+    assert_eq!(after.opened_streams, 4);
+    let keys = [first.sign_key, second.sign_key, live.stream_slots[0].state.sign_key];
+    assert!(keys[2] != keys[0] && keys[2] != keys[1], "{keys:?}");
+    same_future(&e, &r, "m", 2, 4).await;
+    r.shutdown().await;
     e.shutdown().await;
 }
 

@@ -164,6 +164,21 @@ fn damaged_files_are_refused_with_a_clear_error() {
     assert!(err.contains("bad.safetensors") && err.contains("checksum"), "{err}");
 }
 
+/// Loading used to set Adam's moments without checking their values: a negative second moment
+/// (checksum intact) loaded fine and its `sqrt` turned the weights to NaN on the first update.
+#[test]
+fn negative_adam_second_moment_is_refused_on_load() {
+    let mut file = ModelFile::init(&config(OptimizerKind::Adam)).unwrap();
+    file.optimizer.v.as_mut().unwrap().v[[1, 2]] = -0.5;
+    let bytes = to_bytes(&file).unwrap();
+    expect_invalid(&bytes, "second moment of V");
+    let dir = tmpdir("negative-moment");
+    let path = dir.join("neg.safetensors");
+    save(&path, &file).unwrap();
+    let err = load(&path).unwrap_err().to_string();
+    assert!(err.contains("neg.safetensors") && err.contains("-0.5"), "{err}");
+}
+
 fn kfrtrl_bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_kfrtrl"))
 }

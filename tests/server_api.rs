@@ -578,13 +578,24 @@ async fn many_streams_are_batched_into_the_weights_of_the_cores_batched_step() {
     let capacity = snapshot.definition.max_streams + 1;
     let slot_of: HashMap<String, usize> =
         snapshot.stream_slots.iter().map(|s| (s.meta.name.clone(), s.slot)).collect();
+    // Keys mix in the order the streams were opened, which the concurrent requests leave open.
+    let key_of: HashMap<usize, u64> =
+        snapshot.stream_slots.iter().map(|s| (s.slot, s.state.sign_key)).collect();
+    for s in &snapshot.stream_slots {
+        let by_name = derive_key(spec.config.seed, stream_label(&s.meta.name));
+        assert!(
+            (0..streams as u64).any(|open| derive_key(by_name, open) == s.state.sign_key),
+            "stream {} is keyed by its name and its open",
+            s.meta.name
+        );
+    }
     let pool = rayon::ThreadPoolBuilder::new().build().unwrap();
     let (params, losses) = pool.install(|| {
         let mut params = Params::<f32>::init(&spec);
         let mut optimizer = Optimizer::new(&spec);
         let mut set = StreamSet::<f32>::new(&spec, capacity);
-        for (name, &slot) in &slot_of {
-            set.set_sign_key(slot, derive_key(spec.config.seed, stream_label(name)));
+        for (&slot, &key) in &key_of {
+            set.set_sign_key(slot, key);
         }
         let mut order: Vec<(usize, usize)> = (0..streams).map(|s| (slot_of[&format!("s{s}")], s)).collect();
         order.sort_unstable();

@@ -2,6 +2,10 @@
 //!
 //! A step whose gradient is not finite is refused before it touches the weights: the caller gets
 //! [`UpdateOutcome::NonFinite`] and the weights and optimizer moments stay exactly as they were.
+//! So is a finite gradient too large for the update's arithmetic in `T` (see
+//! [`max_update_norm`]): the norm is accumulated in f64, so f32 entries up to `f32::MAX` pass the
+//! finiteness check, and Adam's `g²` would overflow to a second moment of `+∞` that freezes its
+//! weight for good.
 
 use ndarray::Array2;
 use rayon::prelude::*;
@@ -84,6 +88,23 @@ pub enum OptimizerStateError {
         /// Shapes given.
         found: [(usize, usize); 2],
     },
+    /// A moment no sequence of finite gradients can produce: a NaN or infinity, or a negative
+    /// second moment (its square root is NaN). Either would reach the weights on the first
+    /// update and never leave them.
+    #[error(
+        "Adam's {moment} moment of {weights} holds {value} at index {index}; \
+         moments must be finite and second moments non-negative"
+    )]
+    InvalidMoment {
+        /// `"first"` or `"second"`.
+        moment: &'static str,
+        /// `"W"` or `"V"`.
+        weights: &'static str,
+        /// Row-major index of the first bad entry.
+        index: usize,
+        /// The entry, as text.
+        value: String,
+    },
 }
 
 /// What one optimizer call did.
@@ -96,7 +117,8 @@ pub enum UpdateOutcome {
         /// Whether clipping scaled the gradient down.
         clipped: bool,
     },
-    /// The gradient had a NaN or infinity: nothing changed.
+    /// The gradient had a NaN or infinity, or its norm after clipping exceeded
+    /// [`max_update_norm`]: nothing changed.
     NonFinite,
 }
 
@@ -139,6 +161,29 @@ fn par_sum_squares<T: Float>(xs: &[T]) -> f64 {
 /// The sequential twin of [`par_sum_squares`]: the same chunks, the same order.
 fn fixed_chunk_sum<T: Float>(xs: &[T], chunk: usize) -> f64 {
     xs.chunks(chunk).map(sum_squares).sum()
+}
+
+/// The first entry of a saved moment that fails `ok`, as an error.
+fn check_moment<T: Float>(
+    g: &Gradients<T>,
+    moment: &'static str,
+    ok: impl Fn(T) -> bool,
+) -> Result<(), OptimizerStateError> {
+    for (weights, a) in [("W", &g.w), ("V", &g.v)] {
+        if let Some((index, x)) = a.iter().enumerate().find(|(_, x)| !ok(**x)) {
+            return Err(OptimizerStateError::InvalidMoment { moment, weights, index, value: x.to_string() });
+        }
+    }
+    Ok(())
+}
+
+/// The largest gradient norm (after clipping) an update applies; larger ones are refused as
+/// [`UpdateOutcome::NonFinite`]. At `sqrt(T::MAX)/2` every entry has `g² ≤ T::MAX/4`, so Adam's
+/// `β2·v + (1−β2)·g²` stays finite for any finite `v ≥ 0` (rounding included), and SGD's step
+/// `lr·g` (lr ≤ 10) is far from `T::MAX`. For f32 that is about 9.2e18, beyond any gradient
+/// a working model produces; for f64 the f64 norm itself overflows first.
+pub fn max_update_norm<T: Float>() -> f64 {
+    0.5 * T::max_value().to_f64_lossless().sqrt()
 }
 
 /// One chunk of weights, gradient, first and second moments, as zipped iterators yield it.
@@ -185,6 +230,8 @@ impl<T: Float> Optimizer<T> {
                         });
                     }
                 }
+                check_moment(&m, "first", |x| x.is_finite())?;
+                check_moment(&v, "second", |x| x.is_finite() && x >= T::zero())?;
                 (opt.m, opt.v) = (Some(m.into_standard_layout()), Some(v.into_standard_layout()));
             }
         }
@@ -210,10 +257,11 @@ impl<T: Float> Optimizer<T> {
     /// Applies one update with gradient `g` (already averaged), clipping it by global norm first.
     pub fn apply(&mut self, params: &mut Params<T>, g: &Gradients<T>) -> UpdateOutcome {
         let norm = g.norm();
-        if !norm.is_finite() {
+        let clipped = self.clip > 0.0 && norm > self.clip;
+        let applied_norm = if clipped { self.clip } else { norm };
+        if !norm.is_finite() || applied_norm > max_update_norm::<T>() {
             return UpdateOutcome::NonFinite;
         }
-        let clipped = self.clip > 0.0 && norm > self.clip;
         let gscale = if clipped { self.clip / norm } else { 1.0 };
         self.steps += 1;
         match self.kind {
@@ -363,6 +411,182 @@ mod tests {
             Err(OptimizerStateError::UnexpectedMoments)
         );
         assert_eq!(Optimizer::<f64>::restore(&sgd, 3, None).unwrap().steps, 3);
+    }
+
+    /// `restore` used to check shapes only: a saved negative second moment made `sqrt(v)` NaN and
+    /// the first update wrote NaN into the weights, for good.
+    #[test]
+    fn restore_refuses_non_finite_or_negative_moments() {
+        let s = spec(OptimizerKind::Adam, 0.0);
+        let good = || (Gradients::<f32>::zeros(&s), Gradients::<f32>::zeros(&s));
+        let restore = |(m, v)| Optimizer::restore(&s, 5, Some((m, v)));
+        let (m, mut v) = good();
+        v.w[[1, 2]] = -1e-12;
+        let err = restore((m, v)).unwrap_err();
+        assert_eq!(
+            err,
+            OptimizerStateError::InvalidMoment {
+                moment: "second",
+                weights: "W",
+                index: s.m + 2,
+                value: "-0.000000000001".into()
+            }
+        );
+        assert!(err.to_string().contains("second moment of W"), "{err}");
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let (mut m, v) = good();
+            m.v[[0, 1]] = bad;
+            assert!(
+                matches!(
+                    restore((m, v)),
+                    Err(OptimizerStateError::InvalidMoment { moment: "first", weights: "V", index: 1, .. })
+                ),
+                "first moment {bad}"
+            );
+            let (m, mut v) = good();
+            v.v[[2, 0]] = bad;
+            assert!(
+                matches!(
+                    restore((m, v)),
+                    Err(OptimizerStateError::InvalidMoment { moment: "second", weights: "V", .. })
+                ),
+                "second moment {bad}"
+            );
+        }
+        // Negative first moments and a negative zero second moment are reachable and harmless.
+        let (mut m, mut v) = good();
+        m.w[[0, 0]] = -3.0;
+        v.w[[0, 0]] = -0.0;
+        let mut o = restore((m, v)).unwrap();
+        let mut p = Params::<f32>::zeros(&s);
+        let mut g = Gradients::zeros(&s);
+        g.w[[0, 0]] = 1.0;
+        assert!(matches!(o.apply(&mut p, &g), UpdateOutcome::Applied { .. }));
+        assert!(p.w.iter().all(|x| x.is_finite()));
+    }
+
+    /// The norm is taken in f64, so a finite f32 gradient far beyond `sqrt(f32::MAX)` used to pass:
+    /// Adam's `g²` overflowed to `v = +∞` (the weight frozen for good), SGD's `lr·g` to an infinite
+    /// weight. Such an update is now refused like a non-finite one.
+    #[test]
+    fn f32_gradient_too_large_for_the_update_changes_nothing() {
+        let bound = max_update_norm::<f32>();
+        assert!((bound - 0.5 * f64::from(f32::MAX).sqrt()).abs() <= 1.0);
+        for (kind, lr, big) in [(OptimizerKind::Adam, 0.1, 1e21f32), (OptimizerKind::Sgd, 10.0, 1e38)] {
+            let s = ModelConfig {
+                vocab_size: 3,
+                hidden: 2,
+                optimizer: kind,
+                lr,
+                clip: 0.0,
+                ..Default::default()
+            }
+            .check()
+            .unwrap();
+            let mut p = Params::<f32>::init(&s);
+            let before = p.clone();
+            let mut g = Gradients::zeros(&s);
+            g.w[[0, 1]] = big;
+            let mut o = Optimizer::new(&s);
+            let o_before = o.clone();
+            assert_eq!(o.apply(&mut p, &g), UpdateOutcome::NonFinite, "{kind:?}");
+            assert_eq!((&p, &o), (&before, &o_before), "{kind:?}");
+            // The next ordinary gradient moves the weight: nothing was poisoned.
+            g.w[[0, 1]] = 1.0;
+            assert!(matches!(o.apply(&mut p, &g), UpdateOutcome::Applied { .. }));
+            assert!(p.w[[0, 1]] < before.w[[0, 1]], "{kind:?}: the weight must still learn");
+            assert!(p.w.iter().all(|x| x.is_finite()), "{kind:?}");
+        }
+        // Just below the bound an Adam update stays finite, moments included.
+        let s = spec(OptimizerKind::Adam, 0.0);
+        let (mut p, mut g, mut o) = (Params::<f32>::init(&s), Gradients::zeros(&s), Optimizer::new(&s));
+        g.w[[0, 1]] = (0.999 * bound) as f32;
+        assert!(matches!(o.apply(&mut p, &g), UpdateOutcome::Applied { .. }));
+        let v = o.v.as_ref().unwrap();
+        assert!(p.w.iter().chain(v.w.iter()).all(|x| x.is_finite()));
+        // With clipping the applied gradient is bounded by the clip: the same gradient is applied.
+        let s = spec(OptimizerKind::Adam, 1.0);
+        let (mut p, mut g, mut o) = (Params::<f32>::init(&s), Gradients::zeros(&s), Optimizer::new(&s));
+        g.w[[0, 1]] = 1e21;
+        assert_eq!(
+            o.apply(&mut p, &g),
+            UpdateOutcome::Applied { grad_norm: f64::from(1e21f32), clipped: true }
+        );
+        assert!(o.v.as_ref().unwrap().w.iter().all(|x| x.is_finite()));
+    }
+
+    /// Above `CHUNK` weights the norm and the Adam pass run chunked on the pool; the result must
+    /// be bit-identical to the sequential pass, with clipping active so that the norm matters.
+    #[test]
+    fn parallel_adam_with_clipping_is_bit_identical_to_sequential() {
+        let s = ModelConfig {
+            vocab_size: 64,
+            hidden: 128,
+            optimizer: OptimizerKind::Adam,
+            lr: 0.01,
+            clip: 0.5,
+            ..Default::default()
+        }
+        .check()
+        .unwrap();
+        let mut rng = crate::core::rng::CounterRng::new(17);
+        let mut grads = Vec::new();
+        for _ in 0..3 {
+            let mut g = Gradients::<f32>::zeros(&s);
+            g.w.iter_mut().chain(g.v.iter_mut()).for_each(|x| *x = rng.normal() as f32);
+            grads.push(g);
+        }
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| {
+                let mut p = Params::<f32>::init(&s);
+                assert_eq!(parallel(p.w.len()), threads > 1, "W must take the pass under test");
+                let mut o = Optimizer::new(&s);
+                let outcomes: Vec<_> = grads.iter().map(|g| o.apply(&mut p, g)).collect();
+                (p, o, outcomes)
+            })
+        };
+        let (seq, par) = (run(1), run(4));
+        assert!(seq.0.w.len() > CHUNK);
+        assert!(seq.2.iter().all(|u| matches!(u, UpdateOutcome::Applied { clipped: true, .. })));
+        let bits = |p: &Params<f32>, o: &Optimizer<f32>| -> Vec<u32> {
+            let (m, v) = (o.m.as_ref().unwrap(), o.v.as_ref().unwrap());
+            [&p.w, &p.v, &m.w, &m.v, &v.w, &v.v].iter().flat_map(|a| a.iter().map(|x| x.to_bits())).collect()
+        };
+        assert_eq!(seq.2, par.2, "norms");
+        assert!(bits(&seq.0, &seq.1) == bits(&par.0, &par.1), "weights or moments differ");
+    }
+
+    /// Adam's moments must be built from the clipped gradient, not the raw one (the first step's
+    /// weight change is ±lr either way, so only the moments and the second step tell).
+    #[test]
+    fn adam_moments_are_built_from_the_clipped_gradient() {
+        let s = spec(OptimizerKind::Adam, 1.0);
+        let mut p = Params::<f64>::zeros(&s);
+        let mut o = Optimizer::new(&s);
+        let mut g = Gradients::zeros(&s);
+        g.w[[0, 0]] = 3.0;
+        g.v[[0, 0]] = 4.0;
+        assert_eq!(o.apply(&mut p, &g), UpdateOutcome::Applied { grad_norm: 5.0, clipped: true });
+        let close =
+            |got: f64, want: f64| assert!((got - want).abs() <= 1e-14 * want.abs(), "{got} vs {want}");
+        let (m, v) = (o.m.clone().unwrap(), o.v.clone().unwrap());
+        close(m.w[[0, 0]], 0.1 * 0.6);
+        close(m.v[[0, 0]], 0.1 * 0.8);
+        close(v.w[[0, 0]], 0.001 * 0.36);
+        close(v.v[[0, 0]], 0.001 * 0.64);
+        // A second gradient inside the clip is used as it is.
+        g.w[[0, 0]] = -0.3;
+        g.v[[0, 0]] = 0.0;
+        assert_eq!(o.apply(&mut p, &g), UpdateOutcome::Applied { grad_norm: 0.3, clipped: false });
+        let m2 = 0.9 * 0.06 + 0.1 * -0.3;
+        let v2 = 0.999 * 0.00036 + 0.001 * 0.09;
+        close(o.m.as_ref().unwrap().w[[0, 0]], m2);
+        close(o.v.as_ref().unwrap().w[[0, 0]], v2);
+        let (bc1, bc2) = (1.0 - 0.9f64.powi(2), 1.0 - 0.999f64.powi(2));
+        let step1 = 0.1 * 0.6 / (0.6 + 1e-8);
+        let step2 = 0.1 / bc1 * m2 / (v2.sqrt() / bc2.sqrt() + 1e-8);
+        close(p.w[[0, 0]], -step1 - step2);
     }
 
     #[test]

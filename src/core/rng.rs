@@ -120,6 +120,37 @@ mod tests {
         assert!(lag1.abs() < bound, "lag-1 correlation {lag1}");
     }
 
+    /// Streams get keys `derive_key(parent, label)` for neighbouring labels (slot indices, name
+    /// hashes); KF-RTRL.md §8.3 needs their signs independent, or the batch average keeps the
+    /// noise it should remove. Sums of `n` products of fair independent signs have σ = √n.
+    #[test]
+    fn signs_of_neighbouring_stream_keys_are_uncorrelated() {
+        let n = 1u64 << 20;
+        let bound = 5.0 * (n as f64).sqrt();
+        for parent in [0u64, 7, 0xDEAD_BEEF] {
+            for (a, b) in [(0u64, 1u64), (1, 2), (0, 1 << 32)] {
+                let (ka, kb) = (derive_key(parent, a), derive_key(parent, b));
+                // KF-RTRL: one sign per advance, at the slot's sign counter.
+                let kf: f64 = (0..n).map(|c| sign(ka, c) * sign(kb, c)).sum();
+                assert!(kf.abs() < bound, "KF signs of labels {a}, {b} under {parent}: {kf} vs {bound}");
+                // UORO: one key per advance, `derive_key(stream key, counter)`, and a sign per
+                // state entry at counters 0..s of that key.
+                let s = 16u64;
+                let uoro: f64 = (0..n / s)
+                    .flat_map(|c| (0..s).map(move |i| (c, i)))
+                    .map(|(c, i)| sign(derive_key(ka, c), i) * sign(derive_key(kb, c), i))
+                    .sum();
+                assert!(uoro.abs() < bound, "UORO signs of labels {a}, {b} under {parent}: {uoro}");
+                // Within one UORO stream, consecutive advances' keys are independent too.
+                let steps: f64 = (0..n / s)
+                    .flat_map(|c| (0..s).map(move |i| (c, i)))
+                    .map(|(c, i)| sign(derive_key(ka, c), i) * sign(derive_key(ka, c + 1), i))
+                    .sum();
+                assert!(steps.abs() < bound, "UORO consecutive steps of label {a} under {parent}: {steps}");
+            }
+        }
+    }
+
     #[test]
     fn normal_draws_have_unit_variance() {
         let mut rng = CounterRng::new(5);

@@ -100,8 +100,8 @@ pub struct StreamSet<T: Float> {
     restarted: Vec<usize>,
     /// Inputs of an [`StreamSet::advance_states`] whose learner part has not run yet.
     pending_learner: Option<usize>,
-    /// Gradient contributions that resets inside `advance` flushed into `grad` (TBPTT's scored
-    /// windows), summed and counted by the next `score`.
+    /// Gradient contributions that resets outside `score` (in `advance`, or [`StreamSet::reset`])
+    /// flushed into `grad` (TBPTT's scored windows), summed and counted by the next `score`.
     carried: f64,
 }
 
@@ -205,9 +205,10 @@ impl<T: Float> StreamSet<T> {
         self.sign_counter[slot] = counter;
     }
 
-    /// The gradient averaged by the last [`StreamSet::score`] that had inputs. Between an
-    /// [`StreamSet::advance`] whose resets carried a TBPTT window and the next score it holds
-    /// that window's unaveraged sum instead: apply the optimizer right after a score.
+    /// The gradient averaged by the last [`StreamSet::score`] that had inputs. Between a reset
+    /// outside `score` ([`StreamSet::advance`], [`StreamSet::reset`]) that carried a TBPTT window
+    /// and the next score it holds that window's unaveraged sum instead: apply the optimizer
+    /// right after a score.
     pub fn gradients(&self) -> &Gradients<T> {
         &self.grad
     }
@@ -223,12 +224,57 @@ impl<T: Float> StreamSet<T> {
     }
 
     /// Starts a new sequence in a slot: state, position and learner factors to zero (the sign
-    /// counter runs on, so the new sequence draws fresh signs).
-    pub fn reset(&mut self, slot: usize) {
+    /// counter runs on, so the new sequence draws fresh signs). Like a reset inside
+    /// [`StreamSet::advance`], it must not drop the losses TBPTT's window has already scored:
+    /// they are backpropagated now with `params` into [`StreamSet::gradients`] and counted by
+    /// the next [`StreamSet::score`] ([`StreamSet::carried`]; [`StreamSet::apply_carried`] applies
+    /// them at once). Other learners ignore `params`.
+    pub fn reset(&mut self, params: &Params<T>, slot: usize) {
         self.assert_no_pending_learner();
+        if self.position[slot] != 0 {
+            self.carry_sequence(params, slot);
+        }
+        self.restart(slot);
+    }
+
+    /// Empties a slot whose stream lives on elsewhere ([`StreamSet::export_slot`], e.g. evicted)
+    /// or never existed: as [`StreamSet::reset`], but nothing is carried, since an exported TBPTT
+    /// window is flushed wherever it is imported.
+    pub fn vacate(&mut self, slot: usize) {
+        self.assert_no_pending_learner();
+        self.restart(slot);
+    }
+
+    /// State, position and learner factors of a slot to zero, nothing carried.
+    fn restart(&mut self, slot: usize) {
         self.state.row_mut(slot).fill(T::zero());
         self.position[slot] = 0;
         self.learner.reset(slot);
+    }
+
+    /// Gradient contributions that resets outside [`StreamSet::score`] carried into
+    /// [`StreamSet::gradients`] (TBPTT's scored windows), waiting for the next score.
+    pub fn carried(&self) -> f64 {
+        self.carried
+    }
+
+    /// Applies the carried contributions ([`StreamSet::carried`]) now, averaged, as one update:
+    /// for a caller that cannot let them wait for the next score (e.g. its saved state does not
+    /// hold them). `None` when nothing is carried.
+    pub fn apply_carried(
+        &mut self,
+        params: &mut Params<T>,
+        optimizer: &mut Optimizer<T>,
+    ) -> Option<UpdateOutcome> {
+        self.assert_no_pending_learner();
+        let carried = std::mem::take(&mut self.carried);
+        if carried == 0.0 {
+            return None;
+        }
+        if carried != 1.0 {
+            self.grad.scale(T::from_f64_rounded(1.0 / carried));
+        }
+        Some(optimizer.apply(params, &self.grad))
     }
 
     /// Writes the slot's next-token distribution `softmax(V [h; 1])` into `probs` (length vocab).
@@ -294,7 +340,7 @@ impl<T: Float> StreamSet<T> {
                 let state = state.as_slice().expect("contiguous");
                 finished += self.learner.finish_sequence(&self.spec, params, x.slot, state, &mut self.grad);
             }
-            self.reset(x.slot);
+            self.restart(x.slot);
         }
         let hoff = self.spec.h_offset();
         let sc = &mut self.scratch;
@@ -391,8 +437,7 @@ impl<T: Float> StreamSet<T> {
         self.validate(inputs)?;
         for x in inputs {
             if x.reset && self.position[x.slot] != 0 {
-                self.carry_sequence(params, x.slot);
-                self.reset(x.slot);
+                self.reset(params, x.slot);
             }
         }
         let nb = inputs.len();
@@ -467,7 +512,7 @@ impl<T: Float> StreamSet<T> {
         self.pending_learner.is_some()
     }
 
-    /// Before a reset inside `advance`: TBPTT's window holds losses already scored, which the
+    /// Before a reset outside `score`: TBPTT's window holds losses already scored, which the
     /// reset must not drop; they are backpropagated now into `grad` and counted by the next
     /// [`StreamSet::score`] (a reset inside `score` adds them to that score's own gradient).
     fn carry_sequence(&mut self, params: &Params<T>, slot: usize) {
@@ -532,8 +577,9 @@ impl<T: Float> StreamSet<T> {
     /// (for the learners whose estimate has no side effects: KF-RTRL, UORO, exact RTRL) its own
     /// gradient contribution, recomputed alone, is not finite. When a refused update cannot be
     /// traced to any slot, every slot of the batch is reset. A slot whose cell state is not
-    /// finite is restarted as by [`StreamSet::reset`] (listed by
-    /// [`StreamSet::last_restarted_slots`]): nothing else could make it finite again. The weights
+    /// finite is restarted as by [`StreamSet::vacate`] (listed by
+    /// [`StreamSet::last_restarted_slots`]): nothing else could make it finite again, and its
+    /// learner state, just discarded, has nothing left to carry. The weights
     /// are never touched here; after a refused update [`StreamSet::gradients`] is unspecified.
     pub fn recover_from_faults(
         &mut self,
@@ -556,7 +602,7 @@ impl<T: Float> StreamSet<T> {
             let slot = self.faulted[i];
             self.learner.discard(slot);
             if !all_finite(self.state.row(slot)) {
-                self.reset(slot);
+                self.restart(slot);
                 self.restarted.push(slot);
             }
         }

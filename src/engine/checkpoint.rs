@@ -87,6 +87,9 @@ pub struct ModelSnapshot {
     pub next_seq: u64,
     /// Generation of the next evicted-stream file.
     pub next_generation: u64,
+    /// Streams opened so far (each open's sign key mixes in its index, so that a stream
+    /// reopened under the same name draws new signs).
+    pub opened_streams: u64,
     /// Evicted streams by name.
     pub evicted: BTreeMap<String, EvictedStream>,
     /// The model's statistics.
@@ -141,6 +144,9 @@ struct EngineJson {
     definition: ModelDefinition,
     next_seq: u64,
     next_generation: u64,
+    /// Absent from checkpoints written before it existed (their streams' keys do not use it).
+    #[serde(default)]
+    opened_streams: u64,
     free: Vec<usize>,
     stats: ModelStats,
     /// Tensor names and per-slot shapes of the stacked `streams.*` tensors.
@@ -177,6 +183,7 @@ pub fn to_model_file(s: &ModelSnapshot) -> Result<ModelFile, String> {
         definition: s.definition.clone(),
         next_seq: s.next_seq,
         next_generation: s.next_generation,
+        opened_streams: s.opened_streams,
         free: s.free.clone(),
         stats: s.stats.clone(),
         layout,
@@ -254,6 +261,7 @@ pub fn from_model_file(file: ModelFile) -> Result<ModelSnapshot, String> {
         free: e.free,
         next_seq: e.next_seq,
         next_generation: e.next_generation,
+        opened_streams: e.opened_streams,
         evicted: e.evicted.into_iter().collect(),
         stats: e.stats,
     })

@@ -364,8 +364,9 @@ fn unique_suffix() -> String {
     format!("{}-{nanos}", std::process::id())
 }
 
-/// The stable 64-bit FNV-1a hash of a stream name: the label of the stream's random-sign key,
-/// so that signs depend on the stream's name and position, never on its slot.
+/// The stable 64-bit FNV-1a hash of a stream name: with the index of the stream's open among the
+/// model's opens, the label of its random-sign key, so that signs depend on the stream's name,
+/// open and position, never on its slot.
 pub fn stream_label(name: &str) -> u64 {
     name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }

@@ -220,6 +220,8 @@ struct Worker {
     next_seq: u64,
     /// Generation of the next evicted-stream file.
     next_generation: u64,
+    /// Streams opened so far: the label of the next open's sign key.
+    opened_streams: u64,
     /// Streams whose state is on disk.
     evicted: BTreeMap<String, EvictedStream>,
     max_stored_streams: usize,
@@ -259,6 +261,7 @@ impl Worker {
             stats: ModelStats::default(),
             next_seq: 0,
             next_generation: 0,
+            opened_streams: 0,
             evicted: BTreeMap::new(),
             max_stored_streams: init.max_stored_streams,
             dir: None,
@@ -379,6 +382,7 @@ impl Worker {
         self.free = s.free;
         self.next_seq = s.next_seq;
         self.next_generation = s.next_generation;
+        self.opened_streams = s.opened_streams;
         self.evicted = s.evicted;
         self.stats = s.stats;
         self.metrics.active_streams.set(self.names.len() as i64);
@@ -408,6 +412,7 @@ impl Worker {
             free: self.free.clone(),
             next_seq: self.next_seq,
             next_generation: self.next_generation,
+            opened_streams: self.opened_streams,
             evicted: self.evicted.clone(),
             stats,
         }
@@ -588,23 +593,33 @@ impl Worker {
         Ok(())
     }
 
-    /// A new stream takes `slot` (which must be free) at the start of a sequence, with signs keyed
-    /// by its name from counter 0: its randomness never depends on the slot's history.
+    /// A new stream takes `slot` (which must be free) at the start of a sequence, with signs from
+    /// counter 0 keyed by its name and by the index of this open among the model's opens. The
+    /// name alone would make a stream closed and reopened under the same name replay the
+    /// same signs (KF-RTRL.md §8.3 wants fresh ones); the index is checkpointed and counted again
+    /// by replay, so a restore gives the same keys. The slot's history never enters.
     fn apply_open(&mut self, slot: usize, name: String) {
         self.log(&Event::Open { slot: slot as u32, name: name.clone() });
         take_free(&mut self.free, slot);
-        self.set.reset(slot);
-        self.set.set_sign_key(slot, derive_key(self.definition.seed, stream_label(&name)));
+        self.set.vacate(slot);
+        let key = derive_key(derive_key(self.definition.seed, stream_label(&name)), self.opened_streams);
+        self.opened_streams += 1;
+        self.set.set_sign_key(slot, key);
         self.set.set_sign_counter(slot, 0);
         self.names.insert(name.clone(), slot);
         self.slots[slot] = Some(StreamEntry::new(StreamMeta::new(name)));
         self.metrics.active_streams.set(self.names.len() as i64);
     }
 
-    /// Forgets the stream in `slot` and frees the slot.
+    /// Forgets the stream in `slot` and frees the slot. The losses a TBPTT window has scored
+    /// but not yet backpropagated are applied as an update of their own right now: left to the
+    /// next step, they would be missing from a checkpoint taken in between, and a restore would
+    /// not reproduce the weights.
     fn apply_close(&mut self, slot: usize) {
         self.log(&Event::Close { slot: slot as u32 });
-        self.set.reset(slot);
+        self.set.reset(&self.params, slot);
+        let update = self.set.apply_carried(&mut self.params, &mut self.optimizer);
+        self.record_update(update);
         if let Some(entry) = self.slots[slot].take() {
             self.names.remove(&entry.meta.name);
         }
@@ -627,7 +642,8 @@ impl Worker {
         checkpoint::write_stream(&dir, generation, &meta, &self.set.export_slot(slot))?;
         self.log(&Event::Evict { slot: slot as u32, generation });
         self.next_generation += 1;
-        self.set.reset(slot);
+        // The stream's TBPTT window went to the file with it: nothing to carry.
+        self.set.vacate(slot);
         self.slots[slot] = None;
         self.names.remove(&meta.name);
         self.free.push(slot);
@@ -674,19 +690,7 @@ impl Worker {
         self.step_seconds = started.elapsed().as_secs_f64();
         self.metrics.batch_size.observe(nb as f64);
         match outcome {
-            Ok(report) => match report.update {
-                Some(UpdateOutcome::Applied { grad_norm, .. }) => {
-                    self.metrics.optimizer_updates.inc();
-                    self.metrics.gradient_norm.set(grad_norm);
-                    self.stats.optimizer_updates += 1;
-                }
-                Some(UpdateOutcome::NonFinite) => {
-                    self.metrics.nonfinite_updates.inc();
-                    self.stats.nonfinite_updates += 1;
-                    tracing::warn!(model = %self.definition.name, "non-finite gradient: update skipped");
-                }
-                None => {}
-            },
+            Ok(report) => self.record_update(report.update),
             Err(e) => {
                 // Inputs are validated on admission, so this is a bug; the step changed nothing.
                 tracing::error!(model = %self.definition.name, error = %e, "batched step refused");
@@ -742,6 +746,23 @@ impl Worker {
             self.metrics.loss_bits_avg.set(avg);
         }
         true
+    }
+
+    /// Counts an optimizer update (applied or refused) in the statistics and metrics.
+    fn record_update(&mut self, update: Option<UpdateOutcome>) {
+        match update {
+            Some(UpdateOutcome::Applied { grad_norm, .. }) => {
+                self.metrics.optimizer_updates.inc();
+                self.metrics.gradient_norm.set(grad_norm);
+                self.stats.optimizer_updates += 1;
+            }
+            Some(UpdateOutcome::NonFinite) => {
+                self.metrics.nonfinite_updates.inc();
+                self.stats.nonfinite_updates += 1;
+                tracing::warn!(model = %self.definition.name, "non-finite gradient: update skipped");
+            }
+            None => {}
+        }
     }
 
     /// The learner's half of the step [`Worker::apply_step`] began.
