@@ -1,6 +1,7 @@
 //! The load generator ([`kfrtrl::load`]) against a real server in-process on 127.0.0.1:0: eight
 //! streams for about a second over HTTP and over WebSocket, with a sane report each time; and a
-//! short soak with an API key, reporting every interval with the server's memory.
+//! short soak with an API key, reporting every interval with the server's memory; and a soak whose
+//! WebSockets the server closes mid-run, which ends with a report instead of waiting for ever.
 
 use std::time::Duration;
 
@@ -117,5 +118,51 @@ async fn a_soak_reports_every_interval_with_the_servers_memory() {
     cfg.api_key = None;
     assert!(run(&cfg).await.is_err());
     stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_over_websocket_finishes_when_a_connection_breaks_mid_run() {
+    let model = ModelRequest { name: "small".into(), hidden: Some(16), ..Default::default() };
+    let state = AppState::new(ServerConfig { models: vec![model], ..Default::default() }).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(serve(listener, state.clone(), async move {
+        let _ = stopped.await;
+    }));
+    state.wait_ready().await;
+
+    let cfg = LoadConfig {
+        url: format!("http://{addr}"),
+        model: "small".into(),
+        streams: 4,
+        tokens_per_message: 1,
+        protocol: Protocol::Ws,
+        pipeline: 2,
+        // Far longer than the guard below: only the broken connections can end the run.
+        duration: Duration::from_secs(3600),
+        stream_prefix: "broken".into(),
+        report_every: Some(Duration::from_millis(100)),
+        server_pid: None,
+        api_key: None,
+    };
+    // The first sample comes after the start, so the server shuts down (closing every
+    // WebSocket with 1001) while the streams are in their measured window.
+    let mut stop = Some(stop);
+    let run = run_with(&cfg, |_| {
+        if let Some(stop) = stop.take() {
+            stop.send(()).unwrap();
+        }
+    });
+    let report = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("the run ends when its connections break")
+        .expect("a run whose connections broke mid-run still reports");
+    assert!(report.seconds < 3600.0 && !report.samples.is_empty(), "{report:?}");
+    assert!(report.errors >= cfg.streams as u64, "every broken stream counts an error: {report:?}");
+    let first = report.first_error.as_deref().unwrap_or_default();
+    // A close frame, or a reset when the server drops the socket with messages unread.
+    assert!(first.contains("/streams/broken-"), "the first error names the broken connection: {first}");
     server.await.unwrap().unwrap();
 }
