@@ -212,6 +212,45 @@ fn json(out: &std::process::Output) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// A `--save` in a missing directory used to fail only after the whole run, with no report. It
+/// is refused when the flags are parsed: before the corpus is even read.
+#[test]
+fn train_refuses_a_save_path_in_a_missing_directory_before_training() {
+    let dir = std::env::temp_dir().join(format!("kfrtrl-cli-train-save-missing-{}", std::process::id()));
+    let out = kfrtrl(
+        &["--symbols", "20"],
+        &[("--corpus", &dir.join("missing-corpus.txt")), ("--save", &dir.join("nowhere").join("m.st"))],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("nowhere") && stderr.contains("does not exist"), "{stderr}");
+    assert!(!stderr.contains("missing-corpus"), "the corpus was read first: {stderr}");
+    assert!(out.stdout.is_empty());
+    let corpus = corpus("save-dir");
+    let out = kfrtrl(&["--symbols", "20"], &[("--corpus", &corpus), ("--save", corpus.parent().unwrap())]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("not a file name"), "{stderr}");
+    std::fs::remove_dir_all(corpus.parent().unwrap()).unwrap();
+}
+
+/// A save that fails at the end (here: a directory that exists but takes no files) used to throw
+/// the run's report away; the report is printed first, then the failure exits 2.
+#[test]
+fn train_prints_its_report_even_when_the_save_fails() {
+    let corpus = corpus("save-fails");
+    let out = kfrtrl(
+        &["--format", "ptb-char", "--hidden", "4", "--symbols", "20", "--json"],
+        &[("--corpus", &corpus), ("--save", std::path::Path::new("/proc/self/model.st"))],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("/proc/self/model.st"), "{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("the report is on stdout");
+    assert_eq!(report["symbols"], 24);
+    std::fs::remove_dir_all(corpus.parent().unwrap()).unwrap();
+}
+
 /// `--init` continues a saved model where it stopped: its weights, Adam moments, place in the
 /// corpus, reset phase and sign counters. Stopped at a multiple of the reset period, two runs of
 /// an online learner give the weights of one uninterrupted run exactly, and the same evaluations.

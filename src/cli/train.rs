@@ -77,8 +77,23 @@ pub struct TrainArgs {
     json: bool,
     /// Write the trained model (weights, optimizer state, config, counters) to this file, in the
     /// format of the server's checkpoints (safetensors with JSON metadata).
-    #[arg(long)]
+    #[arg(long, value_parser = parse_save_path)]
     save: Option<PathBuf>,
+}
+
+/// A `--save` file name, refused at parsing when its directory does not exist or it names a
+/// directory, so that a long run does not fail only at its end.
+fn parse_save_path(s: &str) -> Result<PathBuf, String> {
+    let path = PathBuf::from(s);
+    if path.file_name().is_none() || path.is_dir() {
+        return Err(format!("{s} is not a file name"));
+    }
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => {
+            Err(format!("the directory {} does not exist", dir.display()))
+        }
+        _ => Ok(path),
+    }
 }
 
 fn parse_format(s: &str) -> Result<Format, String> {
@@ -284,6 +299,25 @@ pub fn run(args: TrainArgs) -> Result<(), String> {
     })
     .map_err(|e| e.to_string())?;
     bar.finish_and_clear();
+    // The report is out before the model is saved: a file that cannot be written must not
+    // cost a long run its results.
+    if args.json {
+        println!("{}", serde_json::to_string(&report).map_err(|e| e.to_string())?);
+    } else {
+        println!(
+            "{} {} n={} B={}: {} symbols, train {:.4} bpc (last 10%: {:.4}){}, {:.0} symbols/s, {:.1} s",
+            report.learner,
+            report.cell,
+            report.hidden,
+            report.batch,
+            report.symbols,
+            report.train_bpc,
+            report.train_bpc_final,
+            report.eval_bpc.map(|e| format!(", eval {e:.4} bpc")).unwrap_or_default(),
+            report.symbols_per_sec,
+            report.seconds
+        );
+    }
     if let Some(path) = &args.save {
         let mut metadata = serde_json::Map::new();
         metadata.insert("corpus_format".into(), init.format.name().into());
@@ -310,23 +344,6 @@ pub fn run(args: TrainArgs) -> Result<(), String> {
             extra: Vec::new(),
         };
         save(path, &file).map_err(|e| e.to_string())?;
-    }
-    if args.json {
-        println!("{}", serde_json::to_string(&report).map_err(|e| e.to_string())?);
-    } else {
-        println!(
-            "{} {} n={} B={}: {} symbols, train {:.4} bpc (last 10%: {:.4}){}, {:.0} symbols/s, {:.1} s",
-            report.learner,
-            report.cell,
-            report.hidden,
-            report.batch,
-            report.symbols,
-            report.train_bpc,
-            report.train_bpc_final,
-            report.eval_bpc.map(|e| format!(", eval {e:.4} bpc")).unwrap_or_default(),
-            report.symbols_per_sec,
-            report.seconds
-        );
     }
     Ok(())
 }
