@@ -373,10 +373,11 @@ pub async fn run_with(cfg: &LoadConfig, mut on_sample: impl FnMut(&Sample)) -> R
         serde_json::from_value(info["config"].clone()).map_err(|e| server_err("model config", e))?;
     let vocab = definition.vocab_size as u32;
 
-    // Each stream says once whether its first request went through, then waits for the start.
-    // No rendezvous after that: a stream that breaks during the window has nobody to wait for.
+    // Each stream says once whether its first request went through, then waits for the start,
+    // which carries the window's one deadline. No rendezvous after that: a stream that breaks
+    // during the window has nobody to wait for.
     let (ready_tx, mut ready_rx) = mpsc::unbounded_channel::<Result<(), String>>();
-    let (start_tx, start_rx) = watch::channel(false);
+    let (start_tx, start_rx) = watch::channel(None);
     let tally = SharedTally::default();
     let mut tasks = Vec::with_capacity(cfg.streams);
     for i in 0..cfg.streams {
@@ -412,10 +413,12 @@ pub async fn run_with(cfg: &LoadConfig, mut on_sample: impl FnMut(&Sample)) -> R
             cfg.streams - ready
         )));
     }
-    start_tx.send_replace(true);
+    // The server is read before the streams go and the clock starts as they go, so that the
+    // window of `/metrics`, the throughput's seconds and every stream's deadline are one.
     let before = scrape(&client, &base, &cfg.model).await?;
     let rss_all_streams = server_rss(&client, &base, cfg).await;
     let start = Instant::now();
+    start_tx.send_replace(Some(start + cfg.duration));
     let streams_done = async {
         let mut failure = None;
         for task in tasks {
@@ -513,13 +516,14 @@ fn authorized_client(cfg: &LoadConfig) -> Result<reqwest::Client, LoadError> {
     reqwest::Client::builder().default_headers(headers).build().map_err(|e| LoadError::Config(e.to_string()))
 }
 
-/// Answers `ready` with the outcome of a stream's first request, then waits for the start;
-/// `None` when the run is abandoned before it starts (another stream could not start).
+/// Answers `ready` with the outcome of a stream's first request, then waits for the start and
+/// returns the connection with the window's deadline; `None` when the run is abandoned before
+/// it starts (another stream could not start).
 async fn start_after<T>(
     warm_up: Result<T, String>,
     ready: mpsc::UnboundedSender<Result<(), String>>,
-    mut start: watch::Receiver<bool>,
-) -> Option<T> {
+    mut start: watch::Receiver<Option<Instant>>,
+) -> Option<(T, Instant)> {
     let (answer, conn) = match warm_up {
         Ok(conn) => (Ok(()), Some(conn)),
         Err(e) => (Err(e), None),
@@ -527,8 +531,8 @@ async fn start_after<T>(
     let _ = ready.send(answer);
     drop(ready);
     let conn = conn?;
-    start.wait_for(|&started| started).await.ok()?;
-    Some(conn)
+    let deadline = (*start.wait_for(Option::is_some).await.ok()?)?;
+    Some((conn, deadline))
 }
 
 /// One HTTP stream: a warm-up request, the start, then requests back to back until the end (a
@@ -538,7 +542,7 @@ async fn http_stream(
     body: String,
     cfg: &LoadConfig,
     ready: mpsc::UnboundedSender<Result<(), String>>,
-    start: watch::Receiver<bool>,
+    start: watch::Receiver<Option<Instant>>,
     tally: &SharedTally,
 ) {
     let client = match authorized_client(cfg) {
@@ -562,10 +566,9 @@ async fn http_stream(
         }
     };
     let warm_up = send(&client).await;
-    if start_after(warm_up, ready, start).await.is_none() {
+    let Some(((), deadline)) = start_after(warm_up, ready, start).await else {
         return;
-    }
-    let deadline = Instant::now() + cfg.duration;
+    };
     while Instant::now() < deadline {
         let sent = Instant::now();
         let outcome = send(&client).await;
@@ -595,13 +598,12 @@ async fn ws_stream(
     body: String,
     cfg: &LoadConfig,
     ready: mpsc::UnboundedSender<Result<(), String>>,
-    start: watch::Receiver<bool>,
+    start: watch::Receiver<Option<Instant>>,
     tally: &SharedTally,
 ) {
-    let Some(mut ws) = start_after(ws_connect(url, &body, cfg).await, ready, start).await else {
+    let Some((mut ws, deadline)) = start_after(ws_connect(url, &body, cfg).await, ready, start).await else {
         return;
     };
-    let deadline = Instant::now() + cfg.duration;
     let mut in_flight = std::collections::VecDeque::with_capacity(cfg.pipeline);
     let broken = 'run: loop {
         while in_flight.len() < cfg.pipeline && Instant::now() < deadline {

@@ -166,3 +166,80 @@ async fn load_over_websocket_finishes_when_a_connection_breaks_mid_run() {
     assert!(first.contains("/streams/broken-"), "the first error names the broken connection: {first}");
     server.await.unwrap().unwrap();
 }
+
+/// What the fake server of [`load_streams_start_only_after_the_servers_metrics_are_read`] saw.
+#[derive(Default)]
+struct Seen {
+    tokens_requests: usize,
+    metrics_answered: usize,
+    /// Tokens requests after the streams' first ones that came before the run had read
+    /// `/metrics` twice (step histograms, then memory).
+    early: usize,
+}
+
+/// The streams used to start their clocks, deadlines and requests before the run read the
+/// server's `/metrics` and started its own clock, which inflated symbols/s and put requests
+/// outside the server's window. A fake server checks the order: every stream's first request,
+/// both reads of `/metrics`, then the measured requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_streams_start_only_after_the_servers_metrics_are_read() {
+    use std::sync::{Arc, Mutex};
+
+    use axum::Router;
+    use axum::routing::{get, post};
+    use kfrtrl::engine::ModelDefinition;
+
+    const STREAMS: usize = 8;
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let description = serde_json::json!({ "config": ModelDefinition::with_defaults("fake", 64) });
+    let app = Router::new()
+        .route("/v1/models/fake", get(move || async move { axum::Json(description) }))
+        .route(
+            "/v1/models/fake/streams/{stream}/tokens",
+            post({
+                let seen = seen.clone();
+                move || async move {
+                    let mut seen = seen.lock().unwrap();
+                    seen.tokens_requests += 1;
+                    if seen.tokens_requests > STREAMS && seen.metrics_answered < 2 {
+                        seen.early += 1;
+                    }
+                    r#"{"position":1}"#
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get({
+                let seen = seen.clone();
+                // Counted before the answer leaves, so a run that waits for it sees the count.
+                move || async move {
+                    seen.lock().unwrap().metrics_answered += 1;
+                    "process_resident_memory_bytes 1048576\n"
+                }
+            }),
+        );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let cfg = LoadConfig {
+        url: format!("http://{addr}"),
+        model: "fake".into(),
+        streams: STREAMS,
+        tokens_per_message: 1,
+        protocol: Protocol::Http,
+        pipeline: 1,
+        duration: Duration::from_millis(300),
+        stream_prefix: "order".into(),
+        report_every: None,
+        server_pid: None,
+        api_key: None,
+    };
+    let report = run(&cfg).await.unwrap();
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.early, 0, "measured requests reached the server before the run read its metrics");
+    assert_eq!(report.requests as usize, seen.tokens_requests - STREAMS, "{report:?}");
+    assert_eq!(seen.metrics_answered, 4, "two reads before the window, two after");
+    server.abort();
+}
