@@ -97,11 +97,13 @@ pub struct Latency {
 /// One interval of a soak.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Sample {
-    /// Seconds since the measured window started, at the end of the interval.
+    /// Seconds since the measured window started, at the end of the interval (the interval
+    /// began at the previous sample's end, or at the start).
     pub elapsed_seconds: f64,
-    /// Tokens answered in the interval, per second.
+    /// Tokens answered in the interval, per second of its real length (which may exceed the
+    /// report interval when the sampler was held up).
     pub symbols_per_sec: f64,
-    /// Requests answered in the interval, per second.
+    /// Requests answered in the interval, per second of its real length.
     pub requests_per_sec: f64,
     /// Requests that failed in the interval.
     pub errors: u64,
@@ -433,15 +435,22 @@ pub async fn run_with(cfg: &LoadConfig, mut on_sample: impl FnMut(&Sample)) -> R
     let mut samples = Vec::new();
     let failure = if let Some(every) = cfg.report_every {
         let mut ticker = tokio::time::interval_at((start + every).into(), every);
+        // A tick held up (by a slow read of the server's memory, say) is not followed by a burst
+        // of short catch-up intervals; each interval's rates are over its real length anyway.
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut previous = start;
         loop {
             tokio::select! {
                 failure = &mut streams_done => break failure,
                 _ = ticker.tick() => {
                     let mut window = take(&tally);
+                    let now = Instant::now();
+                    let interval = now.duration_since(previous).as_secs_f64();
+                    previous = now;
                     let sample = Sample {
-                        elapsed_seconds: start.elapsed().as_secs_f64(),
-                        symbols_per_sec: window.symbols as f64 / every.as_secs_f64(),
-                        requests_per_sec: window.requests as f64 / every.as_secs_f64(),
+                        elapsed_seconds: now.duration_since(start).as_secs_f64(),
+                        symbols_per_sec: window.symbols as f64 / interval,
+                        requests_per_sec: window.requests as f64 / interval,
                         errors: window.errors,
                         latency_ms: percentiles(&mut window.latencies),
                         rss_bytes: server_rss(&client, &base, cfg).await,

@@ -2,6 +2,7 @@
 //! streams for about a second over HTTP and over WebSocket, with a sane report each time; and a
 //! short soak with an API key, reporting every interval with the server's memory; and a soak whose
 //! WebSockets the server closes mid-run, which ends with a report instead of waiting for ever.
+//! Fake servers check when the measured window starts and what a held-up soak interval reports.
 
 use std::time::Duration;
 
@@ -67,6 +68,17 @@ async fn load_reports_throughput_and_latency_over_http_and_websocket() {
     server.await.unwrap().unwrap();
 }
 
+/// The requests of a soak's samples, from their rates over their real intervals.
+fn interval_requests(report: &LoadReport) -> f64 {
+    let mut previous = 0.0;
+    let mut sum = 0.0;
+    for s in &report.samples {
+        sum += s.requests_per_sec * (s.elapsed_seconds - previous);
+        previous = s.elapsed_seconds;
+    }
+    sum
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_soak_reports_every_interval_with_the_servers_memory() {
     const KEY: &str = "soak-test-key-0123456789";
@@ -100,8 +112,10 @@ async fn a_soak_reports_every_interval_with_the_servers_memory() {
     check(&report, Protocol::Ws, 2);
     assert!((4..=6).contains(&report.samples.len()), "{:?}", report.samples);
     assert_eq!(printed, report.samples.len());
-    let interval_requests: f64 = report.samples.iter().map(|s| s.requests_per_sec * 0.5).sum();
-    assert!(interval_requests <= report.requests as f64 + 0.5, "intervals never count a request twice");
+    assert!(
+        interval_requests(&report) <= report.requests as f64 + 0.5,
+        "intervals never count a request twice"
+    );
     for (i, s) in report.samples.iter().enumerate() {
         assert!(s.symbols_per_sec > 0.0 && s.errors == 0, "{s:?}");
         assert!(s.elapsed_seconds >= 0.5 * (i + 1) as f64 - 0.01, "{s:?}");
@@ -241,5 +255,98 @@ async fn load_streams_start_only_after_the_servers_metrics_are_read() {
     assert_eq!(seen.early, 0, "measured requests reached the server before the run read its metrics");
     assert_eq!(report.requests as usize, seen.tokens_requests - STREAMS, "{report:?}");
     assert_eq!(seen.metrics_answered, 4, "two reads before the window, two after");
+    server.abort();
+}
+
+/// A soak's rates used to be over the nominal report interval, so an interval the sampler was
+/// held up in (a slow read of the server's memory) reported its requests as if answered in a
+/// fraction of the time. A fake server holds the first in-window read of `/metrics` until it has
+/// answered 2000 more messages, over far more than the 1 ms interval, and closes every
+/// WebSocket at the next sample to end the run: the samples' rates over their real intervals add
+/// up to no more requests than were answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soak_rates_are_over_each_intervals_real_length() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use axum::Router;
+    use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+    use axum::routing::get;
+    use kfrtrl::engine::ModelDefinition;
+    use tokio::sync::watch;
+
+    const HELD_FOR: usize = 2000;
+    let (answered, _) = watch::channel(0usize);
+    let (closing, _) = watch::channel(false);
+    let (answered, closing) = (Arc::new(answered), Arc::new(closing));
+    let metrics_reads = Arc::new(AtomicUsize::new(0));
+    let description = serde_json::json!({ "config": ModelDefinition::with_defaults("fake", 64) });
+    let socket = {
+        let (answered, closing) = (answered.clone(), closing.clone());
+        move |mut ws: WebSocket| async move {
+            while let Some(Ok(Message::Text(_))) = ws.recv().await {
+                if *closing.borrow() {
+                    let _ = ws.send(Message::Close(None)).await;
+                    return;
+                }
+                if ws.send(Message::text(r#"{"position":1}"#)).await.is_err() {
+                    return;
+                }
+                answered.send_modify(|n| *n += 1);
+            }
+        }
+    };
+    let app = Router::new()
+        .route("/v1/models/fake", get(move || async move { axum::Json(description) }))
+        .route(
+            "/v1/models/fake/streams/{stream}/ws",
+            get(move |upgrade: WebSocketUpgrade| async move { upgrade.on_upgrade(socket) }),
+        )
+        .route(
+            "/metrics",
+            get(move || async move {
+                // Reads 1 and 2 open the window; read 3 is the first sample's. The streams end
+                // only at read 4, after the second sample has taken the held interval's requests.
+                match metrics_reads.fetch_add(1, Ordering::SeqCst) {
+                    2 => {
+                        let mut seen = answered.subscribe();
+                        let target = *seen.borrow() + HELD_FOR;
+                        seen.wait_for(|&n| n >= target).await.unwrap();
+                    }
+                    3 => {
+                        closing.send_replace(true);
+                    }
+                    _ => {}
+                }
+                "process_resident_memory_bytes 1048576\n"
+            }),
+        );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let cfg = LoadConfig {
+        url: format!("http://{addr}"),
+        model: "fake".into(),
+        streams: 4,
+        tokens_per_message: 1,
+        protocol: Protocol::Ws,
+        pipeline: 2,
+        // The closed WebSockets end the run.
+        duration: Duration::from_secs(3600),
+        stream_prefix: "held".into(),
+        report_every: Some(Duration::from_millis(1)),
+        server_pid: None,
+        api_key: None,
+    };
+    // A guard only.
+    let report = tokio::time::timeout(Duration::from_secs(60), run(&cfg)).await.unwrap().unwrap();
+    assert!(report.requests as usize >= HELD_FOR, "{report:?}");
+    let counted = interval_requests(&report);
+    assert!(
+        counted <= report.requests as f64 + 0.5,
+        "the samples count {counted} requests of {} answered",
+        report.requests
+    );
     server.abort();
 }
