@@ -54,7 +54,7 @@ pub struct TrainReport {
     pub start_symbols: u64,
     /// Prequential bits per symbol over the whole run.
     pub train_bpc: f64,
-    /// Prequential bits per symbol over the last 10% of the run.
+    /// Prequential bits per symbol over the last 10% of the run's steps (at least its last step).
     pub train_bpc_final: f64,
     /// Held-out bits per symbol after training (weights frozen, one pass, no reset).
     pub eval_bpc: Option<f64>,
@@ -169,7 +169,8 @@ pub fn train_from(
     let mut sum = 0.0;
     let mut tail_sum = 0.0;
     let mut tail_count = 0u64;
-    let tail_from = cfg.steps - cfg.steps / 10;
+    // A run shorter than ten steps still has a last step to report (its tail was empty: 0 bpc).
+    let tail_from = cfg.steps - (cfg.steps / 10).max(1);
     let mut recent = 0.0;
     let mut recent_init = false;
     let mut evals = Vec::new();

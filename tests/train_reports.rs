@@ -167,6 +167,29 @@ fn a_period_of_zero_is_no_reset_and_no_evaluation() {
     assert_eq!(at, [14, 28, 42, 56]);
 }
 
+/// `train_bpc_final` was 0 for a run of fewer than ten steps (its last 10% had no step); it is
+/// over at least the last step. Runs of 8 and 9 steps share their first 8, so the 9th step's BPC
+/// is `9·t₉ − 8·t₈` of their `train_bpc`s.
+#[test]
+fn train_bpc_final_of_a_run_shorter_than_ten_steps_is_its_last_steps() {
+    let tokens = text(60);
+    let run = |steps| {
+        let cfg = TrainConfig {
+            model: config(LearnerKind::KfRtrl),
+            batch: 2,
+            steps,
+            reset_every: None,
+            eval_every: None,
+        };
+        train(&cfg, &tokens, None, |_| {}).unwrap().0
+    };
+    let one = run(1);
+    assert!(one.train_bpc > 0.0 && close(one.train_bpc_final, one.train_bpc), "{one:?}");
+    let (eight, nine) = (run(8), run(9));
+    let last = 9.0 * nine.train_bpc - 8.0 * eight.train_bpc;
+    assert!(close(nine.train_bpc_final, last), "{} vs {last}", nine.train_bpc_final);
+}
+
 /// The running BPC of the progress bar and the evaluation lines: the first step's BPC, then an
 /// exponential average with weight 0.001 on each new step's.
 #[test]
