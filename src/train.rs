@@ -146,6 +146,17 @@ pub fn train_from(
     assert!(!train.is_empty(), "empty training corpus");
     let b = cfg.batch.max(1);
     let Start { mut params, optimizer, steps: first, symbols: start_symbols } = start;
+    let too_long = || ConfigError {
+        field: "steps",
+        reason: format!(
+            "{} steps of {b} streams after {first} steps overflow the step or symbol count",
+            cfg.steps
+        ),
+    };
+    let total = cfg.steps.checked_mul(b as u64).ok_or_else(too_long)?;
+    if total.checked_add(start_symbols).is_none() || first.checked_add(cfg.steps).is_none() {
+        return Err(too_long());
+    }
     let shapes = Params::<f32>::zeros(&spec);
     assert!(
         params.w.dim() == shapes.w.dim() && params.v.dim() == shapes.v.dim(),
@@ -165,7 +176,6 @@ pub fn train_from(
     let offsets: Vec<usize> = (0..b).map(|s| s * len / b).collect();
     let mut inputs: Vec<SlotStep> = (0..b).map(|s| SlotStep::learn(s, 0)).collect();
     let mut losses = vec![0.0; b];
-    let total = cfg.steps * b as u64;
     let mut sum = 0.0;
     let mut tail_sum = 0.0;
     let mut tail_count = 0u64;

@@ -190,6 +190,21 @@ fn train_bpc_final_of_a_run_shorter_than_ten_steps_is_its_last_steps() {
     assert!(close(nine.train_bpc_final, last), "{} vs {last}", nine.train_bpc_final);
 }
 
+/// A run whose steps of every stream pass `u64::MAX` symbols is refused before it starts (the
+/// count overflowed).
+#[test]
+fn train_refuses_a_run_whose_symbol_count_overflows() {
+    let cfg = TrainConfig {
+        model: config(LearnerKind::Frozen),
+        batch: 2,
+        steps: u64::MAX / 2 + 1,
+        reset_every: None,
+        eval_every: None,
+    };
+    let e = train(&cfg, &text(10), None, |_| {}).unwrap_err();
+    assert_eq!(e.field, "steps", "{e}");
+}
+
 /// The running BPC of the progress bar and the evaluation lines: the first step's BPC, then an
 /// exponential average with weight 0.001 on each new step's.
 #[test]

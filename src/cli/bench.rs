@@ -68,6 +68,9 @@ pub fn parse_learner(s: &str) -> Result<(LearnerKind, Option<usize>), String> {
 }
 
 pub fn run(args: BenchArgs) -> Result<(), String> {
+    if args.batch.contains(&0) {
+        return Err("--batch values must be at least 1".into());
+    }
     if let Some(t) = args.threads {
         rayon::ThreadPoolBuilder::new().num_threads(t).build_global().map_err(|e| e.to_string())?;
     }

@@ -309,6 +309,9 @@ pub fn run(args: ExperimentArgs) -> Result<(), String> {
 }
 
 fn copy(a: CopyArgs) -> Result<(), String> {
+    if a.batch == 0 {
+        return Err("--batch must be at least 1".into());
+    }
     let (learner, window) = parse_learner(&a.learner)?;
     let model = ModelConfig {
         vocab_size: kfrtrl::experiment::copy::VOCAB,

@@ -196,6 +196,9 @@ fn initial(args: &TrainArgs) -> Result<Initial, String> {
 }
 
 pub fn run(args: TrainArgs) -> Result<(), String> {
+    if args.batch == Some(0) {
+        return Err("--batch must be at least 1".into());
+    }
     let init = initial(&args)?;
     let data = match &args.corpus {
         Some(p) => std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?,
@@ -266,15 +269,35 @@ pub fn run(args: TrainArgs) -> Result<(), String> {
         None => (Start::fresh(&spec), 0),
     };
     let (start_steps, start_symbols) = (start.steps, start.symbols);
-    let batch = batch.unwrap_or(8).max(1) as u64;
+    let batch = match batch {
+        Some(0) => return Err("the --init model records a batch of 0: give --batch".into()),
+        b => b.unwrap_or(8) as u64,
+    };
     let reset_every = reset_every.filter(|&n| n > 0);
     let symbols = match (args.symbols, args.epochs) {
         (Some(s), _) => s,
-        (None, Some(e)) if e.is_finite() && e > 0.0 => (e * tokens.len() as f64).round() as u64,
+        (None, Some(e)) if e.is_finite() && e > 0.0 => {
+            let symbols = (e * tokens.len() as f64).round();
+            // `as` would saturate a count past u64 silently.
+            if symbols >= u64::MAX as f64 {
+                return Err(format!("--epochs {e} is more symbols than can be counted"));
+            }
+            symbols as u64
+        }
         (None, Some(_)) => return Err("--epochs must be a positive number".into()),
         (None, None) => tokens.len() as u64,
     };
     let steps = symbols.div_ceil(batch).max(1);
+    // Whole steps of every stream, counted from the --init model's symbols and steps: each sum
+    // must fit, or the counters and the corpus position would wrap.
+    let fits = steps
+        .checked_mul(batch)
+        .and_then(|total| total.checked_add(start_symbols))
+        .and(start_steps.checked_add(steps))
+        .is_some();
+    if !fits {
+        return Err(format!("{symbols} symbols in steps of {batch} streams are more than can be counted"));
+    }
     let cfg = TrainConfig { model, batch: batch as usize, steps, reset_every, eval_every: args.eval_every };
     let bar = ProgressBar::new(steps * batch);
     bar.set_style(
