@@ -35,3 +35,29 @@ fn train_refuses_more_symbols_than_can_be_counted() {
     refused(&[&train[..], &["--symbols", "18446744073709551615"]].concat(), "more than can be counted");
     refused(&[&train[..], &["--epochs", "1e300"]].concat(), "more symbols than can be counted");
 }
+
+/// `bench --seconds` out of range reached `Duration::from_secs_f64`, which panics.
+#[test]
+fn bench_refuses_seconds_that_are_not_a_positive_duration() {
+    let bench = ["bench", "--cell", "tanh", "--hidden", "4", "--batch", "1", "--reps", "1"];
+    for seconds in ["--seconds=-1", "--seconds=NaN", "--seconds=inf", "--seconds=0", "--seconds=1e20"] {
+        refused(&[&bench[..], &[seconds]].concat(), "--seconds must be positive");
+    }
+}
+
+/// `healthcheck --timeout-secs 1e20` passed the positivity check and panicked in
+/// `Duration::from_secs_f64`. It is unhealthy (exit 1: Docker reserves 2) with the reason.
+#[test]
+fn healthcheck_refuses_a_timeout_beyond_durations_range() {
+    for timeout in ["1e20", "inf", "0", "-1"] {
+        let out = kfrtrl(&[
+            "healthcheck",
+            "--url",
+            "http://127.0.0.1:9/readyz",
+            &format!("--timeout-secs={timeout}"),
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{timeout}: {stderr}");
+        assert!(stderr.contains("--timeout-secs must be positive"), "{timeout}: {stderr}");
+    }
+}
