@@ -12,9 +12,10 @@
 //!   [`StreamSet`] that all read the same tokens, every slot with its own sign key
 //!   ([`StreamSet::set_sign_key`]), so the slots are independent draws of the estimator;
 //! - at every `every`-th step `t`, a fixed random `δ_t ~ N(0, I_n)` (the same for all slots) gives
-//!   the exact gradient `g = δ_tᵀ G_t` and the estimates `ĝ = δ_tᵀ Ĝ_t` of the recurrent
-//!   weights, and the relative variance is `mean_slots ‖ĝ − g‖² / ‖g‖²`, averaged over the
-//!   sequences.
+//!   the exact gradient `g = δ_tᵀ G_t` and the estimates `ĝ = δ_tᵀ Ĝ_t` with respect to every
+//!   entry of the cell's weight matrix `W` (all its columns, for `a_t = [x; h; 1]`: input,
+//!   recurrent block `W_h` and bias alike), and the relative variance is
+//!   `mean_slots ‖ĝ − g‖² / ‖g‖²`, averaged over the sequences.
 
 use std::time::Instant;
 
