@@ -61,3 +61,18 @@ fn healthcheck_refuses_a_timeout_beyond_durations_range() {
         assert!(stderr.contains("--timeout-secs must be positive"), "{timeout}: {stderr}");
     }
 }
+
+/// `experiment copy --learner frozen` was accepted, undocumented, and could never learn.
+#[test]
+fn copy_refuses_the_frozen_learner() {
+    refused(
+        &["experiment", "copy", "--learner", "frozen", "--hidden", "4", "--steps", "10", "--json"],
+        "--learner frozen learns nothing",
+    );
+}
+
+/// `train --eval-every` without `--eval` was silently ignored.
+#[test]
+fn train_refuses_eval_every_without_eval() {
+    refused(&["train", "--hidden", "4", "--symbols", "10", "--eval-every", "5", "--json"], "--eval <EVAL>");
+}

@@ -349,7 +349,7 @@ fn continued_equals_uninterrupted(learner: &str) {
     let faster = dir.join("faster.st");
     json(&kfrtrl(
         &[&common[..], &["--symbols", "400", "--lr", "0.02"]].concat(),
-        &[("--corpus", &corpus), ("--init", &half), ("--save", &faster)],
+        &[("--corpus", &corpus), ("--eval", &corpus), ("--init", &half), ("--save", &faster)],
     ));
     let c = load(&faster).unwrap();
     assert_eq!(c.config.lr, 0.02);

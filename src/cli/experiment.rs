@@ -316,6 +316,12 @@ fn copy(a: CopyArgs) -> Result<(), String> {
         return Err("--batch must be at least 1".into());
     }
     let (learner, window) = parse_learner(&a.learner)?;
+    // Frozen weights never learn to copy: the run would only burn its steps at L = 1.
+    if learner == kfrtrl::core::LearnerKind::Frozen {
+        return Err(
+            "--learner frozen learns nothing; the copy task takes kf-rtrl, uoro, rtrl or tbptt:K".into()
+        );
+    }
     let model = ModelConfig {
         vocab_size: kfrtrl::experiment::copy::VOCAB,
         cell: a.cell,

@@ -29,8 +29,8 @@ pub struct TrainArgs {
     /// Held-out corpus, evaluated after training (and every --eval-every symbols).
     #[arg(long)]
     eval: Option<PathBuf>,
-    /// Evaluate every this many training symbols.
-    #[arg(long)]
+    /// Evaluate every this many training symbols (needs --eval).
+    #[arg(long, requires = "eval")]
     eval_every: Option<u64>,
     /// Continue training this saved model (from `--save`, or a byte-level server checkpoint):
     /// its weights, optimizer state, vocabulary and place in the corpus. Its cell, size and seed
