@@ -1,5 +1,7 @@
 //! Corpora for training and evaluation: raw bytes (vocabulary 256) or the character-level Penn
-//! Treebank format (symbols separated by single spaces, the line end a symbol of its own).
+//! Treebank format (symbols separated by single spaces, the line end a symbol of its own). In the
+//! latter, a `\r\n` line end is a line end like `\n`, and a UTF-8 byte order mark at the start of
+//! the file is no symbol, so that a file saved on Windows reads as the same corpus.
 
 use std::collections::BTreeMap;
 
@@ -8,7 +10,8 @@ use std::collections::BTreeMap;
 pub enum Format {
     /// Every byte is a token; the vocabulary is 256.
     Bytes,
-    /// Character-level PTB: space-separated symbols, newline a symbol; vocabulary from the data.
+    /// Character-level PTB: space-separated symbols, newline (`\n` or `\r\n`) a symbol;
+    /// vocabulary from the data.
     PtbChar,
 }
 
@@ -81,9 +84,14 @@ pub enum CorpusError {
 }
 
 fn ptb_symbols(text: &str) -> impl Iterator<Item = &str> {
-    text.split('\n').enumerate().flat_map(move |(i, line)| {
-        let newline = (i > 0).then_some("\n");
-        newline.into_iter().chain(line.split(' ').filter(|s| !s.is_empty()))
+    // Left in, the mark and the `\r`s would become symbols of their own ("c\r" beside "c").
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    text.split_inclusive('\n').flat_map(|line| {
+        let (symbols, newline) = match line.strip_suffix('\n') {
+            Some(line) => (line.strip_suffix('\r').unwrap_or(line), Some("\n")),
+            None => (line, None),
+        };
+        symbols.split(' ').filter(|s| !s.is_empty()).chain(newline)
     })
 }
 
@@ -147,6 +155,18 @@ mod tests {
         assert!(
             matches!(tokenize_with(b"z", Format::PtbChar, &vocab), Err(CorpusError::UnknownSymbol(s)) if s == "z")
         );
+    }
+
+    /// CRLF line ends and a byte order mark used to make symbols of their own ("c\r", "\u{feff}a").
+    #[test]
+    fn ptb_char_reads_crlf_line_ends_and_a_bom_as_a_unix_file() {
+        let unix = tokenize_train(b"a b _ c\nb a\nc", Format::PtbChar).unwrap();
+        let windows = tokenize_train(b"\xef\xbb\xbfa b _ c\r\nb a\r\nc", Format::PtbChar).unwrap();
+        assert_eq!(windows, unix);
+        assert_eq!(tokenize_with(b"\xef\xbb\xbfc a\r\n", Format::PtbChar, &unix.1).unwrap(), vec![4, 2, 0]);
+        // A lone carriage return is text, as before.
+        let (_, vocab) = tokenize_train(b"a\rb\n", Format::PtbChar).unwrap();
+        assert_eq!(vocab.symbols, vec!["\n", "a\rb"]);
     }
 
     #[test]

@@ -9,7 +9,10 @@
 //! size ([`crate::bench`]), the reference for the server's overhead.
 //!
 //! Every stream first sends one request (creating the stream) before the clock starts, so that
-//! stream creation and connection set-up stay out of the numbers.
+//! stream creation and connection set-up stay out of the numbers. A stream that cannot do so
+//! fails the run. A WebSocket that breaks during the window (say, the server shuts down) ends its
+//! stream there: its messages in flight count as errors, [`LoadReport::first_error`] names the
+//! cause, and the run reports what the other streams and the window so far measured.
 //!
 //! A soak ([`LoadConfig::report_every`]) runs the same load for minutes and reports every
 //! interval: the interval's throughput and latency percentiles, and the server's resident memory
@@ -21,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use serde::Serialize;
-use tokio::sync::Barrier;
+use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::bench::{BenchConfig, run as run_bench};
@@ -94,11 +97,13 @@ pub struct Latency {
 /// One interval of a soak.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Sample {
-    /// Seconds since the measured window started, at the end of the interval.
+    /// Seconds since the measured window started, at the end of the interval (the interval
+    /// began at the previous sample's end, or at the start).
     pub elapsed_seconds: f64,
-    /// Tokens answered in the interval, per second.
+    /// Tokens answered in the interval, per second of its real length (which may exceed the
+    /// report interval when the sampler was held up).
     pub symbols_per_sec: f64,
-    /// Requests answered in the interval, per second.
+    /// Requests answered in the interval, per second of its real length.
     pub requests_per_sec: f64,
     /// Requests that failed in the interval.
     pub errors: u64,
@@ -370,7 +375,11 @@ pub async fn run_with(cfg: &LoadConfig, mut on_sample: impl FnMut(&Sample)) -> R
         serde_json::from_value(info["config"].clone()).map_err(|e| server_err("model config", e))?;
     let vocab = definition.vocab_size as u32;
 
-    let barrier = Arc::new(Barrier::new(cfg.streams + 1));
+    // Each stream says once whether its first request went through, then waits for the start,
+    // which carries the window's one deadline. No rendezvous after that: a stream that breaks
+    // during the window has nobody to wait for.
+    let (ready_tx, mut ready_rx) = mpsc::unbounded_channel::<Result<(), String>>();
+    let (start_tx, start_rx) = watch::channel(None);
     let tally = SharedTally::default();
     let mut tasks = Vec::with_capacity(cfg.streams);
     for i in 0..cfg.streams {
@@ -379,34 +388,44 @@ pub async fn run_with(cfg: &LoadConfig, mut on_sample: impl FnMut(&Sample)) -> R
         let tokens: Vec<u32> =
             (0..cfg.tokens_per_message).map(|j| (97 + ((i + j) % 26) as u32) % vocab).collect();
         let body = serde_json::json!({ "tokens": tokens, "top_k": 1 }).to_string();
-        let (barrier, cfg, tally) = (barrier.clone(), cfg.clone(), tally.clone());
+        let (ready, start, cfg, tally) = (ready_tx.clone(), start_rx.clone(), cfg.clone(), tally.clone());
         let url = match cfg.protocol {
             Protocol::Http => format!("{base}{path}/tokens"),
             Protocol::Ws => format!("{ws_base}{path}/ws"),
         };
         tasks.push(tokio::spawn(async move {
-            let result = match cfg.protocol {
-                Protocol::Http => http_stream(&url, body, &cfg, &barrier, &tally).await,
-                Protocol::Ws => ws_stream(&url, body, &cfg, &barrier, &tally).await,
-            };
-            if result.is_err() {
-                // Release the others even when this stream could not start.
-                barrier.wait().await;
+            match cfg.protocol {
+                Protocol::Http => http_stream(&url, body, &cfg, ready, start, &tally).await,
+                Protocol::Ws => ws_stream(&url, body, &cfg, ready, start, &tally).await,
             }
-            result
         }));
     }
-    barrier.wait().await;
+    // Every stream drops its sender once it has answered, so a task that ended without
+    // answering (a panic) shows as a short count instead of a wait for ever.
+    drop(ready_tx);
+    let mut ready = 0;
+    while let Some(answer) = ready_rx.recv().await {
+        // Returning drops the start signal: the streams waiting for it end.
+        answer.map_err(LoadError::Server)?;
+        ready += 1;
+    }
+    if ready < cfg.streams {
+        return Err(LoadError::Server(format!(
+            "{} stream task(s) ended before their first request",
+            cfg.streams - ready
+        )));
+    }
+    // The server is read before the streams go and the clock starts as they go, so that the
+    // window of `/metrics`, the throughput's seconds and every stream's deadline are one.
     let before = scrape(&client, &base, &cfg.model).await?;
     let rss_all_streams = server_rss(&client, &base, cfg).await;
     let start = Instant::now();
+    start_tx.send_replace(Some(start + cfg.duration));
     let streams_done = async {
         let mut failure = None;
         for task in tasks {
-            match task.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => failure = failure.or(Some(e)),
-                Err(e) => failure = failure.or(Some(format!("stream task: {e}"))),
+            if let Err(e) = task.await {
+                failure = failure.or(Some(format!("stream task: {e}")));
             }
         }
         failure
@@ -416,15 +435,22 @@ pub async fn run_with(cfg: &LoadConfig, mut on_sample: impl FnMut(&Sample)) -> R
     let mut samples = Vec::new();
     let failure = if let Some(every) = cfg.report_every {
         let mut ticker = tokio::time::interval_at((start + every).into(), every);
+        // A tick held up (by a slow read of the server's memory, say) is not followed by a burst
+        // of short catch-up intervals; each interval's rates are over its real length anyway.
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut previous = start;
         loop {
             tokio::select! {
                 failure = &mut streams_done => break failure,
                 _ = ticker.tick() => {
                     let mut window = take(&tally);
+                    let now = Instant::now();
+                    let interval = now.duration_since(previous).as_secs_f64();
+                    previous = now;
                     let sample = Sample {
-                        elapsed_seconds: start.elapsed().as_secs_f64(),
-                        symbols_per_sec: window.symbols as f64 / every.as_secs_f64(),
-                        requests_per_sec: window.requests as f64 / every.as_secs_f64(),
+                        elapsed_seconds: now.duration_since(start).as_secs_f64(),
+                        symbols_per_sec: window.symbols as f64 / interval,
+                        requests_per_sec: window.requests as f64 / interval,
                         errors: window.errors,
                         latency_ms: percentiles(&mut window.latencies),
                         rss_bytes: server_rss(&client, &base, cfg).await,
@@ -443,7 +469,9 @@ pub async fn run_with(cfg: &LoadConfig, mut on_sample: impl FnMut(&Sample)) -> R
         return Err(LoadError::Server(e));
     }
     total.absorb(take(&tally));
-    let after = scrape(&client, &base, &cfg.model).await?;
+    // The server may be gone by now (a broken WebSocket ended the run): the report keeps what
+    // was measured, without the server's side.
+    let after = scrape(&client, &base, &cfg.model).await.ok().flatten();
     let rss_end = server_rss(&client, &base, cfg).await;
     let server = before.zip(after).and_then(|(b, a)| {
         let steps = a[1] - b[1];
@@ -497,15 +525,42 @@ fn authorized_client(cfg: &LoadConfig) -> Result<reqwest::Client, LoadError> {
     reqwest::Client::builder().default_headers(headers).build().map_err(|e| LoadError::Config(e.to_string()))
 }
 
-/// One HTTP stream: a warm-up request, the barrier, then requests back to back until the end.
+/// Answers `ready` with the outcome of a stream's first request, then waits for the start and
+/// returns the connection with the window's deadline; `None` when the run is abandoned before
+/// it starts (another stream could not start).
+async fn start_after<T>(
+    warm_up: Result<T, String>,
+    ready: mpsc::UnboundedSender<Result<(), String>>,
+    mut start: watch::Receiver<Option<Instant>>,
+) -> Option<(T, Instant)> {
+    let (answer, conn) = match warm_up {
+        Ok(conn) => (Ok(()), Some(conn)),
+        Err(e) => (Err(e), None),
+    };
+    let _ = ready.send(answer);
+    drop(ready);
+    let conn = conn?;
+    let deadline = (*start.wait_for(Option::is_some).await.ok()?)?;
+    Some((conn, deadline))
+}
+
+/// One HTTP stream: a warm-up request, the start, then requests back to back until the end (a
+/// failed request counts as an error and the stream goes on).
 async fn http_stream(
     url: &str,
     body: String,
     cfg: &LoadConfig,
-    barrier: &Barrier,
+    ready: mpsc::UnboundedSender<Result<(), String>>,
+    start: watch::Receiver<Option<Instant>>,
     tally: &SharedTally,
-) -> Result<(), String> {
-    let client = authorized_client(cfg).map_err(|e| e.to_string())?;
+) {
+    let client = match authorized_client(cfg) {
+        Ok(client) => client,
+        Err(e) => {
+            let _ = ready.send(Err(e.to_string()));
+            return;
+        }
+    };
     let send = |client: &reqwest::Client| {
         let request = client.post(url).header("content-type", "application/json").body(body.clone());
         async move {
@@ -519,26 +574,19 @@ async fn http_stream(
             }
         }
     };
-    send(&client).await?;
-    barrier.wait().await;
-    let deadline = Instant::now() + cfg.duration;
+    let warm_up = send(&client).await;
+    let Some(((), deadline)) = start_after(warm_up, ready, start).await else {
+        return;
+    };
     while Instant::now() < deadline {
         let sent = Instant::now();
         let outcome = send(&client).await;
         record(tally, sent, outcome, cfg.tokens_per_message);
     }
-    Ok(())
 }
 
-/// One WebSocket stream: a warm-up message, the barrier, then up to `pipeline` messages in
-/// flight until the end; replies come back in order.
-async fn ws_stream(
-    url: &str,
-    body: String,
-    cfg: &LoadConfig,
-    barrier: &Barrier,
-    tally: &SharedTally,
-) -> Result<(), String> {
+/// Connects a WebSocket and sends its first message.
+async fn ws_connect(url: &str, body: &str, cfg: &LoadConfig) -> Result<Ws, String> {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let mut request = url.into_client_request().map_err(|e| format!("{url}: {e}"))?;
     if let Some(key) = &cfg.api_key {
@@ -546,22 +594,53 @@ async fn ws_stream(
         request.headers_mut().insert("authorization", value);
     }
     let (mut ws, _) = tokio_tungstenite::connect_async(request).await.map_err(|e| format!("{url}: {e}"))?;
-    ws.send(Message::text(body.clone())).await.map_err(|e| format!("{url}: {e}"))?;
+    ws.send(Message::text(body)).await.map_err(|e| format!("{url}: {e}"))?;
     next_reply(&mut ws, url).await??;
-    barrier.wait().await;
-    let deadline = Instant::now() + cfg.duration;
+    Ok(ws)
+}
+
+/// One WebSocket stream: a warm-up message, the start, then up to `pipeline` messages in
+/// flight until the end; replies come back in order. A broken connection ends the stream, its
+/// messages in flight and the one it could not send counted as errors.
+async fn ws_stream(
+    url: &str,
+    body: String,
+    cfg: &LoadConfig,
+    ready: mpsc::UnboundedSender<Result<(), String>>,
+    start: watch::Receiver<Option<Instant>>,
+    tally: &SharedTally,
+) {
+    let Some((mut ws, deadline)) = start_after(ws_connect(url, &body, cfg).await, ready, start).await else {
+        return;
+    };
     let mut in_flight = std::collections::VecDeque::with_capacity(cfg.pipeline);
-    loop {
+    let broken = 'run: loop {
         while in_flight.len() < cfg.pipeline && Instant::now() < deadline {
-            ws.send(Message::text(body.clone())).await.map_err(|e| format!("{url}: {e}"))?;
+            let sent = ws.send(Message::text(body.clone())).await;
             in_flight.push_back(Instant::now());
+            if let Err(e) = sent {
+                break 'run Some(format!("{url}: {e}"));
+            }
         }
-        let Some(sent) = in_flight.pop_front() else { break };
-        let outcome = next_reply(&mut ws, url).await?;
-        record(tally, sent, outcome, cfg.tokens_per_message);
+        let Some(&sent) = in_flight.front() else { break None };
+        match next_reply(&mut ws, url).await {
+            Ok(outcome) => {
+                in_flight.pop_front();
+                record(tally, sent, outcome, cfg.tokens_per_message);
+            }
+            Err(e) => break Some(e),
+        }
+    };
+    match broken {
+        None => {
+            let _ = ws.close(None).await;
+        }
+        Some(e) => {
+            for sent in in_flight {
+                record(tally, sent, Err(e.clone()), cfg.tokens_per_message);
+            }
+        }
     }
-    let _ = ws.close(None).await;
-    Ok(())
 }
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;

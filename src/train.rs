@@ -54,7 +54,7 @@ pub struct TrainReport {
     pub start_symbols: u64,
     /// Prequential bits per symbol over the whole run.
     pub train_bpc: f64,
-    /// Prequential bits per symbol over the last 10% of the run.
+    /// Prequential bits per symbol over the last 10% of the run's steps (at least its last step).
     pub train_bpc_final: f64,
     /// Held-out bits per symbol after training (weights frozen, one pass, no reset).
     pub eval_bpc: Option<f64>,
@@ -140,12 +140,35 @@ pub fn train_from(
     start: Start,
     train: &[u32],
     eval: Option<&[u32]>,
+    on_progress: impl FnMut(Progress) + Send,
+) -> Result<(TrainReport, Params<f32>, Optimizer<f32>), ConfigError> {
+    train_evaluated_by(cfg, start, train, eval, on_progress, evaluate)
+}
+
+/// [`train_from`] with the evaluation pass given, so that a test can count the passes.
+fn train_evaluated_by(
+    cfg: &TrainConfig,
+    start: Start,
+    train: &[u32],
+    eval: Option<&[u32]>,
     mut on_progress: impl FnMut(Progress) + Send,
+    mut evaluate: impl FnMut(&ModelSpec, &Params<f32>, &[u32]) -> f64 + Send,
 ) -> Result<(TrainReport, Params<f32>, Optimizer<f32>), ConfigError> {
     let spec = cfg.model.check()?;
     assert!(!train.is_empty(), "empty training corpus");
     let b = cfg.batch.max(1);
     let Start { mut params, optimizer, steps: first, symbols: start_symbols } = start;
+    let too_long = || ConfigError {
+        field: "steps",
+        reason: format!(
+            "{} steps of {b} streams after {first} steps overflow the step or symbol count",
+            cfg.steps
+        ),
+    };
+    let total = cfg.steps.checked_mul(b as u64).ok_or_else(too_long)?;
+    if total.checked_add(start_symbols).is_none() || first.checked_add(cfg.steps).is_none() {
+        return Err(too_long());
+    }
     let shapes = Params::<f32>::zeros(&spec);
     assert!(
         params.w.dim() == shapes.w.dim() && params.v.dim() == shapes.v.dim(),
@@ -165,11 +188,11 @@ pub fn train_from(
     let offsets: Vec<usize> = (0..b).map(|s| s * len / b).collect();
     let mut inputs: Vec<SlotStep> = (0..b).map(|s| SlotStep::learn(s, 0)).collect();
     let mut losses = vec![0.0; b];
-    let total = cfg.steps * b as u64;
     let mut sum = 0.0;
     let mut tail_sum = 0.0;
     let mut tail_count = 0u64;
-    let tail_from = cfg.steps - cfg.steps / 10;
+    // A run shorter than ten steps still has a last step to report (its tail was empty: 0 bpc).
+    let tail_from = cfg.steps - (cfg.steps / 10).max(1);
     let mut recent = 0.0;
     let mut recent_init = false;
     let mut evals = Vec::new();
@@ -216,7 +239,10 @@ pub fn train_from(
         }
     });
     let seconds = start.elapsed().as_secs_f64() - eval_seconds;
-    let eval_bpc = eval.map(|ev| evaluate(&spec, &params, ev));
+    // An evaluation taken at the last step is of these very weights: the same pass again would
+    // only cost its time.
+    let at_end = evals.last().filter(|p| p.symbols == start_symbols + total).map(|p| p.bpc);
+    let eval_bpc = eval.map(|ev| at_end.unwrap_or_else(|| evaluate(&spec, &params, ev)));
     let report = TrainReport {
         learner: spec.learner().name().into(),
         cell: spec.cell().name().into(),
@@ -234,4 +260,41 @@ pub fn train_from(
         seconds,
     };
     Ok((report, params, opt))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::CellKind;
+
+    /// When the last step crossed an `eval_every` boundary, the final evaluation ran the same
+    /// pass over the same weights a second time.
+    #[test]
+    fn the_final_evaluation_reuses_one_taken_at_the_last_step() {
+        let model = ModelConfig { vocab_size: 6, cell: CellKind::Rhn, hidden: 5, ..ModelConfig::default() };
+        let tokens: Vec<u32> = (0..40).map(|t| (t * t % 6) as u32).collect();
+        // 10 steps of 2 streams: 20 symbols, a multiple of 5 and of 20, not of 6.
+        for (every, evals) in [(20, 1), (5, 4), (6, 3)] {
+            let cfg = TrainConfig {
+                model: model.clone(),
+                batch: 2,
+                steps: 10,
+                reset_every: None,
+                eval_every: Some(every),
+            };
+            let spec = cfg.model.check().unwrap();
+            let mut passes = 0;
+            let counted = |spec: &ModelSpec, params: &Params<f32>, tokens: &[u32]| {
+                passes += 1;
+                evaluate(spec, params, tokens)
+            };
+            let (report, params, _) =
+                train_evaluated_by(&cfg, Start::fresh(&spec), &tokens, Some(&tokens[..10]), |_| {}, counted)
+                    .unwrap();
+            assert_eq!(report.evals.len(), evals, "every {every}");
+            let at_end = report.evals.last().unwrap().symbols == 20;
+            assert_eq!(passes, evals + usize::from(!at_end), "every {every}: one pass per evaluation");
+            assert_eq!(report.eval_bpc, Some(evaluate(&spec, &params, &tokens[..10])), "every {every}");
+        }
+    }
 }

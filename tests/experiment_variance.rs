@@ -107,3 +107,36 @@ fn cli_refuses_an_unknown_plot_format_or_a_missing_directory_before_running() {
     let stderr = refused(missing.join("variance.svg").to_str().unwrap());
     assert!(stderr.contains("does not exist"), "{stderr}");
 }
+
+/// The table's columns are t = 50 and t = T; with an --every that did not divide 50, the first
+/// was never measured and printed NaN.
+#[test]
+fn cli_table_measures_t_50_whatever_every_is() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kfrtrl"))
+        .args(["experiment", "variance", "--hidden", "4", "--steps", "60", "--every", "7", "--samples", "8"])
+        .args(["--sequences", "1"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.starts_with("n     KF@50    KF@60"), "{stdout}");
+    assert!(!stdout.to_lowercase().contains("nan"), "{stdout}");
+    let cfg = VarianceConfig {
+        hidden: vec![4],
+        steps: 20,
+        samples: 8,
+        sequences: 1,
+        vocab: 4,
+        every: 7,
+        also_at: vec![3, 14, 50],
+        ..VarianceConfig::default()
+    };
+    let times: Vec<usize> = run_variance(&cfg, |_, _| {})
+        .unwrap()
+        .rows
+        .iter()
+        .filter(|r| r.learner == "uoro")
+        .map(|r| r.t)
+        .collect();
+    assert_eq!(times, [3, 7, 14, 20]);
+}

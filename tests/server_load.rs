@@ -1,6 +1,8 @@
 //! The load generator ([`kfrtrl::load`]) against a real server in-process on 127.0.0.1:0: eight
 //! streams for about a second over HTTP and over WebSocket, with a sane report each time; and a
-//! short soak with an API key, reporting every interval with the server's memory.
+//! short soak with an API key, reporting every interval with the server's memory; and a soak whose
+//! WebSockets the server closes mid-run, which ends with a report instead of waiting for ever.
+//! Fake servers check when the measured window starts and what a held-up soak interval reports.
 
 use std::time::Duration;
 
@@ -66,6 +68,17 @@ async fn load_reports_throughput_and_latency_over_http_and_websocket() {
     server.await.unwrap().unwrap();
 }
 
+/// The requests of a soak's samples, from their rates over their real intervals.
+fn interval_requests(report: &LoadReport) -> f64 {
+    let mut previous = 0.0;
+    let mut sum = 0.0;
+    for s in &report.samples {
+        sum += s.requests_per_sec * (s.elapsed_seconds - previous);
+        previous = s.elapsed_seconds;
+    }
+    sum
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_soak_reports_every_interval_with_the_servers_memory() {
     const KEY: &str = "soak-test-key-0123456789";
@@ -99,8 +112,10 @@ async fn a_soak_reports_every_interval_with_the_servers_memory() {
     check(&report, Protocol::Ws, 2);
     assert!((4..=6).contains(&report.samples.len()), "{:?}", report.samples);
     assert_eq!(printed, report.samples.len());
-    let interval_requests: f64 = report.samples.iter().map(|s| s.requests_per_sec * 0.5).sum();
-    assert!(interval_requests <= report.requests as f64 + 0.5, "intervals never count a request twice");
+    assert!(
+        interval_requests(&report) <= report.requests as f64 + 0.5,
+        "intervals never count a request twice"
+    );
     for (i, s) in report.samples.iter().enumerate() {
         assert!(s.symbols_per_sec > 0.0 && s.errors == 0, "{s:?}");
         assert!(s.elapsed_seconds >= 0.5 * (i + 1) as f64 - 0.01, "{s:?}");
@@ -118,4 +133,220 @@ async fn a_soak_reports_every_interval_with_the_servers_memory() {
     assert!(run(&cfg).await.is_err());
     stop.send(()).unwrap();
     server.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_over_websocket_finishes_when_a_connection_breaks_mid_run() {
+    let model = ModelRequest { name: "small".into(), hidden: Some(16), ..Default::default() };
+    let state = AppState::new(ServerConfig { models: vec![model], ..Default::default() }).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(serve(listener, state.clone(), async move {
+        let _ = stopped.await;
+    }));
+    state.wait_ready().await;
+
+    let cfg = LoadConfig {
+        url: format!("http://{addr}"),
+        model: "small".into(),
+        streams: 4,
+        tokens_per_message: 1,
+        protocol: Protocol::Ws,
+        pipeline: 2,
+        // Far longer than the guard below: only the broken connections can end the run.
+        duration: Duration::from_secs(3600),
+        stream_prefix: "broken".into(),
+        report_every: Some(Duration::from_millis(100)),
+        server_pid: None,
+        api_key: None,
+    };
+    // The first sample comes after the start, so the server shuts down (closing every
+    // WebSocket with 1001) while the streams are in their measured window.
+    let mut stop = Some(stop);
+    let run = run_with(&cfg, |_| {
+        if let Some(stop) = stop.take() {
+            stop.send(()).unwrap();
+        }
+    });
+    let report = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("the run ends when its connections break")
+        .expect("a run whose connections broke mid-run still reports");
+    assert!(report.seconds < 3600.0 && !report.samples.is_empty(), "{report:?}");
+    assert!(report.errors >= cfg.streams as u64, "every broken stream counts an error: {report:?}");
+    let first = report.first_error.as_deref().unwrap_or_default();
+    // A close frame, or a reset when the server drops the socket with messages unread.
+    assert!(first.contains("/streams/broken-"), "the first error names the broken connection: {first}");
+    server.await.unwrap().unwrap();
+}
+
+/// What the fake server of [`load_streams_start_only_after_the_servers_metrics_are_read`] saw.
+#[derive(Default)]
+struct Seen {
+    tokens_requests: usize,
+    metrics_answered: usize,
+    /// Tokens requests after the streams' first ones that came before the run had read
+    /// `/metrics` twice (step histograms, then memory).
+    early: usize,
+}
+
+/// The streams used to start their clocks, deadlines and requests before the run read the
+/// server's `/metrics` and started its own clock, which inflated symbols/s and put requests
+/// outside the server's window. A fake server checks the order: every stream's first request,
+/// both reads of `/metrics`, then the measured requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_streams_start_only_after_the_servers_metrics_are_read() {
+    use std::sync::{Arc, Mutex};
+
+    use axum::Router;
+    use axum::routing::{get, post};
+    use kfrtrl::engine::ModelDefinition;
+
+    const STREAMS: usize = 8;
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let description = serde_json::json!({ "config": ModelDefinition::with_defaults("fake", 64) });
+    let app = Router::new()
+        .route("/v1/models/fake", get(move || async move { axum::Json(description) }))
+        .route(
+            "/v1/models/fake/streams/{stream}/tokens",
+            post({
+                let seen = seen.clone();
+                move || async move {
+                    let mut seen = seen.lock().unwrap();
+                    seen.tokens_requests += 1;
+                    if seen.tokens_requests > STREAMS && seen.metrics_answered < 2 {
+                        seen.early += 1;
+                    }
+                    r#"{"position":1}"#
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get({
+                let seen = seen.clone();
+                // Counted before the answer leaves, so a run that waits for it sees the count.
+                move || async move {
+                    seen.lock().unwrap().metrics_answered += 1;
+                    "process_resident_memory_bytes 1048576\n"
+                }
+            }),
+        );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let cfg = LoadConfig {
+        url: format!("http://{addr}"),
+        model: "fake".into(),
+        streams: STREAMS,
+        tokens_per_message: 1,
+        protocol: Protocol::Http,
+        pipeline: 1,
+        duration: Duration::from_millis(300),
+        stream_prefix: "order".into(),
+        report_every: None,
+        server_pid: None,
+        api_key: None,
+    };
+    let report = run(&cfg).await.unwrap();
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.early, 0, "measured requests reached the server before the run read its metrics");
+    assert_eq!(report.requests as usize, seen.tokens_requests - STREAMS, "{report:?}");
+    assert_eq!(seen.metrics_answered, 4, "two reads before the window, two after");
+    server.abort();
+}
+
+/// A soak's rates used to be over the nominal report interval, so an interval the sampler was
+/// held up in (a slow read of the server's memory) reported its requests as if answered in a
+/// fraction of the time. A fake server holds the first in-window read of `/metrics` until it has
+/// answered 2000 more messages, over far more than the 1 ms interval, and closes every
+/// WebSocket at the next sample to end the run: the samples' rates over their real intervals add
+/// up to no more requests than were answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soak_rates_are_over_each_intervals_real_length() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use axum::Router;
+    use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+    use axum::routing::get;
+    use kfrtrl::engine::ModelDefinition;
+    use tokio::sync::watch;
+
+    const HELD_FOR: usize = 2000;
+    let (answered, _) = watch::channel(0usize);
+    let (closing, _) = watch::channel(false);
+    let (answered, closing) = (Arc::new(answered), Arc::new(closing));
+    let metrics_reads = Arc::new(AtomicUsize::new(0));
+    let description = serde_json::json!({ "config": ModelDefinition::with_defaults("fake", 64) });
+    let socket = {
+        let (answered, closing) = (answered.clone(), closing.clone());
+        move |mut ws: WebSocket| async move {
+            while let Some(Ok(Message::Text(_))) = ws.recv().await {
+                if *closing.borrow() {
+                    let _ = ws.send(Message::Close(None)).await;
+                    return;
+                }
+                if ws.send(Message::text(r#"{"position":1}"#)).await.is_err() {
+                    return;
+                }
+                answered.send_modify(|n| *n += 1);
+            }
+        }
+    };
+    let app = Router::new()
+        .route("/v1/models/fake", get(move || async move { axum::Json(description) }))
+        .route(
+            "/v1/models/fake/streams/{stream}/ws",
+            get(move |upgrade: WebSocketUpgrade| async move { upgrade.on_upgrade(socket) }),
+        )
+        .route(
+            "/metrics",
+            get(move || async move {
+                // Reads 1 and 2 open the window; read 3 is the first sample's. The streams end
+                // only at read 4, after the second sample has taken the held interval's requests.
+                match metrics_reads.fetch_add(1, Ordering::SeqCst) {
+                    2 => {
+                        let mut seen = answered.subscribe();
+                        let target = *seen.borrow() + HELD_FOR;
+                        seen.wait_for(|&n| n >= target).await.unwrap();
+                    }
+                    3 => {
+                        closing.send_replace(true);
+                    }
+                    _ => {}
+                }
+                "process_resident_memory_bytes 1048576\n"
+            }),
+        );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let cfg = LoadConfig {
+        url: format!("http://{addr}"),
+        model: "fake".into(),
+        streams: 4,
+        tokens_per_message: 1,
+        protocol: Protocol::Ws,
+        pipeline: 2,
+        // The closed WebSockets end the run.
+        duration: Duration::from_secs(3600),
+        stream_prefix: "held".into(),
+        report_every: Some(Duration::from_millis(1)),
+        server_pid: None,
+        api_key: None,
+    };
+    // A guard only.
+    let report = tokio::time::timeout(Duration::from_secs(60), run(&cfg)).await.unwrap().unwrap();
+    assert!(report.requests as usize >= HELD_FOR, "{report:?}");
+    let counted = interval_requests(&report);
+    assert!(
+        counted <= report.requests as f64 + 0.5,
+        "the samples count {counted} requests of {} answered",
+        report.requests
+    );
+    server.abort();
 }

@@ -167,6 +167,44 @@ fn a_period_of_zero_is_no_reset_and_no_evaluation() {
     assert_eq!(at, [14, 28, 42, 56]);
 }
 
+/// `train_bpc_final` was 0 for a run of fewer than ten steps (its last 10% had no step); it is
+/// over at least the last step. Runs of 8 and 9 steps share their first 8, so the 9th step's BPC
+/// is `9·t₉ − 8·t₈` of their `train_bpc`s.
+#[test]
+fn train_bpc_final_of_a_run_shorter_than_ten_steps_is_its_last_steps() {
+    let tokens = text(60);
+    let run = |steps| {
+        let cfg = TrainConfig {
+            model: config(LearnerKind::KfRtrl),
+            batch: 2,
+            steps,
+            reset_every: None,
+            eval_every: None,
+        };
+        train(&cfg, &tokens, None, |_| {}).unwrap().0
+    };
+    let one = run(1);
+    assert!(one.train_bpc > 0.0 && close(one.train_bpc_final, one.train_bpc), "{one:?}");
+    let (eight, nine) = (run(8), run(9));
+    let last = 9.0 * nine.train_bpc - 8.0 * eight.train_bpc;
+    assert!(close(nine.train_bpc_final, last), "{} vs {last}", nine.train_bpc_final);
+}
+
+/// A run whose steps of every stream pass `u64::MAX` symbols is refused before it starts (the
+/// count overflowed).
+#[test]
+fn train_refuses_a_run_whose_symbol_count_overflows() {
+    let cfg = TrainConfig {
+        model: config(LearnerKind::Frozen),
+        batch: 2,
+        steps: u64::MAX / 2 + 1,
+        reset_every: None,
+        eval_every: None,
+    };
+    let e = train(&cfg, &text(10), None, |_| {}).unwrap_err();
+    assert_eq!(e.field, "steps", "{e}");
+}
+
 /// The running BPC of the progress bar and the evaluation lines: the first step's BPC, then an
 /// exponential average with weight 0.001 on each new step's.
 #[test]
@@ -210,6 +248,45 @@ fn kfrtrl(args: &[&str], paths: &[(&str, &std::path::Path)]) -> std::process::Ou
 fn json(out: &std::process::Output) -> serde_json::Value {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// A `--save` in a missing directory used to fail only after the whole run, with no report. It
+/// is refused when the flags are parsed: before the corpus is even read.
+#[test]
+fn train_refuses_a_save_path_in_a_missing_directory_before_training() {
+    let dir = std::env::temp_dir().join(format!("kfrtrl-cli-train-save-missing-{}", std::process::id()));
+    let out = kfrtrl(
+        &["--symbols", "20"],
+        &[("--corpus", &dir.join("missing-corpus.txt")), ("--save", &dir.join("nowhere").join("m.st"))],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("nowhere") && stderr.contains("does not exist"), "{stderr}");
+    assert!(!stderr.contains("missing-corpus"), "the corpus was read first: {stderr}");
+    assert!(out.stdout.is_empty());
+    let corpus = corpus("save-dir");
+    let out = kfrtrl(&["--symbols", "20"], &[("--corpus", &corpus), ("--save", corpus.parent().unwrap())]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("not a file name"), "{stderr}");
+    std::fs::remove_dir_all(corpus.parent().unwrap()).unwrap();
+}
+
+/// A save that fails at the end (here: a directory that exists but takes no files) used to throw
+/// the run's report away; the report is printed first, then the failure exits 2.
+#[test]
+fn train_prints_its_report_even_when_the_save_fails() {
+    let corpus = corpus("save-fails");
+    let out = kfrtrl(
+        &["--format", "ptb-char", "--hidden", "4", "--symbols", "20", "--json"],
+        &[("--corpus", &corpus), ("--save", std::path::Path::new("/proc/self/model.st"))],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("/proc/self/model.st"), "{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("the report is on stdout");
+    assert_eq!(report["symbols"], 24);
+    std::fs::remove_dir_all(corpus.parent().unwrap()).unwrap();
 }
 
 /// `--init` continues a saved model where it stopped: its weights, Adam moments, place in the
@@ -272,7 +349,7 @@ fn continued_equals_uninterrupted(learner: &str) {
     let faster = dir.join("faster.st");
     json(&kfrtrl(
         &[&common[..], &["--symbols", "400", "--lr", "0.02"]].concat(),
-        &[("--corpus", &corpus), ("--init", &half), ("--save", &faster)],
+        &[("--corpus", &corpus), ("--eval", &corpus), ("--init", &half), ("--save", &faster)],
     ));
     let c = load(&faster).unwrap();
     assert_eq!(c.config.lr, 0.02);

@@ -68,6 +68,14 @@ pub fn parse_learner(s: &str) -> Result<(LearnerKind, Option<usize>), String> {
 }
 
 pub fn run(args: BenchArgs) -> Result<(), String> {
+    if args.batch.contains(&0) {
+        return Err("--batch values must be at least 1".into());
+    }
+    // Refused here, as `load` does: the calibration turns it into a `Duration`, which panics on
+    // a negative, non-finite or huge value.
+    if !(args.seconds > 0.0 && args.seconds < 1e9) {
+        return Err(format!("--seconds must be positive and below 10^9 (got {})", args.seconds));
+    }
     if let Some(t) = args.threads {
         rayon::ThreadPoolBuilder::new().num_threads(t).build_global().map_err(|e| e.to_string())?;
     }

@@ -123,7 +123,7 @@ pub struct VarianceArgs {
     /// Vocabulary of the random one-hot inputs.
     #[arg(long, default_value_t = 8)]
     vocab: usize,
-    /// Measure every this many steps.
+    /// Measure every this many steps (and at 50 and --steps, the table's columns).
     #[arg(long, default_value_t = 10)]
     every: usize,
     /// Spectral norm of the recurrent block.
@@ -146,6 +146,9 @@ fn variance(a: VarianceArgs) -> Result<(), String> {
     if a.hidden.is_empty() || a.steps == 0 {
         return Err("--hidden and --steps must be non-empty and positive".into());
     }
+    // The table's middle column: measured whatever --every is (it was NaN unless --every
+    // divided it).
+    let t_mid = a.steps.min(50);
     let cfg = VarianceConfig {
         hidden: a.hidden.clone(),
         steps: a.steps,
@@ -153,6 +156,7 @@ fn variance(a: VarianceArgs) -> Result<(), String> {
         sequences: a.sequences,
         vocab: a.vocab,
         every: a.every,
+        also_at: vec![t_mid],
         contraction: a.contraction,
         seed: a.seed,
         ..VarianceConfig::default()
@@ -172,7 +176,6 @@ fn variance(a: VarianceArgs) -> Result<(), String> {
     if a.json {
         println!("{}", serde_json::to_string(&report).map_err(|e| e.to_string())?);
     } else {
-        let t_mid = if a.steps >= 50 { 50 } else { a.steps };
         println!(
             "n     KF@{t_mid:<5} KF@{t_end:<5} UORO@{t_mid:<5} UORO@{t_end:<5} ratio@{t_end:<5} KF{t_end}/KF{t_mid}"
         );
@@ -309,7 +312,16 @@ pub fn run(args: ExperimentArgs) -> Result<(), String> {
 }
 
 fn copy(a: CopyArgs) -> Result<(), String> {
+    if a.batch == 0 {
+        return Err("--batch must be at least 1".into());
+    }
     let (learner, window) = parse_learner(&a.learner)?;
+    // Frozen weights never learn to copy: the run would only burn its steps at L = 1.
+    if learner == kfrtrl::core::LearnerKind::Frozen {
+        return Err(
+            "--learner frozen learns nothing; the copy task takes kf-rtrl, uoro, rtrl or tbptt:K".into()
+        );
+    }
     let model = ModelConfig {
         vocab_size: kfrtrl::experiment::copy::VOCAB,
         cell: a.cell,

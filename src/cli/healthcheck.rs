@@ -96,14 +96,16 @@ async fn probe(url: &str, timeout: Duration) -> Result<(), String> {
 /// Probes the server; 0 when it answers 200, 1 otherwise.
 pub fn run(args: HealthcheckArgs) -> ExitCode {
     let outcome = target(&args).and_then(|url| {
-        if !(args.timeout_secs.is_finite() && args.timeout_secs > 0.0) {
-            return Err("--timeout-secs must be positive".to_owned());
-        }
+        // Past `Duration`'s range (about 5.8·10^11 years) `from_secs_f64` would panic.
+        let timeout =
+            Duration::try_from_secs_f64(args.timeout_secs).ok().filter(|t| !t.is_zero()).ok_or_else(
+                || format!("--timeout-secs must be positive and finite (got {})", args.timeout_secs),
+            )?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|e| format!("cannot start the async runtime: {e}"))?;
-        runtime.block_on(probe(&url, Duration::from_secs_f64(args.timeout_secs)))?;
+        runtime.block_on(probe(&url, timeout))?;
         Ok(url)
     });
     match outcome {

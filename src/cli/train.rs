@@ -29,8 +29,8 @@ pub struct TrainArgs {
     /// Held-out corpus, evaluated after training (and every --eval-every symbols).
     #[arg(long)]
     eval: Option<PathBuf>,
-    /// Evaluate every this many training symbols.
-    #[arg(long)]
+    /// Evaluate every this many training symbols (needs --eval).
+    #[arg(long, requires = "eval")]
     eval_every: Option<u64>,
     /// Continue training this saved model (from `--save`, or a byte-level server checkpoint):
     /// its weights, optimizer state, vocabulary and place in the corpus. Its cell, size and seed
@@ -77,8 +77,23 @@ pub struct TrainArgs {
     json: bool,
     /// Write the trained model (weights, optimizer state, config, counters) to this file, in the
     /// format of the server's checkpoints (safetensors with JSON metadata).
-    #[arg(long)]
+    #[arg(long, value_parser = parse_save_path)]
     save: Option<PathBuf>,
+}
+
+/// A `--save` file name, refused at parsing when its directory does not exist or it names a
+/// directory, so that a long run does not fail only at its end.
+fn parse_save_path(s: &str) -> Result<PathBuf, String> {
+    let path = PathBuf::from(s);
+    if path.file_name().is_none() || path.is_dir() {
+        return Err(format!("{s} is not a file name"));
+    }
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => {
+            Err(format!("the directory {} does not exist", dir.display()))
+        }
+        _ => Ok(path),
+    }
 }
 
 fn parse_format(s: &str) -> Result<Format, String> {
@@ -181,6 +196,9 @@ fn initial(args: &TrainArgs) -> Result<Initial, String> {
 }
 
 pub fn run(args: TrainArgs) -> Result<(), String> {
+    if args.batch == Some(0) {
+        return Err("--batch must be at least 1".into());
+    }
     let init = initial(&args)?;
     let data = match &args.corpus {
         Some(p) => std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?,
@@ -251,15 +269,35 @@ pub fn run(args: TrainArgs) -> Result<(), String> {
         None => (Start::fresh(&spec), 0),
     };
     let (start_steps, start_symbols) = (start.steps, start.symbols);
-    let batch = batch.unwrap_or(8).max(1) as u64;
+    let batch = match batch {
+        Some(0) => return Err("the --init model records a batch of 0: give --batch".into()),
+        b => b.unwrap_or(8) as u64,
+    };
     let reset_every = reset_every.filter(|&n| n > 0);
     let symbols = match (args.symbols, args.epochs) {
         (Some(s), _) => s,
-        (None, Some(e)) if e.is_finite() && e > 0.0 => (e * tokens.len() as f64).round() as u64,
+        (None, Some(e)) if e.is_finite() && e > 0.0 => {
+            let symbols = (e * tokens.len() as f64).round();
+            // `as` would saturate a count past u64 silently.
+            if symbols >= u64::MAX as f64 {
+                return Err(format!("--epochs {e} is more symbols than can be counted"));
+            }
+            symbols as u64
+        }
         (None, Some(_)) => return Err("--epochs must be a positive number".into()),
         (None, None) => tokens.len() as u64,
     };
     let steps = symbols.div_ceil(batch).max(1);
+    // Whole steps of every stream, counted from the --init model's symbols and steps: each sum
+    // must fit, or the counters and the corpus position would wrap.
+    let fits = steps
+        .checked_mul(batch)
+        .and_then(|total| total.checked_add(start_symbols))
+        .and(start_steps.checked_add(steps))
+        .is_some();
+    if !fits {
+        return Err(format!("{symbols} symbols in steps of {batch} streams are more than can be counted"));
+    }
     let cfg = TrainConfig { model, batch: batch as usize, steps, reset_every, eval_every: args.eval_every };
     let bar = ProgressBar::new(steps * batch);
     bar.set_style(
@@ -284,6 +322,25 @@ pub fn run(args: TrainArgs) -> Result<(), String> {
     })
     .map_err(|e| e.to_string())?;
     bar.finish_and_clear();
+    // The report is out before the model is saved: a file that cannot be written must not
+    // cost a long run its results.
+    if args.json {
+        println!("{}", serde_json::to_string(&report).map_err(|e| e.to_string())?);
+    } else {
+        println!(
+            "{} {} n={} B={}: {} symbols, train {:.4} bpc (last 10%: {:.4}){}, {:.0} symbols/s, {:.1} s",
+            report.learner,
+            report.cell,
+            report.hidden,
+            report.batch,
+            report.symbols,
+            report.train_bpc,
+            report.train_bpc_final,
+            report.eval_bpc.map(|e| format!(", eval {e:.4} bpc")).unwrap_or_default(),
+            report.symbols_per_sec,
+            report.seconds
+        );
+    }
     if let Some(path) = &args.save {
         let mut metadata = serde_json::Map::new();
         metadata.insert("corpus_format".into(), init.format.name().into());
@@ -310,23 +367,6 @@ pub fn run(args: TrainArgs) -> Result<(), String> {
             extra: Vec::new(),
         };
         save(path, &file).map_err(|e| e.to_string())?;
-    }
-    if args.json {
-        println!("{}", serde_json::to_string(&report).map_err(|e| e.to_string())?);
-    } else {
-        println!(
-            "{} {} n={} B={}: {} symbols, train {:.4} bpc (last 10%: {:.4}){}, {:.0} symbols/s, {:.1} s",
-            report.learner,
-            report.cell,
-            report.hidden,
-            report.batch,
-            report.symbols,
-            report.train_bpc,
-            report.train_bpc_final,
-            report.eval_bpc.map(|e| format!(", eval {e:.4} bpc")).unwrap_or_default(),
-            report.symbols_per_sec,
-            report.seconds
-        );
     }
     Ok(())
 }

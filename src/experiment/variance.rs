@@ -11,10 +11,11 @@
 //!   exact RTRL runs in one slot and each estimator in [`VarianceConfig::samples`] slots of one
 //!   [`StreamSet`] that all read the same tokens, every slot with its own sign key
 //!   ([`StreamSet::set_sign_key`]), so the slots are independent draws of the estimator;
-//! - at every `every`-th step `t`, a fixed random `δ_t ~ N(0, I_n)` (the same for all slots) gives
-//!   the exact gradient `g = δ_tᵀ G_t` and the estimates `ĝ = δ_tᵀ Ĝ_t` of the recurrent
-//!   weights, and the relative variance is `mean_slots ‖ĝ − g‖² / ‖g‖²`, averaged over the
-//!   sequences.
+//! - at every `every`-th step `t` (and at `T` and [`VarianceConfig::also_at`]), a fixed random
+//!   `δ_t ~ N(0, I_n)` (the same for all slots) gives the exact gradient `g = δ_tᵀ G_t` and the
+//!   estimates `ĝ = δ_tᵀ Ĝ_t` with respect to every entry of the cell's weight matrix `W` (all
+//!   its columns, for `a_t = [x; h; 1]`: input, recurrent block `W_h` and bias alike), and the
+//!   relative variance is `mean_slots ‖ĝ − g‖² / ‖g‖²`, averaged over the sequences.
 
 use std::time::Instant;
 
@@ -41,6 +42,9 @@ pub struct VarianceConfig {
     pub vocab: usize,
     /// Measure every this many steps (and at `T`).
     pub every: usize,
+    /// Further steps to measure at (those past `T` are ignored), such as the columns of a table
+    /// that `every` need not divide.
+    pub also_at: Vec<usize>,
     /// Spectral norm of the recurrent block.
     pub contraction: f64,
     /// Standard deviation of the input columns and the bias of `W`.
@@ -58,6 +62,7 @@ impl Default for VarianceConfig {
             sequences: 4,
             vocab: 8,
             every: 10,
+            also_at: Vec::new(),
             contraction: 0.9,
             input_std: 1.0,
             seed: 0,
@@ -189,7 +194,8 @@ pub fn run_variance(
 ) -> Result<VarianceReport, ConfigError> {
     let start = Instant::now();
     let every = cfg.every.max(1);
-    let times: Vec<usize> = (1..=cfg.steps).filter(|t| t % every == 0 || *t == cfg.steps).collect();
+    let times: Vec<usize> =
+        (1..=cfg.steps).filter(|t| t % every == 0 || *t == cfg.steps || cfg.also_at.contains(t)).collect();
     let estimators = [LearnerKind::KfRtrl, LearnerKind::Uoro];
     let mut rows = Vec::new();
     let seqs = cfg.sequences.max(1);
