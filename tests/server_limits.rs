@@ -415,6 +415,28 @@ async fn a_websocket_holds_at_most_its_in_flight_requests_and_tokens() {
     }
 }
 
+type ClientSocket = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+/// A WebSocket on stream `w` of model `m` with a small receive buffer, so that replies it does
+/// not read fill the connection quickly.
+async fn small_buffer_websocket(server: &TestServer) -> ClientSocket {
+    let tcp = tokio::net::TcpSocket::new_v4().unwrap();
+    tcp.set_recv_buffer_size(4096).unwrap();
+    let tcp = tcp.connect(server.addr).await.unwrap();
+    let url = format!("ws://{}/v1/models/m/streams/w/ws", server.addr);
+    tokio_tungstenite::client_async(url, tcp).await.unwrap().0
+}
+
+/// Sends requests whose replies list 1,024 predictions each (tens of kB) until the server stops
+/// taking them.
+async fn flood(mut sink: futures_util::stream::SplitSink<ClientSocket, Message>) {
+    for _ in 0..2000 {
+        if sink.send(Message::text(r#"{"tokens": [1], "top_k": 1024}"#)).await.is_err() {
+            break;
+        }
+    }
+}
+
 /// Regression: a client that sent requests and never read the replies blocked the server's
 /// writes for ever, so its connection, its permit and the drain were held until the shutdown
 /// deadline, which then skipped the final checkpoints.
@@ -424,21 +446,8 @@ async fn a_websocket_client_that_stops_reading_is_dropped_and_the_server_still_d
     let server =
         TestServer::start(ServerConfig { limits, models: vec![model("m", 4096, 4)], ..Default::default() })
             .await;
-    // A small receive buffer, so that the unread replies fill the connection quickly.
-    let tcp = tokio::net::TcpSocket::new_v4().unwrap();
-    tcp.set_recv_buffer_size(4096).unwrap();
-    let tcp = tcp.connect(server.addr).await.unwrap();
-    let url = format!("ws://{}/v1/models/m/streams/w/ws", server.addr);
-    let (socket, _) = tokio_tungstenite::client_async(url, tcp).await.unwrap();
-    let (mut sink, _source) = socket.split();
-    // Each reply lists 1,024 predictions (tens of kB); the client never reads one.
-    let flood = tokio::spawn(async move {
-        for _ in 0..2000 {
-            if sink.send(Message::text(r#"{"tokens": [1], "top_k": 1024}"#)).await.is_err() {
-                break;
-            }
-        }
-    });
+    let (sink, _source) = small_buffer_websocket(&server).await.split();
+    let flood = tokio::spawn(flood(sink));
     eventually("the server to give the reader up", async || {
         metric_value(&server, r#"kfrtrl_websocket_closes_total{reason="write_timeout"}"#).await == Some(1.0)
     })
@@ -500,11 +509,7 @@ async fn a_websocket_client_that_reads_slowly_but_steadily_is_not_idle() {
     let server =
         TestServer::start(ServerConfig { limits, models: vec![model("m", 4096, 4)], ..Default::default() })
             .await;
-    let tcp = tokio::net::TcpSocket::new_v4().unwrap();
-    tcp.set_recv_buffer_size(4096).unwrap();
-    let tcp = tcp.connect(server.addr).await.unwrap();
-    let url = format!("ws://{}/v1/models/m/streams/w/ws", server.addr);
-    let (mut socket, _) = tokio_tungstenite::client_async(url, tcp).await.unwrap();
+    let mut socket = small_buffer_websocket(&server).await;
     // Tens of kB per reply, read one every 20 ms: the replies take a few idle timeouts to
     // deliver, and the client sends nothing until it has them all.
     let requests = 200;
@@ -545,19 +550,8 @@ async fn a_websocket_client_that_stops_reading_cannot_hold_the_drain_to_its_dead
         ..Default::default()
     })
     .await;
-    let tcp = tokio::net::TcpSocket::new_v4().unwrap();
-    tcp.set_recv_buffer_size(4096).unwrap();
-    let tcp = tcp.connect(server.addr).await.unwrap();
-    let url = format!("ws://{}/v1/models/m/streams/w/ws", server.addr);
-    let (socket, _) = tokio_tungstenite::client_async(url, tcp).await.unwrap();
-    let (mut sink, _source) = socket.split();
-    let flood = tokio::spawn(async move {
-        for _ in 0..2000 {
-            if sink.send(Message::text(r#"{"tokens": [1], "top_k": 1024}"#)).await.is_err() {
-                break;
-            }
-        }
-    });
+    let (sink, _source) = small_buffer_websocket(&server).await.split();
+    let flood = tokio::spawn(flood(sink));
     // The replies stop being counted once the client's buffers are full and a write blocks.
     let replies = async || {
         metric_value(&server, r#"kfrtrl_websocket_replies_total{status="200"}"#).await.unwrap_or(0.0)

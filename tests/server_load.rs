@@ -4,14 +4,59 @@
 //! WebSockets the server closes mid-run, which ends with a report instead of waiting for ever.
 //! Fake servers check when the measured window starts and what a held-up soak interval reports.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 
-use kfrtrl::api::{ApiKey, AppState, ServerConfig, serve};
+use kfrtrl::api::{ApiKey, AppState, ServerConfig, StartError, serve};
 use kfrtrl::engine::ModelRequest;
 use kfrtrl::load::{LoadConfig, LoadReport, Protocol, run, run_with};
+
+/// A server on 127.0.0.1:0 serving one model, `small`, once it is ready: its address, the
+/// sender that stops it and its task.
+async fn start_server(
+    hidden: usize,
+    api_key: Option<&str>,
+) -> (SocketAddr, oneshot::Sender<()>, JoinHandle<Result<(), StartError>>) {
+    let model = ModelRequest { name: "small".into(), hidden: Some(hidden), ..Default::default() };
+    let api_key = api_key.map(|key| ApiKey::new(key).unwrap());
+    let state = AppState::new(ServerConfig { models: vec![model], api_key, ..Default::default() }).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(serve(listener, state.clone(), async move {
+        let _ = stopped.await;
+    }));
+    state.wait_ready().await;
+    (addr, stop, server)
+}
+
+/// Serves a fake server's routes on 127.0.0.1:0: its address and its task.
+async fn serve_fake(app: axum::Router) -> (SocketAddr, JoinHandle<std::io::Result<()>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    (addr, tokio::spawn(async move { axum::serve(listener, app).await }))
+}
+
+/// A run of one second on 8 streams of `small` over HTTP, one token per request.
+fn base_config(addr: SocketAddr) -> LoadConfig {
+    LoadConfig {
+        url: format!("http://{addr}"),
+        model: "small".into(),
+        streams: 8,
+        tokens_per_message: 1,
+        protocol: Protocol::Http,
+        pipeline: 1,
+        duration: Duration::from_secs(1),
+        stream_prefix: "load".into(),
+        report_every: None,
+        server_pid: None,
+        api_key: None,
+    }
+}
 
 fn check(report: &LoadReport, protocol: Protocol, tokens: usize) {
     assert_eq!(report.protocol, protocol);
@@ -28,29 +73,8 @@ fn check(report: &LoadReport, protocol: Protocol, tokens: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn load_reports_throughput_and_latency_over_http_and_websocket() {
-    let model = ModelRequest { name: "small".into(), hidden: Some(32), ..Default::default() };
-    let state = AppState::new(ServerConfig { models: vec![model], ..Default::default() }).unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let server = tokio::spawn(serve(listener, state.clone(), async move {
-        let _ = stopped.await;
-    }));
-    state.wait_ready().await;
-
-    let mut cfg = LoadConfig {
-        url: format!("http://{addr}"),
-        model: "small".into(),
-        streams: 8,
-        tokens_per_message: 1,
-        protocol: Protocol::Http,
-        pipeline: 1,
-        duration: Duration::from_secs(1),
-        stream_prefix: "load".into(),
-        report_every: None,
-        server_pid: None,
-        api_key: None,
-    };
+    let (addr, stop, server) = start_server(32, None).await;
+    let mut cfg = base_config(addr);
     let http = run(&cfg).await.unwrap();
     check(&http, Protocol::Http, 1);
 
@@ -82,21 +106,8 @@ fn interval_requests(report: &LoadReport) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_soak_reports_every_interval_with_the_servers_memory() {
     const KEY: &str = "soak-test-key-0123456789";
-    let model = ModelRequest { name: "small".into(), hidden: Some(16), ..Default::default() };
-    let config =
-        ServerConfig { models: vec![model], api_key: Some(ApiKey::new(KEY).unwrap()), ..Default::default() };
-    let state = AppState::new(config).unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let server = tokio::spawn(serve(listener, state.clone(), async move {
-        let _ = stopped.await;
-    }));
-    state.wait_ready().await;
-
+    let (addr, stop, server) = start_server(16, Some(KEY)).await;
     let mut cfg = LoadConfig {
-        url: format!("http://{addr}"),
-        model: "small".into(),
         streams: 4,
         tokens_per_message: 2,
         protocol: Protocol::Ws,
@@ -104,8 +115,8 @@ async fn a_soak_reports_every_interval_with_the_servers_memory() {
         duration: Duration::from_millis(2500),
         stream_prefix: "soak".into(),
         report_every: Some(Duration::from_millis(500)),
-        server_pid: None,
         api_key: Some(KEY.into()),
+        ..base_config(addr)
     };
     let mut printed = 0;
     let report = run_with(&cfg, |_| printed += 1).await.unwrap();
@@ -137,29 +148,16 @@ async fn a_soak_reports_every_interval_with_the_servers_memory() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn load_over_websocket_finishes_when_a_connection_breaks_mid_run() {
-    let model = ModelRequest { name: "small".into(), hidden: Some(16), ..Default::default() };
-    let state = AppState::new(ServerConfig { models: vec![model], ..Default::default() }).unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let server = tokio::spawn(serve(listener, state.clone(), async move {
-        let _ = stopped.await;
-    }));
-    state.wait_ready().await;
-
+    let (addr, stop, server) = start_server(16, None).await;
     let cfg = LoadConfig {
-        url: format!("http://{addr}"),
-        model: "small".into(),
         streams: 4,
-        tokens_per_message: 1,
         protocol: Protocol::Ws,
         pipeline: 2,
         // Far longer than the guard below: only the broken connections can end the run.
         duration: Duration::from_secs(3600),
         stream_prefix: "broken".into(),
         report_every: Some(Duration::from_millis(100)),
-        server_pid: None,
-        api_key: None,
+        ..base_config(addr)
     };
     // The first sample comes after the start, so the server shuts down (closing every
     // WebSocket with 1001) while the streams are in their measured window.
@@ -233,22 +231,14 @@ async fn load_streams_start_only_after_the_servers_metrics_are_read() {
                 }
             }),
         );
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let (addr, server) = serve_fake(app).await;
 
     let cfg = LoadConfig {
-        url: format!("http://{addr}"),
         model: "fake".into(),
         streams: STREAMS,
-        tokens_per_message: 1,
-        protocol: Protocol::Http,
-        pipeline: 1,
         duration: Duration::from_millis(300),
         stream_prefix: "order".into(),
-        report_every: None,
-        server_pid: None,
-        api_key: None,
+        ..base_config(addr)
     };
     let report = run(&cfg).await.unwrap();
     let seen = seen.lock().unwrap();
@@ -321,23 +311,18 @@ async fn soak_rates_are_over_each_intervals_real_length() {
                 "process_resident_memory_bytes 1048576\n"
             }),
         );
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let (addr, server) = serve_fake(app).await;
 
     let cfg = LoadConfig {
-        url: format!("http://{addr}"),
         model: "fake".into(),
         streams: 4,
-        tokens_per_message: 1,
         protocol: Protocol::Ws,
         pipeline: 2,
         // The closed WebSockets end the run.
         duration: Duration::from_secs(3600),
         stream_prefix: "held".into(),
         report_every: Some(Duration::from_millis(1)),
-        server_pid: None,
-        api_key: None,
+        ..base_config(addr)
     };
     // A guard only.
     let report = tokio::time::timeout(Duration::from_secs(60), run(&cfg)).await.unwrap().unwrap();
