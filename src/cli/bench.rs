@@ -67,6 +67,9 @@ pub fn parse_learner(s: &str) -> Result<(LearnerKind, Option<usize>), String> {
         .ok_or_else(|| format!("unknown learner {s:?} (kf-rtrl, uoro, rtrl, tbptt:K, frozen)"))
 }
 
+/// Most repetitions of one configuration.
+const MAX_REPS: usize = 10_000;
+
 pub fn run(args: BenchArgs) -> Result<(), String> {
     if args.batch.contains(&0) {
         return Err("--batch values must be at least 1".into());
@@ -75,6 +78,10 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
     // a negative, non-finite or huge value.
     if !(args.seconds > 0.0 && args.seconds < 1e9) {
         return Err(format!("--seconds must be positive and below 10^9 (got {})", args.seconds));
+    }
+    // Zero ran one repetition anyway; a huge count reserved its rates up front and aborted.
+    if !(1..=MAX_REPS).contains(&args.reps) {
+        return Err(format!("--reps must be between 1 and {MAX_REPS} (got {})", args.reps));
     }
     if let Some(t) = args.threads {
         rayon::ThreadPoolBuilder::new().num_threads(t).build_global().map_err(|e| e.to_string())?;

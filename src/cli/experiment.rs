@@ -315,6 +315,10 @@ fn copy(a: CopyArgs) -> Result<(), String> {
     if a.batch == 0 {
         return Err("--batch must be at least 1".into());
     }
+    // Zero steps reported a run (L = 1 at 0 steps/s) that never happened.
+    if a.steps == 0 {
+        return Err("--steps must be at least 1".into());
+    }
     let (learner, window) = parse_learner(&a.learner)?;
     // Frozen weights never learn to copy: the run would only burn its steps at L = 1.
     if learner == kfrtrl::core::LearnerKind::Frozen {
