@@ -27,6 +27,12 @@ fn a_batch_of_zero_is_refused_by_train_bench_and_copy() {
     refused(&[&copy[..], &["--batch", "0"]].concat(), "--batch must be at least 1");
 }
 
+/// `experiment copy --steps 0` reported a run of zero steps instead of refusing it.
+#[test]
+fn a_copy_run_of_zero_steps_is_refused() {
+    refused(&["experiment", "copy", "--hidden", "4", "--steps", "0", "--json"], "--steps must be at least 1");
+}
+
 /// A symbol count whose steps of `B` streams pass `u64::MAX` used to overflow (a panic in a
 /// debug build, a wrapped count in a release build).
 #[test]
@@ -42,6 +48,15 @@ fn bench_refuses_seconds_that_are_not_a_positive_duration() {
     let bench = ["bench", "--cell", "tanh", "--hidden", "4", "--batch", "1", "--reps", "1"];
     for seconds in ["--seconds=-1", "--seconds=NaN", "--seconds=inf", "--seconds=0", "--seconds=1e20"] {
         refused(&[&bench[..], &[seconds]].concat(), "--seconds must be positive");
+    }
+}
+
+/// `bench --reps 0` ran one repetition anyway, and a huge count aborted on reserving its rates.
+#[test]
+fn bench_refuses_a_repetition_count_of_zero_or_beyond_its_bound() {
+    let bench = ["bench", "--cell", "tanh", "--hidden", "4", "--batch", "1", "--seconds", "0.01"];
+    for reps in ["--reps=0", "--reps=10001", "--reps=18446744073709551615"] {
+        refused(&[&bench[..], &[reps]].concat(), "--reps must be between 1 and 10000");
     }
 }
 
@@ -75,4 +90,16 @@ fn copy_refuses_the_frozen_learner() {
 #[test]
 fn train_refuses_eval_every_without_eval() {
     refused(&["train", "--hidden", "4", "--symbols", "10", "--eval-every", "5", "--json"], "--eval <EVAL>");
+}
+
+/// An allowed origin that is not `scheme://host[:port]` would never match a browser's `Origin`:
+/// refused before the server starts.
+#[test]
+fn serve_refuses_an_allowed_origin_that_is_not_an_origin() {
+    let dir = std::env::temp_dir().join(format!("kfrtrl-origins-{}", std::process::id()));
+    let data = dir.to_str().unwrap();
+    for list in ["nope", "https://ok.example,https://x.example/path"] {
+        refused(&["serve", "--data-dir", data, "--allowed-origins", list], "is not `scheme://host[:port]`");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

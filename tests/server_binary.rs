@@ -109,6 +109,7 @@ async fn the_binary_layers_flags_over_environment_over_file() {
         r#"
 listen = "127.0.0.1:1"
 log_format = "human"
+allowed_origins = ["https://file.example"]
 
 [limits]
 max_streams = 5
@@ -147,6 +148,7 @@ max_streams = 2
             ("KFRTRL_QUEUE_TOKENS", "4096"),
             ("KFRTRL_MAX_TOKENS_PER_REQUEST", "1000"),
             ("KFRTRL_MODEL_THREADS", "2"),
+            ("KFRTRL_ALLOWED_ORIGINS", "https://env.example, https://other.example"),
         ],
     );
     assert!(data.is_dir(), "the data dir is created");
@@ -190,6 +192,19 @@ max_streams = 2
         .await
         .unwrap();
     assert_eq!(reply["position"], 5);
+    // The environment's origins replace the file's.
+    for (origin, status) in
+        [("https://env.example", 200), ("https://other.example", 200), ("https://file.example", 403)]
+    {
+        let response = http
+            .post(server.url("/v1/models/tiny/streams/origins/tokens"))
+            .header("origin", origin)
+            .body(r#"{"text": "x"}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), status, "{origin}");
+    }
 
     let (mut socket, _) =
         tokio_tungstenite::connect_async(format!("ws://{}/v1/models/tiny/streams/a/ws", server.addr))

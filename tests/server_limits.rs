@@ -12,7 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
-use kfrtrl::api::{ApiKey, Limits, ServerConfig};
+use kfrtrl::api::{AllowedOrigins, ApiKey, Limits, ServerConfig};
 use support::{Reply, TestServer, model};
 
 const KEY: &str = "s3cret-Key_0123456789";
@@ -310,6 +310,80 @@ async fn with_an_api_key_every_v1_route_needs_it_and_probes_stay_open() {
         Err(WsError::Http(response)) => assert_eq!(response.status(), 401),
         other => panic!("expected a 401, got {other:?}"),
     }
+    server.stop().await;
+}
+
+/// Regression: without an API key, any web page a user visited could train, create or delete
+/// models on a server it reached (`localhost` included): a form-like POST needs no preflight,
+/// a WebSocket none at all, and the server never looked at where a request came from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_request_from_another_origin_cannot_change_a_model() {
+    let config = ServerConfig {
+        limits: Limits { max_streams: 16, ..Limits::default() },
+        models: vec![model("m", 16, 4)],
+        allowed_origins: AllowedOrigins::new(&["https://dashboard.example"]).unwrap(),
+        ..Default::default()
+    };
+    let server = TestServer::start(config).await;
+    let own = format!("http://{}", server.addr);
+    let tokens = server.url("/v1/models/m/streams/s/tokens");
+    let post = |headers: &[(&str, &str)]| {
+        let mut request =
+            server.http.post(&tokens).header("content-type", "text/plain").body(r#"{"tokens": [1]}"#);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request
+    };
+    for refused in [
+        &[("origin", "http://evil.example")][..],
+        &[("origin", "null")],
+        &[("origin", own.as_str()), ("sec-fetch-site", "cross-site")],
+        &[("sec-fetch-site", "same-site")],
+    ] {
+        let r = server.send(post(refused)).await;
+        expect(&r, 403, "cross-origin-request");
+    }
+    let missing = server.send(server.http.get(server.url("/v1/models/m/streams/s"))).await;
+    expect(&missing, 404, "unknown-stream");
+    let evil = [("origin", "http://evil.example")];
+    let deleted =
+        server.send(server.http.delete(server.url("/v1/models/m")).header(evil[0].0, evil[0].1)).await;
+    expect(&deleted, 403, "cross-origin-request");
+    // Reads are not checked: without CORS headers the other page cannot see them.
+    let read = server.send(server.http.get(server.url("/v1/models/m")).header(evil[0].0, evil[0].1)).await;
+    assert_eq!(read.status, 200, "{}", read.body);
+
+    // The server's own pages, listed origins and clients that are not browsers are served.
+    let mut position = 0;
+    for allowed in [
+        &[][..],
+        &[("origin", own.as_str())],
+        &[("sec-fetch-site", "same-origin")],
+        &[("origin", "https://dashboard.example"), ("sec-fetch-site", "cross-site")],
+    ] {
+        let r = server.send(post(allowed)).await;
+        assert_eq!(r.status, 200, "{allowed:?}: {}", r.body);
+        position += 1;
+        assert_eq!(r.body["position"], position, "{}", r.body);
+    }
+
+    let url = format!("ws://{}/v1/models/m/streams/s/ws", server.addr);
+    let mut cross = url.as_str().into_client_request().unwrap();
+    cross.headers_mut().insert("origin", "http://evil.example".parse().unwrap());
+    match tokio_tungstenite::connect_async(cross).await {
+        Err(WsError::Http(response)) => assert_eq!(response.status(), 403),
+        other => panic!("expected a 403, got {other:?}"),
+    }
+    let mut same = url.as_str().into_client_request().unwrap();
+    same.headers_mut().insert("origin", own.parse().unwrap());
+    let (mut socket, _) = tokio_tungstenite::connect_async(same).await.unwrap();
+    socket.send(Message::text(r#"{"tokens": [1]}"#)).await.unwrap();
+    let reply: Value =
+        serde_json::from_str(support::next_data(&mut socket).await.unwrap().unwrap().to_text().unwrap())
+            .unwrap();
+    assert_eq!(reply["position"], position + 1, "{reply}");
+    socket.close(None).await.unwrap();
     server.stop().await;
 }
 

@@ -105,6 +105,9 @@ pub async fn admit(State(state): State<AppState>, request: Request, next: Next) 
         return next.run(request).await;
     }
     let inner = &state.inner;
+    if let Err(problem) = super::origin::check(request.method(), request.headers(), &inner.allowed_origins) {
+        return problem.into_response();
+    }
     if let Some(key) = &inner.api_key
         && let Err(problem) = key.check(request.headers())
     {

@@ -12,6 +12,7 @@ mod admission;
 mod auth;
 mod metrics;
 mod openapi;
+mod origin;
 mod problem;
 mod routes;
 mod status;
@@ -42,6 +43,7 @@ use crate::engine::{
 pub use auth::{ApiKey, WS_BEARER_PREFIX, WS_PROTOCOL};
 pub use metrics::HttpMetrics;
 pub use openapi::{ContractError, OPENAPI_YAML, SCHEMAS, bundled_schemas, openapi_document};
+pub use origin::AllowedOrigins;
 pub use problem::{ApiError, PROBLEM_TYPE_PREFIX};
 pub use wire::{DEFAULT_TOP_K, TokensRequest};
 
@@ -245,6 +247,9 @@ pub struct ServerConfig {
     pub models: Vec<ModelRequest>,
     /// When set, every `/v1` route needs it as a bearer token.
     pub api_key: Option<ApiKey>,
+    /// Origins besides the server's own from which a browser may change models (see
+    /// [`AllowedOrigins`]).
+    pub allowed_origins: AllowedOrigins,
     /// How long a drain may take before the server gives up and fails.
     pub shutdown_timeout: Duration,
     /// Checkpoints and write-ahead logs (`None`: nothing survives the process).
@@ -259,6 +264,7 @@ impl Default for ServerConfig {
             limits: Limits::default(),
             models: vec![ModelRequest { name: "default".into(), ..Default::default() }],
             api_key: None,
+            allowed_origins: AllowedOrigins::default(),
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             durability: None,
         }
@@ -299,6 +305,7 @@ struct Inner {
     http: HttpMetrics,
     limits: Limits,
     api_key: Option<ApiKey>,
+    allowed_origins: AllowedOrigins,
     shutdown_timeout: Duration,
     admission: admission::Admission,
     startup_models: Vec<ModelDefinition>,
@@ -353,6 +360,7 @@ impl AppState {
                 ),
                 limits: config.limits,
                 api_key: config.api_key,
+                allowed_origins: config.allowed_origins,
                 shutdown_timeout: config.shutdown_timeout,
                 startup_models,
                 openapi,

@@ -207,6 +207,20 @@ impl ApiError {
             .with_header(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"))
     }
 
+    /// 403: a browser sent a state-changing request from another origin
+    /// ([`super::origin`]).
+    pub fn cross_origin(origin: &str) -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "cross-origin-request",
+            "Cross-origin request refused",
+            format!(
+                "a browser sent this request from {origin:?}, another origin; the server takes requests that \
+                 change models only from its own pages and the origins in `allowed_origins`"
+            ),
+        )
+    }
+
     /// 500: a bug (a handler panicked).
     pub fn internal(detail: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "Internal error", detail)

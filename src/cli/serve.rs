@@ -10,7 +10,8 @@ use serde::Deserialize;
 use tracing_subscriber::EnvFilter;
 
 use kfrtrl::api::{
-    ApiKey, AppState, DEFAULT_SHUTDOWN_TIMEOUT, Limits, ServerConfig, default_thread_split, serve,
+    AllowedOrigins, ApiKey, AppState, DEFAULT_SHUTDOWN_TIMEOUT, Limits, ServerConfig, default_thread_split,
+    serve,
 };
 use kfrtrl::engine::{Durability, FsyncPolicy, ModelRequest};
 
@@ -87,6 +88,11 @@ pub struct ServeArgs {
     /// File whose content (trailing whitespace trimmed) is the API key [env: KFRTRL_API_KEY_FILE].
     #[arg(long)]
     api_key_file: Option<PathBuf>,
+    /// Comma-separated origins (`scheme://host[:port]`, or `*` for any) besides the server's own
+    /// from which a browser may change models; other origins get 403 `cross-origin-request`
+    /// [env: KFRTRL_ALLOWED_ORIGINS] [default: none].
+    #[arg(long, value_name = "ORIGINS")]
+    allowed_origins: Option<String>,
     /// Seconds a drain may take after SIGTERM or SIGINT; past them it logs `shutdown deadline passed` and exits with status 2
     /// [env: KFRTRL_SHUTDOWN_TIMEOUT_SECS] [default: 30].
     #[arg(long, value_name = "SECS")]
@@ -161,6 +167,7 @@ struct FileConfig {
     runtime_threads: Option<usize>,
     api_key: Option<String>,
     api_key_file: Option<PathBuf>,
+    allowed_origins: Option<Vec<String>>,
     shutdown_timeout_secs: Option<f64>,
     checkpoint_interval_secs: Option<u64>,
     checkpoint_keep: Option<usize>,
@@ -264,6 +271,10 @@ fn settings(args: ServeArgs) -> Result<Settings, String> {
         Some(s) => return Err(format!("the shutdown timeout must be in (0, 1e8] seconds (got {s})")),
     };
     let api_key = api_key(args.api_key, args.api_key_file, file.api_key, file.api_key_file)?;
+    let allowed_origins = match pick(args.allowed_origins, "ALLOWED_ORIGINS", None)? {
+        Some(list) => AllowedOrigins::parse_list(&list)?,
+        None => AllowedOrigins::new(&file.allowed_origins.unwrap_or_default())?,
+    };
     let models = if file.models.is_empty() { ServerConfig::default().models } else { file.models };
     let data_dir: PathBuf =
         pick(args.data_dir, "DATA_DIR", file.data_dir)?.unwrap_or_else(|| DEFAULT_DATA_DIR.into());
@@ -293,7 +304,14 @@ fn settings(args: ServeArgs) -> Result<Settings, String> {
         log_filter: pick(args.log_filter, "LOG", file.log_filter)?
             .unwrap_or_else(|| DEFAULT_LOG_FILTER.to_owned()),
         runtime_threads,
-        server: ServerConfig { limits, models, api_key, shutdown_timeout, durability: Some(durability) },
+        server: ServerConfig {
+            limits,
+            models,
+            api_key,
+            allowed_origins,
+            shutdown_timeout,
+            durability: Some(durability),
+        },
     })
 }
 
