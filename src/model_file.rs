@@ -29,7 +29,7 @@ use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
 
 use crate::core::model::ConfigError;
-use crate::core::{Gradients, ModelConfig, ModelSpec, Optimizer, OptimizerKind, Params};
+use crate::core::{Gradients, ModelConfig, ModelSpec, Optimizer, OptimizerKind, Params, SlotState};
 
 /// The `format` entry of the header.
 pub const FORMAT: &str = "kfrtrl-model";
@@ -119,6 +119,108 @@ pub enum ModelFileError {
     /// The model to save is inconsistent (shapes do not match its config).
     #[error("cannot save the model: {0}")]
     Inconsistent(String),
+}
+
+/// The part of a [`SlotState`] that is not a float tensor, kept as JSON beside the stacked
+/// tensors ([`stack_slot_tensors`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlotScalars {
+    position: u64,
+    sign_key: u64,
+    sign_counter: u64,
+    counters: Vec<(String, u64)>,
+    /// Integer tensors (small: a TBPTT window's tokens).
+    indices: Vec<(String, Vec<usize>, Vec<u32>)>,
+}
+
+/// One slot's float tensors: name, shape and values.
+pub type SlotTensors = Vec<(String, Vec<usize>, Vec<f32>)>;
+
+impl SlotScalars {
+    /// The scalars of a slot state.
+    pub fn of(s: &SlotState<f32>) -> Self {
+        Self {
+            position: s.position,
+            sign_key: s.sign_key,
+            sign_counter: s.sign_counter,
+            counters: s.counters.clone(),
+            indices: s.indices.clone(),
+        }
+    }
+
+    /// The slot state with these scalars and `tensors`.
+    pub fn with_tensors(self, tensors: SlotTensors) -> SlotState<f32> {
+        SlotState {
+            position: self.position,
+            sign_key: self.sign_key,
+            sign_counter: self.sign_counter,
+            counters: self.counters,
+            indices: self.indices,
+            tensors,
+        }
+    }
+}
+
+/// Names and per-slot shapes of stacked slot tensors.
+pub type SlotLayout = Vec<(String, Vec<usize>)>;
+
+/// Stacks the float tensors of slot states of one layout: one tensor `<prefix><name>` per name,
+/// of shape `[rows.len(), ..shape]`, with the layout (taken from the first row) to unstack them.
+pub fn stack_slot_tensors(
+    prefix: &str,
+    rows: &[&SlotState<f32>],
+) -> Result<(SlotLayout, Vec<ExtraTensor>), String> {
+    let Some(first) = rows.first() else { return Ok((Vec::new(), Vec::new())) };
+    let layout: SlotLayout =
+        first.tensors.iter().map(|(name, shape, _)| (name.clone(), shape.clone())).collect();
+    let mut extra = Vec::with_capacity(layout.len());
+    for (i, (name, shape)) in layout.iter().enumerate() {
+        let per_slot: usize = shape.iter().product();
+        let mut data = Vec::with_capacity(per_slot * rows.len());
+        for row in rows {
+            let (n, sh, values) = row.tensors.get(i).ok_or("a stream state misses a tensor")?;
+            if n != name || sh != shape || values.len() != per_slot {
+                return Err(format!("stream states disagree on tensor {name}"));
+            }
+            data.extend_from_slice(values);
+        }
+        let mut stacked = vec![rows.len()];
+        stacked.extend_from_slice(shape);
+        extra.push(ExtraTensor { name: format!("{prefix}{name}"), shape: stacked, data });
+    }
+    Ok((layout, extra))
+}
+
+/// The inverse of [`stack_slot_tensors`]: the float tensors of each of `rows` slots.
+pub fn unstack_slot_tensors(
+    prefix: &str,
+    layout: &SlotLayout,
+    extra: &[ExtraTensor],
+    rows: usize,
+) -> Result<Vec<SlotTensors>, String> {
+    let mut stacked = Vec::with_capacity(layout.len());
+    for (name, shape) in layout {
+        let full = format!("{prefix}{name}");
+        let t = extra.iter().find(|t| t.name == full).ok_or_else(|| format!("tensor {full} is missing"))?;
+        let mut want = vec![rows];
+        want.extend_from_slice(shape);
+        if t.shape != want {
+            return Err(format!("tensor {full} has shape {:?}, expected {want:?}", t.shape));
+        }
+        stacked.push((name, shape, &t.data));
+    }
+    Ok((0..rows)
+        .map(|row| {
+            stacked
+                .iter()
+                .map(|(name, shape, data)| {
+                    let per: usize = shape.iter().product();
+                    ((*name).clone(), (*shape).clone(), data[row * per..(row + 1) * per].to_vec())
+                })
+                .collect()
+        })
+        .collect())
 }
 
 fn invalid(reason: impl Into<String>) -> ModelFileError {

@@ -3,7 +3,7 @@
 use kfrtrl::core::rng::CounterRng;
 use kfrtrl::core::{CellKind, LearnerKind, ModelConfig, Optimizer, Params, SlotStep, StreamSet};
 use kfrtrl::experiment::copy::{
-    BLANK, CopyConfig, Curriculum, START, VOCAB, copy_step, draw_sequence, run_copy, sequence,
+    BLANK, CopyConfig, CopyRun, Curriculum, START, VOCAB, copy_step, draw_sequence, run_copy, sequence,
 };
 
 #[test]
@@ -150,4 +150,109 @@ fn kf_rtrl_climbs_further_than_uoro() {
     };
     let (kf, uoro) = (median(LearnerKind::KfRtrl), median(LearnerKind::Uoro));
     assert!(kf > uoro, "median L: KF-RTRL {kf}, UORO {uoro}");
+}
+
+/// The state of a run without its wall time, which differs between any two runs.
+fn snapshot_without_time(run: &CopyRun) -> kfrtrl::model_file::ModelFile {
+    let mut file = run.snapshot().unwrap();
+    file.metadata.get_mut("copy").unwrap()["seconds"] = 0.into();
+    file
+}
+
+/// A long copy run (2M steps at B = 256 take about ten hours here) must survive a stop: a run
+/// resumed from its snapshot, through the file's bytes, goes on bit for bit as if it had never
+/// stopped, for every learner, the cut falling in the middle of sequences and TBPTT windows.
+#[test]
+fn a_copy_run_resumed_from_its_snapshot_goes_on_bit_for_bit() {
+    for (learner, cell) in [
+        (LearnerKind::KfRtrl, CellKind::Rhn),
+        (LearnerKind::Uoro, CellKind::Lstm),
+        (LearnerKind::Tbptt, CellKind::Tanh),
+        (LearnerKind::Rtrl, CellKind::Rhn),
+    ] {
+        let model = ModelConfig { cell, hidden: 8, learner, tbptt_window: 7, lr: 1e-2, ..Default::default() };
+        let cfg = CopyConfig::new(model, 4, 3_000, 5);
+        // Every step's curriculum: a level-up resets the EMA, which would hide a wrong one.
+        let mut straight_steps = Vec::new();
+        let mut straight = CopyRun::new(&cfg).unwrap();
+        straight
+            .run_to(3_000, |p| straight_steps.push((p.step, p.curriculum.level, p.curriculum.ema.to_bits())));
+        let mut first = CopyRun::new(&cfg).unwrap();
+        first.run_to(1_237, |_| {});
+        let bytes = kfrtrl::model_file::to_bytes(&first.snapshot().unwrap()).unwrap();
+        drop(first);
+        let mut resumed = CopyRun::resume(&cfg, kfrtrl::model_file::from_bytes(&bytes).unwrap()).unwrap();
+        assert_eq!(resumed.step(), 1_237);
+        let mut resumed_steps = Vec::new();
+        resumed
+            .run_to(3_000, |p| resumed_steps.push((p.step, p.curriculum.level, p.curriculum.ema.to_bits())));
+        assert_eq!(resumed_steps, straight_steps[1_237..], "{learner:?} {cell:?}");
+        assert_eq!(snapshot_without_time(&resumed), snapshot_without_time(&straight), "{learner:?} {cell:?}");
+        let (a, b) = (straight.report(), resumed.report());
+        assert_eq!(
+            (a.curve, a.max_length, a.final_ema.to_bits()),
+            (b.curve, b.max_length, b.final_ema.to_bits())
+        );
+        assert!(
+            a.max_length >= 2,
+            "{learner:?} {cell:?}: the run never left L = 1, so the curriculum went untested"
+        );
+    }
+}
+
+/// A snapshot continues only the run it was taken from: another model, batch or data seed is
+/// refused with what differs, and so is a file that is not a copy-task snapshot.
+#[test]
+fn a_snapshot_refuses_to_resume_another_run() {
+    let model = ModelConfig { cell: CellKind::Tanh, hidden: 4, ..Default::default() };
+    let cfg = CopyConfig::new(model.clone(), 3, 100, 1);
+    let mut run = CopyRun::new(&cfg).unwrap();
+    run.run_to(50, |_| {});
+    let snapshot = run.snapshot().unwrap();
+    let other_lr = CopyConfig::new(ModelConfig { lr: 1e-2, ..model.clone() }, 3, 100, 1);
+    let other_batch = CopyConfig::new(model.clone(), 4, 100, 1);
+    let other_seed = CopyConfig::new(model.clone(), 3, 100, 2);
+    for (other, needle) in [
+        (&other_lr, "model differs"),
+        (&other_batch, "(batch, seed, resets)"),
+        (&other_seed, "(batch, seed, resets)"),
+    ] {
+        let error = CopyRun::resume(other, snapshot.clone()).err().expect("refused");
+        assert!(error.contains(needle) && error.contains("pass the flags"), "{error}");
+    }
+    let mut plain = snapshot.clone();
+    plain.metadata.clear();
+    assert!(CopyRun::resume(&cfg, plain).err().unwrap().contains("not a copy-task snapshot"));
+    let mut damaged = snapshot;
+    damaged.metadata.get_mut("copy").unwrap()["positions"][0] = 10_000.into();
+    assert!(CopyRun::resume(&cfg, damaged).err().unwrap().contains("sequence in the snapshot is invalid"));
+}
+
+/// The command line: `--checkpoint` then `--resume` with a larger `--steps` reports what one
+/// uninterrupted run reports.
+#[test]
+fn the_copy_command_resumes_from_its_checkpoint() {
+    let dir = std::env::temp_dir().join(format!("kfrtrl-copy-resume-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let checkpoint = dir.join("run.safetensors");
+    let copy = |extra: &[&str]| {
+        let mut args =
+            vec!["experiment", "copy", "--cell", "tanh", "--hidden", "6", "--batch", "3", "--lr", "0.01"];
+        args.extend_from_slice(&["--json", "--log-every", "0"]);
+        args.extend_from_slice(extra);
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_kfrtrl")).args(&args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let mut report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        for timing in ["seconds", "steps_per_sec"] {
+            report.as_object_mut().unwrap().remove(timing);
+        }
+        report
+    };
+    let straight = copy(&["--steps", "2000"]);
+    let path = checkpoint.to_str().unwrap();
+    let first = copy(&["--steps", "900", "--checkpoint", path, "--checkpoint-every", "400"]);
+    assert_eq!(first["steps"], 900);
+    let resumed = copy(&["--steps", "2000", "--resume", path]);
+    assert_eq!(resumed, straight);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 
 use kfrtrl::core::{CellKind, ModelConfig, OptimizerKind};
-use kfrtrl::experiment::copy::{CopyConfig, run_copy};
+use kfrtrl::experiment::copy::{CopyConfig, CopyRun};
 
 use super::bench::{parse_cell, parse_learner, parse_optimizer};
 
@@ -286,14 +286,30 @@ pub struct CopyArgs {
     /// Print a progress line on stderr every this many steps (0: only level-ups).
     #[arg(long, default_value_t = 10_000)]
     log_every: u64,
+    /// Write the run's state to this file (a model file) every --checkpoint-every steps and at
+    /// the end, so that --resume can continue it.
+    #[arg(long, value_name = "PATH", value_parser = parse_output_path)]
+    checkpoint: Option<PathBuf>,
+    /// Steps between two writes of --checkpoint.
+    #[arg(long, default_value_t = 50_000, value_name = "STEPS")]
+    checkpoint_every: u64,
+    /// Continue the run saved in this file (written by --checkpoint; pass the flags the run was
+    /// started with, --steps may be larger): it goes on bit for bit as if it had never stopped.
+    #[arg(long, value_name = "PATH")]
+    resume: Option<PathBuf>,
 }
 
 /// A plot's file name, refused at parsing unless its extension names a format
 /// ([`PlotFormat::of`](kfrtrl::experiment::plot::PlotFormat::of)) and its directory exists, so
 /// that a long run does not fail only at its end.
 fn parse_plot_path(s: &str) -> Result<PathBuf, String> {
+    kfrtrl::experiment::plot::PlotFormat::of(std::path::Path::new(s)).map_err(|e| e.to_string())?;
+    parse_output_path(s)
+}
+
+/// A file to write, refused at parsing unless its directory exists.
+fn parse_output_path(s: &str) -> Result<PathBuf, String> {
     let path = PathBuf::from(s);
-    kfrtrl::experiment::plot::PlotFormat::of(&path).map_err(|e| e.to_string())?;
     match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => {
             Err(format!("the directory {} does not exist", dir.display()))
@@ -338,10 +354,30 @@ fn copy(a: CopyArgs) -> Result<(), String> {
         seed: a.seed,
         ..ModelConfig::default()
     };
+    if a.checkpoint.is_some() && a.checkpoint_every == 0 {
+        return Err("--checkpoint-every must be at least 1".into());
+    }
     let cfg = CopyConfig::new(model, a.batch, a.steps, a.seed);
+    let mut run = match &a.resume {
+        None => CopyRun::new(&cfg).map_err(|e| e.to_string())?,
+        Some(path) => {
+            let file = kfrtrl::model_file::load(path).map_err(|e| e.to_string())?;
+            let run = CopyRun::resume(&cfg, file).map_err(|e| format!("{}: {e}", path.display()))?;
+            if run.step() > a.steps {
+                return Err(format!(
+                    "{}: the run is at step {}, past --steps {}",
+                    path.display(),
+                    run.step(),
+                    a.steps
+                ));
+            }
+            eprintln!("resuming at step {} from {}", run.step(), path.display());
+            run
+        }
+    };
     let t0 = std::time::Instant::now();
     let log_every = a.log_every;
-    let report = run_copy(&cfg, |p| {
+    let progress = |p: kfrtrl::experiment::copy::CopyProgress| {
         if p.level_up || (log_every > 0 && p.step % log_every == 0) || p.step == p.total {
             let mut e = std::io::stderr().lock();
             let _ = writeln!(
@@ -355,8 +391,20 @@ fn copy(a: CopyArgs) -> Result<(), String> {
                 if p.level_up { "  level up" } else { "" }
             );
         }
-    })
-    .map_err(|e| e.to_string())?;
+    };
+    match &a.checkpoint {
+        None => run.run_to(a.steps, progress),
+        Some(path) => loop {
+            let next = run.step().saturating_add(a.checkpoint_every).min(a.steps);
+            run.run_to(next, progress);
+            let snapshot = run.snapshot()?;
+            kfrtrl::model_file::save(path, &snapshot).map_err(|e| e.to_string())?;
+            if run.step() >= a.steps {
+                break;
+            }
+        },
+    }
+    let report = run.report();
     if a.json {
         println!("{}", serde_json::to_string(&report).map_err(|e| e.to_string())?);
     } else {

@@ -52,6 +52,16 @@ impl CounterRng {
         Self { key, counter: 0 }
     }
 
+    /// A generator for `key` that has drawn `counter` words: it goes on as that one would.
+    pub fn at(key: u64, counter: u64) -> Self {
+        Self { key, counter }
+    }
+
+    /// The words drawn so far (with [`CounterRng::at`], where to resume).
+    pub fn counter(&self) -> u64 {
+        self.counter
+    }
+
     /// The next 64 random bits.
     #[inline]
     pub fn next_u64(&mut self) -> u64 {

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{ModelDefinition, ModelStats};
 use crate::core::{Optimizer, Params, SlotState};
-use crate::model_file::{self, Counters, ExtraTensor, ModelFile};
+use crate::model_file::{self, Counters, ModelFile, SlotScalars, stack_slot_tensors, unstack_slot_tensors};
 
 /// A stream's bookkeeping beside its slot state.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -98,40 +98,6 @@ pub struct ModelSnapshot {
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct SlotScalars {
-    position: u64,
-    sign_key: u64,
-    sign_counter: u64,
-    counters: Vec<(String, u64)>,
-    /// Integer tensors (small: a TBPTT window's tokens).
-    indices: Vec<(String, Vec<usize>, Vec<u32>)>,
-}
-
-impl SlotScalars {
-    fn of(s: &SlotState<f32>) -> Self {
-        Self {
-            position: s.position,
-            sign_key: s.sign_key,
-            sign_counter: s.sign_counter,
-            counters: s.counters.clone(),
-            indices: s.indices.clone(),
-        }
-    }
-
-    fn with_tensors(self, tensors: Vec<(String, Vec<usize>, Vec<f32>)>) -> SlotState<f32> {
-        SlotState {
-            position: self.position,
-            sign_key: self.sign_key,
-            sign_counter: self.sign_counter,
-            counters: self.counters,
-            indices: self.indices,
-            tensors,
-        }
-    }
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct ResidentJson {
     slot: usize,
     meta: StreamMeta,
@@ -160,25 +126,10 @@ const STREAMS_PREFIX: &str = "streams.";
 
 /// Turns a snapshot into a model file.
 pub fn to_model_file(s: &ModelSnapshot) -> Result<ModelFile, String> {
-    let layout: Vec<(String, Vec<usize>)> =
-        s.scratch.tensors.iter().map(|(name, shape, _)| (name.clone(), shape.clone())).collect();
+    // The scratch slot last; it always exists, so the layout is known without streams too.
     let rows: Vec<&SlotState<f32>> =
         s.stream_slots.iter().map(|r| &r.state).chain(std::iter::once(&s.scratch)).collect();
-    let mut extra = Vec::with_capacity(layout.len());
-    for (i, (name, shape)) in layout.iter().enumerate() {
-        let per_slot: usize = shape.iter().product();
-        let mut data = Vec::with_capacity(per_slot * rows.len());
-        for row in &rows {
-            let (n, sh, values) = row.tensors.get(i).ok_or("a stream state misses a tensor")?;
-            if n != name || sh != shape {
-                return Err(format!("stream states disagree on tensor {name}"));
-            }
-            data.extend_from_slice(values);
-        }
-        let mut stacked = vec![rows.len()];
-        stacked.extend_from_slice(shape);
-        extra.push(ExtraTensor { name: format!("{STREAMS_PREFIX}{name}"), shape: stacked, data });
-    }
+    let (layout, extra) = stack_slot_tensors(STREAMS_PREFIX, &rows)?;
     let engine = EngineJson {
         definition: s.definition.clone(),
         next_seq: s.next_seq,
@@ -219,39 +170,18 @@ pub fn from_model_file(file: ModelFile) -> Result<ModelSnapshot, String> {
     if e.definition.model_config() != file.config {
         return Err("the engine's definition does not match the file's config".into());
     }
-    let rows = e.streams.len() + 1;
-    let mut stacked = Vec::with_capacity(e.layout.len());
-    for (name, shape) in &e.layout {
-        let full = format!("{STREAMS_PREFIX}{name}");
-        let t =
-            file.extra.iter().find(|t| t.name == full).ok_or_else(|| format!("tensor {full} is missing"))?;
-        let mut want = vec![rows];
-        want.extend_from_slice(shape);
-        if t.shape != want {
-            return Err(format!("tensor {full} has shape {:?}, expected {want:?}", t.shape));
-        }
-        stacked.push((name, shape, &t.data));
-    }
-    let tensors_of = |row: usize| {
-        stacked
-            .iter()
-            .map(|(name, shape, data)| {
-                let per: usize = shape.iter().product();
-                ((*name).clone(), (*shape).clone(), data[row * per..(row + 1) * per].to_vec())
-            })
-            .collect()
-    };
+    let mut tensors = unstack_slot_tensors(STREAMS_PREFIX, &e.layout, &file.extra, e.streams.len() + 1)?;
+    let scratch = e.scratch.with_tensors(tensors.pop().expect("one row at least"));
     let stream_slots = e
         .streams
         .into_iter()
-        .enumerate()
-        .map(|(row, r)| StreamSnapshot {
+        .zip(tensors)
+        .map(|(r, tensors)| StreamSnapshot {
             slot: r.slot,
             meta: r.meta,
-            state: r.scalars.with_tensors(tensors_of(row)),
+            state: r.scalars.with_tensors(tensors),
         })
         .collect();
-    let scratch = e.scratch.with_tensors(tensors_of(rows - 1));
     Ok(ModelSnapshot {
         definition: e.definition,
         params: file.params,

@@ -28,11 +28,14 @@
 
 use std::time::Instant;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::core::model::ConfigError;
 use crate::core::rng::{CounterRng, derive_key};
-use crate::core::{ModelConfig, Optimizer, Params, SlotStep, StreamSet, UpdateOutcome};
+use crate::core::{ModelConfig, ModelSpec, Optimizer, Params, SlotState, SlotStep, StreamSet, UpdateOutcome};
+use crate::model_file::{
+    Counters, ModelFile, SlotLayout, SlotScalars, stack_slot_tensors, unstack_slot_tensors,
+};
 
 /// Vocabulary size of the task.
 pub const VOCAB: usize = 4;
@@ -128,7 +131,7 @@ impl CopyConfig {
 }
 
 /// A point of the curriculum curve.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct CurvePoint {
     /// Steps done.
     pub step: u64,
@@ -206,75 +209,273 @@ pub fn copy_step(
 /// Runs the copy task online. Weights `f32`, as in training.
 pub fn run_copy(
     cfg: &CopyConfig,
-    mut on_progress: impl FnMut(CopyProgress) + Send,
+    on_progress: impl FnMut(CopyProgress) + Send,
 ) -> Result<CopyReport, ConfigError> {
-    let model = ModelConfig { vocab_size: VOCAB, ..cfg.model.clone() };
-    let spec = model.check()?;
-    let b = cfg.batch.max(1);
-    let mut params = Params::<f32>::init(&spec);
-    let mut opt = Optimizer::new(&spec);
-    let mut set = StreamSet::<f32>::new(&spec, b);
-    let mut rng = CounterRng::new(derive_key(cfg.data_seed, 0x434f_5059)); // "COPY"
-    let mut cur = Curriculum::default();
-    // Every stream starts with an empty sequence, so it draws one (with reset) at step 0.
-    let mut seqs: Vec<(Vec<u32>, Vec<u32>)> = vec![(Vec::new(), Vec::new()); b];
-    let mut pos = vec![0usize; b];
-    let mut adv: Vec<SlotStep> = (0..b).map(|s| SlotStep::learn(s, 0)).collect();
-    let mut sc: Vec<SlotStep> = (0..b).map(|s| SlotStep::learn(s, 0)).collect();
-    let mut losses = vec![0.0; b];
-    let mut curve = vec![CurvePoint { step: 0, length: cur.level }];
-    let mut max_length = cur.level;
-    let mut nonfinite = 0u64;
-    let start = Instant::now();
-    let pool = rayon::ThreadPoolBuilder::new().build().expect("thread pool");
-    pool.install(|| {
-        for t in 0..cfg.steps {
-            for s in 0..b {
-                let mut reset = false;
-                if pos[s] >= seqs[s].0.len() {
-                    seqs[s] = draw_sequence(cur.level, &mut rng);
-                    pos[s] = 0;
-                    reset = true;
-                }
-                adv[s].token = seqs[s].0[pos[s]];
-                adv[s].reset = reset && cfg.reset_at_sequence_end;
-                sc[s].token = seqs[s].1[pos[s]];
-                pos[s] += 1;
-            }
-            if copy_step(&mut set, &mut params, &mut opt, &adv, &sc, &mut losses)
-                == Some(UpdateOutcome::NonFinite)
-            {
-                nonfinite += 1;
-            }
-            let bits = losses.iter().sum::<f64>() / b as f64 / std::f64::consts::LN_2;
-            let level_up = cur.observe(bits);
-            if level_up {
-                max_length = max_length.max(cur.level);
-                curve.push(CurvePoint { step: t + 1, length: cur.level });
-            }
-            on_progress(CopyProgress { step: t + 1, total: cfg.steps, curriculum: cur, level_up });
-        }
-    });
-    let seconds = start.elapsed().as_secs_f64();
-    if curve.last().is_none_or(|p| p.step != cfg.steps) {
-        curve.push(CurvePoint { step: cfg.steps, length: cur.level });
+    let mut run = CopyRun::new(cfg)?;
+    run.run_to(cfg.steps, on_progress);
+    Ok(run.report())
+}
+
+/// Label of the snapshot's metadata entry and prefix of its stacked stream tensors.
+const SNAPSHOT_ENTRY: &str = "copy";
+const STREAMS_PREFIX: &str = "streams.";
+
+/// A copy-task run that can stop and go on: everything the run carries from one step to the
+/// next. [`CopyRun::snapshot`] writes it as a model file (the weights and optimizer as
+/// `kfrtrl train --save` does, every stream's state and learner factors as stacked tensors, the
+/// curriculum, the sequences in progress and the data generator's position as JSON), and
+/// [`CopyRun::resume`] continues from it bit for bit as if the run had never stopped.
+pub struct CopyRun {
+    cfg: CopyConfig,
+    model: ModelConfig,
+    spec: ModelSpec,
+    batch: usize,
+    params: Params<f32>,
+    opt: Optimizer<f32>,
+    set: StreamSet<f32>,
+    rng: CounterRng,
+    cur: Curriculum,
+    seqs: Vec<(Vec<u32>, Vec<u32>)>,
+    pos: Vec<usize>,
+    adv: Vec<SlotStep>,
+    sc: Vec<SlotStep>,
+    losses: Vec<f64>,
+    curve: Vec<CurvePoint>,
+    max_length: usize,
+    nonfinite: u64,
+    step: u64,
+    /// Wall time of the steps run before this process resumed.
+    earlier_seconds: f64,
+    /// Wall time of the steps run by this process.
+    seconds: f64,
+}
+
+/// The JSON part of a snapshot.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SnapshotJson {
+    batch: usize,
+    data_seed: u64,
+    reset_at_sequence_end: bool,
+    step: u64,
+    rng_counter: u64,
+    level: usize,
+    /// The EMA's bits, so that it comes back exactly.
+    ema_bits: u64,
+    sequences: Vec<(Vec<u32>, Vec<u32>)>,
+    positions: Vec<usize>,
+    curve: Vec<CurvePoint>,
+    max_length: usize,
+    nonfinite_updates: u64,
+    seconds: f64,
+    layout: SlotLayout,
+    slots: Vec<SlotScalars>,
+}
+
+fn data_rng_key(data_seed: u64) -> u64 {
+    derive_key(data_seed, 0x434f_5059) // "COPY"
+}
+
+impl CopyRun {
+    /// A run at step 0.
+    pub fn new(cfg: &CopyConfig) -> Result<Self, ConfigError> {
+        let model = ModelConfig { vocab_size: VOCAB, ..cfg.model.clone() };
+        let spec = model.check()?;
+        let b = cfg.batch.max(1);
+        let cur = Curriculum::default();
+        Ok(Self {
+            cfg: cfg.clone(),
+            params: Params::<f32>::init(&spec),
+            opt: Optimizer::new(&spec),
+            set: StreamSet::<f32>::new(&spec, b),
+            rng: CounterRng::new(data_rng_key(cfg.data_seed)),
+            cur,
+            // Every stream starts with an empty sequence, so it draws one (with reset) at step 0.
+            seqs: vec![(Vec::new(), Vec::new()); b],
+            pos: vec![0; b],
+            adv: (0..b).map(|s| SlotStep::learn(s, 0)).collect(),
+            sc: (0..b).map(|s| SlotStep::learn(s, 0)).collect(),
+            losses: vec![0.0; b],
+            curve: vec![CurvePoint { step: 0, length: cur.level }],
+            max_length: cur.level,
+            nonfinite: 0,
+            step: 0,
+            earlier_seconds: 0.0,
+            seconds: 0.0,
+            model,
+            spec,
+            batch: b,
+        })
     }
-    Ok(CopyReport {
-        learner: model.learner_label(),
-        cell: spec.cell().name().into(),
-        hidden: spec.n,
-        batch: b,
-        lr: model.lr,
-        seed: model.seed,
-        steps: cfg.steps,
-        reset_at_sequence_end: cfg.reset_at_sequence_end,
-        max_length,
-        final_ema: cur.ema,
-        curve,
-        nonfinite_updates: nonfinite,
-        seconds,
-        steps_per_sec: cfg.steps as f64 / seconds.max(1e-9),
-    })
+
+    /// Steps done.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// Runs until `steps` steps are done (no step when already there).
+    pub fn run_to(&mut self, steps: u64, mut on_progress: impl FnMut(CopyProgress) + Send) {
+        let start = Instant::now();
+        let pool = rayon::ThreadPoolBuilder::new().build().expect("thread pool");
+        pool.install(|| {
+            while self.step < steps {
+                let progress = self.advance_one(steps);
+                on_progress(progress);
+            }
+        });
+        self.seconds += start.elapsed().as_secs_f64();
+    }
+
+    fn advance_one(&mut self, total: u64) -> CopyProgress {
+        let b = self.batch;
+        for s in 0..b {
+            let mut reset = false;
+            if self.pos[s] >= self.seqs[s].0.len() {
+                self.seqs[s] = draw_sequence(self.cur.level, &mut self.rng);
+                self.pos[s] = 0;
+                reset = true;
+            }
+            self.adv[s].token = self.seqs[s].0[self.pos[s]];
+            self.adv[s].reset = reset && self.cfg.reset_at_sequence_end;
+            self.sc[s].token = self.seqs[s].1[self.pos[s]];
+            self.pos[s] += 1;
+        }
+        let outcome =
+            copy_step(&mut self.set, &mut self.params, &mut self.opt, &self.adv, &self.sc, &mut self.losses);
+        if outcome == Some(UpdateOutcome::NonFinite) {
+            self.nonfinite += 1;
+        }
+        self.step += 1;
+        let bits = self.losses.iter().sum::<f64>() / b as f64 / std::f64::consts::LN_2;
+        let level_up = self.cur.observe(bits);
+        if level_up {
+            self.max_length = self.max_length.max(self.cur.level);
+            self.curve.push(CurvePoint { step: self.step, length: self.cur.level });
+        }
+        CopyProgress { step: self.step, total, curriculum: self.cur, level_up }
+    }
+
+    /// The report of the steps done so far (wall time over every process of the run).
+    pub fn report(&self) -> CopyReport {
+        let mut curve = self.curve.clone();
+        if curve.last().is_none_or(|p| p.step != self.step) {
+            curve.push(CurvePoint { step: self.step, length: self.cur.level });
+        }
+        let seconds = self.earlier_seconds + self.seconds;
+        CopyReport {
+            learner: self.model.learner_label(),
+            cell: self.spec.cell().name().into(),
+            hidden: self.spec.n,
+            batch: self.batch,
+            lr: self.model.lr,
+            seed: self.model.seed,
+            steps: self.step,
+            reset_at_sequence_end: self.cfg.reset_at_sequence_end,
+            max_length: self.max_length,
+            final_ema: self.cur.ema,
+            curve,
+            nonfinite_updates: self.nonfinite,
+            seconds,
+            steps_per_sec: self.step as f64 / seconds.max(1e-9),
+        }
+    }
+
+    /// The run as a model file: see [`CopyRun`].
+    pub fn snapshot(&self) -> Result<ModelFile, String> {
+        let states: Vec<SlotState<f32>> = (0..self.batch).map(|s| self.set.export_slot(s)).collect();
+        let rows: Vec<&SlotState<f32>> = states.iter().collect();
+        let (layout, extra) = stack_slot_tensors(STREAMS_PREFIX, &rows)?;
+        let json = SnapshotJson {
+            batch: self.batch,
+            data_seed: self.cfg.data_seed,
+            reset_at_sequence_end: self.cfg.reset_at_sequence_end,
+            step: self.step,
+            rng_counter: self.rng.counter(),
+            level: self.cur.level,
+            ema_bits: self.cur.ema.to_bits(),
+            sequences: self.seqs.clone(),
+            positions: self.pos.clone(),
+            curve: self.curve.clone(),
+            max_length: self.max_length,
+            nonfinite_updates: self.nonfinite,
+            seconds: self.earlier_seconds + self.seconds,
+            layout,
+            slots: states.iter().map(SlotScalars::of).collect(),
+        };
+        let mut metadata = serde_json::Map::new();
+        metadata.insert(SNAPSHOT_ENTRY.into(), serde_json::to_value(&json).map_err(|e| e.to_string())?);
+        Ok(ModelFile {
+            config: self.model.clone(),
+            params: self.params.clone(),
+            optimizer: self.opt.clone(),
+            counters: Counters {
+                steps: self.step,
+                symbols: self.step.saturating_mul(self.batch as u64),
+                nonfinite_updates: self.nonfinite,
+            },
+            metadata,
+            extra,
+        })
+    }
+
+    /// Continues the run `cfg` from a snapshot of it, which must have been taken with the same
+    /// model, batch, data seed and resets (the step count may differ).
+    pub fn resume(cfg: &CopyConfig, file: ModelFile) -> Result<Self, String> {
+        let mut run = Self::new(cfg).map_err(|e| e.to_string())?;
+        let entry =
+            file.metadata.get(SNAPSHOT_ENTRY).ok_or("not a copy-task snapshot (no `copy` metadata)")?;
+        let json: SnapshotJson =
+            serde_json::from_value(entry.clone()).map_err(|e| format!("copy-task snapshot: {e}"))?;
+        if file.config != run.model {
+            return Err(format!(
+                "the snapshot's model differs from this run's: {} against {} (pass the flags it was started with)",
+                serde_json::to_string(&file.config).unwrap_or_default(),
+                serde_json::to_string(&run.model).unwrap_or_default()
+            ));
+        }
+        let ours = (run.batch, cfg.data_seed, cfg.reset_at_sequence_end);
+        let theirs = (json.batch, json.data_seed, json.reset_at_sequence_end);
+        if ours != theirs {
+            return Err(format!(
+                "the snapshot's (batch, seed, resets) are {theirs:?}, this run's {ours:?} (pass the flags it was started with)"
+            ));
+        }
+        let b = run.batch;
+        if json.sequences.len() != b || json.positions.len() != b || json.slots.len() != b {
+            return Err(format!("the snapshot does not hold {b} streams"));
+        }
+        for (s, ((input, target), &pos)) in json.sequences.iter().zip(&json.positions).enumerate() {
+            let valid = input.len() == target.len()
+                && pos <= input.len()
+                && input.iter().chain(target).all(|&t| (t as usize) < VOCAB);
+            if !valid {
+                return Err(format!("stream {s}'s sequence in the snapshot is invalid"));
+            }
+        }
+        let ema = f64::from_bits(json.ema_bits);
+        // A sequence is about twice the level long: a level past any run's reach is damage.
+        if json.level == 0 || json.level > 1_000_000 || !ema.is_finite() || json.max_length < json.level {
+            return Err("the snapshot's curriculum is invalid".into());
+        }
+        let tensors = unstack_slot_tensors(STREAMS_PREFIX, &json.layout, &file.extra, b)?;
+        for (slot, (scalars, tensors)) in json.slots.into_iter().zip(tensors).enumerate() {
+            run.set
+                .import_slot(slot, &scalars.with_tensors(tensors))
+                .map_err(|e| format!("stream {slot} of the snapshot: {e}"))?;
+        }
+        run.params = file.params;
+        run.opt = file.optimizer;
+        run.rng = CounterRng::at(data_rng_key(cfg.data_seed), json.rng_counter);
+        run.cur = Curriculum { level: json.level, ema };
+        run.seqs = json.sequences;
+        run.pos = json.positions;
+        run.curve = json.curve;
+        run.max_length = json.max_length;
+        run.nonfinite = json.nonfinite_updates;
+        run.step = json.step;
+        run.earlier_seconds = json.seconds;
+        Ok(run)
+    }
 }
 
 #[cfg(test)]
