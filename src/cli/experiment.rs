@@ -377,14 +377,16 @@ fn copy(a: CopyArgs) -> Result<(), String> {
     };
     let t0 = std::time::Instant::now();
     let log_every = a.log_every;
+    // The run's end, not the end of the stretch to the next checkpoint (`p.total`).
+    let total = a.steps;
     let progress = |p: kfrtrl::experiment::copy::CopyProgress| {
-        if p.level_up || (log_every > 0 && p.step % log_every == 0) || p.step == p.total {
+        if p.level_up || (log_every > 0 && p.step % log_every == 0) || p.step == total {
             let mut e = std::io::stderr().lock();
             let _ = writeln!(
                 e,
                 "step {:>9}/{}  L {:>3}  ema {:.4} bits  {:.0} s{}",
                 p.step,
-                p.total,
+                total,
                 p.curriculum.level,
                 p.curriculum.ema,
                 t0.elapsed().as_secs_f64(),
