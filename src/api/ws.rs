@@ -18,7 +18,9 @@
 //! stop reading free their permits and cannot hold a drain to its deadline. It closes with 1009 when a message exceeds the size limit, 1007 on
 //! text that is not UTF-8, 1002 on a protocol error, and 1001 when it shuts down (after the
 //! replies in flight) or the connection was idle. Requests read before the client closed take
-//! effect even though their replies can no longer be sent: the stream's `position` tells.
+//! effect even though their replies can no longer be sent: the stream's `position` tells. Once
+//! the server stops taking requests it still reads, and drops, what the client sends, so that
+//! its close is not turned into a reset by unread data.
 //!
 //! Each connection holds one of the server's `max_websockets` permits and counts as work in
 //! progress for the drain. When the client offers the subprotocol `kfrtrl.v1` (browsers must, to
