@@ -88,8 +88,8 @@ pub struct Limits {
     pub ws_max_in_flight_tokens: usize,
     /// Seconds a WebSocket may show no sign of life (no message, not even the Pong to the
     /// server's Ping, sent every half of it, and no reply taken) while the server waits to read,
-    /// and the longest a write to it may take (during a drain, at most half the shutdown
-    /// timeout); past it the server drops the connection.
+    /// and the longest a write to it may take (during a drain, all of a connection's writes
+    /// end within half the shutdown timeout); past it the server drops the connection.
     pub ws_idle_timeout_secs: f64,
     /// Largest hidden size of a model.
     pub max_hidden: usize,
@@ -561,7 +561,8 @@ pub async fn serve(
             // The work in progress is given up, not the models: they still stop and write their
             // final checkpoints, so the next start need not replay their logs.
             // Dropping the drain dropped `start_stopping`, which starts the stop if it had not.
-            if tokio::time::timeout(deadline, &mut stopping).await.is_err() {
+            // A handle polled after it completed panics; a finished stop has nothing to wait for.
+            if !stopping.is_finished() && tokio::time::timeout(deadline, &mut stopping).await.is_err() {
                 tracing::error!(?deadline, "the models did not stop within a second deadline");
             }
             Err(StartError::ShutdownTimeout(deadline))

@@ -8,8 +8,12 @@
 //! `Sec-Fetch-Site` other than `same-origin` or `none` (modern browsers), else an `Origin` whose
 //! `host[:port]` is not the request's `Host`. Origins listed in `allowed_origins` (exact
 //! `scheme://host[:port]`, or `*` for any) pass. Clients that are not browsers (curl, SDKs, the
-//! load tool) send neither header and are not affected. Reads (`GET`) need no check: without
+//! load tool) send neither header and are not affected. Reads (`GET`) are not checked: without
 //! CORS headers the other page cannot see the answer.
+//!
+//! This does not stop DNS rebinding: a hostile name that resolves to the server's address is the
+//! browser's own origin for that name, `Host` included, and its page may then read replies too.
+//! Only the API key protects against that (see the README's Authentication section).
 
 use axum::http::{HeaderMap, Method, header};
 
@@ -41,7 +45,7 @@ impl AllowedOrigins {
             if !valid {
                 return Err(format!("allowed origin {entry:?} is not `scheme://host[:port]` or `*`"));
             }
-            allowed.origins.push(entry.to_ascii_lowercase());
+            allowed.origins.push(without_default_port(&entry.to_ascii_lowercase()));
         }
         Ok(allowed)
     }
@@ -55,6 +59,18 @@ impl AllowedOrigins {
     fn allows(&self, origin: &str) -> bool {
         self.any || self.origins.iter().any(|o| o.eq_ignore_ascii_case(origin))
     }
+}
+
+/// A browser's `Origin` never names the scheme's default port: `https://x:443` is `https://x`.
+fn without_default_port(origin: &str) -> String {
+    for (scheme, port) in [("https://", ":443"), ("http://", ":80"), ("wss://", ":443"), ("ws://", ":80")] {
+        if origin.starts_with(scheme)
+            && let Some(host) = origin.strip_suffix(port)
+        {
+            return host.to_owned();
+        }
+    }
+    origin.to_owned()
 }
 
 /// Whether a request changes something: an unsafe method or a WebSocket handshake.
@@ -72,6 +88,10 @@ pub fn check(method: &Method, headers: &HeaderMap, allowed: &AllowedOrigins) -> 
         return Ok(());
     }
     let text = |name| headers.get(name).and_then(|v: &header::HeaderValue| v.to_str().ok());
+    // Browsers send a readable Origin; one that is not text is not taken as absent.
+    if headers.get(header::ORIGIN).is_some_and(|v| v.to_str().is_err()) {
+        return Err(ApiError::cross_origin("an unreadable origin"));
+    }
     let origin = text(header::ORIGIN);
     if origin.is_some_and(|o| allowed.allows(o)) {
         return Ok(());
@@ -133,7 +153,11 @@ mod tests {
 
     #[test]
     fn listed_origins_pass_and_a_star_passes_all() {
-        let listed = AllowedOrigins::parse_list(" https://ml.example , http://localhost:3000").unwrap();
+        let listed = AllowedOrigins::parse_list(
+            " https://ml.example:443 , http://localhost:3000, http://x.example:80",
+        )
+        .unwrap();
+        assert!(!refused(Method::POST, &[("origin", "http://x.example")], &listed), "default port");
         let host = ("host", "127.0.0.1:8080");
         assert!(!refused(
             Method::POST,
@@ -149,5 +173,8 @@ mod tests {
             assert!(AllowedOrigins::new(&[bad]).is_err(), "{bad}");
         }
         assert_eq!(AllowedOrigins::parse_list("").unwrap(), AllowedOrigins::default());
+        let mut unreadable = headers(&[("host", "127.0.0.1:8080")]);
+        unreadable.insert("origin", header::HeaderValue::from_bytes(b"http://\xff").unwrap());
+        assert!(check(&Method::POST, &unreadable, &AllowedOrigins::default()).is_err());
     }
 }

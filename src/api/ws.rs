@@ -14,8 +14,9 @@
 //! The server sends a Ping every half of `ws_idle_timeout_secs`. It drops a connection that
 //! shows no sign of life for that long (no frame from the client, not even the Pong, and no
 //! reply taken) while the server waits to read, or whose write takes that long; once the server
-//! drains, a write may take at most half the shutdown timeout. So dead peers and clients that
-//! stop reading free their permits and cannot hold a drain to its deadline. It closes with 1009 when a message exceeds the size limit, 1007 on
+//! drains, the connection's remaining writes must all end within half the shutdown timeout. So
+//! dead peers and clients that stop reading (or read slowly) free their permits and cannot hold
+//! a drain to its deadline. It closes with 1009 when a message exceeds the size limit, 1007 on
 //! text that is not UTF-8, 1002 on a protocol error, and 1001 when it shuts down (after the
 //! replies in flight) or the connection was idle. Requests read before the client closed take
 //! effect even though their replies can no longer be sent: the stream's `position` tells. Once
@@ -183,11 +184,55 @@ impl Liveness {
     }
 }
 
-/// How long a write may take: `idle`, and once the server drains at most `draining` more.
-#[derive(Clone, Copy)]
+/// The writer's time limits: each write may take `idle`; once the server drains, every write
+/// and the closing handshake must end within `drain_budget` of the moment the drain was seen,
+/// one deadline for the whole connection, so that a client reading just fast enough to beat a
+/// per-write limit cannot stretch the drain either.
 struct WriteLimits {
     idle: Duration,
-    draining: Duration,
+    drain_budget: Duration,
+    draining: watch::Receiver<bool>,
+    drain_deadline: Option<tokio::time::Instant>,
+}
+
+impl WriteLimits {
+    /// The drain's deadline, set the first time the drain is seen.
+    fn drain_deadline(&mut self) -> Option<tokio::time::Instant> {
+        if self.drain_deadline.is_none() && *self.draining.borrow() {
+            self.drain_deadline = Some(tokio::time::Instant::now() + self.drain_budget);
+        }
+        self.drain_deadline
+    }
+
+    /// When an operation started now must end.
+    fn deadline_from_now(&mut self) -> tokio::time::Instant {
+        let idle = tokio::time::Instant::now() + self.idle;
+        self.drain_deadline().map_or(idle, |drain| drain.min(idle))
+    }
+
+    /// Writes one message within the limits: a peer that does not take it by then is given up.
+    async fn write(&mut self, sink: &mut SplitSink<WebSocket, Message>, message: Message) -> Result<(), End> {
+        let deadline = self.deadline_from_now();
+        let send = sink.send(message);
+        tokio::pin!(send);
+        let sent = if self.drain_deadline.is_some() {
+            tokio::time::timeout_at(deadline, &mut send).await
+        } else {
+            tokio::select! {
+                sent = &mut send => Ok(sent),
+                () = tokio::time::sleep_until(deadline) => return Err(End::WriteTimeout),
+                () = super::until_draining(&mut self.draining) => {
+                    let deadline = self.deadline_from_now().min(deadline);
+                    tokio::time::timeout_at(deadline, &mut send).await
+                }
+            }
+        };
+        match sent {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(End::Client),
+            Err(_) => Err(End::WriteTimeout),
+        }
+    }
 }
 
 async fn serve_socket(socket: WebSocket, state: AppState, model: String, stream: String, _work: WorkGuard) {
@@ -195,7 +240,12 @@ async fn serve_socket(socket: WebSocket, state: AppState, model: String, stream:
     let open = Open::new(http.websocket_connections.clone());
     let limits = &state.inner.limits;
     let idle = limits.ws_idle_timeout();
-    let write_limits = WriteLimits { idle, draining: state.inner.shutdown_timeout / 2 };
+    let mut writes = WriteLimits {
+        idle,
+        drain_budget: state.inner.shutdown_timeout / 2,
+        draining: state.inner.draining.subscribe(),
+        drain_deadline: None,
+    };
     let liveness = Liveness::new();
     let requests = Arc::new(Semaphore::new(limits.ws_max_in_flight));
     let token_budget = limits.ws_max_in_flight_tokens;
@@ -204,7 +254,6 @@ async fn serve_socket(socket: WebSocket, state: AppState, model: String, stream:
     // Unbounded, because the semaphores bound it; so the reader can always queue its `End`.
     let (tx, mut rx) = mpsc::unbounded_channel::<Outgoing>();
     let mut draining = state.inner.draining.subscribe();
-    let mut writer_draining = state.inner.draining.subscribe();
 
     let end = {
         let reader = async {
@@ -262,13 +311,13 @@ async fn serve_socket(socket: WebSocket, state: AppState, model: String, stream:
             let ping_every = (idle / 2).max(Duration::from_millis(1));
             let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
             ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
-            let draining = &mut writer_draining;
+            let writes = &mut writes;
             loop {
                 // Pings first, so that a steady flow of replies cannot hold them back.
                 let outgoing = tokio::select! {
                     biased;
                     _ = ping.tick() => {
-                        if let Err(end) = write(&mut sink, Message::Ping(Default::default()), write_limits, draining).await {
+                        if let Err(end) = writes.write(&mut sink, Message::Ping(Default::default())).await {
                             return end;
                         }
                         continue;
@@ -279,8 +328,7 @@ async fn serve_socket(socket: WebSocket, state: AppState, model: String, stream:
                 let (read_at, body, in_flight) = match outgoing {
                     Outgoing::End(end) => {
                         if let Some(frame) = end.close_frame() {
-                            let _ =
-                                write(&mut sink, Message::Close(Some(frame)), write_limits, draining).await;
+                            let _ = writes.write(&mut sink, Message::Close(Some(frame))).await;
                         }
                         return end;
                     }
@@ -296,7 +344,7 @@ async fn serve_socket(socket: WebSocket, state: AppState, model: String, stream:
                             tokio::select! {
                                 biased;
                                 _ = ping.tick() => {
-                                    if let Err(end) = write(&mut sink, Message::Ping(Default::default()), write_limits, draining).await {
+                                    if let Err(end) = writes.write(&mut sink, Message::Ping(Default::default())).await {
                                         return end;
                                     }
                                 }
@@ -315,7 +363,7 @@ async fn serve_socket(socket: WebSocket, state: AppState, model: String, stream:
                 if status.is_server_error() {
                     tracing::warn!(%model, %stream, status = status.as_u16(), "websocket request failed");
                 }
-                if let Err(end) = write(&mut sink, Message::Text(text.into()), write_limits, draining).await {
+                if let Err(end) = writes.write(&mut sink, Message::Text(text.into())).await {
                     return end;
                 }
                 liveness.touch();
@@ -334,7 +382,12 @@ async fn serve_socket(socket: WebSocket, state: AppState, model: String, stream:
                 match end {
                     // The peer is gone: replies still due could not be delivered.
                     End::Client => End::Client,
-                    _ => writer.await,
+                    // The writer's failure to send to a client that has closed meanwhile is
+                    // not why the connection ended.
+                    _ => match writer.await {
+                        End::WriteTimeout => End::WriteTimeout,
+                        _ => end,
+                    },
                 }
             }
         };
@@ -346,7 +399,7 @@ async fn serve_socket(socket: WebSocket, state: AppState, model: String, stream:
     };
     // Completes the closing handshake (tungstenite queued its answer to the client's Close).
     if end != End::WriteTimeout {
-        let _ = tokio::time::timeout(idle, sink.close()).await;
+        let _ = tokio::time::timeout_at(writes.deadline_from_now(), sink.close()).await;
     }
     // Before the count goes up, so that whoever sees the close counted sees the gauge down too.
     drop(open);
@@ -386,30 +439,6 @@ async fn next_message(
             Some(Ok(message)) => return Ok(message),
         }
     }
-}
-
-/// Writes one message within `limits`: a peer that does not take it by then is given up.
-async fn write(
-    sink: &mut SplitSink<WebSocket, Message>,
-    message: Message,
-    limits: WriteLimits,
-    draining: &mut watch::Receiver<bool>,
-) -> Result<(), End> {
-    let started = Instant::now();
-    let send = sink.send(message);
-    tokio::pin!(send);
-    let sent = tokio::select! {
-        sent = &mut send => sent,
-        () = tokio::time::sleep(limits.idle) => return Err(End::WriteTimeout),
-        () = super::until_draining(draining) => {
-            let left = limits.idle.saturating_sub(started.elapsed()).min(limits.draining);
-            match tokio::time::timeout(left, &mut send).await {
-                Ok(sent) => sent,
-                Err(_) => return Err(End::WriteTimeout),
-            }
-        }
-    };
-    sent.map_err(|_| End::Client)
 }
 
 fn problem_text(error: &ApiError) -> String {

@@ -177,7 +177,8 @@ pub struct CopyReport {
 pub struct CopyProgress {
     /// Steps done.
     pub step: u64,
-    /// Planned steps.
+    /// The step this stretch of the run goes to ([`CopyRun::run_to`]; with [`run_copy`], the
+    /// run's planned steps).
     pub total: u64,
     /// The curriculum after the step.
     pub curriculum: Curriculum,
