@@ -210,6 +210,11 @@ impl WriteLimits {
         self.drain_deadline().map_or(idle, |drain| drain.min(idle))
     }
 
+    /// Sends a Ping within the limits.
+    async fn ping(&mut self, sink: &mut SplitSink<WebSocket, Message>) -> Result<(), End> {
+        self.write(sink, Message::Ping(Default::default())).await
+    }
+
     /// Writes one message within the limits: a peer that does not take it by then is given up.
     async fn write(&mut self, sink: &mut SplitSink<WebSocket, Message>, message: Message) -> Result<(), End> {
         let deadline = self.deadline_from_now();
@@ -317,7 +322,7 @@ async fn serve_socket(socket: WebSocket, state: AppState, model: String, stream:
                 let outgoing = tokio::select! {
                     biased;
                     _ = ping.tick() => {
-                        if let Err(end) = writes.write(&mut sink, Message::Ping(Default::default())).await {
+                        if let Err(end) = writes.ping(&mut sink).await {
                             return end;
                         }
                         continue;
@@ -344,7 +349,7 @@ async fn serve_socket(socket: WebSocket, state: AppState, model: String, stream:
                             tokio::select! {
                                 biased;
                                 _ = ping.tick() => {
-                                    if let Err(end) = writes.write(&mut sink, Message::Ping(Default::default())).await {
+                                    if let Err(end) = writes.ping(&mut sink).await {
                                         return end;
                                     }
                                 }

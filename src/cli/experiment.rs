@@ -9,6 +9,7 @@ use kfrtrl::core::{CellKind, ModelConfig, OptimizerKind};
 use kfrtrl::experiment::copy::{CopyConfig, CopyRun};
 
 use super::bench::{parse_cell, parse_learner, parse_optimizer};
+use super::train::parse_save_path;
 
 /// Flags of `kfrtrl experiment`.
 #[derive(Debug, Args)]
@@ -288,7 +289,7 @@ pub struct CopyArgs {
     log_every: u64,
     /// Write the run's state to this file (a model file) every --checkpoint-every steps and at
     /// the end, so that --resume can continue it.
-    #[arg(long, value_name = "PATH", value_parser = parse_output_path)]
+    #[arg(long, value_name = "PATH", value_parser = parse_save_path)]
     checkpoint: Option<PathBuf>,
     /// Steps between two writes of --checkpoint.
     #[arg(long, default_value_t = 50_000, value_name = "STEPS")]
@@ -304,18 +305,7 @@ pub struct CopyArgs {
 /// that a long run does not fail only at its end.
 fn parse_plot_path(s: &str) -> Result<PathBuf, String> {
     kfrtrl::experiment::plot::PlotFormat::of(std::path::Path::new(s)).map_err(|e| e.to_string())?;
-    parse_output_path(s)
-}
-
-/// A file to write, refused at parsing unless its directory exists.
-fn parse_output_path(s: &str) -> Result<PathBuf, String> {
-    let path = PathBuf::from(s);
-    match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => {
-            Err(format!("the directory {} does not exist", dir.display()))
-        }
-        _ => Ok(path),
-    }
+    parse_save_path(s)
 }
 
 /// Runs `kfrtrl experiment ...`.

@@ -81,9 +81,10 @@ pub struct TrainArgs {
     save: Option<PathBuf>,
 }
 
-/// A `--save` file name, refused at parsing when its directory does not exist or it names a
-/// directory, so that a long run does not fail only at its end.
-fn parse_save_path(s: &str) -> Result<PathBuf, String> {
+/// A file the command writes at its end (`train --save`, `experiment copy --checkpoint`, a
+/// plot), refused at parsing when its directory does not exist or it names a directory, so that
+/// a long run does not fail only at its end.
+pub(super) fn parse_save_path(s: &str) -> Result<PathBuf, String> {
     let path = PathBuf::from(s);
     if path.file_name().is_none() || path.is_dir() {
         return Err(format!("{s} is not a file name"));
