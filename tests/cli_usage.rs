@@ -103,3 +103,20 @@ fn serve_refuses_an_allowed_origin_that_is_not_an_origin() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A stream's share of the queue must hold the largest request, or that request could never be
+/// admitted: refused before the server starts.
+#[test]
+fn serve_refuses_a_stream_queue_share_below_the_largest_request() {
+    let dir = std::env::temp_dir().join(format!("kfrtrl-share-{}", std::process::id()));
+    let data = dir.to_str().unwrap();
+    refused(
+        &["serve", "--data-dir", data, "--queue-tokens-per-stream", "0"],
+        "limits.queue_tokens_per_stream must be positive",
+    );
+    refused(
+        &["serve", "--data-dir", data, "--queue-tokens-per-stream", "100", "--max-tokens-per-request", "200"],
+        "limits.queue_tokens_per_stream must be at least limits.max_tokens_per_request",
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

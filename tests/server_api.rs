@@ -441,6 +441,56 @@ async fn a_full_queue_answers_503_with_retry_after() {
     server.stop().await;
 }
 
+/// Regression: one client pipelining into one stream could fill the model's whole queue, and
+/// every other stream got 503 until it drained (each stream consumes one token per step).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_busy_stream_cannot_fill_its_models_queue() {
+    let limits = Limits {
+        queue_requests: 64,
+        queue_tokens: 1000,
+        queue_tokens_per_stream: 10,
+        max_tokens_per_request: 10,
+        ..Limits::default()
+    };
+    let server =
+        TestServer::start(ServerConfig { limits, models: vec![model("m", 16, 4)], ..Default::default() })
+            .await;
+    let hold = server.state.engine().hold("m").unwrap();
+    let queue = |stream: &str, tokens: Vec<u32>| {
+        let (http, url) = (server.http.clone(), server.url(&format!("/v1/models/m/streams/{stream}/tokens")));
+        tokio::spawn(async move { http.post(url).json(&json!({ "tokens": tokens })).send().await })
+    };
+    let mut waiting = vec![queue("busy", vec![1; 6])];
+    eventually("six queued tokens", || async { server.queued_tokens("m").await == 6 }).await;
+
+    let r = server.post("/v1/models/m/streams/busy/tokens", &json!({"tokens": [1, 2, 3, 0, 1]})).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.body["type"], "urn:kfrtrl:problem:queue-full");
+    assert_eq!(r.body["limit"], 10);
+    assert_eq!(r.headers["retry-after"], "1");
+    assert!(r.body["detail"].as_str().unwrap().contains("stream `busy`"), "{}", r.body);
+
+    // The refusal took nothing: the stream's share still has room for exactly four more, and
+    // the other streams have theirs whatever the busy one holds.
+    waiting.push(queue("busy", vec![2; 4]));
+    waiting.push(queue("other", vec![3; 10]));
+    eventually("twenty queued tokens", || async { server.queued_tokens("m").await == 20 }).await;
+    let r = server.post("/v1/models/m/streams/busy/tokens", &json!({"tokens": [1]})).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+
+    drop(hold);
+    for w in waiting {
+        assert_eq!(w.await.unwrap().unwrap().status(), StatusCode::OK);
+    }
+    for stream in ["busy", "other"] {
+        let info = server.get(&format!("/v1/models/m/streams/{stream}")).await;
+        assert_eq!(info.body["position"], 10, "{stream}: the refused tokens were never consumed");
+    }
+    // Answered requests give their share back.
+    server.tokens("m", "busy", json!({"tokens": vec![1; 10]})).await;
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_replies_in_order_to_pipelined_requests() {
     let server = TestServer::start(config(vec![model("bytes", 256, 8)])).await;

@@ -72,6 +72,9 @@ pub struct Limits {
     pub queue_requests: usize,
     /// Tokens queued per model before 503 `queue-full`.
     pub queue_tokens: usize,
+    /// Tokens queued per stream before 503 `queue-full` for that stream (each stream gets one
+    /// token per step, so this share keeps one busy stream from filling its model's queue).
+    pub queue_tokens_per_stream: usize,
     /// Most models in the server.
     pub max_models: usize,
     /// Largest estimated memory of one model, in bytes.
@@ -116,6 +119,7 @@ impl Default for Limits {
             max_tokens_per_request: engine.max_tokens_per_request,
             queue_requests: engine.queue_requests,
             queue_tokens: engine.queue_tokens,
+            queue_tokens_per_stream: engine.queue_tokens_per_stream,
             max_models: engine.max_models,
             max_model_bytes: engine.max_model_bytes,
             max_streams: engine.default_max_streams,
@@ -138,6 +142,7 @@ impl Limits {
         EngineLimits {
             queue_requests: self.queue_requests,
             queue_tokens: self.queue_tokens,
+            queue_tokens_per_stream: self.queue_tokens_per_stream,
             max_tokens_per_request: self.max_tokens_per_request,
             max_models: self.max_models,
             max_model_bytes: self.max_model_bytes,
@@ -153,6 +158,7 @@ impl Limits {
             ("max_tokens_per_request", self.max_tokens_per_request),
             ("queue_requests", self.queue_requests),
             ("queue_tokens", self.queue_tokens),
+            ("queue_tokens_per_stream", self.queue_tokens_per_stream),
             ("max_models", self.max_models),
             ("max_streams", self.max_streams),
             ("ws_max_in_flight", self.ws_max_in_flight),
@@ -190,6 +196,11 @@ impl Limits {
         if self.queue_tokens < self.max_tokens_per_request {
             return Err(StartError::Config(
                 "limits.queue_tokens must be at least limits.max_tokens_per_request".to_owned(),
+            ));
+        }
+        if self.queue_tokens_per_stream < self.max_tokens_per_request {
+            return Err(StartError::Config(
+                "limits.queue_tokens_per_stream must be at least limits.max_tokens_per_request".to_owned(),
             ));
         }
         Ok(())

@@ -273,6 +273,11 @@ impl From<EngineError> for ApiError {
             EngineError::QueueFull(_) => {
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, "queue-full", "Queue full", detail).retry_after(1)
             }
+            EngineError::StreamQueueFull { limit, .. } => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "queue-full", "Queue full", detail)
+                    .with("limit", limit)
+                    .retry_after(1)
+            }
             EngineError::ShuttingDown => {
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, "shutting-down", "Shutting down", detail)
                     .retry_after(5)

@@ -24,7 +24,7 @@ mod model;
 pub mod wal;
 mod worker;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
@@ -51,6 +51,10 @@ pub struct EngineLimits {
     pub queue_requests: usize,
     /// Tokens queued per model before new requests are refused.
     pub queue_tokens: usize,
+    /// Tokens queued per stream before new requests to it are refused. A stream consumes one
+    /// token per step, so without this share one client pipelining into one stream could keep
+    /// the model's whole queue full and every other stream refused.
+    pub queue_tokens_per_stream: usize,
     /// Most tokens in one request.
     pub max_tokens_per_request: usize,
     /// Most models in the server.
@@ -112,6 +116,7 @@ impl Default for EngineLimits {
         Self {
             queue_requests: 4096,
             queue_tokens: 1 << 20,
+            queue_tokens_per_stream: 1 << 18,
             max_tokens_per_request: 65_536,
             max_models: 16,
             max_model_bytes: 4 << 30,
@@ -182,6 +187,19 @@ pub enum EngineError {
     /// The model's queue is full; the client should retry later.
     #[error("the queue of model `{0}` is full; retry later")]
     QueueFull(String),
+    /// The stream's share of its model's queue is full; the client should retry later.
+    #[error(
+        "stream `{stream}` of model `{model}` would have more than {limit} tokens queued; \
+         retry once its queued requests are answered"
+    )]
+    StreamQueueFull {
+        /// The model.
+        model: String,
+        /// The stream.
+        stream: String,
+        /// Tokens a stream may have queued.
+        limit: usize,
+    },
     /// The model holds its maximum number of streams.
     #[error("model `{model}` holds its maximum of {limit} streams; delete a stream first")]
     StreamLimit {
@@ -386,6 +404,8 @@ struct Shared {
     name: String,
     pending_requests: AtomicUsize,
     pending_tokens: AtomicUsize,
+    /// Tokens queued per stream (admitted, not yet answered); a stream leaves at zero.
+    stream_tokens: Mutex<HashMap<String, usize>>,
     held: AtomicBool,
     stop: AtomicU8,
     ready: AtomicBool,
@@ -418,12 +438,23 @@ impl Shared {
 struct Ticket {
     shared: Arc<Shared>,
     tokens: usize,
+    /// The stream whose share holds the tokens (`None` until admission books them there).
+    stream: Option<String>,
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
         self.shared.pending_requests.fetch_sub(1, Ordering::AcqRel);
         self.shared.pending_tokens.fetch_sub(self.tokens, Ordering::AcqRel);
+        if let Some(stream) = self.stream.take() {
+            let mut shares = self.shared.stream_tokens.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(queued) = shares.get_mut(&stream) {
+                *queued -= self.tokens;
+                if *queued == 0 {
+                    shares.remove(&stream);
+                }
+            }
+        }
     }
 }
 
@@ -731,6 +762,7 @@ impl Engine {
             name: name.clone(),
             pending_requests: AtomicUsize::new(0),
             pending_tokens: AtomicUsize::new(0),
+            stream_tokens: Mutex::new(HashMap::new()),
             held: AtomicBool::new(false),
             stop: AtomicU8::new(STOP_NONE),
             ready: AtomicBool::new(false),
@@ -931,22 +963,34 @@ impl Engine {
             return Err(EngineError::TokenOutOfRange { index, token: i64::from(token), vocab });
         }
         input.top_k = input.top_k.min(vocab);
-        let ticket = self.admit(&handle, count)?;
+        let ticket = self.admit(&handle, stream, count)?;
         let (reply, rx) = oneshot::channel();
         let job = TokenJob { input, mode, reply, ticket };
         handle.send(Command::Tokens { stream: stream.to_owned(), job })?;
         Ok(PendingReply { model: model.to_owned(), rx })
     }
 
-    fn admit(&self, handle: &Arc<ModelHandle>, tokens: usize) -> Result<Ticket, EngineError> {
+    fn admit(&self, handle: &Arc<ModelHandle>, stream: &str, tokens: usize) -> Result<Ticket, EngineError> {
         let shared = &handle.shared;
-        // The ticket undoes both increments if admission fails below.
-        let ticket = Ticket { shared: shared.clone(), tokens };
+        // The ticket undoes the increments if admission fails below.
+        let mut ticket = Ticket { shared: shared.clone(), tokens, stream: None };
         let requests = shared.pending_requests.fetch_add(1, Ordering::AcqRel) + 1;
         let queued = shared.pending_tokens.fetch_add(tokens, Ordering::AcqRel) + tokens;
         if requests > self.limits.queue_requests || queued > self.limits.queue_tokens {
             return Err(EngineError::QueueFull(shared.name.clone()));
         }
+        let limit = self.limits.queue_tokens_per_stream;
+        let mut shares = shared.stream_tokens.lock().unwrap_or_else(PoisonError::into_inner);
+        let share = shares.get(stream).copied().unwrap_or(0);
+        if share + tokens > limit {
+            return Err(EngineError::StreamQueueFull {
+                model: shared.name.clone(),
+                stream: stream.to_owned(),
+                limit,
+            });
+        }
+        shares.insert(stream.to_owned(), share + tokens);
+        ticket.stream = Some(stream.to_owned());
         Ok(ticket)
     }
 
