@@ -84,7 +84,9 @@ dashboard = json.loads((root / "deploy/grafana/dashboards/kfrtrl.json").read_tex
 exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
 for metric in ["kfrtrl_loss_bits", "kfrtrl_symbols_total", "kfrtrl_http_request_duration_seconds_bucket",
                "kfrtrl_batch_size", "kfrtrl_active_streams", "kfrtrl_queue_depth",
-               "kfrtrl_checkpoint_last_success_timestamp_seconds", "kfrtrl_nonfinite_updates_total"]:
+               "kfrtrl_checkpoint_last_success_timestamp_seconds", "kfrtrl_nonfinite_updates_total",
+               "kfrtrl_websocket_replies_total", "kfrtrl_websocket_closes_total",
+               "kfrtrl_websocket_reply_duration_seconds_bucket"]:
     check(metric in exprs, f"the dashboard shows {metric}")
 if errors:
     raise SystemExit("deploy files disagree:\n  " + "\n  ".join(errors))

@@ -3,15 +3,18 @@
 
 Starts `kfrtrl serve` on loopback with a temporary data directory and a Prometheus that scrapes it
 every second with the shipped alert rules loaded; streams known text to two streams over HTTP
-(learned, advanced with learn: false, and predicted); then asks Prometheus's HTTP API for the
+(learned, advanced with learn: false, and predicted) and to a third over WebSocket (one request
+learned, one refused); then asks Prometheus's HTTP API for the
 counters and the loss and checks that they equal what was sent: symbols by mode, the count and sum
 of the loss histogram against the per-token losses the server returned, a histogram bucket, and the
-moving-average gauge against the model's own stats. Also: every shipped rule evaluates without
-error, and every query of the Grafana dashboard runs.
+moving-average gauge against the model's own stats, and the WebSocket replies by status, their
+latency count and the client's close. Also: every shipped rule evaluates without
+error, and every query of the Grafana dashboard runs (the loss and WebSocket panels with data).
 
     deploy/e2e-prometheus.py [path/to/kfrtrl]     (default: target/debug/kfrtrl)
 """
 
+import base64
 import json
 import os
 import pathlib
@@ -34,6 +37,8 @@ TEXTS = {
     "e2e-bob": ["to be or not to be, that is the question", " whether 'tis nobler in the mind"],
 }
 ADVANCE = ("e2e-alice", "it was the age of foolishness")
+# Over WebSocket: one request that learns, one refused (an empty request: 422).
+WEBSOCKET = ("e2e-carol", "all happy families are alike")
 PREDICT = ("e2e-bob", " to suffer")
 
 
@@ -48,6 +53,52 @@ def http(url, body=None, timeout=10):
     request = urllib.request.Request(url, data=data, headers={"content-type": "application/json"})
     with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.loads(response.read())
+
+
+def websocket_exchange(addr, path, messages, timeout=10):
+    """A minimal RFC 6455 client (the standard library has none): the handshake, one masked text
+    frame per message and its reply (answering pings meanwhile), then a clean close."""
+    sock = socket.create_connection(tuple(addr.rsplit(":", 1)), timeout=timeout)
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall((f"GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                  f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+    stream = sock.makefile("rb")
+    status = stream.readline()
+    if b" 101 " not in status:
+        raise SystemExit(f"WebSocket handshake refused: {status!r}")
+    while stream.readline() not in (b"\r\n", b""):
+        pass
+
+    def send(opcode, payload):
+        mask = os.urandom(4)
+        n = len(payload)
+        length = bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + n.to_bytes(2, "big")
+        sock.sendall(bytes([0x80 | opcode]) + length + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+
+    def receive():
+        first, second = stream.read(2)
+        n = second & 0x7F
+        if n >= 126:
+            n = int.from_bytes(stream.read(2 if n == 126 else 8), "big")
+        return first & 0x0F, stream.read(n)
+
+    replies = []
+    for message in messages:
+        send(0x1, json.dumps(message).encode())
+        while True:
+            opcode, payload = receive()
+            if opcode == 0x9:
+                send(0xA, payload)
+            elif opcode == 0x1:
+                replies.append(json.loads(payload))
+                break
+            else:
+                raise SystemExit(f"unexpected WebSocket frame {opcode}: {payload!r}")
+    send(0x8, (1000).to_bytes(2, "big"))
+    while receive()[0] != 0x8:
+        pass
+    sock.close()
+    return replies
 
 
 def wait(what, condition, seconds=60):
@@ -150,6 +201,13 @@ def main():
                 reply = http(f"{api}/{stream}/tokens", {"text": text, "return_losses": True})
                 losses += reply["losses_bits"]
                 learned += len(text.encode())
+        stream, text = WEBSOCKET
+        learned_reply, refused_reply = websocket_exchange(
+            addr, f"/v1/models/default/streams/{stream}/ws",
+            [{"text": text, "return_losses": True}, {"tokens": []}])
+        losses += learned_reply["losses_bits"]
+        learned += len(text.encode())
+        check(refused_reply.get("status") == 422, f"a refused WebSocket request gets its problem: {refused_reply}")
         stream, text = ADVANCE
         reply = http(f"{api}/{stream}/tokens", {"text": text, "learn": False, "return_losses": True})
         losses += reply["losses_bits"]
@@ -177,6 +235,15 @@ def main():
               f"kfrtrl_loss_bits_avg = {average}, the model's stats say {stats['loss_bits_avg']}")
         updates = scalar(prom, 'kfrtrl_optimizer_updates_total{model="default"}')
         check(updates == stats["optimizer_updates"] > 0, f"kfrtrl_optimizer_updates_total = {updates:g}")
+        # Two scrapes since the close, so that the dashboard's rates over it have data.
+        wait("Prometheus to scrape the WebSocket close twice",
+             lambda: query(prom, 'count_over_time(kfrtrl_websocket_closes_total{reason="client"}[1m]) >= 2'), 30)
+        check(scalar(prom, 'kfrtrl_websocket_closes_total{reason="client"}') == 1, "one WebSocket closed by its client")
+        for status, expected in (("200", 1), ("422", 1)):
+            got = scalar(prom, f'kfrtrl_websocket_replies_total{{status="{status}"}}')
+            check(got == expected, f"kfrtrl_websocket_replies_total{{status={status}}} = {got:g}, sent {expected}")
+        count = scalar(prom, "kfrtrl_websocket_reply_duration_seconds_count")
+        check(count == 2, f"kfrtrl_websocket_reply_duration_seconds_count = {count:g}, two replies")
         mean_rule = wait("the loss recording rule to see the traffic",
                          lambda: query(prom, "model:kfrtrl_loss_bits:mean10m > 0"), 30)
         check(0 < float(mean_rule[0]["value"][1]) < 16,
@@ -197,12 +264,14 @@ def main():
             for target in panel["targets"]:
                 expr = target["expr"].replace("$__rate_interval", "1m").replace("$model", ".*")
                 try:
-                    query(prom, expr)
+                    result = query(prom, expr)
                 except (SystemExit, urllib.error.HTTPError) as e:
                     failed.append(f"{panel['title']}: {expr}: {e}")
-        loss_panel = dashboard["panels"][0]["targets"][0]["expr"].replace("$__rate_interval", "1m")
-        check(not failed and query(prom, loss_panel.replace("$model", ".*")),
-              ("every dashboard query runs; the loss panel has data " + "; ".join(failed)).strip())
+                    continue
+                if panel["title"].startswith(("Loss", "WebSocket")) and not result:
+                    failed.append(f"{panel['title']}: {expr}: no data")
+        check(not failed, ("every dashboard query runs; the loss and WebSocket panels have data "
+                           + "; ".join(failed)).strip())
 
         server.send_signal(signal.SIGTERM)
         check(server.wait(30) == 0, "the server exits 0 on SIGTERM")
