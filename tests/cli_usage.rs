@@ -115,6 +115,10 @@ fn serve_refuses_a_stream_queue_share_below_the_largest_request() {
         "limits.queue_tokens_per_stream must be positive",
     );
     refused(
+        &["serve", "--data-dir", data, "--queue-requests-per-stream", "0"],
+        "limits.queue_requests_per_stream must be positive",
+    );
+    refused(
         &["serve", "--data-dir", data, "--queue-tokens-per-stream", "100", "--max-tokens-per-request", "200"],
         "limits.queue_tokens_per_stream must be at least limits.max_tokens_per_request",
     );

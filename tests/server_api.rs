@@ -448,7 +448,8 @@ async fn one_busy_stream_cannot_fill_its_models_queue() {
     let limits = Limits {
         queue_requests: 64,
         queue_tokens: 1000,
-        queue_tokens_per_stream: 10,
+        queue_requests_per_stream: Some(3),
+        queue_tokens_per_stream: Some(10),
         max_tokens_per_request: 10,
         ..Limits::default()
     };
@@ -477,17 +478,35 @@ async fn one_busy_stream_cannot_fill_its_models_queue() {
     eventually("twenty queued tokens", || async { server.queued_tokens("m").await == 20 }).await;
     let r = server.post("/v1/models/m/streams/busy/tokens", &json!({"tokens": [1]})).await;
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(r.body["detail"].as_str().unwrap().contains("10 tokens"), "{}", r.body);
+
+    // Short requests are bounded by their count.
+    for _ in 0..3 {
+        waiting.push(queue("chatty", vec![0]));
+    }
+    eventually("23 queued tokens", || async { server.queued_tokens("m").await == 23 }).await;
+    let r = server.post("/v1/models/m/streams/chatty/tokens", &json!({"tokens": [0]})).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.body["limit"], 3);
+    assert!(r.body["detail"].as_str().unwrap().contains("3 requests"), "{}", r.body);
 
     drop(hold);
     for w in waiting {
         assert_eq!(w.await.unwrap().unwrap().status(), StatusCode::OK);
     }
-    for stream in ["busy", "other"] {
+    for (stream, position) in [("busy", 10), ("other", 10), ("chatty", 3)] {
         let info = server.get(&format!("/v1/models/m/streams/{stream}")).await;
-        assert_eq!(info.body["position"], 10, "{stream}: the refused tokens were never consumed");
+        assert_eq!(info.body["position"], position, "{stream}: the refused tokens were never consumed");
     }
     // Answered requests give their share back.
     server.tokens("m", "busy", json!({"tokens": vec![1; 10]})).await;
+    let hold = server.state.engine().hold("m").unwrap();
+    let mut waiting: Vec<_> = (0..3).map(|_| queue("chatty", vec![0])).collect();
+    eventually("three queued requests", || async { server.queued_tokens("m").await == 3 }).await;
+    drop(hold);
+    for w in waiting.drain(..) {
+        assert_eq!(w.await.unwrap().unwrap().status(), StatusCode::OK);
+    }
     server.stop().await;
 }
 

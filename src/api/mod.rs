@@ -72,9 +72,13 @@ pub struct Limits {
     pub queue_requests: usize,
     /// Tokens queued per model before 503 `queue-full`.
     pub queue_tokens: usize,
-    /// Tokens queued per stream before 503 `queue-full` for that stream (each stream gets one
-    /// token per step, so this share keeps one busy stream from filling its model's queue).
-    pub queue_tokens_per_stream: usize,
+    /// Token requests queued per stream before 503 `queue-full` for that stream (each stream
+    /// gets one token per step, so this share keeps one busy stream from filling its model's
+    /// queue). `None`: a quarter of `queue_requests`, at least 1.
+    pub queue_requests_per_stream: Option<usize>,
+    /// Tokens queued per stream before 503 `queue-full` for that stream. `None`: a quarter of
+    /// `queue_tokens`, at least `max_tokens_per_request`.
+    pub queue_tokens_per_stream: Option<usize>,
     /// Most models in the server.
     pub max_models: usize,
     /// Largest estimated memory of one model, in bytes.
@@ -119,7 +123,8 @@ impl Default for Limits {
             max_tokens_per_request: engine.max_tokens_per_request,
             queue_requests: engine.queue_requests,
             queue_tokens: engine.queue_tokens,
-            queue_tokens_per_stream: engine.queue_tokens_per_stream,
+            queue_requests_per_stream: None,
+            queue_tokens_per_stream: None,
             max_models: engine.max_models,
             max_model_bytes: engine.max_model_bytes,
             max_streams: engine.default_max_streams,
@@ -142,7 +147,12 @@ impl Limits {
         EngineLimits {
             queue_requests: self.queue_requests,
             queue_tokens: self.queue_tokens,
-            queue_tokens_per_stream: self.queue_tokens_per_stream,
+            queue_requests_per_stream: self
+                .queue_requests_per_stream
+                .unwrap_or((self.queue_requests / 4).max(1)),
+            queue_tokens_per_stream: self
+                .queue_tokens_per_stream
+                .unwrap_or((self.queue_tokens / 4).max(self.max_tokens_per_request)),
             max_tokens_per_request: self.max_tokens_per_request,
             max_models: self.max_models,
             max_model_bytes: self.max_model_bytes,
@@ -158,7 +168,8 @@ impl Limits {
             ("max_tokens_per_request", self.max_tokens_per_request),
             ("queue_requests", self.queue_requests),
             ("queue_tokens", self.queue_tokens),
-            ("queue_tokens_per_stream", self.queue_tokens_per_stream),
+            ("queue_requests_per_stream", self.queue_requests_per_stream.unwrap_or(1)),
+            ("queue_tokens_per_stream", self.queue_tokens_per_stream.unwrap_or(1)),
             ("max_models", self.max_models),
             ("max_streams", self.max_streams),
             ("ws_max_in_flight", self.ws_max_in_flight),
@@ -198,7 +209,7 @@ impl Limits {
                 "limits.queue_tokens must be at least limits.max_tokens_per_request".to_owned(),
             ));
         }
-        if self.queue_tokens_per_stream < self.max_tokens_per_request {
+        if self.queue_tokens_per_stream.is_some_and(|share| share < self.max_tokens_per_request) {
             return Err(StartError::Config(
                 "limits.queue_tokens_per_stream must be at least limits.max_tokens_per_request".to_owned(),
             ));
@@ -578,5 +589,34 @@ pub async fn serve(
             }
             Err(StartError::ShutdownTimeout(deadline))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Unset shares follow the model's queue, so raising `max_tokens_per_request` (or the
+    /// queue) alone still starts: a fixed default share would refuse such a config.
+    #[test]
+    fn unset_stream_shares_follow_the_models_queue() {
+        let limits = Limits::default();
+        let engine = limits.engine_limits();
+        assert_eq!((engine.queue_requests_per_stream, engine.queue_tokens_per_stream), (1024, 1 << 18));
+
+        let large = Limits { max_tokens_per_request: 300_000, queue_tokens: 2_000_000, ..Limits::default() };
+        assert!(large.check().is_ok());
+        assert_eq!(large.engine_limits().queue_tokens_per_stream, 500_000);
+        let larger = Limits { max_tokens_per_request: 900_000, queue_tokens: 2_000_000, ..Limits::default() };
+        assert!(larger.check().is_ok());
+        assert_eq!(larger.engine_limits().queue_tokens_per_stream, 900_000, "never below one request");
+        let tiny = Limits { queue_requests: 2, ..Limits::default() };
+        assert_eq!(tiny.engine_limits().queue_requests_per_stream, 1);
+
+        let explicit =
+            Limits { queue_requests_per_stream: Some(7), queue_tokens_per_stream: Some(70_000), ..limits };
+        let engine = explicit.engine_limits();
+        assert_eq!((engine.queue_requests_per_stream, engine.queue_tokens_per_stream), (7, 70_000));
+        assert!(Limits { queue_tokens_per_stream: Some(65_535), ..Limits::default() }.check().is_err());
     }
 }

@@ -66,8 +66,13 @@ pub struct ServeArgs {
     /// Tokens queued per model before 503 [env: KFRTRL_QUEUE_TOKENS] [default: 1048576].
     #[arg(long)]
     queue_tokens: Option<usize>,
-    /// Tokens queued per stream before 503, so that one busy stream cannot fill its model's
-    /// queue [env: KFRTRL_QUEUE_TOKENS_PER_STREAM] [default: 262144].
+    /// Token requests queued per stream before 503, so that one busy stream cannot fill its
+    /// model's queue [env: KFRTRL_QUEUE_REQUESTS_PER_STREAM] [default: a quarter of
+    /// --queue-requests, at least 1].
+    #[arg(long)]
+    queue_requests_per_stream: Option<usize>,
+    /// Tokens queued per stream before 503 [env: KFRTRL_QUEUE_TOKENS_PER_STREAM] [default: a
+    /// quarter of --queue-tokens, at least --max-tokens-per-request].
     #[arg(long)]
     queue_tokens_per_stream: Option<usize>,
     /// Most tokens in one request [env: KFRTRL_MAX_TOKENS_PER_REQUEST] [default: 65536].
@@ -224,7 +229,6 @@ fn settings(args: ServeArgs) -> Result<Settings, String> {
         (args.max_streams, "MAX_STREAMS", &mut limits.max_streams),
         (args.queue_requests, "QUEUE_REQUESTS", &mut limits.queue_requests),
         (args.queue_tokens, "QUEUE_TOKENS", &mut limits.queue_tokens),
-        (args.queue_tokens_per_stream, "QUEUE_TOKENS_PER_STREAM", &mut limits.queue_tokens_per_stream),
         (args.max_tokens_per_request, "MAX_TOKENS_PER_REQUEST", &mut limits.max_tokens_per_request),
         (args.max_body_bytes, "MAX_BODY_BYTES", &mut limits.max_body_bytes),
         (args.max_stored_streams, "MAX_STORED_STREAMS", &mut limits.max_stored_streams),
@@ -232,6 +236,16 @@ fn settings(args: ServeArgs) -> Result<Settings, String> {
     for (flag, var, slot) in overrides {
         if let Some(value) = pick(flag, var, None)? {
             *slot = value;
+        }
+    }
+    // Unset, the shares follow the model's queue (a quarter of it); set, they are fixed.
+    let shares = [
+        (args.queue_requests_per_stream, "QUEUE_REQUESTS_PER_STREAM", &mut limits.queue_requests_per_stream),
+        (args.queue_tokens_per_stream, "QUEUE_TOKENS_PER_STREAM", &mut limits.queue_tokens_per_stream),
+    ];
+    for (flag, var, slot) in shares {
+        if let Some(value) = pick(flag, var, None)? {
+            *slot = Some(value);
         }
     }
     let hardening = [

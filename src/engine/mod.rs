@@ -3,8 +3,9 @@
 //! steps the queued tokens of all its streams as one batch per step (see `worker.rs`).
 //!
 //! [`Engine`] is what the API talks to. Its calls never block and never compute: they validate,
-//! admit the work against the model's bounded queue (or refuse it at once with
-//! [`EngineError::QueueFull`]), and hand back a future of the worker's reply.
+//! admit the work against the model's bounded queue and the stream's share of it (or refuse it
+//! at once with [`EngineError::QueueFull`] or [`EngineError::StreamQueueFull`]), and hand back a
+//! future of the worker's reply.
 //!
 //! Durability (when the engine has a data directory, see [`Durability`]): each model lives in
 //! `<data dir>/models/<name>/` as checkpoints (`checkpoint.rs`) plus a write-ahead log of every
@@ -51,9 +52,11 @@ pub struct EngineLimits {
     pub queue_requests: usize,
     /// Tokens queued per model before new requests are refused.
     pub queue_tokens: usize,
-    /// Tokens queued per stream before new requests to it are refused. A stream consumes one
-    /// token per step, so without this share one client pipelining into one stream could keep
+    /// Token requests queued per stream before new ones to it are refused. A stream consumes
+    /// one token per step, so without a share one client pipelining into one stream could keep
     /// the model's whole queue full and every other stream refused.
+    pub queue_requests_per_stream: usize,
+    /// Tokens queued per stream before new requests to it are refused.
     pub queue_tokens_per_stream: usize,
     /// Most tokens in one request.
     pub max_tokens_per_request: usize,
@@ -116,6 +119,7 @@ impl Default for EngineLimits {
         Self {
             queue_requests: 4096,
             queue_tokens: 1 << 20,
+            queue_requests_per_stream: 1024,
             queue_tokens_per_stream: 1 << 18,
             max_tokens_per_request: 65_536,
             max_models: 16,
@@ -189,7 +193,7 @@ pub enum EngineError {
     QueueFull(String),
     /// The stream's share of its model's queue is full; the client should retry later.
     #[error(
-        "stream `{stream}` of model `{model}` would have more than {limit} tokens queued; \
+        "stream `{stream}` of model `{model}` would have more than {limit} {unit} queued; \
          retry once its queued requests are answered"
     )]
     StreamQueueFull {
@@ -197,7 +201,9 @@ pub enum EngineError {
         model: String,
         /// The stream.
         stream: String,
-        /// Tokens a stream may have queued.
+        /// What the share counts: `"requests"` or `"tokens"`.
+        unit: &'static str,
+        /// How many of them a stream may have queued.
         limit: usize,
     },
     /// The model holds its maximum number of streams.
@@ -404,8 +410,9 @@ struct Shared {
     name: String,
     pending_requests: AtomicUsize,
     pending_tokens: AtomicUsize,
-    /// Tokens queued per stream (admitted, not yet answered); a stream leaves at zero.
-    stream_tokens: Mutex<HashMap<String, usize>>,
+    /// Requests and tokens queued per stream (admitted, not yet answered); a stream leaves the
+    /// map when its last request is answered.
+    stream_shares: Mutex<HashMap<String, StreamShare>>,
     held: AtomicBool,
     stop: AtomicU8,
     ready: AtomicBool,
@@ -438,8 +445,15 @@ impl Shared {
 struct Ticket {
     shared: Arc<Shared>,
     tokens: usize,
-    /// The stream whose share holds the tokens (`None` until admission books them there).
+    /// The stream whose share holds the request (`None` until admission books it there).
     stream: Option<String>,
+}
+
+/// A stream's part of its model's queue.
+#[derive(Debug, Clone, Copy, Default)]
+struct StreamShare {
+    requests: usize,
+    tokens: usize,
 }
 
 impl Drop for Ticket {
@@ -447,10 +461,11 @@ impl Drop for Ticket {
         self.shared.pending_requests.fetch_sub(1, Ordering::AcqRel);
         self.shared.pending_tokens.fetch_sub(self.tokens, Ordering::AcqRel);
         if let Some(stream) = self.stream.take() {
-            let mut shares = self.shared.stream_tokens.lock().unwrap_or_else(PoisonError::into_inner);
-            if let Some(queued) = shares.get_mut(&stream) {
-                *queued -= self.tokens;
-                if *queued == 0 {
+            let mut shares = self.shared.stream_shares.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(share) = shares.get_mut(&stream) {
+                share.requests -= 1;
+                share.tokens -= self.tokens;
+                if share.requests == 0 {
                     shares.remove(&stream);
                 }
             }
@@ -762,7 +777,7 @@ impl Engine {
             name: name.clone(),
             pending_requests: AtomicUsize::new(0),
             pending_tokens: AtomicUsize::new(0),
-            stream_tokens: Mutex::new(HashMap::new()),
+            stream_shares: Mutex::new(HashMap::new()),
             held: AtomicBool::new(false),
             stop: AtomicU8::new(STOP_NONE),
             ready: AtomicBool::new(false),
@@ -979,17 +994,30 @@ impl Engine {
         if requests > self.limits.queue_requests || queued > self.limits.queue_tokens {
             return Err(EngineError::QueueFull(shared.name.clone()));
         }
-        let limit = self.limits.queue_tokens_per_stream;
-        let mut shares = shared.stream_tokens.lock().unwrap_or_else(PoisonError::into_inner);
-        let share = shares.get(stream).copied().unwrap_or(0);
-        if share + tokens > limit {
+        let mut shares = shared.stream_shares.lock().unwrap_or_else(PoisonError::into_inner);
+        let share = shares.get(stream).copied().unwrap_or_default();
+        let over = if share.requests + 1 > self.limits.queue_requests_per_stream {
+            Some(("requests", self.limits.queue_requests_per_stream))
+        } else if share.tokens + tokens > self.limits.queue_tokens_per_stream {
+            Some(("tokens", self.limits.queue_tokens_per_stream))
+        } else {
+            None
+        };
+        if let Some((unit, limit)) = over {
             return Err(EngineError::StreamQueueFull {
                 model: shared.name.clone(),
                 stream: stream.to_owned(),
+                unit,
                 limit,
             });
         }
-        shares.insert(stream.to_owned(), share + tokens);
+        let booked = StreamShare { requests: share.requests + 1, tokens: share.tokens + tokens };
+        match shares.get_mut(stream) {
+            Some(share) => *share = booked,
+            None => {
+                shares.insert(stream.to_owned(), booked);
+            }
+        }
         ticket.stream = Some(stream.to_owned());
         Ok(ticket)
     }
