@@ -501,10 +501,10 @@ async fn one_busy_stream_cannot_fill_its_models_queue() {
     // Answered requests give their share back.
     server.tokens("m", "busy", json!({"tokens": vec![1; 10]})).await;
     let hold = server.state.engine().hold("m").unwrap();
-    let mut waiting: Vec<_> = (0..3).map(|_| queue("chatty", vec![0])).collect();
+    let waiting: Vec<_> = (0..3).map(|_| queue("chatty", vec![0])).collect();
     eventually("three queued requests", || async { server.queued_tokens("m").await == 3 }).await;
     drop(hold);
-    for w in waiting.drain(..) {
+    for w in waiting {
         assert_eq!(w.await.unwrap().unwrap().status(), StatusCode::OK);
     }
     server.stop().await;

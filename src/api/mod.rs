@@ -37,7 +37,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::core::ModelSpec;
 use crate::engine::{
-    Durability, Engine, EngineError, EngineLimits, EngineMetrics, ModelDefinition, ModelRequest,
+    Durability, Engine, EngineError, EngineLimits, EngineMetrics, ModelDefinition, ModelRequest, stream_share,
 };
 
 pub use auth::{ApiKey, WS_BEARER_PREFIX, WS_PROTOCOL};
@@ -149,10 +149,10 @@ impl Limits {
             queue_tokens: self.queue_tokens,
             queue_requests_per_stream: self
                 .queue_requests_per_stream
-                .unwrap_or((self.queue_requests / 4).max(1)),
+                .unwrap_or(stream_share(self.queue_requests, 1)),
             queue_tokens_per_stream: self
                 .queue_tokens_per_stream
-                .unwrap_or((self.queue_tokens / 4).max(self.max_tokens_per_request)),
+                .unwrap_or(stream_share(self.queue_tokens, self.max_tokens_per_request)),
             max_tokens_per_request: self.max_tokens_per_request,
             max_models: self.max_models,
             max_model_bytes: self.max_model_bytes,

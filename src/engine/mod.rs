@@ -74,6 +74,12 @@ pub struct EngineLimits {
     pub model_threads: usize,
 }
 
+/// A stream's default share of a model's queue of `queue` requests or tokens: a quarter of it,
+/// never below `floor` (one request, or the largest one).
+pub fn stream_share(queue: usize, floor: usize) -> usize {
+    (queue / 4).max(floor)
+}
+
 /// Where and how an engine keeps its models durable.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Durability {
@@ -119,8 +125,8 @@ impl Default for EngineLimits {
         Self {
             queue_requests: 4096,
             queue_tokens: 1 << 20,
-            queue_requests_per_stream: 1024,
-            queue_tokens_per_stream: 1 << 18,
+            queue_requests_per_stream: stream_share(4096, 1),
+            queue_tokens_per_stream: stream_share(1 << 20, 65_536),
             max_tokens_per_request: 65_536,
             max_models: 16,
             max_model_bytes: 4 << 30,
