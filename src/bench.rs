@@ -200,6 +200,14 @@ pub fn flops_per_token(spec: &ModelSpec, batch: usize) -> f64 {
         LearnerKind::Rtrl => 2.0 * s * s * rn * m + 2.0 * n * rn * m,
         LearnerKind::Tbptt => 2.0 * rn * n * 2.0 + 2.0 * rn * m + 2.0 * v * n,
         LearnerKind::Frozen => 0.0,
+        LearnerKind::Ok => {
+            let rank = spec.config.ok_rank as f64;
+            let terms = rank + 1.0;
+            2.0 * s * s * rn * rank // H_t [A_1 … A_R], one GEMM
+                + terms * terms * (m + s * rn) // the two Gram matrices (half, multiply-add)
+                + 2.0 * terms * rank * (s * rn + m) // the rebuild
+                + terms * (2.0 * n * rn + 2.0 * rn * m) // δᵀA_l and ∇W += v_l ⊗ u_l
+        }
     };
     forward + readout + update + learner
 }

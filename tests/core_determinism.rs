@@ -8,7 +8,7 @@ fn run(threads: usize, cell: CellKind, learner: LearnerKind) -> (Params<f32>, Ve
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
     pool.install(|| {
         let spec =
-            ModelConfig { vocab_size: 256, cell, hidden: 128, learner, seed: 3, ..ModelConfig::default() }
+            ModelConfig { vocab_size: 256, cell, hidden: 128, learner, ok_rank: 3, seed: 3, ..ModelConfig::default() }
                 .check()
                 .unwrap();
         let mut params = Params::<f32>::init(&spec);
@@ -38,7 +38,7 @@ fn run(threads: usize, cell: CellKind, learner: LearnerKind) -> (Params<f32>, Ve
 #[test]
 fn results_do_not_depend_on_the_thread_count() {
     for cell in CellKind::ALL {
-        for learner in [LearnerKind::KfRtrl, LearnerKind::Uoro, LearnerKind::Tbptt] {
+        for learner in [LearnerKind::KfRtrl, LearnerKind::Ok, LearnerKind::Uoro, LearnerKind::Tbptt] {
             let one = run(1, cell, learner);
             let two = run(2, cell, learner);
             let three = run(3, cell, learner);

@@ -16,6 +16,7 @@
 
 use kfrtrl::core::learner::reference::kron_influence;
 use kfrtrl::core::rng::CounterRng;
+use kfrtrl::core::model::ClipScope;
 use kfrtrl::core::{
     CellKind, Learner, LearnerKind, ModelConfig, ModelSpec, Optimizer, OptimizerKind, Params, SlotStep,
     StreamSet, UpdateOutcome,
@@ -45,6 +46,9 @@ fn config(cell: CellKind, n: usize, vocab: usize, learner: LearnerKind, seed: u6
         optimizer: OptimizerKind::Sgd,
         lr: 0.1,
         clip: 0.0,
+        clip_scope: ClipScope::Global,
+        ok_rank: 2,
+        gradient_before_reduction: false,
         seed,
         init_std: 0.5,
         uoro_epsilon: 0.0,

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use kfrtrl::core::learner::KfRtrl;
 use kfrtrl::core::learner::reference;
 use kfrtrl::core::rng::{self, CounterRng, derive_key};
+use kfrtrl::core::model::ClipScope;
 use kfrtrl::core::{
     CellKind, Float, Gradients, KfStrategy, Learner, LearnerKind, ModelConfig, ModelSpec, Optimizer,
     OptimizerKind, Params, SlotStep, StreamSet,
@@ -32,6 +33,9 @@ fn config(cell: CellKind, n: usize, vocab: usize, learner: LearnerKind, seed: u6
         optimizer: OptimizerKind::Sgd,
         lr: 0.05,
         clip: 0.0,
+        clip_scope: ClipScope::Global,
+        ok_rank: 2,
+        gradient_before_reduction: false,
         seed,
         init_std: 0.5,
         uoro_epsilon: 1e-7,

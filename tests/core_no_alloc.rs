@@ -58,7 +58,7 @@ fn steady_state_steps_allocate_nothing() {
 fn steady_state_steps_allocate_nothing_in_pool() {
     // One test function, so that no other test's allocations are counted.
     let learners =
-        [LearnerKind::KfRtrl, LearnerKind::Uoro, LearnerKind::Rtrl, LearnerKind::Tbptt, LearnerKind::Frozen];
+        [LearnerKind::KfRtrl, LearnerKind::Ok, LearnerKind::Uoro, LearnerKind::Rtrl, LearnerKind::Tbptt, LearnerKind::Frozen];
     let mut report = Vec::new();
     for cell in CellKind::ALL {
         for learner in learners {
@@ -72,6 +72,7 @@ fn steady_state_steps_allocate_nothing_in_pool() {
                     hidden,
                     learner,
                     tbptt_window: 3,
+                    ok_rank: 3,
                     optimizer: OptimizerKind::Adam,
                     ..ModelConfig::default()
                 }

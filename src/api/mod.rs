@@ -228,14 +228,18 @@ impl Limits {
     }
 
     /// The server's caps on a model's size beyond the engine's memory estimate: hidden units
-    /// and parameters; and the contract's range of `tbptt_window`, which the engine checks for
-    /// the tbptt learner only but every reply echoes.
+    /// and parameters; and the contract's ranges of `tbptt_window` and `ok_rank`, which the
+    /// engine checks for their own learner only but every reply echoes.
     fn check_model_size(&self, spec: &ModelSpec) -> Result<(), EngineError> {
         let refuse =
             |field: &str, reason: String| EngineError::InvalidConfig { field: field.to_owned(), reason };
         let max_window = crate::core::model::limits::MAX_TBPTT_WINDOW;
         if !(1..=max_window).contains(&spec.config.tbptt_window) {
             return Err(refuse("tbptt_window", format!("must be in 1..={max_window}")));
+        }
+        let max_rank = crate::core::model::limits::MAX_OK_RANK;
+        if !(1..=max_rank).contains(&spec.config.ok_rank) {
+            return Err(refuse("ok_rank", format!("must be in 1..={max_rank}")));
         }
         if spec.n > self.max_hidden {
             return Err(refuse("hidden", format!("the server's limit is {}", self.max_hidden)));

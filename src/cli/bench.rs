@@ -3,6 +3,7 @@
 use clap::Args;
 
 use kfrtrl::bench::{BenchConfig, memory, run as run_bench, run_steps};
+use kfrtrl::core::model::ClipScope;
 use kfrtrl::core::{CellKind, LearnerKind, ModelConfig, OptimizerKind};
 
 /// Flags of `kfrtrl bench`; every list flag takes comma-separated values.
@@ -56,15 +57,53 @@ pub fn parse_optimizer(s: &str) -> Result<OptimizerKind, String> {
     OptimizerKind::parse(s).ok_or_else(|| format!("unknown optimizer {s:?} (adam, sgd)"))
 }
 
-/// Parses `kf-rtrl`, `uoro`, `rtrl`, `frozen`, `tbptt` or `tbptt:K`.
-pub fn parse_learner(s: &str) -> Result<(LearnerKind, Option<usize>), String> {
-    if let Some(k) = s.strip_prefix("tbptt:") {
-        let k: usize = k.parse().map_err(|_| format!("bad window in {s:?}"))?;
-        return Ok((LearnerKind::Tbptt, Some(k)));
+/// A learner as the command line names it: the kind and, for `tbptt:K` and `ok:R`, its number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LearnerArg {
+    /// The learner.
+    pub kind: LearnerKind,
+    /// TBPTT's window or OK's rank, when given.
+    pub param: Option<usize>,
+}
+
+impl LearnerArg {
+    /// `base` with this learner (its window or rank replaced when given).
+    pub fn apply(self, base: ModelConfig) -> ModelConfig {
+        let mut c = ModelConfig { learner: self.kind, ..base };
+        match (self.kind, self.param) {
+            (LearnerKind::Tbptt, Some(k)) => c.tbptt_window = k,
+            (LearnerKind::Ok, Some(r)) => c.ok_rank = r,
+            _ => {}
+        }
+        c
+    }
+}
+
+/// Parses `kf-rtrl`, `ok`, `ok:R`, `uoro`, `rtrl`, `frozen`, `tbptt` or `tbptt:K`.
+pub fn parse_learner(s: &str) -> Result<LearnerArg, String> {
+    for (prefix, kind, what) in [("tbptt:", LearnerKind::Tbptt, "window"), ("ok:", LearnerKind::Ok, "rank")] {
+        if let Some(k) = s.strip_prefix(prefix) {
+            let k: usize = k.parse().map_err(|_| format!("bad {what} in {s:?}"))?;
+            return Ok(LearnerArg { kind, param: Some(k) });
+        }
     }
     LearnerKind::parse(s)
-        .map(|l| (l, None))
-        .ok_or_else(|| format!("unknown learner {s:?} (kf-rtrl, uoro, rtrl, tbptt:K, frozen)"))
+        .map(|kind| LearnerArg { kind, param: None })
+        .ok_or_else(|| format!("unknown learner {s:?} (kf-rtrl, ok:R, uoro, rtrl, tbptt:K, frozen)"))
+}
+
+/// Parses a clip scope.
+pub fn parse_clip_scope(s: &str) -> Result<ClipScope, String> {
+    ClipScope::parse(s).ok_or_else(|| format!("unknown clip scope {s:?} (recurrent, per-group, global)"))
+}
+
+/// Parses `on`/`off` (also `true`/`false`).
+pub fn parse_switch(s: &str) -> Result<bool, String> {
+    match s {
+        "on" | "true" => Ok(true),
+        "off" | "false" => Ok(false),
+        _ => Err(format!("expected on or off, got {s:?}")),
+    }
 }
 
 /// Most repetitions of one configuration.
@@ -94,18 +133,16 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
     }
     for &cell in &args.cell {
         for learner in &args.learner {
-            let (learner, window) = parse_learner(learner)?;
+            let learner = parse_learner(learner)?;
             for &hidden in &args.hidden {
                 for &batch in &args.batch {
-                    let model = ModelConfig {
+                    let model = learner.apply(ModelConfig {
                         vocab_size: args.vocab,
                         cell,
                         hidden,
-                        learner,
-                        tbptt_window: window.unwrap_or(25),
                         optimizer: args.optimizer,
                         ..ModelConfig::default()
-                    };
+                    });
                     if args.memory {
                         let r = memory(&model, batch)?;
                         if args.json {
@@ -131,7 +168,7 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
                         println!(
                             "{} {} hidden {hidden} batch {batch}: {steps} steps, mean loss {mean_loss} nats",
                             cell.name(),
-                            learner.name()
+                            model.learner_label()
                         );
                         continue;
                     }

@@ -275,9 +275,15 @@ pub struct CopyArgs {
     /// Optimizer: adam or sgd.
     #[arg(long, default_value = "adam", value_parser = parse_optimizer)]
     optimizer: OptimizerKind,
-    /// Global-norm gradient clip (0 disables).
+    /// Gradient-norm clip (0 disables).
     #[arg(long, default_value_t = 1.0)]
     clip: f64,
+    /// Which weights the clip measures: recurrent, per-group or global.
+    #[arg(long, default_value = "recurrent", value_parser = super::bench::parse_clip_scope)]
+    clip_scope: kfrtrl::core::model::ClipScope,
+    /// KF-RTRL and OK: each token's gradient from the estimate before the last reduction (on/off).
+    #[arg(long, default_value = "on", value_parser = super::bench::parse_switch)]
+    gradient_before_reduction: bool,
     /// Print one JSON object on stdout at the end.
     #[arg(long)]
     json: bool,
@@ -325,25 +331,25 @@ fn copy(a: CopyArgs) -> Result<(), String> {
     if a.steps == 0 {
         return Err("--steps must be at least 1".into());
     }
-    let (learner, window) = parse_learner(&a.learner)?;
+    let learner = parse_learner(&a.learner)?;
     // Frozen weights never learn to copy: the run would only burn its steps at L = 1.
-    if learner == kfrtrl::core::LearnerKind::Frozen {
+    if learner.kind == kfrtrl::core::LearnerKind::Frozen {
         return Err(
             "--learner frozen learns nothing; the copy task takes kf-rtrl, uoro, rtrl or tbptt:K".into()
         );
     }
-    let model = ModelConfig {
+    let model = learner.apply(ModelConfig {
         vocab_size: kfrtrl::experiment::copy::VOCAB,
         cell: a.cell,
         hidden: a.hidden,
-        learner,
-        tbptt_window: window.unwrap_or(25),
         optimizer: a.optimizer,
         lr: a.lr.unwrap_or(kfrtrl::core::model::DEFAULT_LR),
         clip: a.clip,
+        clip_scope: a.clip_scope,
+        gradient_before_reduction: a.gradient_before_reduction,
         seed: a.seed,
         ..ModelConfig::default()
-    };
+    });
     if a.checkpoint.is_some() && a.checkpoint_every == 0 {
         return Err("--checkpoint-every must be at least 1".into());
     }

@@ -12,7 +12,7 @@ use kfrtrl::corpus::{Format, Vocab, tokenize_train, tokenize_with};
 use kfrtrl::model_file::{Counters, ModelFile, load, save};
 use kfrtrl::train::{Start, TrainConfig, train_from};
 
-use super::bench::parse_learner;
+use super::bench::{LearnerArg, parse_learner};
 
 /// The bundled sample: the first 40,000 bytes of Tiny Shakespeare (public domain).
 const SAMPLE: &[u8] = include_bytes!("../../assets/sample.txt");
@@ -43,7 +43,8 @@ pub struct TrainArgs {
     /// Hidden units.
     #[arg(long, default_value_t = 128)]
     hidden: usize,
-    /// Learner: kf-rtrl, uoro, rtrl, tbptt:K, frozen (default: kf-rtrl, or the --init model's).
+    /// Learner: kf-rtrl, ok:R, uoro, rtrl, tbptt:K, frozen (default: the server's default
+    /// model's, or the --init model's).
     #[arg(long)]
     learner: Option<String>,
     /// Optimizer: adam or sgd (default: adam, or the --init model's).
@@ -56,9 +57,17 @@ pub struct TrainArgs {
     /// Learning rate (default: 10^-3.5, or the --init model's).
     #[arg(long)]
     lr: Option<f64>,
-    /// Global-norm gradient clip, 0 disables (default: 1, or the --init model's).
+    /// Gradient-norm clip, 0 disables (default: 1, or the --init model's).
     #[arg(long)]
     clip: Option<f64>,
+    /// Which weights the clip measures: recurrent (W alone), per-group (W and V each), global
+    /// (both together) (default: recurrent, or the --init model's).
+    #[arg(long, value_parser = super::bench::parse_clip_scope)]
+    clip_scope: Option<kfrtrl::core::model::ClipScope>,
+    /// KF-RTRL and OK: take each token's gradient from the estimate before the last step's
+    /// random reduction, on or off (default: on, or the --init model's).
+    #[arg(long, value_parser = super::bench::parse_switch)]
+    gradient_before_reduction: Option<bool>,
     /// Seed of the weights and the random signs.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -242,19 +251,19 @@ pub fn run(args: TrainArgs) -> Result<(), String> {
         None => None,
     };
     let base = &init.base;
-    let (learner, window) = match &args.learner {
+    let learner = match &args.learner {
         Some(name) => parse_learner(name)?,
-        None => (base.learner, None),
+        None => LearnerArg { kind: base.learner, param: None },
     };
-    let model = ModelConfig {
+    let model = learner.apply(ModelConfig {
         vocab_size: vocab.size,
-        learner,
-        tbptt_window: window.unwrap_or(base.tbptt_window),
         optimizer: args.optimizer.unwrap_or(base.optimizer),
         lr: args.lr.unwrap_or(base.lr),
         clip: args.clip.unwrap_or(base.clip),
+        clip_scope: args.clip_scope.unwrap_or(base.clip_scope),
+        gradient_before_reduction: args.gradient_before_reduction.unwrap_or(base.gradient_before_reduction),
         ..base.clone()
-    };
+    });
     let spec = model.check().map_err(|e| e.to_string())?;
     let (start, earlier_nonfinite) = match saved {
         Some((start, nonfinite)) => {

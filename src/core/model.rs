@@ -30,6 +30,10 @@ pub enum LearnerKind {
     /// No learning: the weights never change.
     #[serde(rename = "frozen")]
     Frozen,
+    /// Optimal Kronecker-sum RTRL (OK.md §2): the minimum-variance unbiased rank-`ok_rank`
+    /// member of KF-RTRL's class; `O(R n³)` per step, memory `O(R n²)` per stream.
+    #[serde(rename = "ok")]
+    Ok,
 }
 
 impl LearnerKind {
@@ -41,6 +45,7 @@ impl LearnerKind {
             LearnerKind::Rtrl => "rtrl",
             LearnerKind::Tbptt => "tbptt",
             LearnerKind::Frozen => "frozen",
+            LearnerKind::Ok => "ok",
         }
     }
 
@@ -52,6 +57,7 @@ impl LearnerKind {
             "rtrl" => LearnerKind::Rtrl,
             "tbptt" => LearnerKind::Tbptt,
             "frozen" => LearnerKind::Frozen,
+            "ok" => LearnerKind::Ok,
             _ => return None,
         })
     }
@@ -92,6 +98,40 @@ impl OptimizerKind {
     }
 }
 
+/// Which weights the gradient-norm clip measures and scales.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClipScope {
+    /// One norm over `W` and `V` together, both scaled (the scope before it was a choice). A
+    /// noisy recurrent estimate then shrinks the readout's exact gradient with it.
+    Global,
+    /// `W`'s norm alone, `V` never clipped: the authors' recipe (OK.md §1.1).
+    Recurrent,
+    /// `W` and `V` each clipped to the bound on their own.
+    PerGroup,
+}
+
+impl ClipScope {
+    /// The wire name.
+    pub fn name(self) -> &'static str {
+        match self {
+            ClipScope::Global => "global",
+            ClipScope::Recurrent => "recurrent",
+            ClipScope::PerGroup => "per-group",
+        }
+    }
+
+    /// Parses a wire name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "global" => Some(ClipScope::Global),
+            "recurrent" => Some(ClipScope::Recurrent),
+            "per-group" => Some(ClipScope::PerGroup),
+            _ => None,
+        }
+    }
+}
+
 /// The paper's learning rate, 10^-3.5.
 pub const DEFAULT_LR: f64 = 3.162_277_660_168_379_5e-4;
 
@@ -114,8 +154,21 @@ pub struct ModelConfig {
     pub optimizer: OptimizerKind,
     /// Learning rate.
     pub lr: f64,
-    /// Clip the global gradient norm (all weights) to this value; 0 disables clipping.
+    /// Clip the gradient norm of the weights [`ModelConfig::clip_scope`] names to this value; 0
+    /// disables clipping.
     pub clip: f64,
+    /// Which weights the clip measures. Absent from a saved configuration: `global`, the only
+    /// scope before there was a choice.
+    #[serde(default = "legacy_clip_scope")]
+    pub clip_scope: ClipScope,
+    /// Rank `R` of the `ok` learner.
+    #[serde(default = "legacy_ok_rank")]
+    pub ok_rank: usize,
+    /// KF-RTRL and OK: the gradient of a scored token uses the influence estimate before the last
+    /// step's random reduction (its conditional mean: unbiased, less variance). Absent from a
+    /// saved configuration: false, the estimator before there was a choice.
+    #[serde(default)]
+    pub gradient_before_reduction: bool,
     /// Seed of the weights' initialisation and of every random sign.
     pub seed: u64,
     /// Standard deviation of the Gaussian initialisation of `W` and `V`.
@@ -124,11 +177,23 @@ pub struct ModelConfig {
     pub uoro_epsilon: f64,
 }
 
+fn legacy_clip_scope() -> ClipScope {
+    ClipScope::Global
+}
+
+fn legacy_ok_rank() -> usize {
+    DEFAULT_OK_RANK
+}
+
+/// Rank of the `ok` learner when none is given.
+pub const DEFAULT_OK_RANK: usize = 8;
+
 impl ModelConfig {
-    /// The learner as the command line names it (`tbptt:K` with its window).
+    /// The learner as the command line names it (`tbptt:K` with its window, `ok:R` with its rank).
     pub fn learner_label(&self) -> String {
         match self.learner {
             LearnerKind::Tbptt => format!("tbptt:{}", self.tbptt_window),
+            LearnerKind::Ok => format!("ok:{}", self.ok_rank),
             l => l.name().to_string(),
         }
     }
@@ -145,6 +210,9 @@ impl Default for ModelConfig {
             optimizer: OptimizerKind::Adam,
             lr: DEFAULT_LR,
             clip: 1.0,
+            clip_scope: ClipScope::Recurrent,
+            ok_rank: DEFAULT_OK_RANK,
+            gradient_before_reduction: true,
             seed: 0,
             init_std: 0.01,
             uoro_epsilon: 1e-7,
@@ -160,6 +228,8 @@ pub mod limits {
     pub const MAX_HIDDEN: usize = 4096;
     /// Largest hidden size for exact RTRL, whose influence matrix has `k·n·r·n·m` entries.
     pub const MAX_RTRL_HIDDEN: usize = 64;
+    /// Largest rank of the `ok` learner.
+    pub const MAX_OK_RANK: usize = 32;
     /// Largest truncation window.
     pub const MAX_TBPTT_WINDOW: usize = 4096;
     /// Largest per-stream learner state, in bytes of f32 (one stream must never exhaust memory).
@@ -198,6 +268,9 @@ impl ModelConfig {
         if self.learner == LearnerKind::Tbptt && !(1..=limits::MAX_TBPTT_WINDOW).contains(&self.tbptt_window)
         {
             return Err(invalid("tbptt_window", format!("must be in 1..={}", limits::MAX_TBPTT_WINDOW)));
+        }
+        if self.learner == LearnerKind::Ok && !(1..=limits::MAX_OK_RANK).contains(&self.ok_rank) {
+            return Err(invalid("ok_rank", format!("must be in 1..={}", limits::MAX_OK_RANK)));
         }
         if !(self.lr.is_finite() && self.lr > 0.0 && self.lr <= 10.0) {
             return Err(invalid("lr", "must be a finite number in (0, 10]"));
@@ -298,7 +371,12 @@ impl ModelSpec {
         let slot = s + 6 + (n + 1) + vocab + n + s + rn + k * rn + k * k * n + 2;
         let learner = match self.learner() {
             // `u`, `A`, scale, forced sign, `δᵀA` and `u` rows, chunk bounds.
-            LearnerKind::KfRtrl => m + s * rn + 1 + 4 + rn + m + 4,
+            // With the gradient before the reduction: the last step's `a`, `D` and coefficient,
+            // and a second `δᵀA` and `u` row per input.
+            LearnerKind::KfRtrl => {
+                let last_step = if self.config.gradient_before_reduction { n + k * rn + 2 + rn + m } else { 0 };
+                m + s * rn + 1 + 4 + rn + m + 4 + last_step
+            }
             // `s̃`, `θ̃`, forced signs, scratch `y`, `s̃'`, `ν`, `w`.
             LearnerKind::Uoro => s + rn * m + 6 + rn + 2 * s + rn,
             // `G`, its product scratch, the Jacobian.
@@ -306,6 +384,12 @@ impl ModelSpec {
             // States, tokens and errors of the window; four counters.
             LearnerKind::Tbptt => window * (s + 1 + vocab) + 8,
             LearnerKind::Frozen => 0,
+            // `R + 1` terms of `u`, `A` and gradient weight, their `δᵀA` and `u` rows, the
+            // reduction's probabilities and forced choice.
+            LearnerKind::Ok => {
+                let terms = self.config.ok_rank as u64 + 1;
+                terms * (m + s * rn + 1) + terms * (rn + m) + 2 * terms + 2
+            }
         };
         4 * (slot + learner)
     }

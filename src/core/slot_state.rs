@@ -11,6 +11,12 @@
 //! | `kf.u` | `[m]` | kf-rtrl | the input-side factor `u` |
 //! | `kf.a` | `[k·n, r·n]` | kf-rtrl | the stored state-side factor, `A = kf.scale · kf.a` |
 //! | `kf.scale` | `[]` | kf-rtrl | the lazy scale of `kf.a` |
+//! | `kf.last_c` | `[]` | kf-rtrl, gradient before reduction | `s·p2` of the last reduction (0: it was exact) |
+//! | `kf.last_h`, `kf.last_d` | `[n]`, `[k·r·n]` | kf-rtrl, gradient before reduction | `h_{t-1}` and `D_t` of the last step |
+//! | `kf.last_token` (integer) | `[1]` | kf-rtrl, gradient before reduction | the last step's token |
+//! | `ok.u` | `[R+1, m]` | ok:R | the input-side factors; the last is the dropped term |
+//! | `ok.a` | `[k·n, (R+1)·r·n]` | ok:R | the state-side factors side by side |
+//! | `ok.weight` | `[R+1]` | ok:R | each term's weight in the gradient |
 //! | `uoro.s` | `[k·n]` | uoro | the state-side factor `s̃` |
 //! | `uoro.theta` | `[r·n, m]` | uoro | the parameter-side factor `θ̃` |
 //! | `rtrl.g` | `[k·n, r·n·m]` | rtrl | the influence matrix `∂s/∂W` (columns as the entries of `W`) |
@@ -105,11 +111,25 @@ impl SlotStateLayout {
         let mut layout =
             Self { counters: Vec::new(), indices: Vec::new(), tensors: vec![t(names::STATE, &[s])] };
         match spec.learner() {
-            LearnerKind::KfRtrl => layout.tensors.extend([
-                t(names::KF_U, &[m]),
-                t(names::KF_A, &[s, rn]),
-                t(names::KF_SCALE, &[]),
-            ]),
+            LearnerKind::KfRtrl => {
+                layout.tensors.extend([t(names::KF_U, &[m]), t(names::KF_A, &[s, rn]), t(names::KF_SCALE, &[])]);
+                if spec.config.gradient_before_reduction {
+                    layout.tensors.extend([
+                        t(names::KF_LAST_C, &[]),
+                        t(names::KF_LAST_H, &[spec.n]),
+                        t(names::KF_LAST_D, &[spec.k * rn]),
+                    ]);
+                    layout.indices.push(t(names::KF_LAST_TOKEN, &[1]));
+                }
+            }
+            LearnerKind::Ok => {
+                let terms = spec.config.ok_rank + 1;
+                layout.tensors.extend([
+                    t(names::OK_U, &[terms, m]),
+                    t(names::OK_A, &[s, terms * rn]),
+                    t(names::OK_WEIGHT, &[terms]),
+                ]);
+            }
             LearnerKind::Uoro => {
                 layout.tensors.extend([t(names::UORO_S, &[s]), t(names::UORO_THETA, &[rn, m])])
             }
@@ -159,6 +179,20 @@ pub mod names {
     pub const KF_A: &str = "kf.a";
     /// KF-RTRL's lazy scale of `A`.
     pub const KF_SCALE: &str = "kf.scale";
+    /// KF-RTRL's `s·p2` of the last reduction.
+    pub const KF_LAST_C: &str = "kf.last_c";
+    /// KF-RTRL's `h_{t-1}` of the last step.
+    pub const KF_LAST_H: &str = "kf.last_h";
+    /// KF-RTRL's `D_t` of the last step.
+    pub const KF_LAST_D: &str = "kf.last_d";
+    /// KF-RTRL's token of the last step.
+    pub const KF_LAST_TOKEN: &str = "kf.last_token";
+    /// OK's input-side factors.
+    pub const OK_U: &str = "ok.u";
+    /// OK's state-side factors.
+    pub const OK_A: &str = "ok.a";
+    /// OK's gradient weights.
+    pub const OK_WEIGHT: &str = "ok.weight";
     /// UORO's `s̃`.
     pub const UORO_S: &str = "uoro.s";
     /// UORO's `θ̃`.

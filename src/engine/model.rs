@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::core::model::ClipScope;
 use crate::core::{CellKind, LearnerKind, ModelConfig, ModelSpec, OptimizerKind};
 
 /// Longest model or stream name.
@@ -18,6 +19,14 @@ pub fn valid_name(name: &str) -> bool {
         && bytes.len() <= MAX_NAME_LEN
         && bytes[0].is_ascii_alphanumeric()
         && bytes.iter().all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+fn legacy_clip_scope() -> ClipScope {
+    ClipScope::Global
+}
+
+fn legacy_ok_rank() -> usize {
+    crate::core::model::DEFAULT_OK_RANK
 }
 
 /// A fully resolved model definition: every field present. This is also the `config` object of
@@ -41,8 +50,19 @@ pub struct ModelDefinition {
     pub optimizer: OptimizerKind,
     /// Learning rate.
     pub lr: f64,
-    /// Global gradient-norm clip; 0 disables clipping.
+    /// Gradient-norm clip; 0 disables clipping.
     pub clip: f64,
+    /// Which weights the clip measures (`recurrent`: `W` alone; `per-group`: `W` and `V` each;
+    /// `global`: both together). Absent from a saved definition: `global`, as before the choice.
+    #[serde(default = "legacy_clip_scope")]
+    pub clip_scope: ClipScope,
+    /// Rank of the `ok` learner.
+    #[serde(default = "legacy_ok_rank")]
+    pub ok_rank: usize,
+    /// KF-RTRL and OK take the gradient of the estimate before the last step's random
+    /// reduction. Absent from a saved definition: false, as before the choice.
+    #[serde(default)]
+    pub gradient_before_reduction: bool,
     /// Seed of the initial weights and of every random sign.
     pub seed: u64,
     /// Standard deviation of the initial weights.
@@ -68,6 +88,9 @@ impl ModelDefinition {
             optimizer: c.optimizer,
             lr: c.lr,
             clip: c.clip,
+            clip_scope: c.clip_scope,
+            ok_rank: c.ok_rank,
+            gradient_before_reduction: c.gradient_before_reduction,
             seed: c.seed,
             init_std: c.init_std,
             uoro_epsilon: c.uoro_epsilon,
@@ -86,6 +109,9 @@ impl ModelDefinition {
             optimizer: self.optimizer,
             lr: self.lr,
             clip: self.clip,
+            clip_scope: self.clip_scope,
+            ok_rank: self.ok_rank,
+            gradient_before_reduction: self.gradient_before_reduction,
             seed: self.seed,
             init_std: self.init_std,
             uoro_epsilon: self.uoro_epsilon,
@@ -129,6 +155,15 @@ pub struct ModelRequest {
     /// See [`ModelDefinition::clip`].
     #[serde(default)]
     pub clip: Option<f64>,
+    /// See [`ModelDefinition::clip_scope`].
+    #[serde(default)]
+    pub clip_scope: Option<ClipScope>,
+    /// See [`ModelDefinition::ok_rank`].
+    #[serde(default)]
+    pub ok_rank: Option<usize>,
+    /// See [`ModelDefinition::gradient_before_reduction`].
+    #[serde(default)]
+    pub gradient_before_reduction: Option<bool>,
     /// See [`ModelDefinition::seed`].
     #[serde(default)]
     pub seed: Option<u64>,
@@ -157,6 +192,9 @@ impl ModelRequest {
             optimizer: self.optimizer.unwrap_or(d.optimizer),
             lr: self.lr.unwrap_or(d.lr),
             clip: self.clip.unwrap_or(d.clip),
+            clip_scope: self.clip_scope.unwrap_or(d.clip_scope),
+            ok_rank: self.ok_rank.unwrap_or(d.ok_rank),
+            gradient_before_reduction: self.gradient_before_reduction.unwrap_or(d.gradient_before_reduction),
             seed: self.seed.unwrap_or(d.seed),
             init_std: self.init_std.unwrap_or(d.init_std),
             uoro_epsilon: self.uoro_epsilon.unwrap_or(d.uoro_epsilon),
@@ -179,7 +217,12 @@ pub fn estimate_model_bytes(spec: &ModelSpec, slots: usize) -> u128 {
     let step_scratch = (n + 1) + vocab + n + s + rn + k * rn + k * k * n + s;
     let learner = match spec.learner() {
         // Two alternating factor slabs, the Jacobian scratch and the `u` rows.
-        LearnerKind::KfRtrl => 2 * s * rn + s * s + 2 * m + rn,
+        LearnerKind::KfRtrl => 2 * s * rn + s * s + 2 * m + rn + 2 * (n + k * rn + 2 + rn + m),
+        // R + 1 terms of `u` and `A` (plus the gradient scratch), the product of R, the Jacobian.
+        LearnerKind::Ok => {
+            let terms = spec.config.ok_rank as u128 + 1;
+            terms * (m + s * rn) + terms * (rn + m) + terms * s * rn + s * s + 4 * terms
+        }
         LearnerKind::Uoro => 2 * s + rn * m + 2 * rn + 2 * s,
         LearnerKind::Rtrl => 2 * s * rn * m,
         LearnerKind::Tbptt => spec.config.tbptt_window as u128 * (s + 1 + vocab) + 4 * s + 2 * rn,

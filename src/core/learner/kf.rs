@@ -19,14 +19,14 @@ use ndarray::{Array1, Array2, ArrayView2, ArrayViewMut2, Axis, s};
 use rayon::prelude::*;
 
 use super::raw::{SlotBlocks, SlotRows};
-use super::{StepInputs, for_each_input};
+use super::{StepInputs, dense_input, for_each_input};
 use crate::core::cell::CellKind;
 use crate::core::float::{Float, all_finite, sum_squares};
 use crate::core::linalg::{Par, gemm, jacobian};
 use crate::core::model::{ModelSpec, Params};
 use crate::core::optim::Gradients;
 use crate::core::rng;
-use crate::core::slot_state::{SlotState, names};
+use crate::core::slot_state::{SlotState, SlotStateError, names};
 use crate::core::streams::SlotStep;
 
 /// Bytes of GEMM output one chunk of the wide strategy may produce: half of the 1 MiB L2 of the
@@ -62,7 +62,15 @@ pub struct KfRtrl<T> {
     a: Array2<T>,
     scale: ndarray::Array1<T>,
     forced_sign: Vec<Option<f64>>,
-    /// Scratch: `v = δᵀA` per input (`capacity × r·n`), `u` of the inputs (`capacity × m`).
+    /// With the gradient before the reduction: per slot, the last reduction's `c = s·p2` (0 when
+    /// it was exact), the step's `[h_{t-1}; D_t]` and token.
+    before_reduction: bool,
+    hidden: usize,
+    last_c: Array1<T>,
+    last_hd: Array2<T>,
+    last_token: Vec<u32>,
+    /// Scratch: `v = δᵀA` per input (`capacity × r·n`; twice as many rows with the gradient
+    /// before the reduction), `u` of the inputs (as many rows, `m` wide).
     v: Array2<T>,
     urows: Array2<T>,
     /// Scratch of the advance, one per pool thread (at most one per slot), made on first use.
@@ -93,14 +101,21 @@ impl<T: Float> KfRtrl<T> {
             "the wide strategy needs a cell without gates or carry (tanh)"
         );
         let (s, rn, m) = (spec.state_len(), spec.gate_rows(), spec.m);
+        let before = spec.config.gradient_before_reduction;
+        let (record, rows) = if before { (spec.n + spec.k * rn, 2 * capacity) } else { (0, capacity) };
         Self {
             strategy,
             u: Array2::zeros((capacity, m)),
             a: Array2::zeros((s, capacity * rn)),
             scale: ndarray::Array1::from_elem(capacity, T::one()),
             forced_sign: vec![None; capacity],
-            v: Array2::zeros((capacity, rn)),
-            urows: Array2::zeros((capacity, m)),
+            before_reduction: before,
+            hidden: spec.n,
+            last_c: Array1::zeros(capacity),
+            last_hd: Array2::zeros((capacity, record)),
+            last_token: vec![0; capacity],
+            v: Array2::zeros((rows, rn)),
+            urows: Array2::zeros((rows, m)),
             workspaces: Vec::new(),
             chunks: Vec::with_capacity(capacity),
         }
@@ -141,6 +156,9 @@ impl<T: Float> KfRtrl<T> {
         self.a = state.a;
         self.scale = state.scale;
         self.forced_sign = state.forced_sign;
+        self.last_c = state.last_c;
+        self.last_hd = state.last_hd;
+        self.last_token = state.last_token;
     }
 
     /// Forces the sign `s = c1·c2` of a slot's next advances (`None`: the seeded RNG). For
@@ -188,6 +206,28 @@ impl<T: Float> KfRtrl<T> {
         out.push_tensor(names::KF_U, vec![self.u.ncols()], self.u.row(slot).to_vec());
         out.push_tensor(names::KF_A, vec![s_len, rn], a.iter().copied().collect());
         out.push_tensor(names::KF_SCALE, vec![], vec![self.scale[slot]]);
+        if self.before_reduction {
+            let n = self.hidden;
+            let hd = self.last_hd.row(slot);
+            out.push_tensor(names::KF_LAST_C, vec![], vec![self.last_c[slot]]);
+            out.push_tensor(names::KF_LAST_H, vec![n], hd.slice(s![..n]).to_vec());
+            out.push_tensor(names::KF_LAST_D, vec![hd.len() - n], hd.slice(s![n..]).to_vec());
+            out.indices.push((names::KF_LAST_TOKEN.to_string(), vec![1], vec![self.last_token[slot]]));
+        }
+    }
+
+    /// Checks the last step's token of a [`SlotState`] whose layout was checked.
+    pub(super) fn check_import(&self, vocab: usize, state: &SlotState<T>) -> Result<(), SlotStateError> {
+        if let Some(&[t]) = state.index_tensor(names::KF_LAST_TOKEN)
+            && t as usize >= vocab
+        {
+            return Err(SlotStateError::Value {
+                name: names::KF_LAST_TOKEN.to_string(),
+                value: t.into(),
+                reason: format!("outside the vocabulary of {vocab}"),
+            });
+        }
+        Ok(())
     }
 
     /// Writes a checked [`SlotState`]'s factors into a slot (forced signs go back to the RNG).
@@ -199,13 +239,25 @@ impl<T: Float> KfRtrl<T> {
         self.a.slice_mut(s![.., slot * rn..(slot + 1) * rn]).assign(&a);
         self.scale[slot] = tensor(names::KF_SCALE)[0];
         self.forced_sign[slot] = None;
+        if self.before_reduction {
+            let n = self.hidden;
+            self.last_c[slot] = tensor(names::KF_LAST_C)[0];
+            let mut hd = self.last_hd.row_mut(slot);
+            hd.slice_mut(s![..n]).assign(&ndarray::ArrayView1::from(tensor(names::KF_LAST_H)));
+            hd.slice_mut(s![n..]).assign(&ndarray::ArrayView1::from(tensor(names::KF_LAST_D)));
+            self.last_token[slot] = state.index_tensor(names::KF_LAST_TOKEN).expect("checked layout")[0];
+        }
     }
 
     /// Whether a slot's `u`, stored `A` and scale are all finite.
     pub(super) fn slot_is_finite(&self, slot: usize) -> bool {
         let rn = self.v.ncols();
         let a = self.a.slice(s![.., slot * rn..(slot + 1) * rn]);
-        self.scale[slot].is_finite() && all_finite(self.u.row(slot)) && all_finite(a)
+        self.scale[slot].is_finite()
+            && all_finite(self.u.row(slot))
+            && all_finite(a)
+            && self.last_c[slot].is_finite()
+            && all_finite(self.last_hd.row(slot))
     }
 
     pub(super) fn reset(&mut self, slot: usize) {
@@ -213,6 +265,9 @@ impl<T: Float> KfRtrl<T> {
         self.u.row_mut(slot).fill(T::zero());
         self.a.slice_mut(s![.., slot * rn..(slot + 1) * rn]).fill(T::zero());
         self.scale[slot] = T::one();
+        self.last_c[slot] = T::zero();
+        self.last_hd.row_mut(slot).fill(T::zero());
+        self.last_token[slot] = 0;
     }
 
     pub(super) fn copy_slot(&mut self, src: usize, dst: usize) {
@@ -223,6 +278,10 @@ impl<T: Float> KfRtrl<T> {
         self.a.slice_mut(s![.., dst * rn..(dst + 1) * rn]).assign(&block);
         self.scale[dst] = self.scale[src];
         self.forced_sign[dst] = self.forced_sign[src];
+        self.last_c[dst] = self.last_c[src];
+        let hd = self.last_hd.row(src).to_owned();
+        self.last_hd.row_mut(dst).assign(&hd);
+        self.last_token[dst] = self.last_token[src];
     }
 
     /// `∇W += Σ_inputs (δᵀA) ⊗ u`, as per-stream `δᵀA` then one GEMM over the batch.
@@ -238,12 +297,19 @@ impl<T: Float> KfRtrl<T> {
         let a = &self.a;
         let scale = &self.scale;
         let u = &self.u;
+        let before = self.before_reduction;
+        let (last_c, last_hd, last_token) = (&self.last_c, &self.last_hd, &self.last_token);
         let vrows = SlotRows::new(&mut self.v);
         let urows = SlotRows::new(&mut self.urows);
         for_each_input(nb, |i| {
             let x = inputs[i];
-            // SAFETY: each task owns row `i` of the two scratch matrices.
+            // SAFETY: each task owns rows `i` and `nb + i` of the two scratch matrices.
             let (v, urow) = unsafe { (vrows.row(i), urows.row(i)) };
+            let mut second = before.then(|| unsafe { (vrows.row(nb + i), urows.row(nb + i)) });
+            if let Some((v2, u2)) = second.as_mut() {
+                v2.fill(T::zero());
+                u2.fill(T::zero());
+            }
             if !x.learn {
                 v.fill(T::zero());
                 urow.fill(T::zero());
@@ -251,44 +317,41 @@ impl<T: Float> KfRtrl<T> {
             }
             let b = x.slot;
             let block = a.slice(s![hoff..hoff + n, b * rn..(b + 1) * rn]);
-            v.fill(T::zero());
             let delta = delta_h.row(i);
             let delta = delta.as_slice().expect("contiguous");
-            // Four rows per sweep over `v`: the pass is bound by reading `A` once.
-            let mut j = 0;
-            while j + 4 <= n {
-                let r0 = block.row(j);
-                let r1 = block.row(j + 1);
-                let r2 = block.row(j + 2);
-                let r3 = block.row(j + 3);
-                let (r0, r1, r2, r3) = (
-                    r0.as_slice().expect("rows"),
-                    r1.as_slice().expect("rows"),
-                    r2.as_slice().expect("rows"),
-                    r3.as_slice().expect("rows"),
-                );
-                let (d0, d1, d2, d3) = (delta[j], delta[j + 1], delta[j + 2], delta[j + 3]);
-                for c in 0..v.len() {
-                    v[c] = v[c] + d0 * r0[c] + d1 * r1[c] + d2 * r2[c] + d3 * r3[c];
-                }
-                j += 4;
-            }
-            for jj in j..n {
-                let row = block.row(jj);
-                let row = row.as_slice().expect("rows");
-                let dj = delta[jj];
-                for (vv, &aa) in v.iter_mut().zip(row) {
-                    *vv = *vv + dj * aa;
-                }
-            }
+            contract_rows(block, delta, v);
             let sc = scale[b];
             v.iter_mut().for_each(|x| *x = *x * sc);
             urow.copy_from_slice(u.row(b).as_slice().expect("contiguous"));
+            let c = if before { last_c[b] } else { T::zero() };
+            if let Some((v2, u2)) = second
+                && c != T::zero()
+            {
+                // The sum before the last reduction, u_{t-1} ⊗ B + a ⊗ D, in terms of the
+                // reduced factors: u_t ⊗ (A_t − D/c) + a ⊗ (2D − c·A_t) with c = s·p2.
+                let hd = last_hd.row(b);
+                let hd = hd.as_slice().expect("contiguous");
+                let (h_prev, d) = hd.split_at(n);
+                let d_h = &d[(spec.k - 1) * rn..];
+                let inv_c = T::one() / c;
+                let two = T::one() + T::one();
+                for q in 0..spec.r {
+                    for j in 0..n {
+                        let col = q * n + j;
+                        let w = delta[j] * d_h[col];
+                        let vt = v[col];
+                        v[col] = vt - w * inv_c;
+                        v2[col] = two * w - c * vt;
+                    }
+                }
+                dense_input(spec, last_token[b], h_prev, u2);
+            }
         });
+        let rows = if before { 2 * nb } else { nb };
         gemm(
             T::one(),
-            self.v.slice(s![..nb, ..]).t(),
-            self.urows.slice(s![..nb, ..]),
+            self.v.slice(s![..rows, ..]).t(),
+            self.urows.slice(s![..rows, ..]),
             T::one(),
             grad.w.view_mut(),
             Par::Pool,
@@ -331,6 +394,13 @@ impl<T: Float> KfRtrl<T> {
         let urows = SlotRows::new(&mut self.u);
         let scales = SlotRows::new(&mut self.scale);
         let forced = &self.forced_sign;
+        let record = Record {
+            enabled: self.before_reduction,
+            c: SlotRows::new(&mut self.last_c),
+            hd: SlotRows::new(&mut self.last_hd),
+            token: SlotRows::new_vec(&mut self.last_token),
+        };
+        let record = &record;
         let workspaces = &mut self.workspaces[..workers];
         // One thread per workspace; a single worker lets the GEMM use the pool.
         let par = if workers > 1 { Par::Single } else { Par::Pool };
@@ -366,7 +436,9 @@ impl<T: Float> KfRtrl<T> {
                         nb2 += sum_squares(rs);
                     }
                     let sign = sign_for(forced, step, b);
-                    sc[0] = compress(spec, u, dst.view_mut(), nb2, step, i, sign);
+                    let (new_scale, c) = compress(spec, u, dst.view_mut(), nb2, step, i, sign);
+                    sc[0] = new_scale;
+                    record.write(step, i, b, c);
                 }
             };
             if workers > 1 {
@@ -393,7 +465,9 @@ impl<T: Float> KfRtrl<T> {
                 a.assign(&ws.product);
                 let nb2: f64 = a.axis_iter(Axis(0)).map(|r| sum_squares(r.as_slice().expect("rows"))).sum();
                 let sign = sign_for(forced, step, b);
-                sc[0] = compress(spec, u, a.view_mut(), nb2, step, i, sign);
+                let (new_scale, c) = compress(spec, u, a.view_mut(), nb2, step, i, sign);
+                sc[0] = new_scale;
+                record.write(step, i, b, c);
             };
             if workers > 1 {
                 workspaces.par_iter_mut().enumerate().for_each(|(w, ws)| {
@@ -406,13 +480,73 @@ impl<T: Float> KfRtrl<T> {
     }
 }
 
+/// Where an advance writes the last step's record (gradient before the reduction).
+struct Record<T> {
+    enabled: bool,
+    c: SlotRows<T>,
+    hd: SlotRows<T>,
+    token: SlotRows<u32>,
+}
+
+impl<T: Float> Record<T> {
+    /// Records input `i`'s step into slot `b`: `c = s·p2` (0 when exact), `h_{t-1}`, `D_t`, token.
+    fn write(&self, step: &StepInputs<'_, T>, i: usize, b: usize, c: T) {
+        if !self.enabled {
+            return;
+        }
+        // SAFETY: the caller owns slot `b` for this advance (distinct slots per batch).
+        let (cs, hd, token) = unsafe { (self.c.row(b), self.hd.row(b), self.token.row(b)) };
+        cs[0] = c;
+        let prev = step.prev.row(i);
+        let prev = prev.as_slice().expect("contiguous");
+        let h_prev = &prev[prev.len() - (hd.len() - step.d.ncols())..];
+        let (h, d) = hd.split_at_mut(h_prev.len());
+        h.copy_from_slice(h_prev);
+        d.copy_from_slice(step.d.row(i).as_slice().expect("contiguous"));
+        token[0] = step.inputs[i].token;
+    }
+}
+
+/// `v = δᵀ block` (block rows are state units), four rows per sweep over `v`: the pass is bound by
+/// reading `A` once.
+fn contract_rows<T: Float>(block: ArrayView2<'_, T>, delta: &[T], v: &mut [T]) {
+    let n = block.nrows();
+    v.fill(T::zero());
+    let mut j = 0;
+    while j + 4 <= n {
+        let r0 = block.row(j);
+        let r1 = block.row(j + 1);
+        let r2 = block.row(j + 2);
+        let r3 = block.row(j + 3);
+        let (r0, r1, r2, r3) = (
+            r0.to_slice().expect("rows"),
+            r1.to_slice().expect("rows"),
+            r2.to_slice().expect("rows"),
+            r3.to_slice().expect("rows"),
+        );
+        let (d0, d1, d2, d3) = (delta[j], delta[j + 1], delta[j + 2], delta[j + 3]);
+        for c in 0..v.len() {
+            v[c] = v[c] + d0 * r0[c] + d1 * r1[c] + d2 * r2[c] + d3 * r3[c];
+        }
+        j += 4;
+    }
+    for jj in j..n {
+        let row = block.row(jj);
+        let row = row.to_slice().expect("rows");
+        let dj = delta[jj];
+        for (vv, &aa) in v.iter_mut().zip(row) {
+            *vv = *vv + dj * aa;
+        }
+    }
+}
+
 fn sign_for<T>(forced: &[Option<f64>], step: &StepInputs<'_, T>, slot: usize) -> f64 {
     forced[slot].unwrap_or_else(|| rng::sign(step.sign_key[slot], step.sign_counter[slot]))
 }
 
 /// The unbiased rank-one compression of `u ⊗ B + a ⊗ D` (KF-RTRL.md §3.2 and the exact zero-factor
 /// branches of §8): updates `u` in place, turns `dst` (holding the true `B`) into the stored new
-/// `A`, and returns its scale. `nb2 = ‖B‖²`.
+/// `A`, and returns its scale and `c = s·p2` (0 when the compression was exact). `nb2 = ‖B‖²`.
 fn compress<T: Float>(
     spec: &ModelSpec,
     u: &mut [T],
@@ -421,7 +555,7 @@ fn compress<T: Float>(
     step: &StepInputs<'_, T>,
     i: usize,
     sign: f64,
-) -> T {
+) -> (T, T) {
     let (n, r, k) = (spec.n, spec.r, spec.k);
     let d = step.d.row(i);
     let d = d.as_slice().expect("contiguous");
@@ -459,7 +593,7 @@ fn compress<T: Float>(
     if old_term_zero && nd == 0.0 {
         u.fill(T::zero());
         dst.fill(T::zero());
-        T::one()
+        (T::one(), T::zero())
     } else if old_term_zero {
         // Exact: u = p2·a, A = D/p2.
         let p2 = nd.sqrt() / na.sqrt();
@@ -467,13 +601,13 @@ fn compress<T: Float>(
         add_a(u, T::from_f64_rounded(p2));
         dst.fill(T::zero());
         add_d(&mut dst, T::one());
-        T::from_f64_rounded(1.0 / p2)
+        (T::from_f64_rounded(1.0 / p2), T::zero())
     } else if nd == 0.0 {
         // Exact: u = p1·u, A = B/p1.
         let p1 = nbn.sqrt() / nu.sqrt();
         let c = T::from_f64_rounded(p1);
         u.iter_mut().for_each(|x| *x = *x * c);
-        T::from_f64_rounded(1.0 / p1)
+        (T::from_f64_rounded(1.0 / p1), T::zero())
     } else {
         // u = p1·u + s·p2·a, A = B/p1 + s·D/p2 = (1/p1)(B + s·(p1/p2)·D).
         let p1 = nbn.sqrt() / nu.sqrt();
@@ -482,6 +616,6 @@ fn compress<T: Float>(
         u.iter_mut().for_each(|x| *x = *x * c);
         add_a(u, T::from_f64_rounded(sign * p2));
         add_d(&mut dst, T::from_f64_rounded(sign * p1 / p2));
-        T::from_f64_rounded(1.0 / p1)
+        (T::from_f64_rounded(1.0 / p1), T::from_f64_rounded(sign * p2))
     }
 }

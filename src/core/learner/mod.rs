@@ -7,6 +7,8 @@
 //! - `advance`: follow the state update `s_{t-1} → s_t` with its influence estimate.
 
 mod kf;
+mod ok;
+pub mod ok_reduce;
 pub(crate) mod raw;
 mod rtrl;
 mod tbptt;
@@ -15,6 +17,7 @@ mod uoro;
 pub mod reference;
 
 pub use kf::{KfRtrl, KfStrategy};
+pub use ok::OkRtrl;
 pub use rtrl::Rtrl;
 pub use tbptt::Tbptt;
 pub use uoro::Uoro;
@@ -58,6 +61,8 @@ pub enum Learner<T: Float> {
     Tbptt(Tbptt<T>),
     /// No learning.
     Frozen,
+    /// Optimal Kronecker-sum RTRL.
+    Ok(OkRtrl<T>),
 }
 
 impl<T: Float> Learner<T> {
@@ -69,6 +74,7 @@ impl<T: Float> Learner<T> {
             LearnerKind::Rtrl => Learner::Rtrl(Rtrl::new(spec, capacity)),
             LearnerKind::Tbptt => Learner::Tbptt(Tbptt::new(spec, capacity)),
             LearnerKind::Frozen => Learner::Frozen,
+            LearnerKind::Ok => Learner::Ok(OkRtrl::new(spec, capacity)),
         }
     }
 
@@ -85,6 +91,7 @@ impl<T: Float> Learner<T> {
             Learner::Uoro(l) => l.reset(slot),
             Learner::Rtrl(l) => l.reset(slot),
             Learner::Tbptt(l) => l.reset(slot),
+            Learner::Ok(l) => l.reset(slot),
             Learner::Frozen => {}
         }
     }
@@ -96,6 +103,7 @@ impl<T: Float> Learner<T> {
             Learner::Uoro(l) => l.slot_is_finite(slot),
             Learner::Rtrl(l) => l.slot_is_finite(slot),
             Learner::Tbptt(l) => l.slot_is_finite(slot),
+            Learner::Ok(l) => l.slot_is_finite(slot),
             Learner::Frozen => true,
         }
     }
@@ -132,6 +140,7 @@ impl<T: Float> Learner<T> {
             Learner::Uoro(l) => l.copy_slot(src, dst),
             Learner::Rtrl(l) => l.copy_slot(src, dst),
             Learner::Tbptt(l) => l.copy_slot(src, dst),
+            Learner::Ok(l) => l.copy_slot(src, dst),
             Learner::Frozen => {}
         }
     }
@@ -143,6 +152,7 @@ impl<T: Float> Learner<T> {
             Learner::Uoro(l) => l.export_slot(slot, out),
             Learner::Rtrl(l) => l.export_slot(slot, out),
             Learner::Tbptt(l) => l.export_slot(slot, out),
+            Learner::Ok(l) => l.export_slot(slot, out),
             Learner::Frozen => {}
         }
     }
@@ -151,6 +161,7 @@ impl<T: Float> Learner<T> {
     pub(crate) fn check_import(&self, spec: &ModelSpec, state: &SlotState<T>) -> Result<(), SlotStateError> {
         match self {
             Learner::Tbptt(l) => l.check_import(spec.vocab, state),
+            Learner::KfRtrl(l) => l.check_import(spec.vocab, state),
             _ => Ok(()),
         }
     }
@@ -162,6 +173,7 @@ impl<T: Float> Learner<T> {
             Learner::Uoro(l) => l.import_slot(slot, state),
             Learner::Rtrl(l) => l.import_slot(slot, state),
             Learner::Tbptt(l) => l.import_slot(slot, state),
+            Learner::Ok(l) => l.import_slot(slot, state),
             Learner::Frozen => {}
         }
     }
@@ -185,6 +197,7 @@ impl<T: Float> Learner<T> {
             Learner::Uoro(l) => l.gradient(spec, inputs, delta_h, grad),
             Learner::Rtrl(l) => l.gradient(spec, inputs, delta_h, grad),
             Learner::Tbptt(l) => l.gradient(spec, params, inputs, err, h1, states, grad),
+            Learner::Ok(l) => l.gradient(spec, inputs, delta_h, grad),
             Learner::Frozen => 0.0,
         }
     }
@@ -196,6 +209,7 @@ impl<T: Float> Learner<T> {
             Learner::Uoro(l) => l.advance(spec, params, step),
             Learner::Rtrl(l) => l.advance(spec, params, step),
             Learner::Tbptt(l) => l.advance(step),
+            Learner::Ok(l) => l.advance(spec, params, step),
             Learner::Frozen => {}
         }
     }
