@@ -155,7 +155,7 @@ pub fn memory(model: &ModelConfig, streams: usize) -> Result<MemoryReport, Strin
     let per_stream = if c > 1 { ((rc - r1) - (r1 - r0)) / (c - 1) as f64 } else { r1 - r0 };
     Ok(MemoryReport {
         cell: spec.cell().name().into(),
-        learner: spec.learner().name().into(),
+        learner: spec.config.learner_label(),
         hidden: spec.n,
         vocab: spec.vocab,
         streams: c,
@@ -257,7 +257,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchResult, crate::core::model::ConfigE
     let gflops = tps * flops / 1e9;
     Ok(BenchResult {
         cell: spec.cell().name().into(),
-        learner: spec.learner().name().into(),
+        learner: spec.config.learner_label(),
         hidden: spec.n,
         batch: b,
         vocab: spec.vocab,

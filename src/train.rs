@@ -244,7 +244,7 @@ fn train_evaluated_by(
     let at_end = evals.last().filter(|p| p.symbols == start_symbols + total).map(|p| p.bpc);
     let eval_bpc = eval.map(|ev| at_end.unwrap_or_else(|| evaluate(&spec, &params, ev)));
     let report = TrainReport {
-        learner: spec.learner().name().into(),
+        learner: spec.config.learner_label(),
         cell: spec.cell().name().into(),
         hidden: spec.n,
         batch: b,

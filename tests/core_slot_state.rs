@@ -15,6 +15,9 @@ enum Variant {
     Rtrl,
     Tbptt,
     Frozen,
+    /// KF-RTRL (Jacobian) with the gradient taken after the reduction (no last-step record).
+    KfAfterReduction,
+    Ok,
 }
 
 const WINDOW: usize = 4;
@@ -27,6 +30,8 @@ fn variants(cell: CellKind) -> Vec<Variant> {
         Variant::Rtrl,
         Variant::Tbptt,
         Variant::Frozen,
+        Variant::KfAfterReduction,
+        Variant::Ok,
     ];
     if cell == CellKind::Tanh {
         v.push(Variant::Kf(KfStrategy::Wide));
@@ -36,7 +41,8 @@ fn variants(cell: CellKind) -> Vec<Variant> {
 
 fn spec_for(cell: CellKind, variant: Variant, optimizer: OptimizerKind) -> ModelSpec {
     let learner = match variant {
-        Variant::Kf(_) => LearnerKind::KfRtrl,
+        Variant::Kf(_) | Variant::KfAfterReduction => LearnerKind::KfRtrl,
+        Variant::Ok => LearnerKind::Ok,
         Variant::Uoro => LearnerKind::Uoro,
         Variant::Rtrl => LearnerKind::Rtrl,
         Variant::Tbptt => LearnerKind::Tbptt,
@@ -48,6 +54,8 @@ fn spec_for(cell: CellKind, variant: Variant, optimizer: OptimizerKind) -> Model
         hidden: 5,
         learner,
         tbptt_window: WINDOW,
+        ok_rank: 3,
+        gradient_before_reduction: variant != Variant::KfAfterReduction,
         optimizer,
         lr: 0.05,
         clip: 0.0,
@@ -251,9 +259,18 @@ fn exports_follow_the_layout_of_the_spec() {
         OptimizerKind::Adam,
     ));
     let names_of: Vec<&str> = kf.tensors.iter().map(|(n, _)| n.as_str()).collect();
-    assert_eq!(names_of, ["state", "kf.u", "kf.a", "kf.scale"]);
+    assert_eq!(names_of, ["state", "kf.u", "kf.a", "kf.scale", "kf.last_c", "kf.last_h", "kf.last_d"]);
     assert_eq!(kf.tensors[2].1, vec![10, 20]);
     assert_eq!(kf.tensors[3].1, Vec::<usize>::new());
+    // [h; D] of an LSTM step: n = 5 and k·r·n = 2·4·5.
+    assert_eq!((kf.tensors[5].1.clone(), kf.tensors[6].1.clone()), (vec![5], vec![40]));
+    assert_eq!(kf.indices, [("kf.last_token".to_string(), vec![1])]);
+    let after = SlotStateLayout::of(&spec_for(CellKind::Lstm, Variant::KfAfterReduction, OptimizerKind::Adam));
+    assert_eq!(after.tensors.len(), 4);
+    let ok = SlotStateLayout::of(&spec_for(CellKind::Rhn, Variant::Ok, OptimizerKind::Adam));
+    let names_of: Vec<(&str, &[usize])> = ok.tensors.iter().map(|(n, s)| (n.as_str(), s.as_slice())).collect();
+    // R + 1 = 4 terms; m = 7 + 5 + 1; k·n = 5 and r·n = 10.
+    assert_eq!(names_of, [("state", &[5][..]), ("ok.u", &[4, 13][..]), ("ok.a", &[5, 40][..]), ("ok.weight", &[4][..])]);
 }
 
 /// Importing a slot at the start of a sequence into a busy slot leaves nothing of the occupant:
