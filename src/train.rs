@@ -24,6 +24,27 @@ pub struct TrainConfig {
     pub reset_every: Option<u64>,
     /// Evaluate on the held-out corpus every this many symbols (all streams counted).
     pub eval_every: Option<u64>,
+    /// Record a [`TracePoint`] every this many steps (diagnostics of a long run's stability).
+    pub trace_every: Option<u64>,
+}
+
+/// The state of a run at one step: what grows when an online learner degrades.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct TracePoint {
+    /// Symbols consumed by this run.
+    pub symbols: u64,
+    /// Running prequential bits per symbol (recent symbols).
+    pub recent_bpc: f64,
+    /// Norm of the step's averaged `W` gradient estimate, before clipping.
+    pub grad_norm_w: f64,
+    /// Norm of the step's averaged readout gradient, before clipping.
+    pub grad_norm_v: f64,
+    /// Whether the step's update was clipped.
+    pub clipped: bool,
+    /// Mean over the streams of the carried influence estimate's norm `‖Ĝ‖` (0 for TBPTT).
+    pub influence_norm_mean: f64,
+    /// Largest such norm.
+    pub influence_norm_max: f64,
 }
 
 /// One evaluation during training.
@@ -60,6 +81,9 @@ pub struct TrainReport {
     pub eval_bpc: Option<f64>,
     /// Evaluations during training.
     pub evals: Vec<EvalPoint>,
+    /// Diagnostics every `trace_every` steps (empty without).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub trace: Vec<TracePoint>,
     /// Optimizer updates skipped because the gradient was not finite.
     pub nonfinite_updates: u64,
     /// Training throughput.
@@ -103,6 +127,8 @@ pub struct Progress {
     pub recent_bpc: f64,
     /// The evaluation taken at this step, if one was due.
     pub eval: Option<EvalPoint>,
+    /// The trace point recorded at this step, if one was due.
+    pub trace: Option<TracePoint>,
 }
 
 /// Mean bits per symbol of `tokens` under frozen weights: one sequential pass from a zero state.
@@ -198,6 +224,7 @@ fn train_evaluated_by(
     let mut evals = Vec::new();
     let mut nonfinite = 0;
     let mut eval_seconds = 0.0;
+    let mut trace = Vec::new();
     let start = Instant::now();
     // The loop runs on a pool thread so that the step's parallel sections fork inside the pool
     // rather than handing work over from an outside thread at every step.
@@ -213,6 +240,7 @@ fn train_evaluated_by(
             if report.update == Some(crate::core::UpdateOutcome::NonFinite) {
                 nonfinite += 1;
             }
+            let traced = cfg.trace_every.is_some_and(|every| every > 0 && (i + 1) % every == 0);
             let step_loss: f64 = losses.iter().sum::<f64>() / std::f64::consts::LN_2;
             sum += step_loss;
             if i >= tail_from {
@@ -235,7 +263,29 @@ fn train_evaluated_by(
                 eval_now = Some(point);
                 eval_seconds += e0.elapsed().as_secs_f64();
             }
-            on_progress(Progress { symbols, total, recent_bpc: recent, eval: eval_now });
+            let mut trace_now = None;
+            if traced {
+                let (grad_norm_w, grad_norm_v) = set.gradients().group_norms();
+                let norms: Vec<f64> = (0..b).filter_map(|s| set.learner().influence_norm(s)).collect();
+                trace.push(TracePoint {
+                    symbols,
+                    recent_bpc: recent,
+                    grad_norm_w,
+                    grad_norm_v,
+                    clipped: matches!(
+                        report.update,
+                        Some(crate::core::UpdateOutcome::Applied { clipped: true, .. })
+                    ),
+                    influence_norm_mean: if norms.is_empty() {
+                        0.0
+                    } else {
+                        norms.iter().sum::<f64>() / norms.len() as f64
+                    },
+                    influence_norm_max: norms.iter().copied().fold(0.0, f64::max),
+                });
+                trace_now = trace.last().copied();
+            }
+            on_progress(Progress { symbols, total, recent_bpc: recent, eval: eval_now, trace: trace_now });
         }
     });
     let seconds = start.elapsed().as_secs_f64() - eval_seconds;
@@ -255,6 +305,7 @@ fn train_evaluated_by(
         train_bpc_final: tail_sum / tail_count.max(1) as f64,
         eval_bpc,
         evals,
+        trace,
         nonfinite_updates: nonfinite,
         symbols_per_sec: total as f64 / seconds,
         seconds,
@@ -281,6 +332,7 @@ mod tests {
                 steps: 10,
                 reset_every: None,
                 eval_every: Some(every),
+                trace_every: None,
             };
             let spec = cfg.model.check().unwrap();
             let mut passes = 0;

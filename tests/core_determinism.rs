@@ -7,10 +7,17 @@ use kfrtrl::core::{CellKind, LearnerKind, ModelConfig, Optimizer, Params, SlotSt
 fn run(threads: usize, cell: CellKind, learner: LearnerKind) -> (Params<f32>, Vec<f32>, Vec<u64>) {
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
     pool.install(|| {
-        let spec =
-            ModelConfig { vocab_size: 256, cell, hidden: 128, learner, ok_rank: 3, seed: 3, ..ModelConfig::default() }
-                .check()
-                .unwrap();
+        let spec = ModelConfig {
+            vocab_size: 256,
+            cell,
+            hidden: 128,
+            learner,
+            ok_rank: 3,
+            seed: 3,
+            ..ModelConfig::default()
+        }
+        .check()
+        .unwrap();
         let mut params = Params::<f32>::init(&spec);
         let mut opt = Optimizer::new(&spec);
         let batch = 6;

@@ -15,8 +15,8 @@
 //! `‖measured − oracle‖_F / ‖oracle‖_F`, and every assertion prints the measured value.
 
 use kfrtrl::core::learner::reference::kron_influence;
-use kfrtrl::core::rng::CounterRng;
 use kfrtrl::core::model::ClipScope;
+use kfrtrl::core::rng::CounterRng;
 use kfrtrl::core::{
     CellKind, Learner, LearnerKind, ModelConfig, ModelSpec, Optimizer, OptimizerKind, Params, SlotStep,
     StreamSet, UpdateOutcome,

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use kfrtrl::core::learner::KfRtrl;
 use kfrtrl::core::learner::reference;
-use kfrtrl::core::rng::{self, CounterRng, derive_key};
 use kfrtrl::core::model::ClipScope;
+use kfrtrl::core::rng::{self, CounterRng, derive_key};
 use kfrtrl::core::{
     CellKind, Float, Gradients, KfStrategy, Learner, LearnerKind, ModelConfig, ModelSpec, Optimizer,
     OptimizerKind, Params, SlotStep, StreamSet,

@@ -57,8 +57,14 @@ fn steady_state_steps_allocate_nothing() {
 
 fn steady_state_steps_allocate_nothing_in_pool() {
     // One test function, so that no other test's allocations are counted.
-    let learners =
-        [LearnerKind::KfRtrl, LearnerKind::Ok, LearnerKind::Uoro, LearnerKind::Rtrl, LearnerKind::Tbptt, LearnerKind::Frozen];
+    let learners = [
+        LearnerKind::KfRtrl,
+        LearnerKind::Ok,
+        LearnerKind::Uoro,
+        LearnerKind::Rtrl,
+        LearnerKind::Tbptt,
+        LearnerKind::Frozen,
+    ];
     let mut report = Vec::new();
     for cell in CellKind::ALL {
         for learner in learners {

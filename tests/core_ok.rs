@@ -11,11 +11,20 @@ use kfrtrl::core::learner::ok_reduce::{Choice, Reduction};
 use kfrtrl::core::learner::{KfRtrl, OkRtrl, reference};
 use kfrtrl::core::model::ClipScope;
 use kfrtrl::core::rng::{CounterRng, derive_key};
-use kfrtrl::core::{CellKind, Gradients, Learner, LearnerKind, ModelConfig, ModelSpec, OptimizerKind, Params};
+use kfrtrl::core::{
+    CellKind, Gradients, Learner, LearnerKind, ModelConfig, ModelSpec, OptimizerKind, Params,
+};
 use kfrtrl::core::{SlotStep, StreamSet};
 use ndarray::{Array2, ArrayView2, s};
 
-fn config(cell: CellKind, n: usize, vocab: usize, learner: LearnerKind, rank: usize, before: bool) -> ModelConfig {
+fn config(
+    cell: CellKind,
+    n: usize,
+    vocab: usize,
+    learner: LearnerKind,
+    rank: usize,
+    before: bool,
+) -> ModelConfig {
     ModelConfig {
         vocab_size: vocab,
         cell,
@@ -96,7 +105,11 @@ fn before_reduction(set: &StreamSet<f64>, slot: usize) -> Array2<f64> {
     sum
 }
 
-fn exact_run(cfg: &ModelConfig, params: &Params<f64>, toks: &[u32]) -> (StreamSet<f64>, Array2<f64>, Gradients<f64>) {
+fn exact_run(
+    cfg: &ModelConfig,
+    params: &Params<f64>,
+    toks: &[u32],
+) -> (StreamSet<f64>, Array2<f64>, Gradients<f64>) {
     let spec = check(&ModelConfig { learner: LearnerKind::Rtrl, ..cfg.clone() });
     let mut set = StreamSet::<f64>::new(&spec, 1);
     let mut sum = Gradients::zeros(&spec);
@@ -164,7 +177,8 @@ fn enumerate(cfg: &ModelConfig, params: &Params<f64>, toks: &[u32]) -> (StreamSe
     (cur, paths)
 }
 
-const CELLS: [(CellKind, usize, usize); 3] = [(CellKind::Tanh, 3, 3), (CellKind::Rhn, 3, 3), (CellKind::Lstm, 2, 3)];
+const CELLS: [(CellKind, usize, usize); 3] =
+    [(CellKind::Tanh, 3, 3), (CellKind::Rhn, 3, 3), (CellKind::Lstm, 2, 3)];
 
 /// T-OK2: the probability-weighted mean over every path of the carried estimate equals exact
 /// RTRL's influence (T steps past the rank, so the reductions are random), for every cell; the
@@ -187,7 +201,10 @@ fn t_ok2_enumerated_paths_average_to_exact_rtrl() {
             assert_eq!(set.state(p.slot), exact.state(0), "{cell}: the state does not depend on the path");
         }
         let err = rel(&mean, &g);
-        eprintln!("{cell}: {} paths, weight {total}, mean rel {err:.2e}, worst path {worst:.2e}", paths.len());
+        eprintln!(
+            "{cell}: {} paths, weight {total}, mean rel {err:.2e}, worst path {worst:.2e}",
+            paths.len()
+        );
         assert!((total - 1.0).abs() < 1e-12, "{cell}: probabilities sum to {total}");
         assert!(paths.len() > 3, "{cell}: the reductions should have been random");
         assert!(worst > 1e-3, "{cell}: a single path should differ from G: {worst:.2e}");
@@ -246,7 +263,8 @@ fn t_ok1_one_step_mean_exact_and_variance_closed_form() {
         // learner (Gram matrices of the dense terms).
         // Kronecker rearrangement: rows over u's index, columns over A's entries.
         let (s_len, rn, m) = (spec.state_len(), spec.gate_rows(), spec.m);
-        let arranged = Array2::from_shape_fn((m, s_len * rn), |(col, e)| target[[e / rn, (e % rn) * m + col]]);
+        let arranged =
+            Array2::from_shape_fn((m, s_len * rn), |(col, e)| target[[e / rn, (e % rn) * m + col]]);
         let mut sorted = singular_values(&arranged);
         sorted.truncate(rank + 1);
         sorted.sort_by(f64::total_cmp);
@@ -271,7 +289,11 @@ fn singular_values(y: &Array2<f64>) -> Vec<f64> {
                     continue;
                 }
                 let theta = (a[[q, q]] - a[[p, p]]) / (2.0 * apq);
-                let t = if theta == 0.0 { 1.0 } else { theta.signum() / (theta.abs() + (theta * theta + 1.0).sqrt()) };
+                let t = if theta == 0.0 {
+                    1.0
+                } else {
+                    theta.signum() / (theta.abs() + (theta * theta + 1.0).sqrt())
+                };
                 let c = 1.0 / (t * t + 1.0).sqrt();
                 let sn = t * c;
                 for r in 0..k {
@@ -329,7 +351,12 @@ fn t_ok3_ok4_exact_after_reset_and_at_full_rank() {
 /// The one-step variance of KF-RTRL's reduction (optimal ratio, both signs) and of OK-1's
 /// (all outcomes) for `u ⊗ B + a ⊗ D`.
 fn one_step_variances(u: &[f64], b: &[f64], a: &[f64], d: &[f64]) -> (f64, f64) {
-    let target: Vec<f64> = u.iter().flat_map(|&x| b.iter().map(move |&y| x * y)).zip(a.iter().flat_map(|&x| d.iter().map(move |&y| x * y))).map(|(p, q)| p + q).collect();
+    let target: Vec<f64> = u
+        .iter()
+        .flat_map(|&x| b.iter().map(move |&y| x * y))
+        .zip(a.iter().flat_map(|&x| d.iter().map(move |&y| x * y)))
+        .map(|(p, q)| p + q)
+        .collect();
     let u1 = ndarray::Array1::from(u.to_vec());
     let a1 = ndarray::Array1::from(a.to_vec());
     let b2 = Array2::from_shape_vec((1, b.len()), b.to_vec()).unwrap();
@@ -585,6 +612,10 @@ fn batched_equals_per_stream_and_export_import_continues_bit_for_bit() {
             batched.advance(&params, &[SlotStep::learn(1, t % vocab as u32)]).unwrap();
             moved.advance(&params, &[SlotStep::learn(2, t % vocab as u32)]).unwrap();
         }
-        assert_eq!(batched.export_slot(1).tensors, moved.export_slot(2).tensors, "{cell}: resumed slot differs");
+        assert_eq!(
+            batched.export_slot(1).tensors,
+            moved.export_slot(2).tensors,
+            "{cell}: resumed slot differs"
+        );
     }
 }

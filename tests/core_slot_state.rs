@@ -265,12 +265,17 @@ fn exports_follow_the_layout_of_the_spec() {
     // [h; D] of an LSTM step: n = 5 and k·r·n = 2·4·5.
     assert_eq!((kf.tensors[5].1.clone(), kf.tensors[6].1.clone()), (vec![5], vec![40]));
     assert_eq!(kf.indices, [("kf.last_token".to_string(), vec![1])]);
-    let after = SlotStateLayout::of(&spec_for(CellKind::Lstm, Variant::KfAfterReduction, OptimizerKind::Adam));
+    let after =
+        SlotStateLayout::of(&spec_for(CellKind::Lstm, Variant::KfAfterReduction, OptimizerKind::Adam));
     assert_eq!(after.tensors.len(), 4);
     let ok = SlotStateLayout::of(&spec_for(CellKind::Rhn, Variant::Ok, OptimizerKind::Adam));
-    let names_of: Vec<(&str, &[usize])> = ok.tensors.iter().map(|(n, s)| (n.as_str(), s.as_slice())).collect();
+    let names_of: Vec<(&str, &[usize])> =
+        ok.tensors.iter().map(|(n, s)| (n.as_str(), s.as_slice())).collect();
     // R + 1 = 4 terms; m = 7 + 5 + 1; k·n = 5 and r·n = 10.
-    assert_eq!(names_of, [("state", &[5][..]), ("ok.u", &[4, 13][..]), ("ok.a", &[5, 40][..]), ("ok.weight", &[4][..])]);
+    assert_eq!(
+        names_of,
+        [("state", &[5][..]), ("ok.u", &[4, 13][..]), ("ok.a", &[5, 40][..]), ("ok.weight", &[4][..])]
+    );
 }
 
 /// Importing a slot at the start of a sequence into a busy slot leaves nothing of the occupant:

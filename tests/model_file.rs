@@ -216,8 +216,14 @@ fn train_save_then_load_gives_the_trained_model() {
     let bpc = evaluate(&m.spec().unwrap(), &m.params, &tokens);
     assert_eq!(bpc, report["eval_bpc"].as_f64().unwrap());
     // And the same run through the library gives the same weights.
-    let cfg =
-        TrainConfig { model: m.config.clone(), batch: 2, steps: 200, reset_every: None, eval_every: None };
+    let cfg = TrainConfig {
+        model: m.config.clone(),
+        batch: 2,
+        steps: 200,
+        reset_every: None,
+        eval_every: None,
+        trace_every: None,
+    };
     let (_, params, _) = train(&cfg, &tokens, None, |_| {}).unwrap();
     assert_eq!(params, m.params);
 }

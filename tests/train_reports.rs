@@ -43,6 +43,7 @@ fn frozen_prequential_bpc_is_the_mean_over_each_streams_own_text() {
         steps,
         reset_every: Some(reset as u64),
         eval_every: None,
+        trace_every: None,
     };
     let (report, params, _) = train(&cfg, &tokens, None, |_| {}).unwrap();
     let spec = cfg.model.check().unwrap();
@@ -81,6 +82,7 @@ fn prequential_loss_is_taken_before_learning_from_the_symbol() {
             steps,
             reset_every: Some(1),
             eval_every: None,
+            trace_every: None,
         };
         train(&cfg, &tokens, None, |_| {}).unwrap()
     };
@@ -149,8 +151,14 @@ fn train_prints_each_periodic_evaluation_on_stderr_as_it_is_taken() {
 fn a_period_of_zero_is_no_reset_and_no_evaluation() {
     let tokens = text(50);
     let run = |reset_every, eval_every| {
-        let cfg =
-            TrainConfig { model: config(LearnerKind::KfRtrl), batch: 2, steps: 30, reset_every, eval_every };
+        let cfg = TrainConfig {
+            model: config(LearnerKind::KfRtrl),
+            batch: 2,
+            steps: 30,
+            reset_every,
+            eval_every,
+            trace_every: None,
+        };
         train(&cfg, &tokens, Some(&tokens[..20]), |_| {}).unwrap()
     };
     let (none, params_none, _) = run(None, None);
@@ -180,6 +188,7 @@ fn train_bpc_final_of_a_run_shorter_than_ten_steps_is_its_last_steps() {
             steps,
             reset_every: None,
             eval_every: None,
+            trace_every: None,
         };
         train(&cfg, &tokens, None, |_| {}).unwrap().0
     };
@@ -200,6 +209,7 @@ fn train_refuses_a_run_whose_symbol_count_overflows() {
         steps: u64::MAX / 2 + 1,
         reset_every: None,
         eval_every: None,
+        trace_every: None,
     };
     let e = train(&cfg, &text(10), None, |_| {}).unwrap_err();
     assert_eq!(e.field, "steps", "{e}");
@@ -216,6 +226,7 @@ fn running_bpc_is_the_exponential_average_of_the_steps_bpc() {
         steps: 12,
         reset_every: None,
         eval_every: None,
+        trace_every: None,
     };
     let mut reported = Vec::new();
     let (_, params, _) = train(&cfg, &tokens, None, |p| reported.push((p.symbols, p.recent_bpc))).unwrap();
@@ -437,4 +448,37 @@ async fn train_init_continues_a_server_checkpoint() {
     assert_eq!(small.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("the model's vocabulary has 16 symbols, the bytes format 256"), "{stderr}");
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// The trace records every `trace_every`-th step: its clipped flag agrees with the gradient norms
+/// and the clip scope, and the influence norms are those of the carried factors (none for TBPTT).
+#[test]
+fn the_trace_reports_gradient_and_influence_norms_every_n_steps() {
+    let tokens = text(97);
+    for (learner, carries) in
+        [(LearnerKind::KfRtrl, true), (LearnerKind::Ok, true), (LearnerKind::Tbptt, false)]
+    {
+        let model = ModelConfig { clip: 0.05, ..config(learner) };
+        let cfg = TrainConfig {
+            model,
+            batch: 3,
+            steps: 40,
+            reset_every: None,
+            eval_every: None,
+            trace_every: Some(7),
+        };
+        let mut seen = Vec::new();
+        let (report, _, _) = train(&cfg, &tokens, None, |p| seen.extend(p.trace)).unwrap();
+        let steps: Vec<u64> = report.trace.iter().map(|t| t.symbols / 3).collect();
+        assert_eq!(steps, [7, 14, 21, 28, 35], "{learner}");
+        assert_eq!(seen.len(), report.trace.len(), "{learner}: every point reaches the progress callback");
+        for t in &report.trace {
+            // TBPTT's gradient is empty between its windows' ends.
+            assert!(t.grad_norm_w.is_finite() && (t.grad_norm_v > 0.0 || !carries), "{learner}: {t:?}");
+            // The default clip scope measures W alone.
+            assert_eq!(t.clipped, t.grad_norm_w > 0.05, "{learner}: {t:?}");
+            assert_eq!(t.influence_norm_max > 0.0, carries, "{learner}: {t:?}");
+            assert!(t.influence_norm_mean <= t.influence_norm_max, "{learner}: {t:?}");
+        }
+    }
 }

@@ -81,6 +81,15 @@ pub struct TrainArgs {
     /// model's).
     #[arg(long)]
     reset_every: Option<u64>,
+    /// Record the stability diagnostics every N steps: the gradient norms, whether the step was
+    /// clipped, the norm of every stream's carried influence estimate (a line on stderr each, and
+    /// the report's `trace`).
+    #[arg(long, value_name = "STEPS")]
+    trace_every: Option<u64>,
+    /// Draw the trace (running bpc, gradient norms, influence norms against symbols) to this
+    /// file (.svg or .png); needs --trace-every.
+    #[arg(long, requires = "trace_every", value_parser = parse_save_path)]
+    trace_plot: Option<PathBuf>,
     /// Print one JSON object on stdout at the end.
     #[arg(long)]
     json: bool,
@@ -308,7 +317,17 @@ pub fn run(args: TrainArgs) -> Result<(), String> {
     if !fits {
         return Err(format!("{symbols} symbols in steps of {batch} streams are more than can be counted"));
     }
-    let cfg = TrainConfig { model, batch: batch as usize, steps, reset_every, eval_every: args.eval_every };
+    if args.trace_every == Some(0) {
+        return Err("--trace-every must be at least 1".into());
+    }
+    let cfg = TrainConfig {
+        model,
+        batch: batch as usize,
+        steps,
+        reset_every,
+        eval_every: args.eval_every,
+        trace_every: args.trace_every,
+    };
     let bar = ProgressBar::new(steps * batch);
     bar.set_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} symbols  {per_sec}  ETA {eta}  {msg}")
@@ -322,6 +341,20 @@ pub fn run(args: TrainArgs) -> Result<(), String> {
                 eprintln!(
                     "eval at {} symbols: {:.4} bpc (running train bpc {:.4})",
                     e.symbols, e.bpc, p.recent_bpc
+                )
+            });
+        }
+        if let Some(t) = p.trace {
+            bar.suspend(|| {
+                eprintln!(
+                    "trace at {} symbols: running bpc {:.4}, |grad W| {:.4e}, |grad V| {:.4e}{}, |G| mean {:.4e} max {:.4e}",
+                    t.symbols,
+                    t.recent_bpc,
+                    t.grad_norm_w,
+                    t.grad_norm_v,
+                    if t.clipped { " (clipped)" } else { "" },
+                    t.influence_norm_mean,
+                    t.influence_norm_max
                 )
             });
         }
@@ -351,6 +384,9 @@ pub fn run(args: TrainArgs) -> Result<(), String> {
             report.seconds
         );
     }
+    if let Some(path) = &args.trace_plot {
+        plot_trace(path, &report).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
     if let Some(path) = &args.save {
         let mut metadata = serde_json::Map::new();
         metadata.insert("corpus_format".into(), init.format.name().into());
@@ -379,4 +415,51 @@ pub fn run(args: TrainArgs) -> Result<(), String> {
         save(path, &file).map_err(|e| e.to_string())?;
     }
     Ok(())
+}
+
+/// The trace's three panels: running bpc, gradient norms, influence norms (log scales for norms).
+fn plot_trace(path: &std::path::Path, report: &kfrtrl::train::TrainReport) -> Result<(), String> {
+    use kfrtrl::experiment::plot::{LegendAt, Panel, Series, line_chart};
+    let series = |label: &str, f: &dyn Fn(&kfrtrl::train::TracePoint) -> f64| Series {
+        label: label.into(),
+        points: report
+            .trace
+            .iter()
+            .map(|t| (t.symbols as f64, f(t)))
+            .filter(|p| p.1 > 0.0 && p.1.is_finite())
+            .collect(),
+    };
+    let panel = |title: &str, y: &str, log_y: bool, series: Vec<Series>| Panel {
+        title: format!("{} {}: {title}", report.learner, report.cell),
+        x_label: "symbols".into(),
+        y_label: y.into(),
+        log_x: false,
+        log_y,
+        series,
+        legend: LegendAt::MiddleRight,
+    };
+    let panels = [
+        panel(
+            "running prequential loss",
+            "bits per symbol",
+            false,
+            vec![series("running bpc", &|t| t.recent_bpc)],
+        ),
+        panel(
+            "gradient norms before clipping",
+            "norm",
+            true,
+            vec![series("W (recurrent)", &|t| t.grad_norm_w), series("V (readout)", &|t| t.grad_norm_v)],
+        ),
+        panel(
+            "carried influence estimate",
+            "Frobenius norm",
+            true,
+            vec![
+                series("mean over streams", &|t| t.influence_norm_mean),
+                series("max", &|t| t.influence_norm_max),
+            ],
+        ),
+    ];
+    line_chart(path, &panels).map_err(|e| e.to_string())
 }

@@ -374,7 +374,8 @@ impl ModelSpec {
             // With the gradient before the reduction: the last step's `a`, `D` and coefficient,
             // and a second `δᵀA` and `u` row per input.
             LearnerKind::KfRtrl => {
-                let last_step = if self.config.gradient_before_reduction { n + k * rn + 2 + rn + m } else { 0 };
+                let last_step =
+                    if self.config.gradient_before_reduction { n + k * rn + 2 + rn + m } else { 0 };
                 m + s * rn + 1 + 4 + rn + m + 4 + last_step
             }
             // `s̃`, `θ̃`, forced signs, scratch `y`, `s̃'`, `ν`, `w`.

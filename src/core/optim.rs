@@ -371,9 +371,17 @@ mod tests {
     fn spec(opt: OptimizerKind, clip: f64) -> ModelSpec {
         // The global scope: these tests were written for it; the scopes have a test of their own.
         let clip_scope = ClipScope::Global;
-        ModelConfig { vocab_size: 3, hidden: 2, optimizer: opt, lr: 0.1, clip, clip_scope, ..Default::default() }
-            .check()
-            .unwrap()
+        ModelConfig {
+            vocab_size: 3,
+            hidden: 2,
+            optimizer: opt,
+            lr: 0.1,
+            clip,
+            clip_scope,
+            ..Default::default()
+        }
+        .check()
+        .unwrap()
     }
 
     #[test]
@@ -407,7 +415,8 @@ mod tests {
     #[test]
     fn recurrent_and_per_group_clips_spare_the_readout() {
         let run = |scope: ClipScope, w: f64, v: f64| {
-            let s = ModelConfig { clip_scope: scope, ..spec(OptimizerKind::Sgd, 1.0).config }.check().unwrap();
+            let s =
+                ModelConfig { clip_scope: scope, ..spec(OptimizerKind::Sgd, 1.0).config }.check().unwrap();
             let mut p = Params::<f64>::zeros(&s);
             let mut g = Gradients::zeros(&s);
             g.w[[0, 0]] = w;
@@ -425,7 +434,9 @@ mod tests {
         let (_, w, v) = run(ClipScope::PerGroup, 30.0, 7.0);
         assert!(close(w, 1.0) && close(v, 1.0), "{w} {v}");
         let (out, w, v) = run(ClipScope::PerGroup, 0.6, 0.7);
-        assert!(close(w, 0.6) && close(v, 0.7) && matches!(out, UpdateOutcome::Applied { clipped: false, .. }));
+        assert!(
+            close(w, 0.6) && close(v, 0.7) && matches!(out, UpdateOutcome::Applied { clipped: false, .. })
+        );
         // The global scope shrinks both by the joint norm (the old behaviour).
         let (_, w, v) = run(ClipScope::Global, 30.0, 0.5);
         let joint = 30.0f64.hypot(0.5);

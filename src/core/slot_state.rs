@@ -112,7 +112,11 @@ impl SlotStateLayout {
             Self { counters: Vec::new(), indices: Vec::new(), tensors: vec![t(names::STATE, &[s])] };
         match spec.learner() {
             LearnerKind::KfRtrl => {
-                layout.tensors.extend([t(names::KF_U, &[m]), t(names::KF_A, &[s, rn]), t(names::KF_SCALE, &[])]);
+                layout.tensors.extend([
+                    t(names::KF_U, &[m]),
+                    t(names::KF_A, &[s, rn]),
+                    t(names::KF_SCALE, &[]),
+                ]);
                 if spec.config.gradient_before_reduction {
                     layout.tensors.extend([
                         t(names::KF_LAST_C, &[]),

@@ -174,6 +174,20 @@ impl<T: Float> KfRtrl<T> {
         (self.u.row(slot).to_owned(), a.mapv(|x| x * self.scale[slot]))
     }
 
+    /// `‖u ⊗ A‖ = ‖u‖·‖A‖` of a slot.
+    pub fn influence_norm(&self, slot: usize) -> f64 {
+        let (u, a, scale) = (
+            self.u.row(slot),
+            self.a.slice(s![.., slot * self.v.ncols()..(slot + 1) * self.v.ncols()]),
+            self.scale[slot],
+        );
+        let sq = |x: f64| x * x;
+        (u.iter().map(|x| sq(x.to_f64_lossless())).sum::<f64>()
+            * a.iter().map(|x| sq(x.to_f64_lossless())).sum::<f64>())
+        .sqrt()
+            * scale.to_f64_lossless().abs()
+    }
+
     /// The raw stored form of a slot: `(u, A_stored, scale)` with `A = scale·A_stored`.
     pub fn raw_factors(
         &self,

@@ -96,6 +96,23 @@ impl<T: Float> Learner<T> {
         }
     }
 
+    /// The Frobenius norm of a slot's carried influence estimate `‖Ĝ‖` (diagnostics: how far the
+    /// carried factors have grown); `None` for learners that carry none (TBPTT, frozen).
+    pub fn influence_norm(&self, slot: usize) -> Option<f64> {
+        let norm =
+            |x: &mut dyn Iterator<Item = T>| x.map(|v| v.to_f64_lossless().powi(2)).sum::<f64>().sqrt();
+        match self {
+            Learner::KfRtrl(l) => Some(l.influence_norm(slot)),
+            Learner::Ok(l) => Some(l.influence_norm(slot)),
+            Learner::Uoro(l) => {
+                let (s, theta) = l.factors(slot);
+                Some(norm(&mut s.iter().copied()) * norm(&mut theta.iter().copied()))
+            }
+            Learner::Rtrl(l) => Some(norm(&mut l.influence(slot).iter().copied())),
+            Learner::Tbptt(_) | Learner::Frozen => None,
+        }
+    }
+
     /// Whether a slot's learner state is finite (checked only after a fault).
     pub(crate) fn slot_is_finite(&self, slot: usize) -> bool {
         match self {

@@ -124,6 +124,23 @@ impl<T: Float> OkRtrl<T> {
             .collect()
     }
 
+    /// `‖Σ_{l<R} u_l ⊗ A_l‖`: the reduction's outputs are orthogonal singular directions, so it is
+    /// `sqrt(Σ_l ‖u_l‖²‖A_l‖²)`.
+    pub fn influence_norm(&self, slot: usize) -> f64 {
+        let (rn, terms) = (self.rn(), self.terms());
+        let m = self.u.ncols() / terms;
+        let sq = |x: &T| x.to_f64_lossless() * x.to_f64_lossless();
+        (0..self.rank)
+            .map(|l| {
+                let u: f64 = self.u.slice(s![slot, l * m..(l + 1) * m]).iter().map(sq).sum();
+                let c0 = (slot * terms + l) * rn;
+                let a: f64 = self.a.slice(s![.., c0..c0 + rn]).iter().map(sq).sum();
+                u * a
+            })
+            .sum::<f64>()
+            .sqrt()
+    }
+
     fn term(&self, slot: usize, spec: &ModelSpec, l: usize) -> (ndarray::Array1<T>, Array2<T>) {
         let (rn, m, terms) = (self.rn(), spec.m, self.terms());
         let u = self.u.slice(s![slot, l * m..(l + 1) * m]).to_owned();
@@ -148,7 +165,8 @@ impl<T: Float> OkRtrl<T> {
         let tensor = |name| state.tensor(name).expect("checked layout");
         self.u.row_mut(slot).assign(&ndarray::ArrayView1::from(tensor(names::OK_U)));
         let cols = self.block_cols(slot);
-        let a = ArrayView2::from_shape((self.a.nrows(), cols.len()), tensor(names::OK_A)).expect("checked layout");
+        let a = ArrayView2::from_shape((self.a.nrows(), cols.len()), tensor(names::OK_A))
+            .expect("checked layout");
         self.a.slice_mut(s![.., cols]).assign(&a);
         self.weight.row_mut(slot).assign(&ndarray::ArrayView1::from(tensor(names::OK_WEIGHT)));
         self.forced[slot] = None;
@@ -201,7 +219,13 @@ impl<T: Float> OkRtrl<T> {
             let delta = delta.as_slice().expect("contiguous");
             let b = x.slot;
             for l in 0..terms {
-                let w = if before { weight[[b, l]] } else if l < rank { T::one() } else { T::zero() };
+                let w = if before {
+                    weight[[b, l]]
+                } else if l < rank {
+                    T::one()
+                } else {
+                    T::zero()
+                };
                 let (vl, ul) = (&mut v[l * rn..(l + 1) * rn], &mut urow[l * m..(l + 1) * m]);
                 vl.fill(T::zero());
                 if !x.learn || w == T::zero() {
@@ -221,7 +245,8 @@ impl<T: Float> OkRtrl<T> {
             }
         });
         let v = self.v.slice(s![..nb, ..]).into_shape_with_order((nb * terms, rn)).expect("contiguous rows");
-        let us = self.urows.slice(s![..nb, ..]).into_shape_with_order((nb * terms, m)).expect("contiguous rows");
+        let us =
+            self.urows.slice(s![..nb, ..]).into_shape_with_order((nb * terms, m)).expect("contiguous rows");
         gemm(T::one(), v.t(), us, T::one(), grad.w.view_mut(), Par::Pool);
         inputs.iter().filter(|x| x.learn).count() as f64
     }

@@ -446,7 +446,10 @@ mod tests {
             let scale = target.iter().map(|t| t * t).sum::<f64>().sqrt();
             let bias: f64 = mean.iter().zip(&target).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
             assert!(bias < 1e-12 * scale, "case {case}: bias {bias}");
-            assert!((second - closed).abs() < 1e-9 * closed.max(1e-300) + 1e-12 * scale * scale, "{second} {closed}");
+            assert!(
+                (second - closed).abs() < 1e-9 * closed.max(1e-300) + 1e-12 * scale * scale,
+                "{second} {closed}"
+            );
         }
     }
 
