@@ -140,3 +140,36 @@ fn cli_table_measures_t_50_whatever_every_is() {
         .collect();
     assert_eq!(times, [3, 7, 14, 20]);
 }
+
+/// OK's noise falls with its rank, OK-1's is no more than KF-RTRL's, for every cell (RESULTS'
+/// RHN table comes from the same run at larger sizes).
+#[test]
+fn ok_variance_falls_with_rank_for_every_cell() {
+    use kfrtrl::core::{CellKind, LearnerKind};
+    use kfrtrl::experiment::variance::Estimator;
+    let est = |learner, rank| Estimator { learner, rank };
+    for cell in CellKind::ALL {
+        let cfg = VarianceConfig {
+            cell,
+            estimators: vec![
+                est(LearnerKind::KfRtrl, 1),
+                est(LearnerKind::Ok, 1),
+                est(LearnerKind::Ok, 2),
+                est(LearnerKind::Ok, 4),
+            ],
+            hidden: vec![6],
+            steps: 20,
+            samples: 200,
+            sequences: 1,
+            vocab: 4,
+            every: 20,
+            ..VarianceConfig::default()
+        };
+        let r = run_variance(&cfg, |_, _| {}).unwrap();
+        let v = |l: &str| r.get(l, 6, 20).unwrap();
+        eprintln!("{cell}: kf {} ok:1 {} ok:2 {} ok:4 {}", v("kf-rtrl"), v("ok:1"), v("ok:2"), v("ok:4"));
+        assert!(v("ok:1") <= 1.1 * v("kf-rtrl"), "{cell}");
+        assert!(v("ok:2") < v("ok:1") && v("ok:4") < v("ok:2"), "{cell}");
+        assert!(v("ok:4") > 0.0, "{cell}: still random at rank 4");
+    }
+}

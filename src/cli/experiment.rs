@@ -109,6 +109,12 @@ fn copy_plot(a: CopyPlotArgs) -> Result<(), String> {
 /// Flags of `kfrtrl experiment variance`.
 #[derive(Debug, Args)]
 pub struct VarianceArgs {
+    /// Cell: tanh, rhn, lstm.
+    #[arg(long, default_value = "tanh", value_parser = parse_cell)]
+    cell: CellKind,
+    /// Estimators compared with exact RTRL (comma-separated): kf-rtrl, ok:R, uoro.
+    #[arg(long, value_delimiter = ',', default_value = "kf-rtrl,uoro")]
+    learner: Vec<String>,
     /// Hidden sizes (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "8,16,32,64")]
     hidden: Vec<usize>,
@@ -142,15 +148,29 @@ pub struct VarianceArgs {
 }
 
 fn variance(a: VarianceArgs) -> Result<(), String> {
+    use kfrtrl::core::LearnerKind;
     use kfrtrl::experiment::plot::{LegendAt, Panel, Series, line_chart};
-    use kfrtrl::experiment::variance::{VarianceConfig, run_variance};
+    use kfrtrl::experiment::variance::{Estimator, VarianceConfig, run_variance};
     if a.hidden.is_empty() || a.steps == 0 {
         return Err("--hidden and --steps must be non-empty and positive".into());
+    }
+    let mut estimators = Vec::new();
+    for name in &a.learner {
+        let l = parse_learner(name)?;
+        if !matches!(l.kind, LearnerKind::KfRtrl | LearnerKind::Ok | LearnerKind::Uoro) {
+            return Err(format!(
+                "--learner {name}: the experiment compares kf-rtrl, ok:R and uoro with exact RTRL"
+            ));
+        }
+        let rank = l.param.unwrap_or(kfrtrl::core::model::DEFAULT_OK_RANK);
+        estimators.push(Estimator { learner: l.kind, rank });
     }
     // The table's middle column: measured whatever --every is (it was NaN unless --every
     // divided it).
     let t_mid = a.steps.min(50);
     let cfg = VarianceConfig {
+        cell: a.cell,
+        estimators: estimators.clone(),
         hidden: a.hidden.clone(),
         steps: a.steps,
         samples: a.samples,
@@ -172,25 +192,25 @@ fn variance(a: VarianceArgs) -> Result<(), String> {
         );
     })
     .map_err(|e| e.to_string())?;
-    let learners = ["kf-rtrl", "uoro"];
+    let labels: Vec<String> = estimators.iter().map(Estimator::label).collect();
+    let learners: Vec<&str> = labels.iter().map(String::as_str).collect();
     let t_end = a.steps;
     if a.json {
         println!("{}", serde_json::to_string(&report).map_err(|e| e.to_string())?);
     } else {
-        println!(
-            "n     KF@{t_mid:<5} KF@{t_end:<5} UORO@{t_mid:<5} UORO@{t_end:<5} ratio@{t_end:<5} KF{t_end}/KF{t_mid}"
-        );
+        println!("relative variance E‖ĝ − g‖²/‖g‖² of the {} cell at t = {t_mid} / {t_end}", a.cell.name());
+        print!("{:<5}", "n");
+        for l in &learners {
+            print!(" {:>21}", format!("{l}@{t_mid}/{t_end}"));
+        }
+        println!();
         for &n in &a.hidden {
-            let g = |l: &str, t: usize| report.get(l, n, t).unwrap_or(f64::NAN);
-            println!(
-                "{n:<5} {:<8.3} {:<8.3} {:<10.2} {:<10.2} {:<10.1} {:.2}",
-                g("kf-rtrl", t_mid),
-                g("kf-rtrl", t_end),
-                g("uoro", t_mid),
-                g("uoro", t_end),
-                g("uoro", t_end) / g("kf-rtrl", t_end),
-                g("kf-rtrl", t_end) / g("kf-rtrl", t_mid)
-            );
+            print!("{n:<5}");
+            for l in &learners {
+                let g = |t: usize| report.get(l, n, t).unwrap_or(f64::NAN);
+                print!(" {:>21}", format!("{:.4}/{:.4}", g(t_mid), g(t_end)));
+            }
+            println!();
         }
         println!("{:.1} s", report.seconds);
     }
@@ -198,7 +218,7 @@ fn variance(a: VarianceArgs) -> Result<(), String> {
     // cost a long run its results.
     if let Some(path) = &a.plot {
         let mut over_t = Vec::new();
-        for l in learners {
+        for &l in &learners {
             for &n in &a.hidden {
                 let points = report
                     .rows

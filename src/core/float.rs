@@ -81,9 +81,38 @@ pub fn sum_squares<T: Float>(xs: &[T]) -> f64 {
     total
 }
 
+/// `Σ a_i b_i` accumulated in f64 in eight independent lanes (vectorised like [`sum_squares`]).
+#[inline]
+pub fn dot_f64<T: Float>(a: &[T], b: &[T]) -> f64 {
+    debug_assert_eq!(a.len(), b.len());
+    let mut acc = [0.0f64; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i].to_f64_lossless() * y[i].to_f64_lossless();
+        }
+    }
+    let mut total: f64 = acc.iter().sum();
+    for (&x, &y) in ra.iter().zip(rb) {
+        total += x.to_f64_lossless() * y.to_f64_lossless();
+    }
+    total
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dots_match_a_plain_loop_at_every_remainder() {
+        for len in 0..20 {
+            let xs: Vec<f32> = (0..len).map(|i| i as f32 * 0.37 - 2.0).collect();
+            let ys: Vec<f32> = (0..len).map(|i| 1.5 - i as f32 * 0.11).collect();
+            let plain: f64 = xs.iter().zip(&ys).map(|(&x, &y)| f64::from(x) * f64::from(y)).sum();
+            assert!((dot_f64(&xs, &ys) - plain).abs() <= 1e-12 * plain.abs().max(1.0), "len {len}");
+        }
+    }
 
     #[test]
     fn sums_match_a_plain_loop_at_every_remainder() {

@@ -1,8 +1,9 @@
-//! The gradient-noise experiment (KF-RTRL.md §6.1, test T9): how far KF-RTRL's and UORO's
-//! gradient estimates are from the exact RTRL gradient, over time and over the hidden size.
+//! The gradient-noise experiment (KF-RTRL.md §6.1, test T9): how far the estimators' gradients
+//! (KF-RTRL, OK of any rank, UORO) are from the exact RTRL gradient, over time and over the
+//! hidden size, for any cell.
 //!
 //! Setup, for each hidden size `n`:
-//! - a tanh RNN (f64) over a vocabulary of [`VarianceConfig::vocab`] one-hot tokens with fixed
+//! - an RNN of [`VarianceConfig::cell`] (f64) over a vocabulary of [`VarianceConfig::vocab`] one-hot tokens with fixed
 //!   random weights: input columns and bias `N(0, input_std²)`, recurrent block `W_h` Gaussian
 //!   and then scaled so that its spectral norm (computed by power iteration) is
 //!   [`VarianceConfig::contraction`] (0.9): since `|tanh'| ≤ 1`, `‖H_t‖ ≤ 0.9` and the dynamics
@@ -27,9 +28,32 @@ use crate::core::model::ConfigError;
 use crate::core::rng::{CounterRng, derive_key};
 use crate::core::{CellKind, Learner, LearnerKind, ModelConfig, ModelSpec, Params, SlotStep, StreamSet};
 
+/// One estimator to measure: a learner and, for `ok`, its rank.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Estimator {
+    /// `kf-rtrl`, `ok` or `uoro`.
+    pub learner: LearnerKind,
+    /// Rank of `ok`.
+    pub rank: usize,
+}
+
+impl Estimator {
+    /// The estimator's label in the rows (`kf-rtrl`, `ok:8`, `uoro`).
+    pub fn label(&self) -> String {
+        match self.learner {
+            LearnerKind::Ok => format!("ok:{}", self.rank),
+            l => l.name().to_string(),
+        }
+    }
+}
+
 /// What to measure.
 #[derive(Debug, Clone)]
 pub struct VarianceConfig {
+    /// The cell (`W_h` is scaled block by block to the contraction).
+    pub cell: CellKind,
+    /// The estimators compared with exact RTRL.
+    pub estimators: Vec<Estimator>,
     /// Hidden sizes.
     pub hidden: Vec<usize>,
     /// Steps `T` of each sequence.
@@ -56,6 +80,11 @@ pub struct VarianceConfig {
 impl Default for VarianceConfig {
     fn default() -> Self {
         Self {
+            cell: CellKind::Tanh,
+            estimators: vec![
+                Estimator { learner: LearnerKind::KfRtrl, rank: 1 },
+                Estimator { learner: LearnerKind::Uoro, rank: 1 },
+            ],
             hidden: vec![8, 16, 32, 64],
             steps: 200,
             samples: 500,
@@ -73,7 +102,7 @@ impl Default for VarianceConfig {
 /// One measurement.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct VarianceRow {
-    /// `kf-rtrl` or `uoro`.
+    /// The estimator's label: `kf-rtrl`, `ok:R` or `uoro`.
     pub learner: String,
     /// Hidden size.
     pub n: usize,
@@ -127,35 +156,61 @@ pub fn spectral_norm(m: &Array2<f64>) -> f64 {
     sigma
 }
 
-/// The weights of one run: inputs and bias `N(0, input_std²)`, `W_h` with spectral norm
-/// `contraction`; the readout is unused.
+/// The weights of one run: inputs and bias `N(0, input_std²)`, each gate's block of `W_h` with
+/// spectral norm `contraction`; the readout is unused.
 pub fn contracting_weights(spec: &ModelSpec, contraction: f64, input_std: f64, key: u64) -> Params<f64> {
     let mut p = Params::<f64>::zeros(spec);
     let mut rng = CounterRng::new(key);
     let n = spec.n;
     p.w.iter_mut().for_each(|x| *x = input_std * rng.normal());
-    let mut wh = p.w.slice(s![.., spec.h_col()..spec.h_col() + n]).to_owned();
-    wh.iter_mut().for_each(|x| *x = rng.normal() / (n as f64).sqrt());
-    let sn = spectral_norm(&wh);
-    if sn > 0.0 {
-        wh *= contraction / sn;
+    for gate in 0..spec.r {
+        let rows = gate * n..(gate + 1) * n;
+        let mut wh = p.w.slice(s![rows.clone(), spec.h_col()..spec.h_col() + n]).to_owned();
+        wh.iter_mut().for_each(|x| *x = rng.normal() / (n as f64).sqrt());
+        let sn = spectral_norm(&wh);
+        if sn > 0.0 {
+            wh *= contraction / sn;
+        }
+        p.w.slice_mut(s![rows, spec.h_col()..spec.h_col() + n]).assign(&wh);
     }
-    p.w.slice_mut(s![.., spec.h_col()..spec.h_col() + n]).assign(&wh);
     p.v.iter_mut().for_each(|x| *x = 0.1 * rng.normal());
     p
 }
 
-fn spec_for(learner: LearnerKind, n: usize, vocab: usize, seed: u64) -> Result<ModelSpec, ConfigError> {
+fn spec_for(
+    cell: CellKind,
+    e: Estimator,
+    n: usize,
+    vocab: usize,
+    seed: u64,
+) -> Result<ModelSpec, ConfigError> {
     ModelConfig {
         vocab_size: vocab,
-        cell: CellKind::Tanh,
+        cell,
         hidden: n,
-        learner,
+        learner: e.learner,
+        ok_rank: e.rank,
         seed,
         uoro_epsilon: 0.0,
         ..ModelConfig::default()
     }
     .check()
+}
+
+/// `Σ_i (ĝ_i − g_i)²` for the gradient of one Kronecker sum `Σ_l u_l ⊗ A_l`: `ĝ = Σ_l (A_lᵀδ) ⊗ u_l`.
+fn kronecker_error(terms: &[(Array1<f64>, Array2<f64>)], delta: &Array1<f64>, g: &[f64], m: usize) -> f64 {
+    let alphas: Vec<Array1<f64>> = terms.iter().map(|(_, a)| a.t().dot(delta)).collect();
+    let rows = alphas.first().map_or(0, |a| a.len());
+    let mut e = 0.0;
+    for row in 0..rows {
+        let g_row = &g[row * m..(row + 1) * m];
+        for (col, &gv) in g_row.iter().enumerate() {
+            let est: f64 = terms.iter().zip(&alphas).map(|((u, _), al)| al[row] * u[col]).sum();
+            let d = est - gv;
+            e += d * d;
+        }
+    }
+    e
 }
 
 /// `Σ_i (ĝ_i − g_i)²` of every slot of an estimator, `ĝ = δᵀĜ` (`g` flattened like `W`).
@@ -164,19 +219,8 @@ fn slot_errors(set: &StreamSet<f64>, spec: &ModelSpec, delta: &Array1<f64>, g: &
     (0..set.capacity())
         .into_par_iter()
         .map(|slot| match set.learner() {
-            Learner::KfRtrl(kf) => {
-                let (u, a) = kf.factors(slot, spec);
-                let alpha = a.t().dot(delta);
-                let mut e = 0.0;
-                for (row, &al) in alpha.iter().enumerate() {
-                    let g_row = &g[row * m..(row + 1) * m];
-                    for (col, &gv) in g_row.iter().enumerate() {
-                        let d = al * u[col] - gv;
-                        e += d * d;
-                    }
-                }
-                e
-            }
+            Learner::KfRtrl(kf) => kronecker_error(&[kf.factors(slot, spec)], delta, g, m),
+            Learner::Ok(ok) => kronecker_error(&ok.factors(slot, spec), delta, g, m),
             Learner::Uoro(uo) => {
                 let (st, th) = uo.factors(slot);
                 let c = st.dot(delta);
@@ -196,7 +240,7 @@ pub fn run_variance(
     let every = cfg.every.max(1);
     let times: Vec<usize> =
         (1..=cfg.steps).filter(|t| t % every == 0 || *t == cfg.steps || cfg.also_at.contains(t)).collect();
-    let estimators = [LearnerKind::KfRtrl, LearnerKind::Uoro];
+    let estimators = &cfg.estimators;
     let mut rows = Vec::new();
     let seqs = cfg.sequences.max(1);
     let samples = cfg.samples.max(1);
@@ -205,13 +249,14 @@ pub fn run_variance(
         let mut sums = vec![vec![0.0; times.len()]; estimators.len()];
         for q in 0..seqs {
             let run_key = derive_key(derive_key(cfg.seed, n as u64), q as u64);
-            let exact_spec = spec_for(LearnerKind::Rtrl, n, cfg.vocab, cfg.seed)?;
+            let exact = Estimator { learner: LearnerKind::Rtrl, rank: 1 };
+            let exact_spec = spec_for(cfg.cell, exact, n, cfg.vocab, cfg.seed)?;
             let params =
                 contracting_weights(&exact_spec, cfg.contraction, cfg.input_std, derive_key(run_key, 1));
             let mut exact = StreamSet::<f64>::new(&exact_spec, 1);
             let mut sets = Vec::new();
             for (e, &kind) in estimators.iter().enumerate() {
-                let spec = spec_for(kind, n, cfg.vocab, cfg.seed)?;
+                let spec = spec_for(cfg.cell, kind, n, cfg.vocab, cfg.seed)?;
                 let mut set = StreamSet::<f64>::new(&spec, samples);
                 for slot in 0..samples {
                     set.set_sign_key(slot, derive_key(derive_key(run_key, 10 + e as u64), slot as u64));
@@ -245,12 +290,7 @@ pub fn run_variance(
         }
         for (e, kind) in estimators.iter().enumerate() {
             for (i, &t) in times.iter().enumerate() {
-                rows.push(VarianceRow {
-                    learner: kind.name().to_string(),
-                    n,
-                    t,
-                    rel_var: sums[e][i] / seqs as f64,
-                });
+                rows.push(VarianceRow { learner: kind.label(), n, t, rel_var: sums[e][i] / seqs as f64 });
             }
         }
     }
@@ -272,7 +312,8 @@ mod tests {
     fn power_iteration_finds_the_largest_singular_value() {
         let m = Array2::from_shape_vec((2, 2), vec![3.0, 0.0, 0.0, -5.0]).unwrap();
         assert!((spectral_norm(&m) - 5.0).abs() < 1e-9);
-        let spec = spec_for(LearnerKind::Rtrl, 6, 4, 0).unwrap();
+        let spec =
+            spec_for(CellKind::Tanh, Estimator { learner: LearnerKind::Rtrl, rank: 1 }, 6, 4, 0).unwrap();
         let p = contracting_weights(&spec, 0.9, 1.0, 3);
         let wh = p.w.slice(s![.., spec.h_col()..spec.h_col() + 6]).to_owned();
         assert!((spectral_norm(&wh) - 0.9).abs() < 1e-9);

@@ -18,7 +18,7 @@ use rayon::prelude::*;
 use super::ok_reduce::{Choice, Reduction};
 use super::raw::{SlotBlocks, SlotRows};
 use super::{StepInputs, for_each_input};
-use crate::core::float::{Float, all_finite};
+use crate::core::float::{Float, all_finite, dot_f64 as dot};
 use crate::core::linalg::{Par, gemm, jacobian};
 use crate::core::model::{ModelSpec, Params};
 use crate::core::optim::Gradients;
@@ -57,11 +57,6 @@ struct Workspace<T> {
     kv: Vec<f64>,
     km: Vec<f64>,
     reduction: Reduction,
-}
-
-/// `Σ a_i b_i` accumulated in f64.
-fn dot<T: Float>(a: &[T], b: &[T]) -> f64 {
-    a.iter().zip(b).map(|(&x, &y)| x.to_f64_lossless() * y.to_f64_lossless()).sum()
 }
 
 impl<T: Float> OkRtrl<T> {
