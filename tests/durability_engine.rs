@@ -54,6 +54,7 @@ fn definition(name: &str, learner: LearnerKind, max_streams: usize) -> ModelDefi
         hidden: 10,
         learner,
         tbptt_window: 5,
+        ok_rank: 3,
         lr: 0.01,
         ..ModelDefinition::with_defaults(name, max_streams)
     }
@@ -175,9 +176,10 @@ fn reply_bits(r: &Result<TokensReply, kfrtrl::engine::EngineError>) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_log_alone_restores_a_model_bit_for_bit_for_every_learner() {
-    for (i, learner) in [LearnerKind::KfRtrl, LearnerKind::Uoro, LearnerKind::Tbptt, LearnerKind::Rtrl]
-        .into_iter()
-        .enumerate()
+    for (i, learner) in
+        [LearnerKind::KfRtrl, LearnerKind::Ok, LearnerKind::Uoro, LearnerKind::Tbptt, LearnerKind::Rtrl]
+            .into_iter()
+            .enumerate()
     {
         let dir = temp_dir(&format!("log-{i}"));
         let e = engine(&dir);
