@@ -14,7 +14,7 @@ use kfrtrl::core::rng::{CounterRng, derive_key};
 use kfrtrl::core::{
     CellKind, Gradients, Learner, LearnerKind, ModelConfig, ModelSpec, OptimizerKind, Params,
 };
-use kfrtrl::core::{SlotStep, StreamSet};
+use kfrtrl::core::{KfStrategy, SlotStep, StreamSet};
 use ndarray::{Array2, ArrayView2, s};
 
 fn config(
@@ -618,4 +618,89 @@ fn batched_equals_per_stream_and_export_import_continues_bit_for_bit() {
             "{cell}: resumed slot differs"
         );
     }
+}
+
+/// f32 follows f64: the same OK-8 run (RHN, the same forced outcome at every step, so that both
+/// take the same path) in both precisions stays within a small relative distance: the
+/// reduction's rebuild must not amplify f32 rounding.
+#[test]
+fn f32_tracks_f64_through_many_reductions() {
+    let cfg = ModelConfig { init_std: 0.3, ..config(CellKind::Rhn, 16, 6, LearnerKind::Ok, 8, true) };
+    let spec = check(&cfg);
+    let p64 = Params::<f64>::init(&spec);
+    let p32: Params<f32> = p64.cast();
+    let mut s64 = StreamSet::<f64>::new(&spec, 1);
+    let mut s32 = StreamSet::<f32>::new(&spec, 1);
+    ok_mut(&mut s64).force_drop(0, Some(0));
+    match s32.learner_mut() {
+        Learner::Ok(l) => l.force_drop(0, Some(0)),
+        _ => unreachable!(),
+    }
+    let toks = tokens(12, 400, 6);
+    let mut worst = 0.0f64;
+    for (t, &tok) in toks.iter().enumerate() {
+        s64.advance(&p64, &[SlotStep::learn(0, tok)]).unwrap();
+        s32.advance(&p32, &[SlotStep::learn(0, tok)]).unwrap();
+        if t % 50 == 49 {
+            let x = carried(&s64, 0);
+            let y = match s32.learner() {
+                Learner::Ok(l) => l
+                    .factors(0, &spec)
+                    .into_iter()
+                    .map(|(u, a)| reference::kron_influence(&u.mapv(f64::from), &a.mapv(f64::from)))
+                    .fold(Array2::<f64>::zeros(x.dim()), |acc, k| acc + k),
+                _ => unreachable!(),
+            };
+            let e = rel(&y, &x);
+            eprintln!("step {}: f32 vs f64 rel {e:.3e}", t + 1);
+            worst = worst.max(e);
+        }
+    }
+    assert!(worst < 1e-3, "f32 drifts from f64: {worst:.3e}");
+}
+
+/// The influence decay `γ` (an explicit, biased option): OK's enumerated mean is exact RTRL's
+/// discounted influence `G_t = H_t (γ G_{t-1}) + a_t ⊗ D_t` (also decayed), and differs from the
+/// undiscounted one; KF-RTRL's sign paths likewise.
+#[test]
+fn a_decayed_influence_is_exact_rtrl_with_the_same_decay() {
+    let (cell, n, vocab) = (CellKind::Rhn, 3, 3);
+    let cfg = ModelConfig { influence_decay: 0.8, ..config(cell, n, vocab, LearnerKind::Ok, 2, true) };
+    let params = Params::<f64>::init(&check(&cfg));
+    let toks = tokens(31, 5, vocab);
+    let (set, paths) = enumerate(&cfg, &params, &toks);
+    let (_, g, _) = exact_run(&cfg, &params, &toks);
+    let (_, g_plain, _) = exact_run(&ModelConfig { influence_decay: 1.0, ..cfg.clone() }, &params, &toks);
+    let mean =
+        paths.iter().fold(Array2::<f64>::zeros(g.dim()), |acc, p| acc + carried(&set, p.slot) * p.weight);
+    assert!(rel(&mean, &g) < 1e-12, "OK with decay: rel {:.3e}", rel(&mean, &g));
+    assert!(rel(&g, &g_plain) > 1e-2, "the decay should change the influence");
+
+    for (cell, strategy) in [(CellKind::Rhn, KfStrategy::Jacobian), (CellKind::Tanh, KfStrategy::Wide)] {
+        kf_decay_paths(ModelConfig { learner: LearnerKind::KfRtrl, cell, ..cfg.clone() }, strategy, &toks);
+    }
+}
+
+fn kf_decay_paths(kf_cfg: ModelConfig, strategy: KfStrategy, toks: &[u32]) {
+    let spec = check(&kf_cfg);
+    let params = Params::<f64>::init(&spec);
+    let (_, g, _) = exact_run(&kf_cfg, &params, toks);
+    let paths = 1usize << (toks.len() - 1);
+    let mut kf = StreamSet::<f64>::new(&spec, paths);
+    kf_mut(&mut kf).set_strategy(&spec, strategy);
+    for (t, &tok) in toks.iter().enumerate() {
+        for p in 0..paths {
+            let sign = if t == 0 || (p >> (t - 1)) & 1 == 0 { 1.0 } else { -1.0 };
+            kf_mut(&mut kf).force_sign(p, Some(sign));
+        }
+        kf.advance(&params, &(0..paths).map(|p| SlotStep::learn(p, tok)).collect::<Vec<_>>()).unwrap();
+    }
+    let mean = (0..paths).fold(Array2::<f64>::zeros(g.dim()), |acc, p| {
+        let (u, a) = match kf.learner() {
+            Learner::KfRtrl(k) => k.factors(p, &spec),
+            _ => unreachable!(),
+        };
+        acc + reference::kron_influence(&u, &a)
+    }) / paths as f64;
+    assert!(rel(&mean, &g) < 1e-12, "KF-RTRL {strategy:?} with decay: rel {:.3e}", rel(&mean, &g));
 }

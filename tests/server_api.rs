@@ -754,3 +754,21 @@ async fn predict_changes_nothing() {
     probed.stop().await;
     control.stop().await;
 }
+
+/// Regression (issue 17): the server's default model did not learn a trivial unbounded stream.
+/// `abcdefgh` repeated, one stream, requests of 32 bytes: within 4,800 tokens the default model
+/// must put `a` first after `h` with probability at least 0.9.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_model_learns_abcdefgh_repeated() {
+    let server = TestServer::start(ServerConfig::default()).await;
+    let chunk = "abcdefgh".repeat(4);
+    let mut last = Value::Null;
+    for _ in 0..4_800 / 32 {
+        last = server.tokens("default", "abc", json!({"text": chunk, "top_k": 1})).await;
+    }
+    let top = &last["predictions"][0];
+    eprintln!("after 4,800 tokens: {top} (mean loss of the last request {} bits)", last["mean_loss_bits"]);
+    assert_eq!(top["text"], "a", "the prediction after `h`: {last}");
+    assert!(top["prob"].as_f64().unwrap() >= 0.9, "{top}");
+    server.stop().await;
+}

@@ -245,7 +245,7 @@ async fn the_binary_serves_the_default_model_on_its_defaults() {
     assert_eq!(config["vocab_size"], 256);
     assert_eq!(config["cell"], "rhn");
     assert_eq!(config["hidden"], 128);
-    assert_eq!(config["learner"], "kf-rtrl");
+    assert_eq!(config["learner"], "ok");
     assert_eq!(config["optimizer"], "adam");
     assert!((config["lr"].as_f64().unwrap() - 10f64.powf(-3.5)).abs() < 1e-15);
     let reply: Value = http

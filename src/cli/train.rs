@@ -68,6 +68,10 @@ pub struct TrainArgs {
     /// random reduction, on or off (default: on, or the --init model's).
     #[arg(long, value_parser = super::bench::parse_switch)]
     gradient_before_reduction: Option<bool>,
+    /// KF-RTRL, OK, RTRL: multiply the carried influence by this factor every step, in (0, 1]
+    /// (default 1: none; below 1 a biased remedy for influences that stop decaying).
+    #[arg(long)]
+    influence_decay: Option<f64>,
     /// Seed of the weights and the random signs.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -271,6 +275,7 @@ pub fn run(args: TrainArgs) -> Result<(), String> {
         clip: args.clip.unwrap_or(base.clip),
         clip_scope: args.clip_scope.unwrap_or(base.clip_scope),
         gradient_before_reduction: args.gradient_before_reduction.unwrap_or(base.gradient_before_reduction),
+        influence_decay: args.influence_decay.unwrap_or(base.influence_decay),
         ..base.clone()
     });
     let spec = model.check().map_err(|e| e.to_string())?;

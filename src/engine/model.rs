@@ -25,6 +25,10 @@ fn legacy_clip_scope() -> ClipScope {
     ClipScope::Global
 }
 
+fn no_decay() -> f64 {
+    1.0
+}
+
 fn legacy_ok_rank() -> usize {
     crate::core::model::DEFAULT_OK_RANK
 }
@@ -63,6 +67,10 @@ pub struct ModelDefinition {
     /// reduction. Absent from a saved definition: false, as before the choice.
     #[serde(default)]
     pub gradient_before_reduction: bool,
+    /// KF-RTRL, OK, RTRL: the factor `γ ≤ 1` the carried influence is multiplied by at every
+    /// step (1: none; below 1 a biased, explicit remedy). Absent from a saved definition: 1.
+    #[serde(default = "no_decay")]
+    pub influence_decay: f64,
     /// Seed of the initial weights and of every random sign.
     pub seed: u64,
     /// Standard deviation of the initial weights.
@@ -91,6 +99,7 @@ impl ModelDefinition {
             clip_scope: c.clip_scope,
             ok_rank: c.ok_rank,
             gradient_before_reduction: c.gradient_before_reduction,
+            influence_decay: c.influence_decay,
             seed: c.seed,
             init_std: c.init_std,
             uoro_epsilon: c.uoro_epsilon,
@@ -112,6 +121,7 @@ impl ModelDefinition {
             clip_scope: self.clip_scope,
             ok_rank: self.ok_rank,
             gradient_before_reduction: self.gradient_before_reduction,
+            influence_decay: self.influence_decay,
             seed: self.seed,
             init_std: self.init_std,
             uoro_epsilon: self.uoro_epsilon,
@@ -164,6 +174,9 @@ pub struct ModelRequest {
     /// See [`ModelDefinition::gradient_before_reduction`].
     #[serde(default)]
     pub gradient_before_reduction: Option<bool>,
+    /// See [`ModelDefinition::influence_decay`].
+    #[serde(default)]
+    pub influence_decay: Option<f64>,
     /// See [`ModelDefinition::seed`].
     #[serde(default)]
     pub seed: Option<u64>,
@@ -195,6 +208,7 @@ impl ModelRequest {
             clip_scope: self.clip_scope.unwrap_or(d.clip_scope),
             ok_rank: self.ok_rank.unwrap_or(d.ok_rank),
             gradient_before_reduction: self.gradient_before_reduction.unwrap_or(d.gradient_before_reduction),
+            influence_decay: self.influence_decay.unwrap_or(d.influence_decay),
             seed: self.seed.unwrap_or(d.seed),
             init_std: self.init_std.unwrap_or(d.init_std),
             uoro_epsilon: self.uoro_epsilon.unwrap_or(d.uoro_epsilon),
@@ -218,10 +232,11 @@ pub fn estimate_model_bytes(spec: &ModelSpec, slots: usize) -> u128 {
     let learner = match spec.learner() {
         // Two alternating factor slabs, the Jacobian scratch and the `u` rows.
         LearnerKind::KfRtrl => 2 * s * rn + s * s + 2 * m + rn + 2 * (n + k * rn + 2 + rn + m),
-        // R + 1 terms of `u` and `A` (plus the gradient scratch), the product of R, the Jacobian.
+        // R + 1 terms of `u` and `A`, their gradient scratch, weights and probabilities (the
+        // product and Jacobian scratch are per thread, not per slot).
         LearnerKind::Ok => {
             let terms = spec.config.ok_rank as u128 + 1;
-            terms * (m + s * rn) + terms * (rn + m) + terms * s * rn + s * s + 4 * terms
+            terms * (m + s * rn) + terms * (rn + m) + 4 * terms
         }
         LearnerKind::Uoro => 2 * s + rn * m + 2 * rn + 2 * s,
         LearnerKind::Rtrl => 2 * s * rn * m,

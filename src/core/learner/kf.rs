@@ -404,6 +404,7 @@ impl<T: Float> KfRtrl<T> {
         };
         self.ensure_workspaces(workers);
         let w_h = params.w_h(spec);
+        let decay = T::from_f64_rounded(spec.config.influence_decay);
         let slab = SlotBlocks::new(&mut self.a, rn);
         let urows = SlotRows::new(&mut self.u);
         let scales = SlotRows::new(&mut self.scale);
@@ -442,7 +443,7 @@ impl<T: Float> KfRtrl<T> {
                     for ((mut row, prow), &dj) in
                         dst.axis_iter_mut(Axis(0)).zip(prod.axis_iter(Axis(0))).zip(d)
                     {
-                        let c = sb * dj;
+                        let c = sb * dj * decay;
                         let rs = row.as_slice_mut().expect("contiguous rows");
                         for (x, &p) in rs.iter_mut().zip(prow.as_slice().expect("contiguous rows")) {
                             *x = p * c;
@@ -475,7 +476,7 @@ impl<T: Float> KfRtrl<T> {
                     step.carry.row(i).as_slice().expect("contiguous"),
                     ws.jac.view_mut(),
                 );
-                gemm(sc[0], ws.jac.view(), a.view(), T::zero(), ws.product.view_mut(), par);
+                gemm(sc[0] * decay, ws.jac.view(), a.view(), T::zero(), ws.product.view_mut(), par);
                 a.assign(&ws.product);
                 let nb2: f64 = a.axis_iter(Axis(0)).map(|r| sum_squares(r.as_slice().expect("rows"))).sum();
                 let sign = sign_for(forced, step, b);

@@ -325,7 +325,8 @@ fn advance_slot<T: Float>(
     let d = step.d.row(i);
     let d = d.as_slice().expect("contiguous");
     jacobian(spec, w_h, d, step.carry.row(i).as_slice().expect("contiguous"), ws.jac.view_mut());
-    gemm(T::one(), ws.jac.view(), block.slice(s![.., ..rank * rn]), T::zero(), ws.product.view_mut(), par);
+    let decay = T::from_f64_rounded(spec.config.influence_decay);
+    gemm(decay, ws.jac.view(), block.slice(s![.., ..rank * rn]), T::zero(), ws.product.view_mut(), par);
     let prev = step.prev.row(i);
     let h_prev = &prev.as_slice().expect("contiguous")[spec.h_offset()..];
     let token = step.inputs[i].token as usize;

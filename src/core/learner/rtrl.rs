@@ -93,6 +93,7 @@ impl<T: Float> Rtrl<T> {
             (spec.n, spec.r, spec.k, spec.m, spec.state_len(), spec.recurrent_params());
         let hoff = spec.h_offset();
         let w_h = params.w_h(spec);
+        let decay = T::from_f64_rounded(spec.config.influence_decay);
         let gs = SlotRows::new(&mut self.g);
         let tmps = SlotRows::new(&mut self.tmp);
         let jacs = SlotRows::new(&mut self.jac);
@@ -107,7 +108,7 @@ impl<T: Float> Rtrl<T> {
             jacobian(spec, w_h, d, step.carry.row(i).as_slice().expect("contiguous"), h.view_mut());
             let g_view = ndarray::ArrayView2::from_shape((s_len, p), &*g).expect("shape");
             let tmp_view = ArrayViewMut2::from_shape((s_len, p), &mut *tmp).expect("shape");
-            gemm(T::one(), h.view(), g_view, T::zero(), tmp_view, Par::Single);
+            gemm(decay, h.view(), g_view, T::zero(), tmp_view, Par::Single);
             g.copy_from_slice(tmp);
             // + F_t: F[blk·n + j, (q·n + j)·m + col] = D[blk, q, j] · a[col].
             let prev = step.prev.row(i);
