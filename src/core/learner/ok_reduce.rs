@@ -220,13 +220,18 @@ impl Reduction {
     }
 }
 
+/// `x > y`, false when either is NaN: a NaN input must end the iterations, not feed them.
+fn above(x: f64, y: f64) -> bool {
+    x.partial_cmp(&y) == Some(std::cmp::Ordering::Greater)
+}
+
 /// Sets eigenvalues that are negative or below `k²·ε·λ_max` to zero: the directions a Gram matrix
 /// computed in floating point cannot resolve, whose `λ^-½` would only amplify rounding.
 fn clamp_spectrum(lambda: &mut [f64]) {
     let max = lambda.iter().copied().fold(0.0f64, f64::max);
     let tol = (lambda.len() * lambda.len()) as f64 * f64::EPSILON * max;
     for l in lambda.iter_mut() {
-        if !(*l > tol) {
+        if !above(*l, tol) {
             *l = 0.0;
         }
     }
@@ -253,7 +258,7 @@ fn symmetric_eigen(a: &mut [f64], lambda: &mut [f64], k: usize) {
                 off += work[p * k + q] * work[p * k + q];
             }
         }
-        if !(off > 1e-30 * diag) {
+        if !above(off, 1e-30 * diag) {
             break;
         }
         for p in 0..k {
@@ -310,7 +315,7 @@ fn one_sided_jacobi(c: &mut [f64], w: &mut [f64], sigma: &mut [f64], k: usize) {
                     beta += y * y;
                     gamma += x * y;
                 }
-                if gamma == 0.0 || !(gamma.abs() > 1e-15 * (alpha * beta).sqrt()) {
+                if gamma == 0.0 || !above(gamma.abs(), 1e-15 * (alpha * beta).sqrt()) {
                     continue;
                 }
                 rotated = true;
