@@ -133,7 +133,8 @@ pub struct Progress {
 
 /// Mean bits per symbol of `tokens` under frozen weights: one sequential pass from a zero state.
 pub fn evaluate(spec: &ModelSpec, params: &Params<f32>, tokens: &[u32]) -> f64 {
-    let frozen = ModelConfig { learner: LearnerKind::Frozen, ..spec.config.clone() }
+    // A frozen model carries no influence to decay.
+    let frozen = ModelConfig { learner: LearnerKind::Frozen, influence_decay: 1.0, ..spec.config.clone() }
         .check()
         .expect("a checked config stays valid when frozen");
     let mut set = StreamSet::<f32>::new(&frozen, 1);

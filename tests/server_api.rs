@@ -199,7 +199,8 @@ async fn every_route_answers_with_its_schema() {
     let r = server.get("/v1/models/bytes").await;
     server.schemas.check("ModelInfo", &r.body);
     assert_eq!(r.body["config"]["cell"], "rhn", "server defaults fill the missing fields");
-    assert_eq!(r.body["config"]["lr"], 10f64.powf(-3.5));
+    assert_eq!(r.body["config"]["lr"], 1e-3);
+    assert_eq!(r.body["config"]["learner"], "ok");
 
     // Tokens: text on a byte-level model, losses on request, printable predictions as text.
     let a = server
@@ -369,7 +370,9 @@ async fn bad_input_gets_a_problem_with_a_stable_type() {
     let r = server.post("/v1/models", &json!({"name": "m", "hidden": 0})).await;
     expect(&r, 422, "invalid-config");
     assert_eq!(r.body["field"], "hidden");
-    let r = server.post("/v1/models", &json!({"name": "m", "hidden": 4096, "max_streams": 65536})).await;
+    let r = server
+        .post("/v1/models", &json!({"name": "m", "hidden": 4096, "max_streams": 65536, "learner": "kf-rtrl"}))
+        .await;
     expect(&r, 422, "invalid-config");
     assert_eq!(
         r.body["field"], "max_streams",

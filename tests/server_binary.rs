@@ -247,7 +247,8 @@ async fn the_binary_serves_the_default_model_on_its_defaults() {
     assert_eq!(config["hidden"], 128);
     assert_eq!(config["learner"], "ok");
     assert_eq!(config["optimizer"], "adam");
-    assert!((config["lr"].as_f64().unwrap() - 10f64.powf(-3.5)).abs() < 1e-15);
+    assert_eq!(config["lr"], 1e-3);
+    assert_eq!((config["ok_rank"].as_u64(), config["clip_scope"].as_str()), (Some(8), Some("recurrent")));
     let reply: Value = http
         .post(server.url("/v1/models/default/streams/s/tokens"))
         .json(&json!({"text": "Hi!"}))

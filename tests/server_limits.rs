@@ -87,7 +87,12 @@ async fn model_size_body_token_and_model_count_limits_refuse_with_problems() {
     expect(&r, 422, "invalid-config");
     assert_eq!(r.body["field"], "hidden");
     assert!(r.body["detail"].as_str().unwrap().contains("64"), "{}", r.body);
-    let r = server.send(post("/v1/models", json!({"name": "many", "vocab_size": 1000, "hidden": 60}))).await;
+    let r = server
+        .send(post(
+            "/v1/models",
+            json!({"name": "many", "vocab_size": 1000, "hidden": 60, "learner": "kf-rtrl"}),
+        ))
+        .await;
     expect(&r, 422, "invalid-config");
     assert!(r.body["detail"].as_str().unwrap().contains("parameters"), "{}", r.body);
     let r =
