@@ -163,10 +163,10 @@ pub struct ModelConfig {
     pub clip: f64,
     /// Which weights the clip measures. Absent from a saved configuration: `global`, the only
     /// scope before there was a choice.
-    #[serde(default = "legacy_clip_scope")]
+    #[serde(default = "absent::clip_scope")]
     pub clip_scope: ClipScope,
     /// Rank `R` of the `ok` learner.
-    #[serde(default = "legacy_ok_rank")]
+    #[serde(default = "absent::ok_rank")]
     pub ok_rank: usize,
     /// KF-RTRL and OK: the gradient of a scored token uses the influence estimate before the last
     /// step's random reduction (its conditional mean: unbiased, less variance). Absent from a
@@ -177,7 +177,7 @@ pub struct ModelConfig {
     /// step, `G_t = H_t (γ G_{t-1}) + a_t ⊗ D_t`. 1 (the default) is the gradient itself; below 1
     /// it is the exact gradient of an exponentially discounted past, a biased remedy for streams
     /// whose influence stops decaying (docs/RESULTS.md §4). Absent from a saved configuration: 1.
-    #[serde(default = "no_decay")]
+    #[serde(default = "absent::influence_decay")]
     pub influence_decay: f64,
     /// Seed of the weights' initialisation and of every random sign.
     pub seed: u64,
@@ -187,16 +187,25 @@ pub struct ModelConfig {
     pub uoro_epsilon: f64,
 }
 
-fn legacy_clip_scope() -> ClipScope {
-    ClipScope::Global
-}
+/// What a saved configuration that predates a field meant by it (serde's defaults, shared by the
+/// engine's model definitions).
+pub mod absent {
+    use super::{ClipScope, DEFAULT_OK_RANK};
 
-fn no_decay() -> f64 {
-    1.0
-}
+    /// `clip_scope`: the global clip, the only scope before there was a choice.
+    pub fn clip_scope() -> ClipScope {
+        ClipScope::Global
+    }
 
-fn legacy_ok_rank() -> usize {
-    DEFAULT_OK_RANK
+    /// `influence_decay`: none.
+    pub fn influence_decay() -> f64 {
+        1.0
+    }
+
+    /// `ok_rank`: the default rank.
+    pub fn ok_rank() -> usize {
+        DEFAULT_OK_RANK
+    }
 }
 
 /// Rank of the `ok` learner when none is given.

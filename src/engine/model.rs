@@ -21,18 +21,6 @@ pub fn valid_name(name: &str) -> bool {
         && bytes.iter().all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
-fn legacy_clip_scope() -> ClipScope {
-    ClipScope::Global
-}
-
-fn no_decay() -> f64 {
-    1.0
-}
-
-fn legacy_ok_rank() -> usize {
-    crate::core::model::DEFAULT_OK_RANK
-}
-
 /// A fully resolved model definition: every field present. This is also the `config` object of
 /// a model's description on the wire.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -58,10 +46,10 @@ pub struct ModelDefinition {
     pub clip: f64,
     /// Which weights the clip measures (`recurrent`: `W` alone; `per-group`: `W` and `V` each;
     /// `global`: both together). Absent from a saved definition: `global`, as before the choice.
-    #[serde(default = "legacy_clip_scope")]
+    #[serde(default = "crate::core::model::absent::clip_scope")]
     pub clip_scope: ClipScope,
     /// Rank of the `ok` learner.
-    #[serde(default = "legacy_ok_rank")]
+    #[serde(default = "crate::core::model::absent::ok_rank")]
     pub ok_rank: usize,
     /// KF-RTRL and OK take the gradient of the estimate before the last step's random
     /// reduction. Absent from a saved definition: false, as before the choice.
@@ -69,7 +57,7 @@ pub struct ModelDefinition {
     pub gradient_before_reduction: bool,
     /// KF-RTRL, OK, RTRL: the factor `γ ≤ 1` the carried influence is multiplied by at every
     /// step (1: none; below 1 a biased, explicit remedy). Absent from a saved definition: 1.
-    #[serde(default = "no_decay")]
+    #[serde(default = "crate::core::model::absent::influence_decay")]
     pub influence_decay: f64,
     /// Seed of the initial weights and of every random sign.
     pub seed: u64,
@@ -269,6 +257,28 @@ mod tests {
         assert_eq!(r.hidden, 16);
         assert_eq!(r.max_streams, 7);
         assert_eq!(r.model_config(), ModelConfig { hidden: 16, ..ModelConfig::default() });
+    }
+
+    /// A definition saved before the clip scope, the gradient before the reduction and the decay
+    /// existed keeps its estimator and clip: checkpoints continue exactly as they were written.
+    #[test]
+    fn definitions_saved_before_the_new_fields_keep_their_behaviour() {
+        let old = r#"{"name":"m","vocab_size":256,"cell":"rhn","hidden":8,"learner":"kf-rtrl",
+            "tbptt_window":25,"optimizer":"adam","lr":0.001,"clip":1.0,"seed":0,"init_std":0.01,
+            "uoro_epsilon":1e-7,"max_streams":4}"#;
+        let d: ModelDefinition = serde_json::from_str(old).unwrap();
+        assert_eq!(d.clip_scope, ClipScope::Global);
+        assert!(!d.gradient_before_reduction);
+        assert_eq!(d.influence_decay, 1.0);
+        let c: ModelConfig = serde_json::from_str(
+            r#"{"vocab_size":4,"cell":"tanh","hidden":3,"learner":"kf-rtrl","tbptt_window":25,
+            "optimizer":"sgd","lr":0.1,"clip":0.0,"seed":0,"init_std":0.1,"uoro_epsilon":0.0}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (c.clip_scope, c.gradient_before_reduction, c.influence_decay),
+            (ClipScope::Global, false, 1.0)
+        );
     }
 
     #[test]
