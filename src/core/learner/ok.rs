@@ -318,7 +318,7 @@ fn advance_slot<T: Float>(
     par: Par,
     choice: Choice,
 ) {
-    let (n, r, k, m) = (spec.n, spec.r, spec.k, spec.m);
+    let (n, m) = (spec.n, spec.m);
     let rn = spec.gate_rows();
     let terms = ws.reduction.terms();
     let rank = terms - 1;
@@ -357,22 +357,14 @@ fn advance_slot<T: Float>(
         }
     }
     let mut dd = 0.0;
-    for blk in 0..k {
-        for q in 0..r {
-            for j in 0..n {
-                let dv = d[(blk * r + q) * n + j];
-                if dv == T::zero() {
-                    continue;
-                }
-                let dv64 = dv.to_f64_lossless();
-                dd += dv64 * dv64;
-                let prow = ws.product.row(blk * n + j);
-                for p in 0..rank {
-                    km[p * terms + rank] += prow[p * rn + q * n + j].to_f64_lossless() * dv64;
-                }
-            }
+    for_each_d_entry(spec, d, |row, col, dv| {
+        let dv64 = dv.to_f64_lossless();
+        dd += dv64 * dv64;
+        let prow = ws.product.row(row);
+        for p in 0..rank {
+            km[p * terms + rank] += prow[p * rn + col].to_f64_lossless() * dv64;
         }
-    }
+    });
     km[rank * terms + rank] = dd;
     for p in 0..terms {
         for q in 0..p {
@@ -425,17 +417,25 @@ fn advance_slot<T: Float>(
             }
         }
     }
-    for blk in 0..k {
+    for_each_d_entry(spec, d, |row, col, dv| {
+        let mut row = block.row_mut(row);
+        for l in 0..terms {
+            let e = &mut row[l * rn + col];
+            *e = *e + coef[l * terms + rank] * dv;
+        }
+    });
+}
+
+/// Calls `f(row, column, value)` for every non-zero entry of `D_t` (`k·n × r·n`, one entry per
+/// (state block, gate, unit): row `blk·n + j`, column `q·n + j`).
+fn for_each_d_entry<T: Float>(spec: &ModelSpec, d: &[T], mut f: impl FnMut(usize, usize, T)) {
+    let (n, r) = (spec.n, spec.r);
+    for blk in 0..spec.k {
         for q in 0..r {
             for j in 0..n {
                 let dv = d[(blk * r + q) * n + j];
-                if dv == T::zero() {
-                    continue;
-                }
-                let mut row = block.row_mut(blk * n + j);
-                for l in 0..terms {
-                    let e = &mut row[l * rn + q * n + j];
-                    *e = *e + coef[l * terms + rank] * dv;
+                if dv != T::zero() {
+                    f(blk * n + j, q * n + j, dv);
                 }
             }
         }
