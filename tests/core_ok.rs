@@ -605,6 +605,9 @@ fn batched_equals_per_stream_and_export_import_continues_bit_for_bit() {
         }
         assert!(grad_err < 1e-12, "{cell}: batched gradient rel {grad_err:.3e}");
 
+        // A copied slot carries the same learner state.
+        batched.copy_slot(1, 4);
+        assert_eq!(batched.export_slot(1).tensors, batched.export_slot(4).tensors, "{cell}: copy_slot");
         // Export, import elsewhere, go on: bit for bit.
         let mut moved = StreamSet::<f64>::new(&spec, 3);
         moved.import_slot(2, &batched.export_slot(1)).unwrap();

@@ -18,7 +18,7 @@ use ndarray::{Array1, Array2, ArrayView2, ArrayViewMut2, Axis, s};
 
 use rayon::prelude::*;
 
-use super::raw::{SlotBlocks, SlotRows};
+use super::raw::{SlotBlocks, SlotRows, copy_cols, copy_row};
 use super::{StepInputs, dense_input, for_each_input};
 use crate::core::cell::CellKind;
 use crate::core::float::{Float, all_finite, sum_squares};
@@ -286,15 +286,12 @@ impl<T: Float> KfRtrl<T> {
 
     pub(super) fn copy_slot(&mut self, src: usize, dst: usize) {
         let rn = self.v.ncols();
-        let row = self.u.row(src).to_owned();
-        self.u.row_mut(dst).assign(&row);
-        let block = self.a.slice(s![.., src * rn..(src + 1) * rn]).to_owned();
-        self.a.slice_mut(s![.., dst * rn..(dst + 1) * rn]).assign(&block);
+        copy_row(&mut self.u, src, dst);
+        copy_cols(&mut self.a, src * rn..(src + 1) * rn, dst * rn..(dst + 1) * rn);
         self.scale[dst] = self.scale[src];
         self.forced_sign[dst] = self.forced_sign[src];
         self.last_c[dst] = self.last_c[src];
-        let hd = self.last_hd.row(src).to_owned();
-        self.last_hd.row_mut(dst).assign(&hd);
+        copy_row(&mut self.last_hd, src, dst);
         self.last_token[dst] = self.last_token[src];
     }
 

@@ -16,7 +16,7 @@ use ndarray::{Array2, ArrayView2, s};
 use rayon::prelude::*;
 
 use super::ok_reduce::{Choice, Reduction};
-use super::raw::{SlotBlocks, SlotRows};
+use super::raw::{SlotBlocks, SlotRows, copy_cols, copy_row};
 use super::{StepInputs, for_each_input};
 use crate::core::float::{Float, all_finite, dot_f64 as dot};
 use crate::core::linalg::{Par, gemm, jacobian};
@@ -181,13 +181,10 @@ impl<T: Float> OkRtrl<T> {
     }
 
     pub(super) fn copy_slot(&mut self, src: usize, dst: usize) {
-        let row = self.u.row(src).to_owned();
-        self.u.row_mut(dst).assign(&row);
-        let block = self.a.slice(s![.., self.block_cols(src)]).to_owned();
-        let cols = self.block_cols(dst);
-        self.a.slice_mut(s![.., cols]).assign(&block);
-        let w = self.weight.row(src).to_owned();
-        self.weight.row_mut(dst).assign(&w);
+        copy_row(&mut self.u, src, dst);
+        let (from, to) = (self.block_cols(src), self.block_cols(dst));
+        copy_cols(&mut self.a, from, to);
+        copy_row(&mut self.weight, src, dst);
         self.forced[dst] = self.forced[src];
     }
 

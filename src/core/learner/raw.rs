@@ -109,3 +109,23 @@ impl<T> SlotRows<T> {
         unsafe { std::slice::from_raw_parts_mut(self.ptr.add(b * self.len), self.len) }
     }
 }
+
+/// Copies row `src` of a slot matrix over row `dst` (no copy through a temporary).
+pub fn copy_row<T: Copy>(m: &mut ndarray::Array2<T>, src: usize, dst: usize) {
+    if src != dst {
+        let (from, mut to) = m.multi_slice_mut((ndarray::s![src, ..], ndarray::s![dst, ..]));
+        to.assign(&from);
+    }
+}
+
+/// Copies the column block `src` of a slab over the disjoint block `dst` of the same width.
+pub fn copy_cols<T: Copy>(
+    m: &mut ndarray::Array2<T>,
+    src: std::ops::Range<usize>,
+    dst: std::ops::Range<usize>,
+) {
+    if src != dst {
+        let (from, mut to) = m.multi_slice_mut((ndarray::s![.., src], ndarray::s![.., dst]));
+        to.assign(&from);
+    }
+}
