@@ -8,6 +8,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::core::model::ConfigError;
+use crate::core::probe::TangentProbe;
 use crate::core::{LearnerKind, ModelConfig, ModelSpec, Optimizer, Params, SlotStep, StreamSet};
 
 /// What to train and for how long.
@@ -45,6 +46,11 @@ pub struct TracePoint {
     pub influence_norm_mean: f64,
     /// Largest such norm.
     pub influence_norm_max: f64,
+    /// Mean over the streams of the exact state Jacobians' log growth per step since the last
+    /// point ([`crate::core::probe::TangentProbe`]): above zero, the true influence grows.
+    pub tangent_growth_mean: f64,
+    /// Largest stream's such rate.
+    pub tangent_growth_max: f64,
 }
 
 /// One evaluation during training.
@@ -226,6 +232,10 @@ fn train_evaluated_by(
     let mut nonfinite = 0;
     let mut eval_seconds = 0.0;
     let mut trace = Vec::new();
+    let mut probes: Vec<TangentProbe> = match cfg.trace_every {
+        Some(_) => (0..b).map(|s| TangentProbe::new(&spec, spec.config.seed ^ s as u64)).collect(),
+        None => Vec::new(),
+    };
     let start = Instant::now();
     // The loop runs on a pool thread so that the step's parallel sections fork inside the pool
     // rather than handing work over from an outside thread at every step.
@@ -236,6 +246,12 @@ fn train_evaluated_by(
             for (s, x) in inputs.iter_mut().enumerate() {
                 x.token = train[((offsets[s] as u64 + t) % len as u64) as usize];
                 x.reset = cfg.reset_every.is_some_and(|r| r > 0 && t > 0 && t % r == 0);
+            }
+            for (probe, x) in probes.iter_mut().zip(&inputs) {
+                // A reset's step has no Jacobian to follow: the chain restarts from zero.
+                if !x.reset {
+                    probe.step(&spec, &params, x.token, set.state(x.slot));
+                }
             }
             let report = set.step(&mut params, &mut opt, &inputs, &mut losses).expect("valid batch");
             if report.update == Some(crate::core::UpdateOutcome::NonFinite) {
@@ -268,6 +284,7 @@ fn train_evaluated_by(
             if traced {
                 let (grad_norm_w, grad_norm_v) = set.gradients().group_norms();
                 let norms: Vec<f64> = (0..b).filter_map(|s| set.learner().influence_norm(s)).collect();
+                let rates: Vec<f64> = probes.iter_mut().filter_map(TangentProbe::take_rate).collect();
                 trace.push(TracePoint {
                     symbols,
                     recent_bpc: recent,
@@ -283,6 +300,8 @@ fn train_evaluated_by(
                         norms.iter().sum::<f64>() / norms.len() as f64
                     },
                     influence_norm_max: norms.iter().copied().fold(0.0, f64::max),
+                    tangent_growth_mean: rates.iter().sum::<f64>() / rates.len().max(1) as f64,
+                    tangent_growth_max: rates.iter().copied().reduce(f64::max).unwrap_or(0.0),
                 });
                 trace_now = trace.last().copied();
             }

@@ -483,6 +483,46 @@ fn the_trace_reports_gradient_and_influence_norms_every_n_steps() {
     }
 }
 
+/// The trace's Jacobian growth rate is that of each stream's own trajectory: replaying the
+/// streams of a run with frozen weights through [`TangentProbe`]s seeded as the run seeds them
+/// gives the same mean and largest rate at every point.
+#[test]
+fn the_trace_reports_the_growth_rate_of_each_streams_jacobians() {
+    use kfrtrl::core::probe::TangentProbe;
+    use kfrtrl::core::{Params, SlotStep, StreamSet};
+    let tokens = text(50);
+    let cfg = TrainConfig {
+        model: ModelConfig { init_std: 0.8, ..config(LearnerKind::Frozen) },
+        batch: 2,
+        steps: 20,
+        reset_every: None,
+        eval_every: None,
+        trace_every: Some(10),
+    };
+    let (report, params, _) = train(&cfg, &tokens, None, |_| {}).unwrap();
+    let spec = cfg.model.check().unwrap();
+    assert_eq!(params, Params::<f32>::init(&spec), "frozen weights");
+    let mut set = StreamSet::<f32>::new(&spec, 2);
+    let mut probes: Vec<TangentProbe> =
+        (0..2).map(|s| TangentProbe::new(&spec, spec.config.seed ^ s)).collect();
+    let mut want = Vec::new();
+    for t in 0..20 {
+        let inputs: Vec<SlotStep> = (0..2).map(|s| SlotStep::learn(s, tokens[(s * 25 + t) % 50])).collect();
+        for (probe, x) in probes.iter_mut().zip(&inputs) {
+            probe.step(&spec, &params, x.token, set.state(x.slot));
+        }
+        set.advance(&params, &inputs).unwrap();
+        if t % 10 == 9 {
+            let rates: Vec<f64> = probes.iter_mut().map(|p| p.take_rate().unwrap()).collect();
+            want.push(((rates[0] + rates[1]) / 2.0, rates[0].max(rates[1])));
+        }
+    }
+    let got: Vec<(f64, f64)> =
+        report.trace.iter().map(|t| (t.tangent_growth_mean, t.tangent_growth_max)).collect();
+    assert_eq!(got, want);
+    assert!(want.iter().all(|&(mean, max)| mean.is_finite() && mean < max), "{want:?}");
+}
+
 /// Regression (issue 17): `kfrtrl train`'s defaults (the server's default model) did not learn
 /// `abcdefgh` repeated on one stream: the last 10% stayed at 3.5 bits, above uniform over the 8
 /// letters. Now within 4,800 symbols the model puts `a` after `h` with probability ≥ 0.9.

@@ -352,14 +352,16 @@ pub fn run(args: TrainArgs) -> Result<(), String> {
         if let Some(t) = p.trace {
             bar.suspend(|| {
                 eprintln!(
-                    "trace at {} symbols: running bpc {:.4}, |grad W| {:.4e}, |grad V| {:.4e}{}, |G| mean {:.4e} max {:.4e}",
+                    "trace at {} symbols: running bpc {:.4}, |grad W| {:.4e}, |grad V| {:.4e}{}, |G| mean {:.4e} max {:.4e}, ln|H v| per step mean {:+.5} max {:+.5}",
                     t.symbols,
                     t.recent_bpc,
                     t.grad_norm_w,
                     t.grad_norm_v,
                     if t.clipped { " (clipped)" } else { "" },
                     t.influence_norm_mean,
-                    t.influence_norm_max
+                    t.influence_norm_max,
+                    t.tangent_growth_mean,
+                    t.tangent_growth_max
                 )
             });
         }
@@ -422,7 +424,8 @@ pub fn run(args: TrainArgs) -> Result<(), String> {
     Ok(())
 }
 
-/// The trace's three panels: running bpc, gradient norms, influence norms (log scales for norms).
+/// The trace's four panels: running bpc, gradient norms, influence norms (log scales for norms)
+/// and the exact Jacobians' growth rate.
 fn plot_trace(path: &std::path::Path, report: &kfrtrl::train::TrainReport) -> Result<(), String> {
     use kfrtrl::experiment::plot::{LegendAt, Panel, Series, line_chart};
     let series = |label: &str, f: &dyn Fn(&kfrtrl::train::TracePoint) -> f64| Series {
@@ -433,6 +436,10 @@ fn plot_trace(path: &std::path::Path, report: &kfrtrl::train::TrainReport) -> Re
             .map(|t| (t.symbols as f64, f(t)))
             .filter(|p| p.1 > 0.0 && p.1.is_finite())
             .collect(),
+    };
+    let signed_series = |label: &str, f: &dyn Fn(&kfrtrl::train::TracePoint) -> f64| Series {
+        label: label.into(),
+        points: report.trace.iter().map(|t| (t.symbols as f64, f(t))).filter(|p| p.1.is_finite()).collect(),
     };
     let panel = |title: &str, y: &str, log_y: bool, series: Vec<Series>| Panel {
         title: format!("{} {}: {title}", report.learner, report.cell),
@@ -463,6 +470,15 @@ fn plot_trace(path: &std::path::Path, report: &kfrtrl::train::TrainReport) -> Re
             vec![
                 series("mean over streams", &|t| t.influence_norm_mean),
                 series("max", &|t| t.influence_norm_max),
+            ],
+        ),
+        panel(
+            "growth of the exact state Jacobians (above 0: the true influence explodes)",
+            "ln |H v| per step",
+            false,
+            vec![
+                signed_series("mean over streams", &|t| t.tangent_growth_mean),
+                signed_series("max", &|t| t.tangent_growth_max),
             ],
         ),
     ];

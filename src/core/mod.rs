@@ -7,6 +7,7 @@ pub mod learner;
 pub mod linalg;
 pub mod model;
 pub mod optim;
+pub mod probe;
 pub mod rng;
 pub mod slot_state;
 pub mod streams;
