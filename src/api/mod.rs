@@ -37,7 +37,8 @@ use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::core::ModelSpec;
 use crate::engine::{
-    Durability, Engine, EngineError, EngineLimits, EngineMetrics, ModelDefinition, ModelRequest, stream_share,
+    DataDirLock, Durability, Engine, EngineError, EngineLimits, EngineMetrics, ModelDefinition, ModelRequest,
+    stream_share,
 };
 
 pub use auth::{ApiKey, WS_BEARER_PREFIX, WS_PROTOCOL};
@@ -317,6 +318,9 @@ pub enum StartError {
     /// Metrics could not be registered.
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    /// The data directory cannot be used (another server holds it, or it cannot be created).
+    #[error("{0}")]
+    DataDir(String),
     /// Network error.
     #[error(transparent)]
     Io(#[from] std::io::Error),
@@ -339,6 +343,7 @@ struct Inner {
     ready: watch::Sender<bool>,
     draining: watch::Sender<bool>,
     started: AtomicBool,
+    _data_dir_lock: Option<DataDirLock>,
 }
 
 /// The server's shared state: the engine, metrics and readiness.
@@ -354,6 +359,9 @@ impl AppState {
         let registry = prometheus::Registry::new();
         let engine_metrics = EngineMetrics::register(&registry)?;
         let http = HttpMetrics::register(&registry)?;
+        // Taken before anything reads the directory, and held as long as the state lives.
+        let data_dir_lock =
+            config.durability.as_ref().map(Durability::lock).transpose().map_err(StartError::DataDir)?;
         let engine = Arc::new(match config.durability {
             Some(d) => Engine::with_durability(config.limits.engine_limits(), engine_metrics, d),
             None => Engine::new(config.limits.engine_limits(), engine_metrics),
@@ -393,6 +401,7 @@ impl AppState {
                 ready: watch::Sender::new(false),
                 draining: watch::Sender::new(false),
                 started: AtomicBool::new(false),
+                _data_dir_lock: data_dir_lock,
             }),
         })
     }

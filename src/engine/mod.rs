@@ -20,6 +20,7 @@
 //! a client can resend the rest.
 
 pub mod checkpoint;
+mod durability;
 mod metrics;
 mod model;
 pub mod wal;
@@ -31,7 +32,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
@@ -39,6 +40,7 @@ use tokio::sync::oneshot;
 use crate::core::ModelSpec;
 
 pub use checkpoint::{EvictedStream, ModelSnapshot, StreamMeta, StreamSnapshot};
+pub use durability::{DataDirLock, Durability};
 pub use metrics::{EngineMetrics, ModelMetrics, SymbolMode};
 pub use model::{
     MAX_NAME_LEN, MAX_STREAMS_PER_MODEL, ModelDefinition, ModelRequest, estimate_model_bytes, valid_name,
@@ -78,46 +80,6 @@ pub struct EngineLimits {
 /// never below `floor` (one request, or the largest one).
 pub fn stream_share(queue: usize, floor: usize) -> usize {
     (queue / 4).max(floor)
-}
-
-/// Where and how an engine keeps its models durable.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Durability {
-    /// The data directory; models live in `models/<name>/` under it.
-    pub data_dir: PathBuf,
-    /// When the write-ahead log is synced.
-    pub fsync: FsyncPolicy,
-    /// Time between periodic checkpoints of a model that changed (`None`: only on demand and at
-    /// shutdown).
-    pub checkpoint_interval: Option<Duration>,
-    /// Checkpoints kept per model (the newest that validates is used at boot).
-    pub checkpoint_keep: usize,
-    /// Streams idle this long are evicted to disk (`None`: only when a model's slots are full).
-    pub stream_idle_ttl: Option<Duration>,
-}
-
-impl Durability {
-    /// Defaults for a data directory: fsync `always`, a checkpoint every 5 minutes, 3 kept,
-    /// streams idle for 10 minutes evicted.
-    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
-        Self {
-            data_dir: data_dir.into(),
-            fsync: FsyncPolicy::Always,
-            checkpoint_interval: Some(Duration::from_secs(300)),
-            checkpoint_keep: 3,
-            stream_idle_ttl: Some(Duration::from_secs(600)),
-        }
-    }
-
-    fn models_dir(&self) -> PathBuf {
-        self.data_dir.join("models")
-    }
-
-    /// The directory of a model (its name is validated: it is a safe file name).
-    pub fn model_dir(&self, model: &str) -> PathBuf {
-        debug_assert!(valid_name(model));
-        self.models_dir().join(model)
-    }
 }
 
 impl Default for EngineLimits {
