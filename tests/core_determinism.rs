@@ -26,7 +26,7 @@ fn run(threads: usize, cell: CellKind, learner: LearnerKind) -> (Params<f32>, Ve
         let mut loss_bits = Vec::new();
         for t in 0..25u32 {
             let inputs: Vec<SlotStep> = (0..batch)
-                .filter(|b| (t as usize + b) % 7 != 0)
+                .filter(|b| !(t as usize + b).is_multiple_of(7))
                 .map(|b| SlotStep {
                     slot: b,
                     token: (t * 31 + b as u32 * 17) % 256,

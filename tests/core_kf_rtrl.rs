@@ -469,11 +469,11 @@ fn monte_carlo(
             kf_mut(set).force_sign(b, forced);
         }
         for (t, &tok) in toks.iter().enumerate() {
-            if let SignMode::LastPlus(k) = mode {
-                if t + k == toks.len() {
-                    for b in 0..cap {
-                        kf_mut(set).force_sign(b, Some(1.0));
-                    }
+            if let SignMode::LastPlus(k) = mode
+                && t + k == toks.len()
+            {
+                for b in 0..cap {
+                    kf_mut(set).force_sign(b, Some(1.0));
                 }
             }
             set.advance(params, &all_slots(cap, tok)).unwrap();

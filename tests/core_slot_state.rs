@@ -118,7 +118,7 @@ fn warm_up<T: Float>(
     let mut losses = [0.0; CAPACITY];
     for t in 0..steps {
         let inputs: Vec<SlotStep> = (0..CAPACITY)
-            .filter(|b| (t + b + salt) % 5 != 0)
+            .filter(|b| !(t + b + salt).is_multiple_of(5))
             .map(|b| SlotStep {
                 slot: b,
                 token: token(t, b + salt),

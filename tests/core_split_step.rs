@@ -28,12 +28,12 @@ fn inputs(t: u32, batch: usize) -> Vec<SlotStep> {
         return Vec::new();
     }
     (0..batch)
-        .filter(|b| (t as usize + b) % 5 != 0)
+        .filter(|b| !(t as usize + b).is_multiple_of(5))
         .map(|b| SlotStep {
             slot: b,
             token: (t * 7 + b as u32 * 3) % 11,
             learn: t % 4 != 2,
-            reset: (t as usize + 2 * b) % 9 == 0,
+            reset: (t as usize + 2 * b).is_multiple_of(9),
         })
         .collect()
 }

@@ -396,7 +396,7 @@ fn copy(a: CopyArgs) -> Result<(), String> {
     // The run's end, not the end of the stretch to the next checkpoint (`p.total`).
     let total = a.steps;
     let progress = |p: kfrtrl::experiment::copy::CopyProgress| {
-        if p.level_up || (log_every > 0 && p.step % log_every == 0) || p.step == total {
+        if p.level_up || (log_every > 0 && p.step.is_multiple_of(log_every)) || p.step == total {
             let mut e = std::io::stderr().lock();
             let _ = writeln!(
                 e,
