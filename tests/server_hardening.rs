@@ -63,3 +63,72 @@ async fn a_second_server_on_the_same_data_directory_is_refused() {
     drop(again);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Issue 19.2: four clients each looping over `POST /v1/models {"name":"churn"}` then
+/// `DELETE /v1/models/churn` broke the name: a delete dropped the name before it moved the
+/// directory away, a create in between failed to load or lost its directory, deletes answered 204
+/// far more often than creates 201, later creates of `churn` were 503 for good, and a restart
+/// listed the deleted model again. Now every answer is 201/409 or 204/404, the 204s match the
+/// 201s, the directory exists exactly when the model does, and a restart agrees.
+#[tokio::test]
+async fn racing_create_and_delete_of_one_model_name_stay_consistent() {
+    let dir = temp_dir("churn");
+    let data = dir.to_str().unwrap();
+    let mut server = Binary::start(&["--data-dir", data], &[]);
+    let client = reqwest::Client::new();
+    let create_url = server.url("/v1/models");
+    let model_url = server.url("/v1/models/churn");
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let (client, create_url, model_url) = (client.clone(), create_url.clone(), model_url.clone());
+        clients.push(tokio::spawn(async move {
+            let (mut created, mut deleted) = (0u32, 0u32);
+            for _ in 0..60 {
+                let body = json!({ "name": "churn", "hidden": 8 });
+                let status = client.post(&create_url).json(&body).send().await.unwrap().status().as_u16();
+                match status {
+                    201 => created += 1,
+                    409 => {}
+                    other => panic!("create answered {other}"),
+                }
+                let status = client.delete(&model_url).send().await.unwrap().status().as_u16();
+                match status {
+                    204 => deleted += 1,
+                    404 => {}
+                    other => panic!("delete answered {other}"),
+                }
+            }
+            (created, deleted)
+        }));
+    }
+    let (mut created, mut deleted) = (0, 0);
+    for c in clients {
+        let (c, d) = c.await.unwrap();
+        created += c;
+        deleted += d;
+    }
+    let (status, _) = get_json(&client, &model_url).await;
+    let exists = status == 200;
+    assert!(created > 0, "some creates succeed");
+    assert_eq!(created, deleted + u32::from(exists), "each 204 deleted a model a 201 created (GET {status})");
+    let model_dir = dir.join("models").join("churn");
+    assert_eq!(model_dir.exists(), exists, "the directory exists exactly when the model does");
+
+    // The name still works, and a restart sees what the server saw.
+    if !exists {
+        let reply =
+            client.post(&create_url).json(&json!({ "name": "churn", "hidden": 8 })).send().await.unwrap();
+        assert_eq!(reply.status().as_u16(), 201);
+    }
+    let reply = client.delete(&model_url).send().await.unwrap();
+    assert_eq!(reply.status().as_u16(), 204);
+    server.signal("TERM");
+    assert!(server.wait(Duration::from_secs(60)).success());
+    let again = Binary::start(&["--data-dir", data], &[]);
+    let (_, models) = get_json(&client, &again.url("/v1/models")).await;
+    let names: Vec<&str> =
+        models["models"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["default"], "a deleted model stays deleted across a restart");
+    drop(again);
+    let _ = std::fs::remove_dir_all(dir);
+}

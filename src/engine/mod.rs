@@ -575,6 +575,10 @@ pub struct Engine {
     models: RwLock<BTreeMap<String, Arc<ModelHandle>>>,
     accepting: AtomicBool,
     durability: Option<Durability>,
+    /// Held by every create and delete of a model, through the move of a deleted model's
+    /// directory: a create can then never meet the directory of a model being deleted, nor
+    /// lose its own to that move.
+    lifecycle: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Engine {
@@ -587,6 +591,7 @@ impl Engine {
             models: RwLock::new(BTreeMap::new()),
             accepting: AtomicBool::new(true),
             durability: None,
+            lifecycle: Arc::new(tokio::sync::Mutex::new(())),
         }
     }
 
@@ -651,6 +656,7 @@ impl Engine {
     /// with a data directory, written its first checkpoint).
     pub async fn create_model(&self, def: ModelDefinition) -> Result<ModelInfo, EngineError> {
         let spec = self.check_definition(&def)?;
+        let _lifecycle = self.lifecycle.lock().await;
         if let Some(d) = &self.durability {
             let dir = d.model_dir(&def.name);
             let taken = tokio::task::spawn_blocking(move || checkpoint::list(&dir).map(|l| !l.is_empty()))
@@ -869,6 +875,7 @@ impl Engine {
     /// Deletes a model: its queued requests fail with [`EngineError::UnknownModel`] and its worker
     /// exits (in the background). Waits for a checkpoint of it in progress to finish first.
     pub async fn delete_model(&self, model: &str) -> Result<(), EngineError> {
+        let lifecycle = self.lifecycle.clone().lock_owned().await;
         let handle = self.handle(model)?;
         let removed = {
             let mut models = self.models.write().unwrap_or_else(PoisonError::into_inner);
@@ -885,6 +892,7 @@ impl Engine {
         // client gone) must not leave the directory in place, to come back at the next boot.
         let (metrics, durability, model) = (self.metrics.clone(), self.durability.clone(), model.to_owned());
         let finish = tokio::spawn(async move {
+            let _lifecycle = lifecycle;
             // A checkpoint of this model that is being written finishes before its directory is
             // renamed (and before its metrics go, which it would bring back), and one that
             // starts later finds the model gone: no checkpoint of it can land in the directory
@@ -897,7 +905,13 @@ impl Engine {
                 let dir = d.model_dir(&model);
                 let grave = d.models_dir().join(format!(".deleted-{model}-{}", unique_suffix()));
                 if let Err(e) = std::fs::rename(&dir, &grave) {
+                    // The model is gone from memory but not from disk: the next boot would bring
+                    // it back, so the client must not hear that it is deleted.
                     tracing::error!(model, error = %e, "cannot remove the model's directory");
+                    return Err(EngineError::Storage(format!(
+                        "model `{model}` stopped, but its directory could not be moved away ({e}); \
+                         it will be loaded again at the next start"
+                    )));
                 } else {
                     let thread = handle.thread.lock().unwrap_or_else(PoisonError::into_inner).take();
                     std::thread::spawn(move || {
@@ -909,8 +923,9 @@ impl Engine {
                 }
             }
             tracing::info!(model, "model deleted");
+            Ok(())
         });
-        finish.await.map_err(|e| EngineError::Storage(format!("deleting the model failed: {e}")))
+        finish.await.map_err(|e| EngineError::Storage(format!("deleting the model failed: {e}")))?
     }
 
     /// Validates and queues a token request; the reply comes when the worker has consumed (or,
