@@ -160,7 +160,7 @@ async fn a_failed_write_ahead_log_shows_in_readyz_and_the_model_state() {
     assert_eq!(refused.body["type"], json!("urn:kfrtrl:problem:storage-failure"));
     let ready = server.send(server.http.get(server.url("/readyz"))).await;
     assert_eq!(ready.status, 503);
-    assert!(ready.body["detail"].as_str().unwrap().contains("write-ahead log failed"), "{}", ready.body);
+    assert!(ready.body["detail"].as_str().unwrap().contains("its storage failed"), "{}", ready.body);
     let info = server.send(server.http.get(server.url("/v1/models/m"))).await;
     assert_eq!(info.status, 200);
     server.schemas.check("ModelInfo", &info.body);

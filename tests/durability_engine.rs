@@ -780,3 +780,65 @@ async fn periodic_checkpoints_follow_changes_and_boot_ignores_temporary_files() 
     r.shutdown().await;
     e.shutdown().await;
 }
+
+/// Regression (issue 19.7): more new streams at once than the model has slots got 409
+/// `stream-limit` ("delete a stream first") although eviction could make room a moment later.
+/// Now the excess gets the retryable `SlotsBusy` (HTTP 503 `slots-busy` with Retry-After), and
+/// the same requests succeed when retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn more_new_streams_at_once_than_slots_get_a_retryable_slots_busy_not_a_stream_limit() {
+    let dir = temp_dir("slots-busy");
+    let e = engine(&dir);
+    e.create_model(definition("m", LearnerKind::KfRtrl, 2)).await.unwrap();
+    let x = |t: Vec<u32>| TokenInput { tokens: t, learn: true, reset: false, top_k: 1, return_losses: false };
+    let hold = e.hold("m").unwrap();
+    let pending: Vec<_> =
+        (0..5).map(|s| e.submit("m", &format!("s{s}"), x(vec![1, 2, 3]), Mode::Consume).unwrap()).collect();
+    drop(hold);
+    let mut busy = Vec::new();
+    for (s, p) in pending.into_iter().enumerate() {
+        match p.wait().await {
+            Ok(reply) => assert_eq!(reply.position, 3),
+            Err(EngineError::SlotsBusy { limit: 2, .. }) => busy.push(s),
+            Err(other) => panic!("s{s}: {other:?}"),
+        }
+    }
+    assert_eq!(busy, [2, 3, 4], "two slots, two streams placed, the rest busy");
+    for s in busy {
+        let reply = e.tokens("m", &format!("s{s}"), x(vec![1, 2, 3]), Mode::Consume).await.unwrap();
+        assert_eq!(reply.position, 3, "s{s} succeeds when retried (an idle stream is moved to disk)");
+    }
+    assert_eq!(e.list_streams("m").await.unwrap().len(), 5);
+    e.shutdown().await;
+}
+
+/// Regression (issue 19.8): a failed eviction write (a full disk) was answered 409
+/// `stream-limit` while `/readyz` stayed 200. It is a storage failure: the request gets
+/// `Storage` (503), the model refuses changes like after a failed log write, and a restart
+/// holds every acknowledged token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_eviction_write_is_a_storage_failure_not_a_stream_limit() {
+    let dir = temp_dir("evict-fails");
+    let e = engine(&dir);
+    e.create_model(definition("m", LearnerKind::KfRtrl, 2)).await.unwrap();
+    let x = |t: Vec<u32>| TokenInput { tokens: t, learn: true, reset: false, top_k: 1, return_losses: false };
+    e.tokens("m", "a", x(vec![1, 2]), Mode::Consume).await.unwrap();
+    e.tokens("m", "b", x(vec![3]), Mode::Consume).await.unwrap();
+    // Where evicted streams go, a file that is not a directory: every stream write fails.
+    let streams = dir.join("models/m/streams");
+    assert!(!streams.exists());
+    std::fs::write(&streams, b"not a directory").unwrap();
+    let refused = e.tokens("m", "c", x(vec![4]), Mode::Consume).await;
+    assert!(matches!(refused, Err(EngineError::Storage(ref r)) if r.contains("evict")), "{refused:?}");
+    assert_eq!(e.model("m").unwrap().state, ModelState::Failed);
+    assert_eq!(e.failed_models().len(), 1, "not ready");
+    let refused = e.submit("m", "a", x(vec![5]), Mode::Consume);
+    assert!(matches!(refused, Err(EngineError::Storage(_))), "{refused:?}");
+    e.shutdown().await;
+    std::fs::remove_file(&streams).unwrap();
+    let (r, after) = restored(&dir, "m").await;
+    let position =
+        |name: &str| after.stream_slots.iter().find(|s| s.meta.name == name).map(|s| s.meta.position);
+    assert_eq!((position("a"), position("b"), position("c")), (Some(2), Some(1), None));
+    r.shutdown().await;
+}

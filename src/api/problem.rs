@@ -278,6 +278,11 @@ impl From<EngineError> for ApiError {
                     .with("limit", limit)
                     .retry_after(1)
             }
+            EngineError::SlotsBusy { limit, .. } => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "slots-busy", "All stream slots busy", detail)
+                    .with("limit", limit)
+                    .retry_after(1)
+            }
             EngineError::ShuttingDown => {
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, "shutting-down", "Shutting down", detail)
                     .retry_after(5)

@@ -174,8 +174,8 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
         ApiError::not_ready("models are loading").into_response()
     } else if let Some((model, reason)) = state.engine().failed_models().into_iter().next() {
         ApiError::not_ready(format!(
-            "model `{model}` refuses changes: its write-ahead log failed ({reason}); restart the server \
-             once the disk is writable"
+            "model `{model}` refuses changes: its storage failed ({reason}); restart the server once \
+             the disk is writable"
         ))
         .into_response()
     } else {

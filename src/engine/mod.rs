@@ -182,6 +182,18 @@ pub enum EngineError {
         /// Its stream limit.
         limit: usize,
     },
+    /// Every slot of the model holds a stream with work queued in this very step, so none can
+    /// be evicted to make room for a new one; retry once some finish.
+    #[error(
+        "all {limit} stream slots of model `{model}` are busy with queued work; retry shortly \
+         (idle streams are moved to disk to make room)"
+    )]
+    SlotsBusy {
+        /// The model.
+        model: String,
+        /// Its resident stream slots.
+        limit: usize,
+    },
     /// The server is shutting down.
     #[error("the server is shutting down")]
     ShuttingDown,
@@ -399,7 +411,7 @@ impl Shared {
     fn storage_failed(&self) -> Option<EngineError> {
         self.storage_failure.get().map(|reason| {
             EngineError::Storage(format!(
-                "model `{}` stopped accepting changes after its write-ahead log failed ({reason}); \
+                "model `{}` stopped accepting changes after a write to its storage failed ({reason}); \
                  restart the server once the disk is writable",
                 self.name
             ))

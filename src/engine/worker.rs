@@ -196,6 +196,16 @@ impl WalObserver for Observer {
     }
 }
 
+/// Why no slot could be found for a stream.
+enum NoSlot {
+    /// Every slot holds a stream and the model has no data directory to evict one to.
+    NotDurable,
+    /// Every resident stream has work queued in this step: none can be evicted now.
+    AllBusy,
+    /// Writing the evicted stream failed.
+    EvictionFailed(String),
+}
+
 struct Worker {
     definition: ModelDefinition,
     spec: ModelSpec,
@@ -807,24 +817,22 @@ impl Worker {
 
     /// A free slot, evicting the least recently used idle stream if there is none (durable
     /// models only).
-    fn free_slot(&mut self) -> Option<usize> {
+    fn free_slot(&mut self) -> Result<usize, NoSlot> {
         if let Some(&slot) = self.free.last() {
-            return Some(slot);
+            return Ok(slot);
         }
-        self.dir.as_ref()?;
+        if self.dir.is_none() {
+            return Err(NoSlot::NotDurable);
+        }
         let lru = self
             .names
             .values()
             .copied()
             .filter(|&slot| self.evictable(slot))
-            .min_by_key(|&slot| self.slots[slot].as_ref().map(|e| e.last_active))?;
-        match self.apply_evict(lru) {
-            Ok(()) => self.free.last().copied(),
-            Err(e) => {
-                tracing::error!(model = %self.definition.name, error = %e, "cannot evict a stream");
-                None
-            }
-        }
+            .min_by_key(|&slot| self.slots[slot].as_ref().map(|e| e.last_active))
+            .ok_or(NoSlot::AllBusy)?;
+        self.apply_evict(lru).map_err(NoSlot::EvictionFailed)?;
+        self.free.last().copied().ok_or_else(|| NoSlot::EvictionFailed("no slot was freed".into()))
     }
 
     /// The slot of a stream, loading it back if evicted, or opening it if new and `create`.
@@ -842,11 +850,32 @@ impl Worker {
                 limit: self.max_stored_streams,
             });
         }
-        let Some(slot) = self.free_slot() else {
-            return Err(EngineError::StreamLimit {
-                model: self.definition.name.clone(),
-                limit: self.definition.max_streams,
-            });
+        let slot = match self.free_slot() {
+            Ok(slot) => slot,
+            Err(NoSlot::NotDurable) => {
+                return Err(EngineError::StreamLimit {
+                    model: self.definition.name.clone(),
+                    limit: self.definition.max_streams,
+                });
+            }
+            Err(NoSlot::AllBusy) => {
+                return Err(EngineError::SlotsBusy {
+                    model: self.definition.name.clone(),
+                    limit: self.definition.max_streams,
+                });
+            }
+            Err(NoSlot::EvictionFailed(reason)) => {
+                // Nothing changed (the stream stays resident), but the disk refuses writes: the
+                // model stops taking changes and turns not ready, as after a failed log write.
+                let reason = format!("cannot evict a stream to make room: {reason}");
+                let _ = self.shared.storage_failure.set(reason.clone());
+                tracing::error!(
+                    model = %self.definition.name,
+                    error = %reason,
+                    "stream file write failed: the model refuses changes until restart"
+                );
+                return Err(self.shared.storage_failed().unwrap_or(EngineError::Storage(reason)));
+            }
         };
         if evicted {
             self.apply_load(slot, name).map_err(|e| {
