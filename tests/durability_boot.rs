@@ -6,7 +6,7 @@ mod support;
 use std::path::Path;
 use std::time::Duration;
 
-use kfrtrl::api::{AppState, ServerConfig, serve};
+use kfrtrl::api::{AppState, ServerConfig, StartError, serve};
 use kfrtrl::engine::{Durability, Engine, EngineLimits, EngineMetrics, ModelDefinition, checkpoint};
 use serde_json::{Value, json};
 use support::binary::temp_dir;
@@ -166,5 +166,10 @@ async fn a_failed_write_ahead_log_shows_in_readyz_and_the_model_state() {
     server.schemas.check("ModelInfo", &info.body);
     assert_eq!(info.body["state"], json!("failed"));
     assert_eq!(server.send(server.http.get(server.url("/healthz"))).await.status, 200, "still live");
-    server.stop().await;
+    // No final checkpoint of a failed model: not a clean stop (issue 19.9).
+    let stopped = server.stop_result().await;
+    assert!(
+        matches!(stopped, Err(StartError::Stop(ref r)) if r.contains("storage had failed")),
+        "{stopped:?}"
+    );
 }

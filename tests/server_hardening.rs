@@ -132,3 +132,41 @@ async fn racing_create_and_delete_of_one_model_name_stay_consistent() {
     drop(again);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Issue 19.9: a stop (SIGTERM) whose final checkpoint failed exited 0, so a supervisor saw a
+/// clean stop. Now it exits 2 and says why; the log still holds every acknowledged token.
+#[tokio::test]
+async fn a_stop_whose_final_checkpoint_fails_exits_non_zero() {
+    let dir = temp_dir("final-checkpoint-fails");
+    let data = dir.to_str().unwrap();
+    let mut server = Binary::start(&["--data-dir", data], &[]);
+    let client = reqwest::Client::new();
+    let tokens = server.url("/v1/models/default/streams/a/tokens");
+    client.post(&tokens).json(&json!({ "text": "abc" })).send().await.unwrap().error_for_status().unwrap();
+    let reply = client.post(server.url("/v1/models/default/checkpoint")).send().await.unwrap();
+    let info: Value = reply.json().await.unwrap();
+    let next_seq = info["next_seq"].as_u64().unwrap();
+    client.post(&tokens).json(&json!({ "text": "defg" })).send().await.unwrap().error_for_status().unwrap();
+    // Every name the final checkpoint can take is a directory that a file cannot replace.
+    let model_dir = dir.join("models/default");
+    for seq in next_seq + 1..next_seq + 200 {
+        let blocked = model_dir.join(format!("checkpoint-{seq:020}.safetensors"));
+        std::fs::create_dir_all(blocked.join("occupied")).unwrap();
+    }
+    server.signal("TERM");
+    let status = server.wait(Duration::from_secs(60));
+    assert_eq!(status.code(), Some(2), "{:?}", server.seen.last());
+    assert!(
+        server.seen.iter().any(|l| l["message"] == "checkpoint failed"),
+        "the failure is logged: {:?}",
+        server.seen
+    );
+    for seq in next_seq + 1..next_seq + 200 {
+        std::fs::remove_dir_all(model_dir.join(format!("checkpoint-{seq:020}.safetensors"))).unwrap();
+    }
+    let again = Binary::start(&["--data-dir", data], &[]);
+    let (_, info) = get_json(&client, &again.url("/v1/models/default/streams/a")).await;
+    assert_eq!(info["position"], 7, "the log kept what the checkpoint could not: {info}");
+    drop(again);
+    let _ = std::fs::remove_dir_all(dir);
+}

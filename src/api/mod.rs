@@ -324,6 +324,10 @@ pub enum StartError {
     /// Network error.
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    /// The models stopped, but not cleanly (a final checkpoint failed, a model's storage had
+    /// failed): the next start replays their logs.
+    #[error("unclean stop: {0}")]
+    Stop(String),
     /// The drain did not finish within the shutdown deadline.
     #[error("the drain did not finish within the shutdown deadline of {0:?}")]
     ShutdownTimeout(Duration),
@@ -564,7 +568,7 @@ pub async fn serve(
         let engine = state.engine().clone();
         async move {
             let _ = stop_now.await;
-            engine.shutdown().await;
+            engine.shutdown().await
         }
     });
     let drain = async {
@@ -579,10 +583,15 @@ pub async fn serve(
             Err(e) => Err(StartError::Config(format!("model loading failed: {e}"))),
         };
         let _ = start_stopping.send(());
-        let _ = (&mut stopping).await;
+        let stopped = (&mut stopping).await;
         let served = served.map_err(|e| StartError::Config(format!("the server task failed: {e}")))?;
         served?;
-        loaded
+        loaded?;
+        match stopped {
+            Ok(problems) if problems.is_empty() => Ok(()),
+            Ok(problems) => Err(StartError::Stop(problems.join("; "))),
+            Err(e) => Err(StartError::Stop(format!("stopping the models failed: {e}"))),
+        }
     };
     let drained = tokio::time::timeout(deadline, drain).await;
     match drained {

@@ -727,6 +727,7 @@ impl Engine {
             }
             tracing::info!(model = %name, checkpoint = %path.display(), "restoring");
             let def = snapshot.definition.clone();
+            let checkpoint_seq = snapshot.next_seq;
             // One model that cannot be loaded (its log does not fit its checkpoint, it exceeds
             // a lowered size limit, ...) must not keep the others from serving. Its directory
             // stays as it is, and a new model cannot take its name until it is dealt with.
@@ -739,6 +740,19 @@ impl Engine {
                     // Its age is the checkpoint's, not the boot's: the replayed log is not in it.
                     if let Ok(written) = std::fs::metadata(&path).and_then(|m| m.modified()) {
                         self.metrics.checkpoint_written_at(&name, written);
+                    }
+                    // A checkpoint of the replayed log at once: without it every crash adds its
+                    // log to the next boot's replay, and boots grow slower and slower.
+                    let replayed = self.handle(&name).map(|h| h.shared.next_seq.load(Ordering::Acquire));
+                    if replayed.is_ok_and(|seq| seq > checkpoint_seq) {
+                        match self.checkpoint(&name).await {
+                            Ok(info) => {
+                                tracing::info!(model = %name, next_seq = info.next_seq, "checkpoint after replay")
+                            }
+                            Err(error) => {
+                                tracing::warn!(model = %name, %error, "no checkpoint after replay: the next boot replays again")
+                            }
+                        }
                     }
                     loaded.push(name);
                 }
@@ -1187,8 +1201,12 @@ impl Engine {
         Ok(HoldGuard { handle })
     }
 
-    /// Refuses new work, lets every worker finish its queued requests, and waits for them.
-    pub async fn shutdown(&self) {
+    /// Refuses new work, lets every worker finish its queued requests, waits for them and writes
+    /// each model's final checkpoint. Returns what went wrong (a final checkpoint that could not
+    /// be written, a model whose storage had failed, a worker that ended abnormally), one line
+    /// per model: a stop that leaves work for the next start's replay is not a clean stop.
+    pub async fn shutdown(&self) -> Vec<String> {
+        let mut problems = Vec::new();
         self.accepting.store(false, Ordering::Release);
         let handles: Vec<Arc<ModelHandle>> = {
             let models = self.models.read().unwrap_or_else(PoisonError::into_inner);
@@ -1206,20 +1224,29 @@ impl Engine {
                 Ok(Ok(Some(_))) if handle.shared.storage_failure.get().is_some() => {
                     tracing::error!(
                         model = %name,
-                        "no final checkpoint: the write-ahead log failed, so memory may hold steps \
+                        "no final checkpoint: the model's storage failed, so memory may hold steps \
                          that were answered as failed; the next start restores what was acknowledged"
                     );
+                    problems.push(format!("model `{name}`: no final checkpoint, its storage had failed"));
                 }
                 Ok(Ok(Some(snapshot))) => {
                     if let Some(d) = &self.durability {
                         let _last = handle.checkpoint.lock().await;
                         let dir = d.model_dir(&name);
-                        let _ = self.write_checkpoint(&name, dir, snapshot, d.checkpoint_keep, started).await;
+                        let written =
+                            self.write_checkpoint(&name, dir, snapshot, d.checkpoint_keep, started).await;
+                        if let Err(e) = written {
+                            problems.push(format!("model `{name}`: the final checkpoint failed: {e}"));
+                        }
                     }
                 }
                 Ok(Ok(None)) => {}
-                _ => tracing::error!(model = %name, "model worker ended abnormally"),
+                _ => {
+                    tracing::error!(model = %name, "model worker ended abnormally");
+                    problems.push(format!("model `{name}`: its worker ended abnormally"));
+                }
             }
         }
+        problems
     }
 }

@@ -128,11 +128,16 @@ impl TestServer {
     }
 
     /// Stops the server and checks that it drained cleanly.
-    pub async fn stop(mut self) {
+    pub async fn stop(self) {
+        self.stop_result().await.expect("server stopped cleanly");
+    }
+
+    /// Stops the server and returns how its stop went.
+    pub async fn stop_result(mut self) -> Result<(), StartError> {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-        self.task.await.unwrap().expect("server stopped cleanly");
+        self.task.await.unwrap()
     }
 }
 
