@@ -170,3 +170,66 @@ async fn a_stop_whose_final_checkpoint_fails_exits_non_zero() {
     drop(again);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Reads one HTTP/1.1 response head and body (the server answers with `Content-Length`).
+async fn read_response(tcp: &mut tokio::net::TcpStream) -> (u16, String, Value) {
+    use tokio::io::AsyncReadExt;
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf))
+            .await
+            .expect("an answer without waiting for the body")
+            .unwrap();
+        raw.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&raw).to_string();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let head = text[..end].to_ascii_lowercase();
+            let length = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse::<usize>().unwrap());
+            if raw.len() >= end + 4 + length || n == 0 {
+                let status = text[9..12].parse().unwrap();
+                let body = serde_json::from_str(&text[end + 4..]).unwrap_or(Value::Null);
+                return (status, head, body);
+            }
+        }
+        assert!(n > 0, "connection closed before a full response: {text}");
+    }
+}
+
+/// Issue 19.9: a `Content-Length` over the body limit waited for the body before its 413, and
+/// an over-long path got 414 with an empty body. Now both are problem+json answered from the
+/// request head, the 413 before a byte of the body is sent.
+#[tokio::test]
+async fn an_oversized_content_length_gets_413_at_once_and_a_long_path_gets_a_414_problem() {
+    use tokio::io::AsyncWriteExt;
+    let server = Binary::start(&["--max-body-bytes", "4096"], &[]);
+    let mut tcp = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
+    let head = "POST /v1/models/default/streams/a/tokens HTTP/1.1\r\nHost: x\r\n\
+                Content-Type: application/json\r\nContent-Length: 10000000\r\n\r\n";
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let (status, head, body) = read_response(&mut tcp).await;
+    assert_eq!(status, 413, "{head}");
+    assert!(head.contains("content-type: application/problem+json"), "{head}");
+    assert_eq!(body["type"], "urn:kfrtrl:problem:body-too-large");
+    assert_eq!(body["limit"], 4096);
+
+    let mut tcp = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
+    let path = format!("/v1/models/{}", "x".repeat(10_000));
+    tcp.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+    let (status, head, body) = read_response(&mut tcp).await;
+    assert_eq!(status, 414, "{head}");
+    assert!(head.contains("content-type: application/problem+json"), "{head}");
+    assert_eq!(body["type"], "urn:kfrtrl:problem:uri-too-long");
+
+    // A body within the limit is still read and served.
+    let reply = reqwest::Client::new()
+        .post(server.url("/v1/models/default/streams/a/tokens"))
+        .json(&json!({ "text": "ok" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status().as_u16(), 200);
+}

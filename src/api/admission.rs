@@ -3,6 +3,8 @@
 //! without bound), then the request timeout (503 `timeout`). Health, readiness, metrics and the
 //! OpenAPI document bypass all of it, so that probes and scrapers keep working under load.
 //!
+//! Before all of it, [`head_limits`] refuses what the request head alone shows to be too large.
+//!
 //! It also counts the work in progress (admitted requests and open WebSockets), so that a drain
 //! can wait for it to finish before the server stops accepting connections.
 
@@ -17,6 +19,36 @@ use tokio::sync::{Semaphore, watch};
 use super::AppState;
 use super::auth::is_api_path;
 use super::problem::ApiError;
+
+/// Longest request target (path and query) the server reads: every route's is far shorter
+/// (names are at most [`crate::engine::MAX_NAME_LEN`] bytes). Beyond 64 KiB the HTTP library
+/// answers 414 itself, with an empty body, before any route sees the request.
+pub const MAX_URI_BYTES: usize = 8 * 1024;
+
+/// Refuses, from the request head alone, what no route will accept: a request target over
+/// [`MAX_URI_BYTES`] (414) and a declared `Content-Length` over the body limit (413, answered at
+/// once instead of after reading the body). Runs before admission, so neither takes a permit.
+pub async fn head_limits(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let target = request.uri().path_and_query().map_or(0, |p| p.as_str().len());
+    if target > MAX_URI_BYTES {
+        return ApiError::uri_too_long(target, MAX_URI_BYTES).into_response();
+    }
+    let limit = state.inner.limits.max_body_bytes;
+    let declared = request
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        let mut response = ApiError::body_too_large(limit).into_response();
+        // The body is not read: the connection cannot carry another request after it.
+        response
+            .headers_mut()
+            .insert(axum::http::header::CONNECTION, axum::http::HeaderValue::from_static("close"));
+        return response;
+    }
+    next.run(request).await
+}
 
 /// Counts the requests and WebSockets in progress.
 #[derive(Debug, Clone)]

@@ -500,6 +500,7 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(DefaultBodyLimit::max(state.inner.limits.max_body_bytes))
         .layer(axum::middleware::from_fn_with_state(state.clone(), admission::admit))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), admission::head_limits))
         .layer(axum::middleware::from_fn_with_state(state.clone(), metrics::track))
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::internal("the request handler panicked").into_response()

@@ -119,6 +119,17 @@ impl ApiError {
         .with("limit", limit)
     }
 
+    /// 414: the request target exceeds the limit.
+    pub fn uri_too_long(length: usize, limit: usize) -> Self {
+        Self::new(
+            StatusCode::URI_TOO_LONG,
+            "uri-too-long",
+            "Request target too long",
+            format!("the request target has {length} bytes; the limit is {limit}"),
+        )
+        .with("limit", limit)
+    }
+
     /// 404: no route.
     pub fn not_found(path: &str) -> Self {
         Self::new(StatusCode::NOT_FOUND, "not-found", "Not found", format!("no route for {path}"))
