@@ -533,7 +533,8 @@ async fn a_restore_counts_no_replayed_work_and_keeps_the_checkpoints_age() {
     let newest = newest.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
     assert!(newest > written);
     let age = samples(&registry, "kfrtrl_checkpoint_last_success_timestamp_seconds", "m");
-    assert!((age[0] - newest).abs() < 1e-3, "{age:?} against {newest}");
+    // Taken when the write succeeded, a moment after the file's time.
+    assert!((0.0..1.0).contains(&(age[0] - newest)), "{age:?} against {newest}");
     r.shutdown().await;
 }
 

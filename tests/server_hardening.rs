@@ -233,3 +233,77 @@ async fn an_oversized_content_length_gets_413_at_once_and_a_long_path_gets_a_414
         .unwrap();
     assert_eq!(reply.status().as_u16(), 200);
 }
+
+/// Waits until the server closes `tcp` (a read returns 0 or an error), at most `limit`.
+async fn closed_within(tcp: &mut tokio::net::TcpStream, limit: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, tcp.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0) | Err(_)) => return true,
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// Issue 19.3: idle connections, half-sent request heads and idle kept-alive connections stayed
+/// open forever (still open after 300 s), so 1,100 of them exhausted the file descriptors and
+/// every route timed out. Now each is closed once the header read deadline passes, and the
+/// server keeps answering meanwhile.
+#[tokio::test]
+async fn idle_and_half_sent_connections_are_closed_at_the_header_read_deadline() {
+    use tokio::io::AsyncWriteExt;
+    let server = Binary::start(&["--header-read-timeout", "1"], &[]);
+    let connect = || tokio::net::TcpStream::connect(&server.addr);
+    let mut idle = connect().await.unwrap();
+    let mut half = connect().await.unwrap();
+    half.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    let mut kept = connect().await.unwrap();
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let (status, _, _) = read_response(&mut kept).await;
+    assert_eq!(status, 200);
+    let (status, _) = get_json(&reqwest::Client::new(), &server.url("/healthz")).await;
+    assert_eq!(status, 200, "served meanwhile");
+    for (what, tcp) in [("idle", &mut idle), ("half-sent head", &mut half), ("kept alive", &mut kept)] {
+        assert!(closed_within(tcp, Duration::from_secs(5)).await, "{what}: still open after 5 s");
+    }
+}
+
+/// Issue 19.4: 600 connections each sending one body byte every 3 s took all 512 request
+/// permits for the whole request timeout, and normal clients got 503 `overloaded`. Now a body
+/// is read before its request takes a permit, within its own deadline (408 `body-timeout`).
+#[tokio::test]
+async fn slow_bodies_hold_no_request_permit() {
+    use tokio::io::AsyncWriteExt;
+    let server = Binary::start(&["--max-concurrent-requests", "4", "--body-read-timeout", "2"], &[]);
+    let mut slow = Vec::new();
+    for _ in 0..8 {
+        let mut tcp = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
+        let head = "POST /v1/models/default/streams/slow/tokens HTTP/1.1\r\nHost: x\r\n\
+                    Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{";
+        tcp.write_all(head.as_bytes()).await.unwrap();
+        slow.push(tcp);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let client = reqwest::Client::new();
+    for i in 0..5 {
+        let reply = client
+            .post(server.url(&format!("/v1/models/default/streams/fast{i}/tokens")))
+            .json(&json!({ "text": "quick" }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(reply.status().as_u16(), 200, "a normal client is served while bodies trickle");
+        for tcp in &mut slow {
+            tcp.write_all(b" ").await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for tcp in &mut slow {
+        let (status, head, body) = read_response(tcp).await;
+        assert_eq!(status, 408, "{head}");
+        assert_eq!(body["type"], "urn:kfrtrl:problem:body-timeout");
+    }
+}

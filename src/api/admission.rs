@@ -1,5 +1,6 @@
 //! Admission of `/v1` requests, in this order: the bearer key (401), the drain (503
-//! `shutting-down`), the concurrency limit (503 `overloaded`: shed at once rather than queued
+//! `shutting-down`), the whole body read within its deadline (408 `body-timeout`), the
+//! concurrency limit (503 `overloaded`: shed at once rather than queued
 //! without bound), then the request timeout (503 `timeout`). Health, readiness, metrics and the
 //! OpenAPI document bypass all of it, so that probes and scrapers keep working under load.
 //!
@@ -10,15 +11,18 @@
 
 use std::sync::Arc;
 
+use axum::body::Body;
 use axum::extract::{Request, State};
+use axum::http::HeaderValue;
+use axum::http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use prometheus::IntGauge;
 use tokio::sync::{Semaphore, watch};
 
-use super::AppState;
 use super::auth::is_api_path;
 use super::problem::ApiError;
+use super::{AppState, Limits};
 
 /// Longest request target (path and query) the server reads: every route's is far shorter
 /// (names are at most [`crate::engine::MAX_NAME_LEN`] bytes). Beyond 64 KiB the HTTP library
@@ -36,15 +40,13 @@ pub async fn head_limits(State(state): State<AppState>, request: Request, next: 
     let limit = state.inner.limits.max_body_bytes;
     let declared = request
         .headers()
-        .get(axum::http::header::CONTENT_LENGTH)
+        .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         let mut response = ApiError::body_too_large(limit).into_response();
         // The body is not read: the connection cannot carry another request after it.
-        response
-            .headers_mut()
-            .insert(axum::http::header::CONNECTION, axum::http::HeaderValue::from_static("close"));
+        response.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
         return response;
     }
     next.run(request).await
@@ -154,13 +156,52 @@ pub async fn admit(State(state): State<AppState>, request: Request, next: Next) 
         return ApiError::not_ready("models are loading").into_response();
     }
     let limits = &inner.limits;
+    // In progress from here (a drain waits for it), but holding a permit only once its body is in.
+    let _work = inner.admission.work.begin();
+    let _counted = Counted::new(&inner.http.requests_in_progress);
+    let request = match read_body(request, limits).await {
+        Ok(request) => request,
+        Err(refused) => return refused,
+    };
     let Ok(_permit) = inner.admission.requests.clone().try_acquire_owned() else {
         return ApiError::overloaded("requests in progress", limits.max_concurrent_requests).into_response();
     };
-    let _work = inner.admission.work.begin();
-    let _counted = Counted::new(&inner.http.requests_in_progress);
     match tokio::time::timeout(limits.request_timeout(), next.run(request)).await {
         Ok(response) => response,
         Err(_) => ApiError::timeout(limits.request_timeout_secs).into_response(),
+    }
+}
+
+/// Reads a request's whole body within [`Limits::body_read_timeout`], before the request takes a
+/// permit: a client that trickles its body (one byte every few seconds) then holds a connection
+/// for a bounded time and no permit at all, where it used to hold a permit for the whole
+/// request timeout (issue 19.4). Memory stays bounded by what clients actually send, at most
+/// `max_body_bytes` per connection.
+async fn read_body(request: Request, limits: &Limits) -> Result<Request, Response> {
+    let headers = request.headers();
+    let declared =
+        headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
+    if declared == Some(0) || (declared.is_none() && !headers.contains_key(TRANSFER_ENCODING)) {
+        return Ok(request);
+    }
+    let (parts, body) = request.into_parts();
+    let read =
+        tokio::time::timeout(limits.body_read_timeout(), axum::body::to_bytes(body, limits.max_body_bytes));
+    let closing = |problem: ApiError| {
+        let mut response = problem.into_response();
+        response.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+        response
+    };
+    match read.await {
+        Ok(Ok(bytes)) => Ok(Request::from_parts(parts, Body::from(bytes))),
+        Ok(Err(error)) => {
+            let too_large = error.into_inner().downcast_ref::<http_body_util::LengthLimitError>().is_some();
+            Err(if too_large {
+                closing(ApiError::body_too_large(limits.max_body_bytes))
+            } else {
+                closing(ApiError::bad_body())
+            })
+        }
+        Err(_) => Err(closing(ApiError::body_timeout(limits.body_read_timeout_secs))),
     }
 }

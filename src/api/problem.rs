@@ -119,6 +119,26 @@ impl ApiError {
         .with("limit", limit)
     }
 
+    /// 408: the body did not arrive within the deadline.
+    pub fn body_timeout(seconds: f64) -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body-timeout",
+            "Body too slow",
+            format!("the request body did not arrive within {seconds} s"),
+        )
+    }
+
+    /// 400: the body could not be read (the client broke its framing or went away).
+    pub fn bad_body() -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid-body",
+            "Unreadable body",
+            "the request body could not be read",
+        )
+    }
+
     /// 414: the request target exceeds the limit.
     pub fn uri_too_long(length: usize, limit: usize) -> Self {
         Self::new(

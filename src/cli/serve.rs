@@ -111,6 +111,15 @@ pub struct ServeArgs {
     /// [default: 30].
     #[arg(long, value_name = "SECS")]
     request_timeout: Option<f64>,
+    /// Seconds a client has to send a whole request head; a connection idle that long before or
+    /// between requests is closed too [env: KFRTRL_HEADER_READ_TIMEOUT_SECS] [default: 10].
+    #[arg(long, value_name = "SECS")]
+    header_read_timeout: Option<f64>,
+    /// Seconds a client has to send a whole `/v1` request body, read before the request counts
+    /// against --max-concurrent-requests; past it, 408 `body-timeout`
+    /// [env: KFRTRL_BODY_READ_TIMEOUT_SECS] [default: 10].
+    #[arg(long, value_name = "SECS")]
+    body_read_timeout: Option<f64>,
     /// `/v1` HTTP requests in progress at once; more get 503 `overloaded` with Retry-After
     /// [env: KFRTRL_MAX_CONCURRENT_REQUESTS] [default: 512].
     #[arg(long)]
@@ -271,6 +280,12 @@ fn settings(args: ServeArgs) -> Result<Settings, String> {
     }
     if let Some(seconds) = pick(args.request_timeout, "REQUEST_TIMEOUT_SECS", None)? {
         limits.request_timeout_secs = seconds;
+    }
+    if let Some(seconds) = pick(args.header_read_timeout, "HEADER_READ_TIMEOUT_SECS", None)? {
+        limits.header_read_timeout_secs = seconds;
+    }
+    if let Some(seconds) = pick(args.body_read_timeout, "BODY_READ_TIMEOUT_SECS", None)? {
+        limits.body_read_timeout_secs = seconds;
     }
     if let Some(seconds) = pick(args.ws_idle_timeout, "WS_IDLE_TIMEOUT_SECS", None)? {
         limits.ws_idle_timeout_secs = seconds;

@@ -32,12 +32,15 @@ impl Binary {
     /// `KFRTRL_*` variable), and waits until it is ready.
     pub fn start(args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut command = Command::new(env!("CARGO_BIN_EXE_kfrtrl"));
-        command
-            .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+        command.args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"]).args(args);
+        // One data directory per server unless the test names one: servers of concurrent tests
+        // must not meet in the default `./data` (one server per directory).
+        if !args.contains(&"--data-dir") {
+            static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            command.arg("--data-dir").arg(temp_dir(&format!("binary-{n}")));
+        }
+        command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
         for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with("KFRTRL_")) {
             command.env_remove(key);
         }
