@@ -307,3 +307,41 @@ async fn slow_bodies_hold_no_request_permit() {
         assert_eq!(body["type"], "urn:kfrtrl:problem:body-timeout");
     }
 }
+
+/// Issue 19.6: nothing bounded the models' memory together: the per-model cap allowed 16 models
+/// of 4 GiB on a 24 GiB machine. Now a server-wide budget (`--max-total-model-bytes`, unset three
+/// quarters of the machine's memory) refuses, at creation, the model that would pass it, with
+/// 507 `memory-budget`; deleting a model makes room again.
+#[tokio::test]
+async fn models_past_the_server_memory_budget_are_refused_with_507() {
+    use kfrtrl::engine::{ModelDefinition, estimate_model_bytes};
+    let one = |name: &str| ModelDefinition {
+        hidden: 64,
+        max_streams: 16,
+        ..ModelDefinition::with_defaults(name, 16)
+    };
+    let bytes =
+        |d: &ModelDefinition| estimate_model_bytes(&d.model_config().check().unwrap(), d.max_streams + 1);
+    let default_model = ModelDefinition::with_defaults("default", 256);
+    // Room for the default model and two small ones, not three.
+    let budget = bytes(&default_model) + 2 * bytes(&one("a")) + bytes(&one("a")) / 2;
+    let server = Binary::start(&["--max-total-model-bytes", &budget.to_string()], &[]);
+    let client = reqwest::Client::new();
+    let create = |name: &str| {
+        client
+            .post(server.url("/v1/models"))
+            .json(&json!({ "name": name, "hidden": 64, "max_streams": 16 }))
+            .send()
+    };
+    assert_eq!(create("a").await.unwrap().status().as_u16(), 201);
+    assert_eq!(create("b").await.unwrap().status().as_u16(), 201);
+    let refused = create("c").await.unwrap();
+    assert_eq!(refused.status().as_u16(), 507);
+    let problem: Value = refused.json().await.unwrap();
+    assert_eq!(problem["type"], "urn:kfrtrl:problem:memory-budget", "{problem}");
+    assert_eq!(problem["limit"], (budget >> 20) as u64);
+    let (status, _) = get_json(&client, &server.url("/v1/models/c")).await;
+    assert_eq!(status, 404, "nothing of the refused model remains");
+    assert_eq!(client.delete(server.url("/v1/models/a")).send().await.unwrap().status().as_u16(), 204);
+    assert_eq!(create("c").await.unwrap().status().as_u16(), 201, "room again after a delete");
+}

@@ -45,6 +45,9 @@ pub struct Limits {
     pub max_models: usize,
     /// Largest estimated memory of one model, in bytes.
     pub max_model_bytes: u64,
+    /// Largest estimated memory of all models together, in bytes (`None`: three quarters of the
+    /// machine's memory); a model past it is refused with 507 `memory-budget`.
+    pub max_total_model_bytes: Option<u64>,
     /// Streams per model when its definition does not say.
     pub max_streams: usize,
     /// Requests outstanding per WebSocket connection before the server stops reading; a request
@@ -97,6 +100,7 @@ impl Default for Limits {
             queue_tokens_per_stream: None,
             max_models: engine.max_models,
             max_model_bytes: engine.max_model_bytes,
+            max_total_model_bytes: None,
             max_streams: engine.default_max_streams,
             ws_max_in_flight: 256,
             ws_max_in_flight_tokens: 65_536,
@@ -128,6 +132,9 @@ impl Limits {
             max_tokens_per_request: self.max_tokens_per_request,
             max_models: self.max_models,
             max_model_bytes: self.max_model_bytes,
+            max_total_model_bytes: self
+                .max_total_model_bytes
+                .unwrap_or_else(crate::engine::default_memory_budget),
             default_max_streams: self.max_streams,
             max_stored_streams: self.max_stored_streams,
             model_threads: self.model_threads.unwrap_or(EngineLimits::default().model_threads),

@@ -309,6 +309,10 @@ impl From<EngineError> for ApiError {
                     .with("limit", limit)
                     .retry_after(1)
             }
+            EngineError::MemoryBudget { budget, .. } => {
+                Self::new(StatusCode::INSUFFICIENT_STORAGE, "memory-budget", "Memory budget reached", detail)
+                    .with("limit", budget)
+            }
             EngineError::SlotsBusy { limit, .. } => {
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, "slots-busy", "All stream slots busy", detail)
                     .with("limit", limit)

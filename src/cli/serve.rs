@@ -154,6 +154,10 @@ pub struct ServeArgs {
     /// [env: KFRTRL_MAX_MODEL_BYTES] [default: 4294967296].
     #[arg(long)]
     max_model_bytes: Option<u64>,
+    /// Largest estimated memory of all models together, in bytes; a model past it gets 507
+    /// `memory-budget` [env: KFRTRL_MAX_TOTAL_MODEL_BYTES] [default: 3/4 of the machine's memory].
+    #[arg(long)]
+    max_total_model_bytes: Option<u64>,
     /// Seconds between periodic checkpoints of a model that changed; 0: only on demand and at
     /// shutdown [env: KFRTRL_CHECKPOINT_INTERVAL_SECS] [default: 300].
     #[arg(long)]
@@ -277,6 +281,9 @@ fn settings(args: ServeArgs) -> Result<Settings, String> {
         if let Some(value) = pick(flag, var, None)? {
             *slot = value;
         }
+    }
+    if let Some(bytes) = pick(args.max_total_model_bytes, "MAX_TOTAL_MODEL_BYTES", None)? {
+        limits.max_total_model_bytes = Some(bytes);
     }
     if let Some(seconds) = pick(args.request_timeout, "REQUEST_TIMEOUT_SECS", None)? {
         limits.request_timeout_secs = seconds;

@@ -66,6 +66,9 @@ pub struct EngineLimits {
     pub max_models: usize,
     /// Largest estimated memory of one model (weights, optimizer, all stream slots), in bytes.
     pub max_model_bytes: u64,
+    /// Largest estimated memory of all models together, in bytes: a model that would take the
+    /// server past it is refused at creation ([`EngineError::MemoryBudget`]).
+    pub max_total_model_bytes: u64,
     /// Streams per model when a definition does not say (resident at once; more are evicted).
     pub default_max_streams: usize,
     /// Streams per model, resident and evicted together (durable engines evict idle streams to
@@ -82,6 +85,26 @@ pub fn stream_share(queue: usize, floor: usize) -> usize {
     (queue / 4).max(floor)
 }
 
+/// Three quarters of the machine's memory (`MemTotal` of `/proc/meminfo`, or of a cgroup limit
+/// below it), or 16 GiB where neither can be read: what the models may take together, leaving
+/// the rest to queues, replies, the page cache and the system.
+pub fn default_memory_budget() -> u64 {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok().and_then(|text| {
+        let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib.saturating_mul(1024))
+    });
+    let cgroup =
+        std::fs::read_to_string("/sys/fs/cgroup/memory.max").ok().and_then(|t| t.trim().parse::<u64>().ok());
+    let total = match (meminfo, cgroup) {
+        (Some(m), Some(c)) => m.min(c),
+        (Some(m), None) => m,
+        (None, Some(c)) => c,
+        (None, None) => 16 << 30,
+    };
+    total / 4 * 3
+}
+
 impl Default for EngineLimits {
     fn default() -> Self {
         Self {
@@ -92,6 +115,7 @@ impl Default for EngineLimits {
             max_tokens_per_request: 65_536,
             max_models: 16,
             max_model_bytes: 4 << 30,
+            max_total_model_bytes: default_memory_budget(),
             default_max_streams: 256,
             max_stored_streams: 100_000,
             model_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -181,6 +205,21 @@ pub enum EngineError {
         model: String,
         /// Its stream limit.
         limit: usize,
+    },
+    /// The model would take the server's models past their memory budget.
+    #[error(
+        "model `{model}` would need about {requested} MiB; the server's models hold {used} MiB of \
+         a budget of {budget} MiB: delete a model, or lower hidden or max_streams"
+    )]
+    MemoryBudget {
+        /// The model refused.
+        model: String,
+        /// Its estimated memory, MiB.
+        requested: u64,
+        /// The estimated memory of the models already loaded, MiB.
+        used: u64,
+        /// The budget, MiB.
+        budget: u64,
     },
     /// Every slot of the model holds a stream with work queued in this very step, so none can
     /// be evicted to make room for a new one; retry once some finish.
@@ -664,11 +703,34 @@ impl Engine {
         Ok(spec)
     }
 
+    /// Refuses a model whose estimated memory would take all models past the budget (checked
+    /// under the lifecycle lock, so that racing creates cannot overshoot it together).
+    fn check_memory_budget(&self, def: &ModelDefinition, spec: &ModelSpec) -> Result<(), EngineError> {
+        let estimate = |spec: &ModelSpec, streams: usize| estimate_model_bytes(spec, streams + 1);
+        let used: u128 = {
+            let models = self.models.read().unwrap_or_else(PoisonError::into_inner);
+            models.values().map(|h| estimate(&h.spec, h.definition.max_streams)).sum()
+        };
+        let requested = estimate(spec, def.max_streams);
+        let budget = u128::from(self.limits.max_total_model_bytes);
+        if used + requested > budget {
+            let mib = |b: u128| u64::try_from(b >> 20).unwrap_or(u64::MAX);
+            return Err(EngineError::MemoryBudget {
+                model: def.name.clone(),
+                requested: mib(requested),
+                used: mib(used),
+                budget: mib(budget),
+            });
+        }
+        Ok(())
+    }
+
     /// Creates a model and starts its worker; returns once the worker has allocated it (and,
     /// with a data directory, written its first checkpoint).
     pub async fn create_model(&self, def: ModelDefinition) -> Result<ModelInfo, EngineError> {
         let spec = self.check_definition(&def)?;
         let _lifecycle = self.lifecycle.lock().await;
+        self.check_memory_budget(&def, &spec)?;
         if let Some(d) = &self.durability {
             let dir = d.model_dir(&def.name);
             let taken = tokio::task::spawn_blocking(move || checkpoint::list(&dir).map(|l| !l.is_empty()))
