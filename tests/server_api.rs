@@ -219,13 +219,18 @@ async fn every_route_answers_with_its_schema() {
     let total: f64 = predictions.iter().map(|p| p["prob"].as_f64().unwrap()).sum();
     assert!((total - 1.0).abs() < 1e-4);
     assert!(predictions.windows(2).all(|w| w[0]["prob"].as_f64() >= w[1]["prob"].as_f64()));
+    // Issue 19.12: predictions of non-printable bytes carried no text; now an escaped form.
     for p in predictions {
         let token = p["token"].as_u64().unwrap();
-        let printable = (0x20..0x7f).contains(&token);
-        assert_eq!(p.get("text").is_some(), printable, "{p}");
-        if printable {
-            assert_eq!(p["text"].as_str().unwrap(), char::from(token as u8).to_string());
-        }
+        let text = p["text"].as_str().unwrap_or_else(|| panic!("every byte has a text: {p}"));
+        let want = match token {
+            0x20..0x7f => char::from(token as u8).to_string(),
+            0x0a => "\\n".to_owned(),
+            0x09 => "\\t".to_owned(),
+            0x0d => "\\r".to_owned(),
+            _ => format!("\\x{token:02x}"),
+        };
+        assert_eq!(text, want, "{p}");
     }
     let b = server.tokens("bytes", "alpha-stream", json!({"tokens": [104, 105], "learn": false})).await;
     assert_eq!((b["position"].as_u64(), b["consumed"].as_u64()), (Some(7), Some(2)));

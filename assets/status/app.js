@@ -108,9 +108,14 @@ function drawSeries(canvas, points, key, color, fixedMin) {
   return { min, max };
 }
 
-function stat(label, value) {
-  return el("div", { class: "stat" }, el("div", { class: "value" }, value), el("div", { class: "label" }, label));
+function stat(label, value, title) {
+  return el("div", { class: "stat", title: title || "" },
+    el("div", { class: "value" }, value), el("div", { class: "label" }, label));
 }
+
+// The model's averages mix the latest tokens of all its streams: one easy stream can hide a hard
+// one, so the card says so and the streams table below has each stream's own.
+const ALL_STREAMS = "over the latest tokens of all the model's streams together; each stream's own is in the table below";
 
 function modelCard(model, rate) {
   const c = model.config;
@@ -120,10 +125,10 @@ function modelCard(model, rate) {
     el("div", { class: "config" },
       `${c.cell} n=${c.hidden} · ${learner} · ${c.optimizer} lr=${c.lr.toPrecision(3)} · vocab ${c.vocab_size}`),
     el("div", { class: "stats" },
-      stat("loss bits (recent)", fmt(model.stats.loss_bits_avg, 3)),
+      stat("loss bits (recent, all streams)", fmt(model.stats.loss_bits_avg, 3), ALL_STREAMS),
       stat("symbols/s", rate === null ? "–" : fmtCount(Math.round(rate))),
-      stat("top-1 accuracy", model.stats.top1_accuracy_avg === null ? "–"
-        : (100 * model.stats.top1_accuracy_avg).toFixed(1) + "%"),
+      stat("top-1 (recent, all streams)", model.stats.top1_accuracy_avg === null ? "–"
+        : (100 * model.stats.top1_accuracy_avg).toFixed(1) + "%", ALL_STREAMS),
       stat("symbols", fmtCount(model.stats.symbols_seen)),
       stat("streams", String(model.stats.streams)),
       stat("queued", fmtCount(model.stats.queued_tokens))));
@@ -161,6 +166,7 @@ function renderStreams(lists) {
     el("td", { class: "num" }, fmtCount(s.position)),
     el("td", { class: "num" }, fmtCount(s.symbols_learned)),
     el("td", { class: "num" }, fmt(s.loss_bits_avg, 3)),
+    el("td", { class: "num" }, fmt(s.mean_loss_bits, 3)),
     el("td", { class: "num" }, fmtCount(s.queued_tokens)),
     el("td", { class: "num" }, s.idle_seconds < 1 ? "active" : `${Math.round(s.idle_seconds)} s`))));
   $("streams-empty").hidden = rows.length > 0;

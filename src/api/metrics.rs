@@ -125,7 +125,8 @@ pub async fn track(State(state): State<AppState>, request: Request, next: Next) 
     let http = &state.inner.http;
     http.requests.with_label_values(&[route.as_str(), method, status.as_str()]).inc();
     http.durations.with_label_values(&[route.as_str(), method]).observe(started.elapsed().as_secs_f64());
-    if status.is_server_error() {
+    // A probe's 503 (models loading, a drain) is the answer it exists to give, not a failure.
+    if status.is_server_error() && route != "/readyz" {
         tracing::warn!(%route, method, status = status.as_u16(), "request failed");
     } else {
         tracing::debug!(%route, method, status = status.as_u16(), "request");

@@ -285,7 +285,8 @@ pub struct Prediction {
     pub token: u32,
     /// Its probability.
     pub prob: f64,
-    /// For byte-level models, the byte as text when it is printable ASCII.
+    /// For byte-level models, the byte as text: printable ASCII as itself, any other byte
+    /// escaped (`\n`, `\t`, `\r`, `\x00` … `\xff`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub text: Option<String>,
 }

@@ -1367,10 +1367,19 @@ impl Worker {
             .map(|token| Prediction {
                 token,
                 prob: f64::from(logits[token as usize] - max).exp() / sum,
-                text: (byte_level && (0x20..0x7f).contains(&token))
-                    .then(|| char::from(token as u8).to_string()),
+                text: byte_level.then(|| byte_text(token as u8)),
             })
             .collect()
+    }
+}
+
+/// A byte as text: printable ASCII as itself, any other byte escaped (`\n`, `\t`, `\r`,
+/// `\x00` … `\xff`), so that a client can always show what a prediction is.
+fn byte_text(byte: u8) -> String {
+    if (0x20..0x7f).contains(&byte) {
+        char::from(byte).to_string()
+    } else {
+        std::ascii::escape_default(byte).to_string()
     }
 }
 
