@@ -36,13 +36,31 @@ impl FromStr for LogFormat {
     }
 }
 
+/// `--config`'s long help: every key the file may hold (a test keeps it complete).
+const CONFIG_HELP: &str =
+    "TOML config file [env: KFRTRL_CONFIG]. Flags win over KFRTRL_* variables, which win \
+over the file; unknown keys are refused.
+
+Top level: listen, data_dir, log_format, log_filter, runtime_threads, api_key, api_key_file, \
+allowed_origins, shutdown_timeout_secs, checkpoint_interval_secs, checkpoint_keep, wal_fsync, \
+stream_idle_ttl_secs.
+
+[limits]: max_body_bytes, max_tokens_per_request, queue_requests, queue_tokens, \
+queue_requests_per_stream, queue_tokens_per_stream, max_models, max_model_bytes, \
+max_total_model_bytes, max_streams, ws_max_in_flight, ws_max_in_flight_tokens, \
+ws_idle_timeout_secs, max_hidden, max_parameters, request_timeout_secs, header_read_timeout_secs, \
+body_read_timeout_secs, max_concurrent_requests, max_websockets, max_stored_streams, model_threads.
+
+[[models]] (one table per model loaded at start; without any, one model named `default`): name, \
+vocab_size, cell, hidden, learner, tbptt_window, ok_rank, optimizer, lr, clip, clip_scope, \
+gradient_before_reduction, influence_decay, seed, init_std, uoro_epsilon, max_streams.";
+
 /// Flags of `kfrtrl serve`. Each also reads `KFRTRL_<NAME>` (e.g. `KFRTRL_LISTEN`) and the
 /// config file; a flag wins over the environment, which wins over the file.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// TOML config file: listen, data_dir, log_format, log_filter, [limits], [[models]]
-    /// [env: KFRTRL_CONFIG].
-    #[arg(long)]
+    /// TOML config file (every key listed under --help) [env: KFRTRL_CONFIG].
+    #[arg(long, long_help = CONFIG_HELP)]
     config: Option<PathBuf>,
     /// Address to listen on; port 0 picks a free port (logged as `listening`)
     /// [env: KFRTRL_LISTEN] [default: 127.0.0.1:8080].
@@ -448,4 +466,28 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
     // running, such as a worker join past the deadline, must not hold the exit.
     runtime.shutdown_background();
     served
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression (issue 19.12): `serve --help` listed a few of the config file's keys. Every
+    /// `[limits]` key and every model field must appear in `--config`'s long help.
+    #[test]
+    fn the_config_help_names_every_limit_and_model_key() {
+        let keys = |value: serde_json::Value| -> Vec<String> {
+            value.as_object().expect("an object").keys().cloned().collect()
+        };
+        let limits = keys(serde_json::to_value(Limits::default()).unwrap());
+        let model =
+            keys(serde_json::to_value(kfrtrl::engine::ModelDefinition::with_defaults("m", 1)).unwrap());
+        assert!(limits.len() > 20 && model.len() > 15);
+        for key in limits.iter().chain(&model) {
+            assert!(
+                CONFIG_HELP.contains(&format!(" {key},")) || CONFIG_HELP.contains(&format!(" {key}.")),
+                "{key}"
+            );
+        }
+    }
 }
