@@ -345,3 +345,40 @@ async fn models_past_the_server_memory_budget_are_refused_with_507() {
     assert_eq!(client.delete(server.url("/v1/models/a")).send().await.unwrap().status().as_u16(), 204);
     assert_eq!(create("c").await.unwrap().status().as_u16(), 201, "room again after a delete");
 }
+
+/// Issue 19.11: there was no easy way to stream a real file into a model and watch it learn.
+/// `kfrtrl feed` streams a file over a WebSocket, reports the bits per byte, and, run again after
+/// an interruption, sends only what the stream has not consumed.
+#[tokio::test]
+async fn kfrtrl_feed_streams_a_file_and_resumes_at_the_streams_position() {
+    let server = Binary::start(&[], &[]);
+    let dir = temp_dir("feed");
+    let text: Vec<u8> = b"the cat sat on the mat. ".repeat(100);
+    let (head, whole) = (dir.join("head.txt"), dir.join("whole.txt"));
+    std::fs::write(&head, &text[..600]).unwrap();
+    std::fs::write(&whole, &text).unwrap();
+    let feed = |file: &std::path::Path| {
+        let out = Command::new(env!("CARGO_BIN_EXE_kfrtrl"))
+            .args(["feed", "--url", &server.url(""), "--stream", "cat", "--chunk", "64", "--json"])
+            .arg(file)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    // An interrupted feed: its first 600 bytes.
+    let first = feed(&head);
+    assert_eq!((first["skipped_bytes"].as_u64(), first["fed_bytes"].as_u64()), (Some(0), Some(600)));
+    let uniform = first["bits_per_byte"].as_f64().unwrap();
+    assert!(uniform > 0.0 && uniform < 8.5, "{first}");
+    // Rerun on the whole file: only the rest is sent, and the repeated text is learned.
+    let rest = feed(&whole);
+    assert_eq!(rest["skipped_bytes"], 600, "{rest}");
+    assert_eq!(rest["fed_bytes"].as_u64(), Some(text.len() as u64 - 600), "{rest}");
+    assert!(rest["bits_per_byte"].as_f64().unwrap() < uniform, "it learns: {first} then {rest}");
+    let (_, info) = get_json(&reqwest::Client::new(), &server.url("/v1/models/default/streams/cat")).await;
+    assert_eq!(info["position"].as_u64(), Some(text.len() as u64));
+    // Nothing left: a third run sends nothing.
+    assert_eq!(feed(&whole)["fed_bytes"], 0);
+    let _ = std::fs::remove_dir_all(dir);
+}

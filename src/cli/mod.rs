@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod experiment;
+mod feed;
 mod healthcheck;
 mod load;
 mod serve;
@@ -30,6 +31,8 @@ enum Command {
     Serve(Box<serve::ServeArgs>),
     /// Drive a running server with concurrent streams and report throughput and latency.
     Load(load::LoadArgs),
+    /// Stream a file or standard input into a stream of a running server and watch it learn.
+    Feed(feed::FeedArgs),
     /// Run one of the paper's experiments (gradient variance, copy task).
     Experiment(experiment::ExperimentArgs),
     /// Exit 0 when the local server is ready, 1 when not (for container health checks).
@@ -45,6 +48,7 @@ pub fn main() -> ExitCode {
         Command::Serve(args) => serve::run(*args),
         Command::Experiment(args) => experiment::run(args),
         Command::Load(args) => load::run(args),
+        Command::Feed(args) => feed::run(args),
         Command::Healthcheck(args) => return healthcheck::run(args),
     };
     match result {
