@@ -853,3 +853,49 @@ async fn a_failed_eviction_write_is_a_storage_failure_not_a_stream_limit() {
     assert_eq!((position("a"), position("b"), position("c")), (Some(2), Some(1), None));
     r.shutdown().await;
 }
+
+/// Regression (issue 19.5): one client could fill the disk through eviction (133,784 bytes per
+/// evicted stream, 100,000 stored streams per model allowed, about 1,000 new streams a second).
+/// Now the evicted streams of all models share a disk budget: a new stream that would need one
+/// more stream moved to disk past it gets `DiskBudget` (HTTP 507), forgetting streams makes
+/// room, and a deleted model gives its share back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn new_streams_past_the_disk_budget_of_evicted_streams_are_refused() {
+    let x = |t: Vec<u32>| TokenInput { tokens: t, learn: true, reset: false, top_k: 1, return_losses: false };
+    // The estimated file of one evicted stream, measured on an engine without a real budget.
+    let probe_dir = temp_dir("disk-budget-probe");
+    let probe = engine(&probe_dir);
+    probe.create_model(definition("m", LearnerKind::KfRtrl, 1)).await.unwrap();
+    probe.tokens("m", "a", x(vec![1]), Mode::Consume).await.unwrap();
+    probe.tokens("m", "b", x(vec![1]), Mode::Consume).await.unwrap();
+    let per_stream = probe.evicted_bytes().used();
+    assert!(per_stream > 1000, "one stream evicted: {per_stream}");
+    probe.delete_model("m").await.unwrap();
+    // Once its worker has stopped (in the background).
+    for _ in 0..200 {
+        if probe.evicted_bytes().used() == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(probe.evicted_bytes().used(), 0, "a deleted model gives its share back");
+    probe.shutdown().await;
+
+    let dir = temp_dir("disk-budget");
+    let limits =
+        EngineLimits { max_evicted_bytes: 2 * per_stream + per_stream / 2, ..EngineLimits::default() };
+    let e = engine_with(durability(&dir), limits);
+    e.create_model(definition("m", LearnerKind::KfRtrl, 1)).await.unwrap();
+    for s in ["a", "b", "c"] {
+        e.tokens("m", s, x(vec![1, 2]), Mode::Consume).await.unwrap();
+    }
+    assert_eq!(e.evicted_bytes().used(), 2 * per_stream, "a and b on disk");
+    let refused = e.tokens("m", "d", x(vec![1]), Mode::Consume).await;
+    assert!(matches!(refused, Err(EngineError::DiskBudget { .. })), "{refused:?}");
+    // An evicted stream still comes back (one in, one out), and a forgotten one makes room.
+    assert_eq!(e.tokens("m", "a", x(vec![3]), Mode::Consume).await.unwrap().position, 3);
+    e.delete_stream("m", "b").await.unwrap();
+    assert_eq!(e.tokens("m", "d", x(vec![1]), Mode::Consume).await.unwrap().position, 1);
+    assert_eq!(e.list_streams("m").await.unwrap().len(), 3);
+    e.shutdown().await;
+}

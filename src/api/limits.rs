@@ -83,6 +83,9 @@ pub struct Limits {
     pub max_websockets: usize,
     /// Streams per model, resident and evicted together.
     pub max_stored_streams: usize,
+    /// Disk that the evicted streams of all models may take together, in bytes; a new stream
+    /// that would need one more moved to disk past it gets 507 `disk-budget`.
+    pub max_evicted_bytes: u64,
     /// Threads of each model's pool (`None`: every core; `kfrtrl serve` leaves the async
     /// runtime's cores out).
     pub model_threads: Option<usize>,
@@ -113,6 +116,7 @@ impl Default for Limits {
             max_concurrent_requests: 512,
             max_websockets: 1024,
             max_stored_streams: engine.max_stored_streams,
+            max_evicted_bytes: engine.max_evicted_bytes,
             model_threads: None,
         }
     }
@@ -137,6 +141,7 @@ impl Limits {
                 .unwrap_or_else(crate::engine::default_memory_budget),
             default_max_streams: self.max_streams,
             max_stored_streams: self.max_stored_streams,
+            max_evicted_bytes: self.max_evicted_bytes,
             model_threads: self.model_threads.unwrap_or(EngineLimits::default().model_threads),
         }
     }

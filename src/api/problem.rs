@@ -309,6 +309,10 @@ impl From<EngineError> for ApiError {
                     .with("limit", limit)
                     .retry_after(1)
             }
+            EngineError::DiskBudget { budget, .. } => {
+                Self::new(StatusCode::INSUFFICIENT_STORAGE, "disk-budget", "Disk budget reached", detail)
+                    .with("limit", budget)
+            }
             EngineError::MemoryBudget { budget, .. } => {
                 Self::new(StatusCode::INSUFFICIENT_STORAGE, "memory-budget", "Memory budget reached", detail)
                     .with("limit", budget)

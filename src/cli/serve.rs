@@ -49,7 +49,8 @@ stream_idle_ttl_secs.
 queue_requests_per_stream, queue_tokens_per_stream, max_models, max_model_bytes, \
 max_total_model_bytes, max_streams, ws_max_in_flight, ws_max_in_flight_tokens, \
 ws_idle_timeout_secs, max_hidden, max_parameters, request_timeout_secs, header_read_timeout_secs, \
-body_read_timeout_secs, max_concurrent_requests, max_websockets, max_stored_streams, model_threads.
+body_read_timeout_secs, max_concurrent_requests, max_websockets, max_stored_streams, max_evicted_bytes, \
+model_threads.
 
 [[models]] (one table per model loaded at start; without any, one model named `default`): name, \
 vocab_size, cell, hidden, learner, tbptt_window, ok_rank, optimizer, lr, clip, clip_scope, \
@@ -194,6 +195,10 @@ pub struct ServeArgs {
     /// Streams per model, resident and evicted [env: KFRTRL_MAX_STORED_STREAMS] [default: 100000].
     #[arg(long)]
     max_stored_streams: Option<usize>,
+    /// Disk that the evicted streams of all models may take, in bytes; a new stream past it gets
+    /// 507 `disk-budget` [env: KFRTRL_MAX_EVICTED_BYTES] [default: 8589934592].
+    #[arg(long)]
+    max_evicted_bytes: Option<u64>,
 }
 
 /// The config file.
@@ -295,6 +300,7 @@ fn settings(args: ServeArgs) -> Result<Settings, String> {
     for (flag, var, slot) in [
         (args.max_parameters, "MAX_PARAMETERS", &mut limits.max_parameters),
         (args.max_model_bytes, "MAX_MODEL_BYTES", &mut limits.max_model_bytes),
+        (args.max_evicted_bytes, "MAX_EVICTED_BYTES", &mut limits.max_evicted_bytes),
     ] {
         if let Some(value) = pick(flag, var, None)? {
             *slot = value;

@@ -5,6 +5,7 @@
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use super::model::valid_name;
@@ -93,5 +94,46 @@ impl Durability {
             .and_then(|_| file.write_all(pid.as_bytes()))
             .map_err(|e| format!("{}: {e}", path.display()))?;
         Ok(DataDirLock { _file: file })
+    }
+}
+
+/// The disk that evicted streams take, across every model of the server, against its budget
+/// (`EngineLimits::max_evicted_bytes`). Each model's worker accounts its evicted streams at an
+/// estimated file size; a new stream that would need one more stream moved to disk past the
+/// budget is refused (507 `disk-budget`), and idle streams stay in memory rather than go past it.
+#[derive(Debug)]
+pub struct EvictedBytes {
+    used: AtomicU64,
+    budget: u64,
+}
+
+impl EvictedBytes {
+    /// Nothing used yet.
+    pub fn new(budget: u64) -> Self {
+        Self { used: AtomicU64::new(0), budget }
+    }
+
+    /// Bytes accounted now.
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Acquire)
+    }
+
+    /// The budget in bytes.
+    pub fn budget(&self) -> u64 {
+        self.budget
+    }
+
+    /// Whether `more` bytes would pass the budget.
+    pub fn would_exceed(&self, more: u64) -> bool {
+        self.used().saturating_add(more) > self.budget
+    }
+
+    /// Moves one model's share from `from` to `to` bytes.
+    pub(crate) fn adjust(&self, from: u64, to: u64) {
+        if to > from {
+            self.used.fetch_add(to - from, Ordering::AcqRel);
+        } else {
+            self.used.fetch_sub(from - to, Ordering::AcqRel);
+        }
     }
 }

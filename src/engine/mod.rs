@@ -40,7 +40,7 @@ use tokio::sync::oneshot;
 use crate::core::ModelSpec;
 
 pub use checkpoint::{EvictedStream, ModelSnapshot, StreamMeta, StreamSnapshot};
-pub use durability::{DataDirLock, Durability};
+pub use durability::{DataDirLock, Durability, EvictedBytes};
 pub use metrics::{EngineMetrics, ModelMetrics, SymbolMode};
 pub use model::{
     MAX_NAME_LEN, MAX_STREAMS_PER_MODEL, ModelDefinition, ModelRequest, estimate_model_bytes, valid_name,
@@ -77,6 +77,9 @@ pub struct EngineLimits {
     /// Threads of each model's pool, the worker's own included: the most cores one model's step
     /// uses at once.
     pub model_threads: usize,
+    /// Disk that the evicted streams of all models may take together, in bytes (estimated per
+    /// stream file; see [`EvictedBytes`]).
+    pub max_evicted_bytes: u64,
 }
 
 /// A stream's default share of a model's queue of `queue` requests or tokens: a quarter of it,
@@ -119,6 +122,7 @@ impl Default for EngineLimits {
             default_max_streams: 256,
             max_stored_streams: 100_000,
             model_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            max_evicted_bytes: 8 << 30,
         }
     }
 }
@@ -205,6 +209,18 @@ pub enum EngineError {
         model: String,
         /// Its stream limit.
         limit: usize,
+    },
+    /// A new stream would need one more stream moved to disk past the server's budget for
+    /// evicted streams.
+    #[error(
+        "a new stream of model `{model}` needs an idle stream moved to disk, but the evicted streams \
+         of the server fill their budget of {budget} MiB: delete streams or retry later"
+    )]
+    DiskBudget {
+        /// The model.
+        model: String,
+        /// The budget, MiB.
+        budget: u64,
     },
     /// The model would take the server's models past their memory budget.
     #[error(
@@ -631,12 +647,14 @@ pub struct Engine {
     /// directory: a create can then never meet the directory of a model being deleted, nor
     /// lose its own to that move.
     lifecycle: Arc<tokio::sync::Mutex<()>>,
+    evicted_bytes: Arc<EvictedBytes>,
 }
 
 impl Engine {
     /// An engine without models and without a data directory (nothing survives the process),
     /// whose metrics go to `metrics`.
     pub fn new(limits: EngineLimits, metrics: EngineMetrics) -> Self {
+        let evicted_bytes = Arc::new(EvictedBytes::new(limits.max_evicted_bytes));
         Self {
             limits,
             metrics,
@@ -644,6 +662,7 @@ impl Engine {
             accepting: AtomicBool::new(true),
             durability: None,
             lifecycle: Arc::new(tokio::sync::Mutex::new(())),
+            evicted_bytes,
         }
     }
 
@@ -656,6 +675,11 @@ impl Engine {
     /// The durability settings, if the engine has a data directory.
     pub fn durability(&self) -> Option<&Durability> {
         self.durability.as_ref()
+    }
+
+    /// The disk the evicted streams of all models take, as estimated, against its budget.
+    pub fn evicted_bytes(&self) -> &EvictedBytes {
+        &self.evicted_bytes
     }
 
     /// The engine's limits.
@@ -888,6 +912,7 @@ impl Engine {
                 keep: d.checkpoint_keep,
             }),
             max_stored_streams: self.limits.max_stored_streams,
+            evicted_bytes: self.evicted_bytes.clone(),
             threads: self.limits.model_threads,
             start,
         };

@@ -79,6 +79,8 @@ pub(super) struct WorkerInit {
     pub metrics: ModelMetrics,
     pub durable: Option<DurableConfig>,
     pub max_stored_streams: usize,
+    /// The server's ledger of evicted-stream bytes.
+    pub evicted_bytes: Arc<super::EvictedBytes>,
     /// Threads of the model's pool (at least 1).
     pub threads: usize,
     pub start: Start,
@@ -119,6 +121,7 @@ pub(super) fn run(
         worker.publish_stats();
         let _ = ready.send(Ok(()));
         let drained = worker.run(rx);
+        worker.release_evicted();
         drained.then(|| Box::new(worker.snapshot()))
     })
 }
@@ -235,6 +238,11 @@ struct Worker {
     /// Streams whose state is on disk.
     evicted: BTreeMap<String, EvictedStream>,
     max_stored_streams: usize,
+    /// The server's ledger of evicted-stream bytes, this model's estimate per stream file, and
+    /// what it has accounted there.
+    evicted_bytes: Arc<super::EvictedBytes>,
+    evicted_file_bytes: u64,
+    evicted_accounted: u64,
     /// The model's directory (durable models only; evicted streams live under it).
     dir: Option<PathBuf>,
     durable: Option<Durable>,
@@ -274,6 +282,10 @@ impl Worker {
             opened_streams: 0,
             evicted: BTreeMap::new(),
             max_stored_streams: init.max_stored_streams,
+            evicted_bytes: init.evicted_bytes.clone(),
+            // The state tensors in f32 and a margin for the file's header.
+            evicted_file_bytes: crate::core::SlotStateLayout::of(&spec).bytes(4) as u64 + 4096,
+            evicted_accounted: 0,
             dir: None,
             durable: None,
             inputs: Vec::with_capacity(capacity),
@@ -354,7 +366,21 @@ impl Worker {
             });
         }
         worker.shared.next_seq.store(worker.next_seq, Ordering::Release);
+        worker.account_evicted();
         Ok(worker)
+    }
+
+    /// Brings this model's share of the server's evicted-stream bytes up to date.
+    fn account_evicted(&mut self) {
+        let now = self.evicted.len() as u64 * self.evicted_file_bytes;
+        self.evicted_bytes.adjust(self.evicted_accounted, now);
+        self.evicted_accounted = now;
+    }
+
+    /// Gives this model's share back (the worker ends: deleted, or the server stops).
+    fn release_evicted(&mut self) {
+        self.evicted_bytes.adjust(self.evicted_accounted, 0);
+        self.evicted_accounted = 0;
     }
 
     /// Loads a snapshot into a freshly built worker.
@@ -659,6 +685,7 @@ impl Worker {
         self.free.push(slot);
         self.busy.remove(&slot);
         self.evicted.insert(meta.name.clone(), EvictedStream { generation, meta });
+        self.account_evicted();
         self.metrics.streams_evicted.inc();
         self.metrics.active_streams.set(self.names.len() as i64);
         Ok(())
@@ -673,6 +700,7 @@ impl Worker {
         self.set.import_slot(slot, &state).map_err(|e| e.to_string())?;
         self.log(&Event::Load { slot: slot as u32, generation, name: name.to_owned() });
         self.evicted.remove(name);
+        self.account_evicted();
         take_free(&mut self.free, slot);
         self.names.insert(name.to_owned(), slot);
         self.slots[slot] = Some(StreamEntry::new(meta));
@@ -684,6 +712,7 @@ impl Worker {
     fn apply_forget(&mut self, name: &str) {
         self.log(&Event::Forget { name: name.to_owned() });
         self.evicted.remove(name);
+        self.account_evicted();
     }
 
     /// Logs and steps a batch up to its new predictions ([`StreamSet::step_states`]) and books
@@ -804,6 +833,10 @@ impl Worker {
             })
             .collect();
         for slot in idle {
+            // Past the disk budget an idle stream stays in memory (its slot is still bounded).
+            if self.evicted_bytes.would_exceed(self.evicted_file_bytes) {
+                break;
+            }
             if let Err(e) = self.apply_evict(slot) {
                 tracing::error!(model = %self.definition.name, error = %e, "cannot evict an idle stream");
                 break;
@@ -848,6 +881,12 @@ impl Worker {
             return Err(EngineError::StreamLimit {
                 model: self.definition.name.clone(),
                 limit: self.max_stored_streams,
+            });
+        }
+        if !evicted && self.free.is_empty() && self.evicted_bytes.would_exceed(self.evicted_file_bytes) {
+            return Err(EngineError::DiskBudget {
+                model: self.definition.name.clone(),
+                budget: self.evicted_bytes.budget() >> 20,
             });
         }
         let slot = match self.free_slot() {
