@@ -28,25 +28,8 @@ use super::optim::{Gradients, Optimizer, UpdateOutcome};
 use super::rng::derive_key;
 use super::slot_state::{SlotState, SlotStateError, SlotStateLayout, names};
 
-/// One token for one slot in a batched step.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SlotStep {
-    /// The slot (stream) that consumes the token.
-    pub slot: usize,
-    /// The token: the target of the slot's current prediction and its next input.
-    pub token: u32,
-    /// Whether this token's loss trains the weights.
-    pub learn: bool,
-    /// Whether the stream starts a new sequence (state and learner factors zeroed) first.
-    pub reset: bool,
-}
-
-impl SlotStep {
-    /// A learning step without reset.
-    pub fn learn(slot: usize, token: u32) -> Self {
-        Self { slot, token, learn: true, reset: false }
-    }
-}
+// Defined with the learners, which read it; re-exported here, where batches are built.
+pub use super::learner::SlotStep;
 
 /// Why a batch was refused (nothing was changed).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -18,6 +18,7 @@ use ndarray::{Array1, Array2, ArrayView2, ArrayViewMut2, Axis, s};
 
 use rayon::prelude::*;
 
+use super::SlotStep;
 use super::raw::{SlotBlocks, SlotRows, copy_cols, copy_row};
 use super::{StepInputs, dense_input, for_each_input};
 use crate::core::cell::CellKind;
@@ -27,7 +28,6 @@ use crate::core::model::{ModelSpec, Params};
 use crate::core::optim::Gradients;
 use crate::core::rng;
 use crate::core::slot_state::{SlotState, SlotStateError, names};
-use crate::core::streams::SlotStep;
 
 /// Bytes of GEMM output one chunk of the wide strategy may produce: half of the 1 MiB L2 of the
 /// target cores, so that the scaling pass reads it from cache.

@@ -28,7 +28,26 @@ use super::float::Float;
 use super::model::{LearnerKind, ModelSpec, Params};
 use super::optim::Gradients;
 use super::slot_state::{SlotState, SlotStateError};
-use super::streams::SlotStep;
+
+/// One token for one slot in a batched step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotStep {
+    /// The slot (stream) that consumes the token.
+    pub slot: usize,
+    /// The token: the target of the slot's current prediction and its next input.
+    pub token: u32,
+    /// Whether this token's loss trains the weights.
+    pub learn: bool,
+    /// Whether the stream starts a new sequence (state and learner factors zeroed) first.
+    pub reset: bool,
+}
+
+impl SlotStep {
+    /// A learning step without reset.
+    pub fn learn(slot: usize, token: u32) -> Self {
+        Self { slot, token, learn: true, reset: false }
+    }
+}
 
 /// What the learners see of one advance: the inputs and, row by row, the state before the step
 /// and the cell's element-wise derivatives.

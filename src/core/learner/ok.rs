@@ -15,6 +15,7 @@
 use ndarray::{Array2, ArrayView2, s};
 use rayon::prelude::*;
 
+use super::SlotStep;
 use super::ok_reduce::{Choice, Reduction};
 use super::raw::{SlotBlocks, SlotRows, copy_cols, copy_row};
 use super::{StepInputs, for_each_input};
@@ -24,7 +25,6 @@ use crate::core::model::{ModelSpec, Params};
 use crate::core::optim::Gradients;
 use crate::core::rng;
 use crate::core::slot_state::{SlotState, names};
-use crate::core::streams::SlotStep;
 
 /// OK state of every slot.
 #[derive(Debug, Clone)]

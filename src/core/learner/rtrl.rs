@@ -3,6 +3,7 @@
 
 use ndarray::{Array3, ArrayView2, ArrayViewMut2, Axis, s};
 
+use super::SlotStep;
 use super::raw::SlotRows;
 use super::{StepInputs, for_each_input};
 use crate::core::float::{Float, all_finite};
@@ -10,7 +11,6 @@ use crate::core::linalg::{Par, gemm, jacobian};
 use crate::core::model::{ModelSpec, Params};
 use crate::core::optim::Gradients;
 use crate::core::slot_state::{SlotState, names};
-use crate::core::streams::SlotStep;
 
 /// Exact influence matrices of every slot.
 #[derive(Debug, Clone)]

@@ -7,11 +7,11 @@
 
 use ndarray::{Array2, Array3, ArrayView2, Axis, s};
 
+use super::SlotStep;
 use crate::core::float::{Float, all_finite};
 use crate::core::model::{ModelSpec, Params};
 use crate::core::optim::Gradients;
 use crate::core::slot_state::{SlotState, SlotStateError, names};
-use crate::core::streams::SlotStep;
 
 use super::StepInputs;
 

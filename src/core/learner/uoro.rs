@@ -7,6 +7,7 @@
 
 use ndarray::{Array2, Array3, ArrayView2, Axis, s};
 
+use super::SlotStep;
 use super::raw::SlotRows;
 use super::{StepInputs, for_each_input};
 use crate::core::float::{Float, all_finite, sum_squares};
@@ -14,7 +15,6 @@ use crate::core::model::{ModelSpec, Params};
 use crate::core::optim::Gradients;
 use crate::core::rng;
 use crate::core::slot_state::{SlotState, names};
-use crate::core::streams::SlotStep;
 
 /// UORO state of every slot.
 #[derive(Debug, Clone)]
