@@ -585,15 +585,21 @@ async fn http_stream(
     }
 }
 
-/// Connects a WebSocket and sends its first message.
-async fn ws_connect(url: &str, body: &str, cfg: &LoadConfig) -> Result<Ws, String> {
+/// Opens a WebSocket to `url`, with the bearer key when there is one (also `kfrtrl feed`'s).
+pub async fn connect_ws(url: &str, api_key: Option<&str>) -> Result<Ws, String> {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let mut request = url.into_client_request().map_err(|e| format!("{url}: {e}"))?;
-    if let Some(key) = &cfg.api_key {
+    if let Some(key) = api_key {
         let value = format!("Bearer {key}").parse().map_err(|_| "the API key is not a valid header value")?;
         request.headers_mut().insert("authorization", value);
     }
-    let (mut ws, _) = tokio_tungstenite::connect_async(request).await.map_err(|e| format!("{url}: {e}"))?;
+    let (ws, _) = tokio_tungstenite::connect_async(request).await.map_err(|e| format!("{url}: {e}"))?;
+    Ok(ws)
+}
+
+/// Connects a WebSocket and sends its first message.
+async fn ws_connect(url: &str, body: &str, cfg: &LoadConfig) -> Result<Ws, String> {
+    let mut ws = connect_ws(url, cfg.api_key.as_deref()).await?;
     ws.send(Message::text(body)).await.map_err(|e| format!("{url}: {e}"))?;
     next_reply(&mut ws, url).await??;
     Ok(ws)
@@ -643,7 +649,8 @@ async fn ws_stream(
     }
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+/// A client WebSocket.
+pub type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// The next text message: `Ok(outcome)` for a reply (a problem object is a failed request), `Err`
 /// when the connection broke.

@@ -38,18 +38,23 @@ pub async fn head_limits(State(state): State<AppState>, request: Request, next: 
         return ApiError::uri_too_long(target, MAX_URI_BYTES).into_response();
     }
     let limit = state.inner.limits.max_body_bytes;
-    let declared = request
-        .headers()
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        let mut response = ApiError::body_too_large(limit).into_response();
-        // The body is not read: the connection cannot carry another request after it.
-        response.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
-        return response;
+    if declared_length(&request).is_some_and(|n| n > limit as u64) {
+        return closing(ApiError::body_too_large(limit));
     }
     next.run(request).await
+}
+
+/// The body length the request's `Content-Length` declares, if it declares one.
+fn declared_length(request: &Request) -> Option<u64> {
+    request.headers().get(CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
+}
+
+/// A refusal after which the connection closes: the body was not read (or not all of it), so
+/// the connection cannot carry another request.
+fn closing(problem: ApiError) -> Response {
+    let mut response = problem.into_response();
+    response.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+    response
 }
 
 /// Counts the requests and WebSockets in progress.
@@ -178,20 +183,13 @@ pub async fn admit(State(state): State<AppState>, request: Request, next: Next) 
 /// request timeout (issue 19.4). Memory stays bounded by what clients actually send, at most
 /// `max_body_bytes` per connection.
 async fn read_body(request: Request, limits: &Limits) -> Result<Request, Response> {
-    let headers = request.headers();
-    let declared =
-        headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
-    if declared == Some(0) || (declared.is_none() && !headers.contains_key(TRANSFER_ENCODING)) {
+    let declared = declared_length(&request);
+    if declared == Some(0) || (declared.is_none() && !request.headers().contains_key(TRANSFER_ENCODING)) {
         return Ok(request);
     }
     let (parts, body) = request.into_parts();
     let read =
         tokio::time::timeout(limits.body_read_timeout(), axum::body::to_bytes(body, limits.max_body_bytes));
-    let closing = |problem: ApiError| {
-        let mut response = problem.into_response();
-        response.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
-        response
-    };
     match read.await {
         Ok(Ok(bytes)) => Ok(Request::from_parts(parts, Body::from(bytes))),
         Ok(Err(error)) => {

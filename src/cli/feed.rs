@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use futures_util::{SinkExt, StreamExt};
+use kfrtrl::load::{Ws, connect_ws};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 /// Flags of `kfrtrl feed`.
 #[derive(Debug, Args)]
@@ -111,7 +111,7 @@ async fn feed(args: FeedArgs) -> Result<(), String> {
     let mut recent_bits = None::<f64>;
     let ws_url = format!("{}{stream_path}/ws", base.replacen("http", "ws", 1));
     'connect: loop {
-        let mut ws = match connect(&ws_url, key.as_deref()).await {
+        let mut ws = match connect_ws(&ws_url, key.as_deref()).await {
             Ok(ws) => ws,
             Err(e) if tally.reconnects < args.retries => {
                 tally.reconnects += 1;
@@ -262,18 +262,6 @@ async fn position(
             Err(format!("{stream_path}: {status} {}", problem["detail"].as_str().unwrap_or("")))
         }
     }
-}
-
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-async fn connect(url: &str, key: Option<&str>) -> Result<Ws, String> {
-    let mut request = url.into_client_request().map_err(|e| format!("{url}: {e}"))?;
-    if let Some(key) = key {
-        let value = format!("Bearer {key}").parse().map_err(|_| "the API key is not a valid header value")?;
-        request.headers_mut().insert("authorization", value);
-    }
-    let (ws, _) = tokio_tungstenite::connect_async(request).await.map_err(|e| format!("{url}: {e}"))?;
-    Ok(ws)
 }
 
 /// The next text message as JSON.

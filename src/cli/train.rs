@@ -428,18 +428,18 @@ pub fn run(args: TrainArgs) -> Result<(), String> {
 /// and the exact Jacobians' growth rate.
 fn plot_trace(path: &std::path::Path, report: &kfrtrl::train::TrainReport) -> Result<(), String> {
     use kfrtrl::experiment::plot::{LegendAt, Panel, Series, line_chart};
+    // Points a log axis cannot draw (zero or negative) are left out of log panels only.
+    let points = |f: &dyn Fn(&kfrtrl::train::TracePoint) -> f64, positive: bool| -> Vec<(f64, f64)> {
+        let keep = |y: f64| y.is_finite() && (!positive || y > 0.0);
+        report.trace.iter().map(|t| (t.symbols as f64, f(t))).filter(|p| keep(p.1)).collect()
+    };
     let series = |label: &str, f: &dyn Fn(&kfrtrl::train::TracePoint) -> f64| Series {
         label: label.into(),
-        points: report
-            .trace
-            .iter()
-            .map(|t| (t.symbols as f64, f(t)))
-            .filter(|p| p.1 > 0.0 && p.1.is_finite())
-            .collect(),
+        points: points(f, true),
     };
     let signed_series = |label: &str, f: &dyn Fn(&kfrtrl::train::TracePoint) -> f64| Series {
         label: label.into(),
-        points: report.trace.iter().map(|t| (t.symbols as f64, f(t))).filter(|p| p.1.is_finite()).collect(),
+        points: points(f, false),
     };
     let panel = |title: &str, y: &str, log_y: bool, series: Vec<Series>| Panel {
         title: format!("{} {}: {title}", report.learner, report.cell),
