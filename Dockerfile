@@ -3,7 +3,7 @@
 # shell, no package manager). Build: `docker build -t kfrtrl .`; run:
 # `docker run -p 8080:8080 -v kfrtrl-data:/data kfrtrl`. Configure with KFRTRL_* variables
 # (README: Configuration). The binary targets x86-64-v3 (AVX2, FMA; .cargo/config.toml).
-# tests/deploy_image.rs runs the binary exactly as this file does (entrypoint, command, ENV,
+# tests/service/deploy_image.rs runs the binary exactly as this file does (entrypoint, command, ENV,
 # healthcheck), so keep the two in step.
 
 ARG RUST_VERSION=1.95

@@ -24,7 +24,7 @@
 //! 3. the optimizer applies the averaged gradient (when there were contributions).
 //!
 //! So `y_t` is predicted from a state that has consumed `x_1..x_t` ([`copy_step`]; the test
-//! `step_order_scores_the_target_after_the_input` in `tests/experiment_copy.rs` checks it).
+//! `step_order_scores_the_target_after_the_input` in `tests/numerics/experiment_copy.rs` checks it).
 
 use std::time::Instant;
 

@@ -1,15 +1,13 @@
 //! Boot with a data directory: the server answers `/healthz` at once but `/readyz` only once every
 //! model is restored, and the checkpoint route writes a file whose reply matches its schema.
 
-mod support;
-
 use std::path::Path;
 use std::time::Duration;
 
+use crate::support::binary::temp_dir;
 use kfrtrl::api::{AppState, ServerConfig, StartError, serve};
 use kfrtrl::engine::{Durability, Engine, EngineLimits, EngineMetrics, ModelDefinition, checkpoint};
 use serde_json::{Value, json};
-use support::binary::temp_dir;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
@@ -86,7 +84,7 @@ async fn readyz_is_503_until_every_model_is_restored() {
     assert_eq!(reply.status(), 200);
     let reply: Value = reply.json().await.unwrap();
     let schema: Value =
-        serde_json::from_str(include_str!("../proto-schemas/checkpoint_reply.schema.json")).unwrap();
+        serde_json::from_str(include_str!("../../proto-schemas/checkpoint_reply.schema.json")).unwrap();
     let validator = jsonschema::validator_for(&schema).unwrap();
     assert!(validator.is_valid(&reply), "{reply}");
     assert!(Path::new(reply["path"].as_str().unwrap()).is_file());
@@ -132,11 +130,11 @@ async fn a_server_without_a_data_directory_refuses_checkpoints_with_409() {
 async fn a_failed_write_ahead_log_shows_in_readyz_and_the_model_state() {
     let dir = temp_dir("wal-full");
     let config = ServerConfig {
-        models: vec![support::model("m", 16, 8)],
+        models: vec![crate::support::model("m", 16, 8)],
         durability: Some(durability(&dir)),
         ..Default::default()
     };
-    let server = support::TestServer::start(config).await;
+    let server = crate::support::TestServer::start(config).await;
     let tokens = |stream: &str| {
         server
             .http

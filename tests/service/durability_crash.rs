@@ -7,15 +7,13 @@
 //! engine that received exactly the acknowledged requests (plus the parts of cut-off requests
 //! that took effect).
 
-mod support;
-
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use crate::support::binary::{Binary, temp_dir};
 use kfrtrl::engine::{Engine, EngineLimits, EngineMetrics, Mode, ModelDefinition, TokenInput};
 use serde_json::{Value, json};
-use support::binary::{Binary, temp_dir};
 
 const STREAMS: usize = 4;
 const KILLS: usize = 20;

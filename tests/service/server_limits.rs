@@ -2,8 +2,6 @@
 //! 127.0.0.1:0: every refusal is a problem+json reply with its stable type (and the header the
 //! case calls for), nothing refused changes a model, and the server keeps serving.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
@@ -12,8 +10,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
+use crate::support::{Reply, TestServer, model};
 use kfrtrl::api::{AllowedOrigins, ApiKey, Limits, ServerConfig};
-use support::{Reply, TestServer, model};
 
 const KEY: &str = "s3cret-Key_0123456789";
 
@@ -384,9 +382,10 @@ async fn a_browser_request_from_another_origin_cannot_change_a_model() {
     same.headers_mut().insert("origin", own.parse().unwrap());
     let (mut socket, _) = tokio_tungstenite::connect_async(same).await.unwrap();
     socket.send(Message::text(r#"{"tokens": [1]}"#)).await.unwrap();
-    let reply: Value =
-        serde_json::from_str(support::next_data(&mut socket).await.unwrap().unwrap().to_text().unwrap())
-            .unwrap();
+    let reply: Value = serde_json::from_str(
+        crate::support::next_data(&mut socket).await.unwrap().unwrap().to_text().unwrap(),
+    )
+    .unwrap();
     assert_eq!(reply["position"], position + 1, "{reply}");
     socket.close(None).await.unwrap();
     server.stop().await;
@@ -598,7 +597,7 @@ async fn a_websocket_client_that_reads_slowly_but_steadily_is_not_idle() {
     let started = Instant::now();
     for i in 1..=requests {
         tokio::time::sleep(Duration::from_millis(20)).await;
-        let message = support::next_data(&mut socket)
+        let message = crate::support::next_data(&mut socket)
             .await
             .unwrap()
             .unwrap_or_else(|e| panic!("reply {i} after {:?}: {e}", started.elapsed()));
@@ -608,7 +607,7 @@ async fn a_websocket_client_that_reads_slowly_but_steadily_is_not_idle() {
     }
     assert!(started.elapsed() > Duration::from_secs(3), "the replies took {:?}", started.elapsed());
     socket.send(Message::text(r#"{"tokens": [1]}"#)).await.unwrap();
-    let message = support::next_data(&mut socket).await.unwrap().unwrap();
+    let message = crate::support::next_data(&mut socket).await.unwrap().unwrap();
     let reply: Value = serde_json::from_str(message.to_text().unwrap())
         .unwrap_or_else(|e| panic!("the connection was dropped: {e}: {message:?}"));
     assert_eq!(reply["position"], requests + 1, "{reply}");

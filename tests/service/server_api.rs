@@ -15,9 +15,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::Message;
 
-mod support;
-
-use support::Schemas;
+use crate::support::Schemas;
 
 use kfrtrl::api::{AppState, Limits, SCHEMAS, ServerConfig, StartError, serve};
 use kfrtrl::core::rng::derive_key;
@@ -547,7 +545,7 @@ async fn websocket_replies_in_order_to_pipelined_requests() {
         expected.push(outcome);
     }
     for (i, outcome) in expected.iter().enumerate() {
-        let message = support::next_data(&mut socket).await.unwrap().unwrap();
+        let message = crate::support::next_data(&mut socket).await.unwrap().unwrap();
         let value: Value = serde_json::from_str(message.to_text().unwrap()).unwrap();
         match outcome {
             Ok(position) => {
@@ -562,9 +560,10 @@ async fn websocket_replies_in_order_to_pipelined_requests() {
     }
     // Still open after the problems.
     socket.send(Message::text(r#"{"text":"z"}"#)).await.unwrap();
-    let value: Value =
-        serde_json::from_str(support::next_data(&mut socket).await.unwrap().unwrap().to_text().unwrap())
-            .unwrap();
+    let value: Value = serde_json::from_str(
+        crate::support::next_data(&mut socket).await.unwrap().unwrap().to_text().unwrap(),
+    )
+    .unwrap();
     assert_eq!(value["position"].as_u64(), Some(position + 1));
 
     // WebSocket and HTTP requests to one stream share its queue and position.

@@ -1,13 +1,11 @@
 //! Regressions of issue 19 (a hostile run and a newcomer run of main), each named after the bug
 //! it pins down, through real processes and sockets.
 
-mod support;
-
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::support::binary::{Binary, temp_dir};
 use serde_json::{Value, json};
-use support::binary::{Binary, temp_dir};
 
 async fn get_json(client: &reqwest::Client, url: &str) -> (u16, Value) {
     let response = client.get(url).send().await.unwrap();

@@ -4,8 +4,6 @@
 //! frame; the process logs `stopped` and exits 0. Past `--shutdown-timeout` it exits non-zero.
 //! The API key is never logged.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
 use futures_util::SinkExt;
@@ -15,7 +13,7 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-use support::binary::{Binary, temp_dir};
+use crate::support::binary::{Binary, temp_dir};
 
 const KEY: &str = "shutdown-test-key-0123456789";
 
@@ -136,13 +134,13 @@ async fn drains_on(signal: &str) {
     // Every pipelined request is answered, in order, then the socket closes with 1001.
     let mut position = 0;
     for i in 0..messages {
-        let message = support::next_data(&mut socket).await.unwrap().unwrap();
+        let message = crate::support::next_data(&mut socket).await.unwrap().unwrap();
         let reply: Value = serde_json::from_str(message.to_text().unwrap())
             .unwrap_or_else(|e| panic!("reply {i}: {e}: {message:?}"));
         position += tokens_per_message;
         assert_eq!(reply["position"].as_u64(), Some(position), "reply {i}: {reply}");
     }
-    match support::next_data(&mut socket).await {
+    match crate::support::next_data(&mut socket).await {
         Some(Ok(Message::Close(Some(frame)))) => {
             assert_eq!(u16::from(frame.code), 1001);
             assert_eq!(frame.reason.as_str(), "server shutting down");

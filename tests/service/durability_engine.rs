@@ -8,18 +8,16 @@
 //! request has been answered: with fsync `always` the copy holds exactly what a killed process
 //! would leave on disk (the real-process SIGKILL test is `durability_crash.rs`).
 
-mod support;
-
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::support::binary::temp_dir;
 use kfrtrl::core::{CellKind, LearnerKind};
 use kfrtrl::engine::{
     Durability, Engine, EngineError, EngineLimits, EngineMetrics, Mode, ModelDefinition, ModelSnapshot,
     ModelState, TokenInput, TokensReply, checkpoint, wal,
 };
 use kfrtrl::model_file;
-use support::binary::temp_dir;
 
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();

@@ -4,16 +4,14 @@
 //! against its schema or a 4xx problem+json that validates against the problem schema; never a
 //! 5xx, never a dropped WebSocket; and the server keeps answering afterwards.
 
-mod support;
-
 use futures_util::SinkExt;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use serde_json::{Map, Number, Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::support::{TestServer, model};
 use kfrtrl::api::{Limits, ServerConfig};
-use support::{TestServer, model};
 
 const MAX_BODY: usize = 16 << 10;
 
@@ -319,7 +317,7 @@ fn hostile_websocket_messages_get_one_valid_reply_each_and_the_socket_stays_open
                     socket.send(message).await.unwrap();
                 }
                 for i in 0..count {
-                    let reply = match support::next_data(&mut *socket).await {
+                    let reply = match crate::support::next_data(&mut *socket).await {
                         Some(Ok(Message::Text(text))) => text,
                         other => return Err(TestCaseError::fail(format!("reply {i}: {other:?}"))),
                     };
@@ -345,9 +343,10 @@ fn hostile_websocket_messages_get_one_valid_reply_each_and_the_socket_stays_open
     let mut socket = socket.into_inner().unwrap();
     runtime.block_on(async {
         socket.send(Message::text(r#"{"text": "still open"}"#)).await.unwrap();
-        let reply: Value =
-            serde_json::from_str(support::next_data(&mut socket).await.unwrap().unwrap().to_text().unwrap())
-                .unwrap();
+        let reply: Value = serde_json::from_str(
+            crate::support::next_data(&mut socket).await.unwrap().unwrap().to_text().unwrap(),
+        )
+        .unwrap();
         server.schemas.check("TokensReply", &reply);
         socket.close(None).await.unwrap();
         still_serving(&server).await;
