@@ -186,7 +186,8 @@ pub fn flops_per_token(spec: &ModelSpec, batch: usize) -> f64 {
     let s = spec.state_len() as f64;
     let rn = r * n;
     let forward = 2.0 * rn * n + 2.0 * rn;
-    let readout = 3.0 * 2.0 * v * (n + 1.0); // logits, δ = V_hᵀ e, ∇V
+    // Logits, ∇V and δ = V_hᵀ e (TBPTT takes the last two in its window's backward pass).
+    let readout = 3.0 * 2.0 * v * (n + 1.0);
     let update = 4.0 * (rn * m + v * (n + 1.0)) / batch as f64; // optimizer, shared by the batch
     let learner = match spec.learner() {
         LearnerKind::KfRtrl => {
@@ -198,7 +199,9 @@ pub fn flops_per_token(spec: &ModelSpec, batch: usize) -> f64 {
         }
         LearnerKind::Uoro => 2.0 * rn * n + 6.0 * rn * m,
         LearnerKind::Rtrl => 2.0 * s * s * rn * m + 2.0 * n * rn * m,
-        LearnerKind::Tbptt => 2.0 * rn * n * 2.0 + 2.0 * rn * m + 2.0 * v * n,
+        // ∇W_h += dZᵀ H_prev and dZ W_h; the one-hot input and bias columns of ∇W. Recomputing
+        // the forward step inside the window is work TBPTT chooses, not useful flops.
+        LearnerKind::Tbptt => 2.0 * rn * n * 2.0 + 2.0 * 2.0 * rn,
         LearnerKind::Frozen => 0.0,
         LearnerKind::Ok => {
             let rank = spec.config.ok_rank as f64;

@@ -373,8 +373,9 @@ impl<T: Float> StreamSet<T> {
         let h1 = sc.h1.slice(s![..nb, ..]);
         let err = sc.err.slice(s![..nb, ..]);
         let v_h = params.v.slice(s![.., ..n]);
-        gemm(T::one(), err, v_h, T::zero(), sc.delta_h.slice_mut(s![..nb, ..]), Par::Pool);
+        // TBPTT takes `∂L/∂h` and the readout gradient inside its windows' backward pass.
         if self.learner.immediate_readout_gradient() {
+            gemm(T::one(), err, v_h, T::zero(), sc.delta_h.slice_mut(s![..nb, ..]), Par::Pool);
             gemm(T::one(), err.t(), h1, T::zero(), self.grad.v.view_mut(), Par::Pool);
         }
         let contributions = finished

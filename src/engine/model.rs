@@ -228,10 +228,20 @@ pub fn estimate_model_bytes(spec: &ModelSpec, slots: usize) -> u128 {
         }
         LearnerKind::Uoro => 2 * s + rn * m + 2 * rn + 2 * s,
         LearnerKind::Rtrl => 2 * s * rn * m,
-        LearnerKind::Tbptt => spec.config.tbptt_window as u128 * (s + 1 + vocab) + 4 * s + 2 * rn,
+        // The window (previous state, token, readout error) and the state after its last entry.
+        LearnerKind::Tbptt => spec.config.tbptt_window as u128 * (s + 1 + vocab) + s,
         LearnerKind::Frozen => 0,
     };
-    let floats = model + slots as u128 * (step_scratch + learner) + slots as u128 * vocab;
+    // TBPTT's backward pass gathers the entries of at most 512 slot-windows (one GEMM depth
+    // block), whatever the number of slots.
+    let shared = if spec.learner() == LearnerKind::Tbptt {
+        let window = (spec.config.tbptt_window as u128).max(1);
+        let chunk = (512 / window).max(1).min(slots as u128);
+        chunk * window * (3 * n + vocab + 2 * rn + k * rn + k * k * n) + 2 * chunk * s + s
+    } else {
+        0
+    };
+    let floats = model + shared + slots as u128 * (step_scratch + learner) + slots as u128 * vocab;
     floats * std::mem::size_of::<f32>() as u128
 }
 

@@ -16,5 +16,6 @@ mod core_slot_state;
 mod core_split_step;
 mod experiment_copy;
 mod experiment_variance;
+mod learners_batched;
 mod model_file;
 mod train_reports;

@@ -4,8 +4,17 @@
 //! is a constant) and the window restarts. With streams in step, that is one update every `K`
 //! steps. At a reset (a sequence boundary) the losses an incomplete window has already scored are
 //! backpropagated (`finish_sequence`); only entries not yet scored are dropped.
+//!
+//! The windows that complete in one step are backpropagated together, in chunks of slots whose
+//! `F·K` entries fit one GEMM depth block (512): the readout gradient, the readout's `∂L/∂h`, the
+//! recomputed forward step and `∇W_h` are one GEMM each over all the chunk's entries, and only the
+//! recursion `∂L/∂h_{j−1} = … + dZ_j W_h` is one GEMM per entry, over the chunk's slots. Sums over
+//! entries never exceed a depth block, so that results are bit-identical across thread counts.
+//! Nothing is allocated per token: the gathered rows live in scratch sized for one chunk.
 
-use ndarray::{Array2, Array3, ArrayView2, Axis, s};
+use ndarray::{Array2, Array3, ArrayView1, ArrayView2, Axis, s};
+
+use crate::core::linalg::{Par, gemm};
 
 use super::SlotStep;
 use crate::core::float::{Float, all_finite};
@@ -31,20 +40,42 @@ pub struct Tbptt<T> {
     /// Length of the window last backpropagated (its entries stay in the buffers until
     /// overwritten), so that a non-finite gradient can be traced to the window that made it.
     flushed: Vec<usize>,
-    scratch: Scratch<T>,
+    /// Boxed: a dozen arrays would make this the largest variant of `Learner` by far.
+    scratch: Box<Scratch<T>>,
 }
 
+/// Entries summed by one reduction GEMM at most (a depth block of the backend).
+const DEPTH_BLOCK: usize = 512;
+
+/// Slots backpropagated together when their windows hold `len` entries.
+fn chunk_slots(len: usize) -> usize {
+    (DEPTH_BLOCK / len.max(1)).max(1)
+}
+
+/// Rows gathered for one chunk of the batched backward pass: `F` flushing slots, and their
+/// `R = len·F` entries, entry `j` of slot row `f` at row `j·F + f`.
 #[derive(Debug, Clone)]
 struct Scratch<T> {
-    z: Vec<T>,
+    /// The flushing slots, in row order (all chunks).
+    slots: Vec<usize>,
+    /// The state after each slot's last flushed entry (`slots.len() × s`).
+    last: Array2<T>,
+    /// `h` after each entry, `h` before it, its readout error (`R × n`, `R × n`, `R × vocab`).
+    h_after: Array2<T>,
+    h_prev: Array2<T>,
+    err: Array2<T>,
+    /// The readout's `∂L/∂h` at each entry, `E V_h` (`R × n`).
+    readout_dh: Array2<T>,
+    /// Recomputed pre-activations, cell derivatives and `∂L/∂z` of each entry.
+    z: Array2<T>,
+    d: Array2<T>,
+    carry: Array2<T>,
+    dz: Array2<T>,
+    /// The cell's next state (computed with the derivatives, not needed).
     next: Vec<T>,
-    d: Vec<T>,
-    carry: Vec<T>,
-    g: Vec<T>,
-    g2: Vec<T>,
-    dz: Vec<T>,
-    /// The state after the last flushed advance, when it is not the slot's current state.
-    after: Vec<T>,
+    /// `∂L/∂s` after the entry, then before it (`F × s` each).
+    g: Array2<T>,
+    g2: Array2<T>,
 }
 
 impl<T: Float> Tbptt<T> {
@@ -60,16 +91,25 @@ impl<T: Float> Tbptt<T> {
             scored: vec![0; capacity],
             learned: vec![0; capacity],
             flushed: vec![0; capacity],
-            scratch: Scratch {
-                z: vec![T::zero(); r * n],
-                next: vec![T::zero(); s_len],
-                d: vec![T::zero(); k * r * n],
-                carry: vec![T::zero(); k * k * n],
-                g: vec![T::zero(); s_len],
-                g2: vec![T::zero(); s_len],
-                dz: vec![T::zero(); r * n],
-                after: vec![T::zero(); s_len],
-            },
+            scratch: Box::new({
+                let f = chunk_slots(kw).min(capacity);
+                let rows = f * kw;
+                Scratch {
+                    slots: Vec::with_capacity(capacity),
+                    last: Array2::zeros((capacity, s_len)),
+                    h_after: Array2::zeros((rows, n)),
+                    h_prev: Array2::zeros((rows, n)),
+                    err: Array2::zeros((rows, spec.vocab)),
+                    readout_dh: Array2::zeros((rows, n)),
+                    z: Array2::zeros((rows, r * n)),
+                    d: Array2::zeros((rows, k * r * n)),
+                    carry: Array2::zeros((rows, k * k * n)),
+                    dz: Array2::zeros((rows, r * n)),
+                    next: vec![T::zero(); s_len],
+                    g: Array2::zeros((f, s_len)),
+                    g2: Array2::zeros((f, s_len)),
+                }
+            }),
         }
     }
 
@@ -184,15 +224,15 @@ impl<T: Float> Tbptt<T> {
         let (scored, learned) = (self.scored[slot], self.learned[slot]);
         let mut count = 0.0;
         if scored > 0 && learned > 0 {
-            let last_after = if scored < self.len[slot] {
-                self.scratch
-                    .after
-                    .copy_from_slice(self.prev.slice(s![slot, scored, ..]).to_slice().expect("row"));
-                None
+            let after_last = if scored < self.len[slot] {
+                self.prev.slice(s![slot, scored, ..])
             } else {
-                Some(current)
+                ArrayView1::from(current)
             };
-            self.flush(spec, params, slot, scored, last_after, grad);
+            self.scratch.last.row_mut(0).assign(&after_last);
+            self.scratch.slots.clear();
+            self.scratch.slots.push(slot);
+            self.flush(spec, params, scored, grad);
             count = learned as f64;
         }
         self.reset(slot);
@@ -224,6 +264,7 @@ impl<T: Float> Tbptt<T> {
         grad: &mut Gradients<T>,
     ) -> f64 {
         let mut count = 0.0;
+        self.scratch.slots.clear();
         for (i, x) in inputs.iter().enumerate() {
             let b = x.slot;
             let len = self.len[b];
@@ -249,107 +290,145 @@ impl<T: Float> Tbptt<T> {
             }
             if len == self.window {
                 if self.learned[b] > 0 {
-                    self.flush(spec, params, b, len, Some(states.row(b).as_slice().expect("row")), grad);
+                    let row = self.scratch.slots.len();
+                    self.scratch.last.row_mut(row).assign(&states.row(b));
+                    self.scratch.slots.push(b);
                     count += self.learned[b] as f64;
                 }
+                // The buffers keep the window for the flush below; only the counters restart.
                 self.reset(b);
             }
+        }
+        if !self.scratch.slots.is_empty() {
+            self.flush(spec, params, self.window, grad);
         }
         count
     }
 
-    /// Backpropagates the first `len` entries of slot `b`'s window into `grad`; `last_after` is
-    /// the state after entry `len − 1` (`None`: it was copied to the scratch `after`).
-    fn flush(
+    /// Backpropagates the first `len` entries of the windows of `scratch.slots` into `grad`, in
+    /// chunks of [`chunk_slots`]; `scratch.last` holds, row by row, the state after each slot's
+    /// entry `len − 1`.
+    fn flush(&mut self, spec: &ModelSpec, params: &Params<T>, len: usize, grad: &mut Gradients<T>) {
+        for &b in &self.scratch.slots {
+            self.flushed[b] = len;
+        }
+        let per_chunk = chunk_slots(len);
+        let mut first = 0;
+        while first < self.scratch.slots.len() {
+            let end = (first + per_chunk).min(self.scratch.slots.len());
+            self.flush_chunk(spec, params, len, first..end, grad);
+            first = end;
+        }
+    }
+
+    /// One chunk of [`Tbptt::flush`]: the slots `scratch.slots[chunk]`.
+    fn flush_chunk(
         &mut self,
         spec: &ModelSpec,
         params: &Params<T>,
-        b: usize,
         len: usize,
-        last_after: Option<&[T]>,
+        chunk: std::ops::Range<usize>,
         grad: &mut Gradients<T>,
     ) {
-        self.flushed[b] = len;
-        let (n, r, k, m) = (spec.n, spec.r, spec.k, spec.m);
+        let (n, r, k) = (spec.n, spec.r, spec.k);
         let hoff = spec.h_offset();
+        let (h_col, bias) = (spec.h_col(), spec.bias_col());
         let w_h = params.w_h(spec);
         let v_h = params.v.slice(s![.., ..n]);
-        let Scratch { z, next, d, carry, g, g2, dz, after } = &mut self.scratch;
-        let current: &[T] = match last_after {
-            Some(state) => state,
-            None => after,
-        };
+        let Scratch { slots, last, h_after, h_prev, err, readout_dh, z, d, carry, dz, next, g, g2 } =
+            &mut *self.scratch;
+        let slots = &slots[chunk.clone()];
+        let f = slots.len();
+        let rows = s![..len * f, ..];
+        for j in 0..len {
+            for (row, &b) in slots.iter().enumerate() {
+                let at = j * f + row;
+                let after = if j + 1 < len {
+                    self.prev.slice(s![b, j + 1, hoff..])
+                } else {
+                    last.slice(s![chunk.start + row, hoff..])
+                };
+                h_after.row_mut(at).assign(&after);
+                h_prev.row_mut(at).assign(&self.prev.slice(s![b, j, hoff..]));
+                err.row_mut(at).assign(&self.err.slice(s![b, j, ..]));
+            }
+        }
+        let (h_after, h_prev, err) = (h_after.slice(rows), h_prev.slice(rows), err.slice(rows));
+        // Readout of every entry: ∇V += Eᵀ [H_after 1], and its ∂L/∂h, E V_h.
+        gemm(T::one(), err.t(), h_after, T::one(), grad.v.slice_mut(s![.., ..n]), Par::Pool);
+        let mut v_bias = grad.v.column_mut(n);
+        for e in err.rows() {
+            v_bias.zip_mut_with(&e, |acc, &ev| *acc = *acc + ev);
+        }
+        let mut readout_dh = readout_dh.slice_mut(rows);
+        gemm(T::one(), err, v_h, T::zero(), readout_dh.view_mut(), Par::Pool);
+        // Every entry's forward step again, for its derivatives: Z = H_prev W_hᵀ + W_x + b.
+        let mut z = z.slice_mut(rows);
+        gemm(T::one(), h_prev, w_h.t(), T::zero(), z.view_mut(), Par::Pool);
+        for j in 0..len {
+            for (row, &b) in slots.iter().enumerate() {
+                let at = j * f + row;
+                let token = self.tokens[[b, j]] as usize;
+                let zr = z.row_mut(at).into_slice().expect("row");
+                for (q_row, zv) in zr.iter_mut().enumerate() {
+                    *zv = *zv + params.w[[q_row, token]] + params.w[[q_row, bias]];
+                }
+                let prev = self.prev.slice(s![b, j, ..]);
+                let (mut d, mut carry) = (d.row_mut(at), carry.row_mut(at));
+                spec.cell().forward(
+                    n,
+                    zr,
+                    prev.to_slice().expect("row"),
+                    next,
+                    d.as_slice_mut().expect("row"),
+                    carry.as_slice_mut().expect("row"),
+                );
+            }
+        }
+        // The recursion over the window, all the chunk's slots at once.
+        let (mut g, mut g2) = (g.slice_mut(s![..f, ..]), g2.slice_mut(s![..f, ..]));
         g.fill(T::zero());
         for j in (0..len).rev() {
-            let after: &[T] = if j + 1 < len {
-                self.prev.slice(s![b, j + 1, ..]).to_slice().expect("row")
-            } else {
-                current
-            };
-            let e = self.err.slice(s![b, j, ..]);
-            // Readout: ∇V += e ⊗ [h; 1], ∂L/∂h += V_hᵀ e.
-            for (o, &ev) in e.iter().enumerate() {
-                if ev == T::zero() {
-                    continue;
-                }
-                let mut row = grad.v.row_mut(o);
-                for l in 0..n {
-                    row[l] = row[l] + ev * after[hoff + l];
-                    g[hoff + l] = g[hoff + l] + ev * v_h[[o, l]];
-                }
-                row[n] = row[n] + ev;
-            }
-            // Recompute advance j (prev_j, token_j) for its derivatives.
-            let prev = self.prev.slice(s![b, j, ..]);
-            let prev = prev.to_slice().expect("row");
-            let token = self.tokens[[b, j]] as usize;
-            let h_prev = &prev[hoff..];
-            for (q_row, z) in z.iter_mut().enumerate() {
-                let mut acc = params.w[[q_row, token]] + params.w[[q_row, spec.bias_col()]];
-                for (l, &h) in h_prev.iter().enumerate() {
-                    acc = acc + w_h[[q_row, l]] * h;
-                }
-                *z = acc;
-            }
-            spec.cell().forward(n, z, prev, next, d, carry);
-            for q in 0..r {
-                for l in 0..n {
-                    let mut acc = T::zero();
-                    for blk in 0..k {
-                        acc = acc + g[blk * n + l] * d[(blk * r + q) * n + l];
+            let entry = s![j * f..(j + 1) * f, ..];
+            g.slice_mut(s![.., hoff..]).zip_mut_with(&readout_dh.slice(entry), |a, &b| *a = *a + b);
+            for (row, &b) in slots.iter().enumerate() {
+                let at = j * f + row;
+                let token = self.tokens[[b, j]] as usize;
+                let (gr, d, carry) = (g.row(row), d.row(at), carry.row(at));
+                // ∂L/∂z of each gate row: Σ over state blocks of D ∘ ∂L/∂s.
+                let mut dzr = dz.row_mut(at);
+                for q in 0..r {
+                    for l in 0..n {
+                        let mut acc = T::zero();
+                        for blk in 0..k {
+                            acc = acc + gr[blk * n + l] * d[(blk * r + q) * n + l];
+                        }
+                        dzr[q * n + l] = acc;
                     }
-                    dz[q * n + l] = acc;
                 }
-            }
-            for (q_row, &dzv) in dz.iter().enumerate() {
-                if dzv == T::zero() {
-                    continue;
-                }
-                let mut row = grad.w.row_mut(q_row);
-                row[token] = row[token] + dzv;
-                for (l, &h) in h_prev.iter().enumerate() {
-                    row[spec.h_col() + l] = row[spec.h_col() + l] + dzv * h;
-                }
-                row[m - 1] = row[m - 1] + dzv;
-            }
-            for bj in 0..k {
-                for l in 0..n {
-                    let mut acc = T::zero();
-                    for bi in 0..k {
-                        acc = acc + carry[(bi * k + bj) * n + l] * g[bi * n + l];
+                // The carried part of ∂L/∂s before the step.
+                let mut g2r = g2.row_mut(row);
+                for bj in 0..k {
+                    for l in 0..n {
+                        let mut acc = T::zero();
+                        for bi in 0..k {
+                            acc = acc + carry[(bi * k + bj) * n + l] * gr[bi * n + l];
+                        }
+                        g2r[bj * n + l] = acc;
                     }
-                    g2[bj * n + l] = acc;
+                }
+                // Input and bias columns of ∇W (the token's one-hot picks one column).
+                for (q_row, &dzv) in dzr.iter().enumerate() {
+                    grad.w[[q_row, token]] = grad.w[[q_row, token]] + dzv;
+                    grad.w[[q_row, bias]] = grad.w[[q_row, bias]] + dzv;
                 }
             }
-            for l in 0..n {
-                let mut acc = T::zero();
-                for (q_row, &dzv) in dz.iter().enumerate() {
-                    acc = acc + w_h[[q_row, l]] * dzv;
-                }
-                g2[hoff + l] = g2[hoff + l] + acc;
-            }
-            std::mem::swap(g, g2);
+            gemm(T::one(), dz.slice(entry), w_h, T::one(), g2.slice_mut(s![.., hoff..]), Par::Pool);
+            std::mem::swap(&mut g, &mut g2);
         }
+        // ∇W_h += dZᵀ H_prev over every entry.
+        let dz = dz.slice(rows);
+        gemm(T::one(), dz.t(), h_prev, T::one(), grad.w.slice_mut(s![.., h_col..h_col + n]), Par::Pool);
     }
 
     pub(super) fn advance(&mut self, step: &StepInputs<'_, T>) {
