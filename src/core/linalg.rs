@@ -158,3 +158,18 @@ pub fn jacobian<T: Float>(
         }
     }
 }
+
+/// `out = xᵀD` for a state-sized `x`: `out[q·n + l] = Σ_blk x[blk·n + l] · D[(blk·r + q)·n + l]`
+/// (`D` as [`crate::core::CellKind::forward`] writes it, `k·r·n`; `out` is `r·n`).
+pub fn through_d<T: Float>(spec: &ModelSpec, x: &[T], d: &[T], out: &mut [T]) {
+    let (n, r, k) = (spec.n, spec.r, spec.k);
+    for q in 0..r {
+        for l in 0..n {
+            let mut acc = T::zero();
+            for blk in 0..k {
+                acc = acc + x[blk * n + l] * d[(blk * r + q) * n + l];
+            }
+            out[q * n + l] = acc;
+        }
+    }
+}

@@ -14,7 +14,7 @@
 
 use ndarray::{Array2, Array3, ArrayView1, ArrayView2, Axis, s};
 
-use crate::core::linalg::{Par, gemm};
+use crate::core::linalg::{Par, gemm, through_d};
 
 use super::SlotStep;
 use crate::core::float::{Float, all_finite};
@@ -330,7 +330,7 @@ impl<T: Float> Tbptt<T> {
         chunk: std::ops::Range<usize>,
         grad: &mut Gradients<T>,
     ) {
-        let (n, r, k) = (spec.n, spec.r, spec.k);
+        let (n, k) = (spec.n, spec.k);
         let hoff = spec.h_offset();
         let (h_col, bias) = (spec.h_col(), spec.bias_col());
         let w_h = params.w_h(spec);
@@ -395,17 +395,11 @@ impl<T: Float> Tbptt<T> {
                 let at = j * f + row;
                 let token = self.tokens[[b, j]] as usize;
                 let (gr, d, carry) = (g.row(row), d.row(at), carry.row(at));
+                let (gr, d, carry) =
+                    (gr.to_slice().expect("row"), d.to_slice().expect("row"), carry.to_slice().expect("row"));
                 // ∂L/∂z of each gate row: Σ over state blocks of D ∘ ∂L/∂s.
-                let mut dzr = dz.row_mut(at);
-                for q in 0..r {
-                    for l in 0..n {
-                        let mut acc = T::zero();
-                        for blk in 0..k {
-                            acc = acc + gr[blk * n + l] * d[(blk * r + q) * n + l];
-                        }
-                        dzr[q * n + l] = acc;
-                    }
-                }
+                let dzr = dz.row_mut(at).into_slice().expect("row");
+                through_d(spec, gr, d, dzr);
                 // The carried part of ∂L/∂s before the step.
                 let mut g2r = g2.row_mut(row);
                 for bj in 0..k {

@@ -11,6 +11,7 @@ use super::SlotStep;
 use super::raw::SlotRows;
 use super::{StepInputs, for_each_input};
 use crate::core::float::{Float, all_finite, sum_squares};
+use crate::core::linalg::through_d;
 use crate::core::model::{ModelSpec, Params};
 use crate::core::optim::Gradients;
 use crate::core::rng;
@@ -158,16 +159,8 @@ impl<T: Float> Uoro<T> {
                         .for_each(|(idx, v)| *v = T::from_f64_rounded(rng::sign(key, idx as u64)));
                 }
             }
-            // w[(q, j)] = Σ_blk ν[blk·n + j] D[blk, q, j], so that νᵀF_t = w ⊗ a.
-            for q in 0..r {
-                for j in 0..n {
-                    let mut acc = T::zero();
-                    for blk in 0..k {
-                        acc = acc + nu[blk * n + j] * d[(blk * r + q) * n + j];
-                    }
-                    w[q * n + j] = acc;
-                }
-            }
+            // w = νᵀD, so that νᵀF_t = w ⊗ a.
+            through_d(spec, nu, d, w);
             let n_th = sum_squares(th).sqrt();
             let n_sp = sum_squares(sp).sqrt();
             let n_g = sum_squares(w).sqrt() * (2.0 + sum_squares(h_prev)).sqrt();
