@@ -19,3 +19,4 @@ mod experiment_variance;
 mod learners_batched;
 mod model_file;
 mod train_reports;
+mod uoro_step;

@@ -26,6 +26,12 @@ pub struct Uoro<T> {
     /// `θ̃`, `capacity × r·n × m`.
     th: Array3<T>,
     forced: Vec<Option<Vec<f64>>>,
+    /// `‖θ̃‖²` of each slot as its last advance left it (`None`: not known, computed when needed).
+    /// The advance computes it in the same pass that writes `θ̃`, so that each step reads the
+    /// slab once to update it and once for the gradient: UORO's step is bound by memory.
+    th_norm2: Vec<Option<f64>>,
+    /// `⟨δ_h, s̃_h⟩` of each input of the step being scored.
+    coef: Vec<T>,
     /// Scratch per slot: `W_h s̃_h` (`r·n`), `s̃'` (`s`), `ν` (`s`), `w = νᵀD` (`r·n`).
     y: Array2<T>,
     sp: Array2<T>,
@@ -42,6 +48,8 @@ impl<T: Float> Uoro<T> {
             st: Array2::zeros((capacity, s)),
             th: Array3::zeros((capacity, rn, m)),
             forced: vec![None; capacity],
+            th_norm2: vec![Some(0.0); capacity],
+            coef: vec![T::zero(); capacity],
             y: Array2::zeros((capacity, rn)),
             sp: Array2::zeros((capacity, s)),
             nu: Array2::zeros((capacity, s)),
@@ -72,6 +80,7 @@ impl<T: Float> Uoro<T> {
         let mut th = self.th.index_axis_mut(Axis(0), slot);
         th.as_slice_mut().expect("standard layout").copy_from_slice(tensor(names::UORO_THETA));
         self.forced[slot] = None;
+        self.th_norm2[slot] = None;
     }
 
     /// Whether a slot's `s̃` and `θ̃` are finite.
@@ -82,6 +91,7 @@ impl<T: Float> Uoro<T> {
     pub(super) fn reset(&mut self, slot: usize) {
         self.st.row_mut(slot).fill(T::zero());
         self.th.index_axis_mut(Axis(0), slot).fill(T::zero());
+        self.th_norm2[slot] = Some(0.0);
     }
 
     pub(super) fn copy_slot(&mut self, src: usize, dst: usize) {
@@ -90,6 +100,7 @@ impl<T: Float> Uoro<T> {
         let th = self.th.index_axis(Axis(0), src).to_owned();
         self.th.index_axis_mut(Axis(0), dst).assign(&th);
         self.forced[dst] = self.forced[src].clone();
+        self.th_norm2[dst] = self.th_norm2[src];
     }
 
     pub(super) fn gradient(
@@ -101,11 +112,36 @@ impl<T: Float> Uoro<T> {
     ) -> f64 {
         let hoff = spec.h_offset();
         let mut count = 0.0;
-        for (i, x) in inputs.iter().enumerate().filter(|(_, x)| x.learn) {
-            let st = self.st.row(x.slot);
-            let c: T = delta_h.row(i).iter().zip(st.slice(s![hoff..]).iter()).map(|(&a, &b)| a * b).sum();
-            grad.w.scaled_add(c, &self.th.index_axis(Axis(0), x.slot));
-            count += 1.0;
+        let coef = &mut self.coef[..];
+        for (i, x) in inputs.iter().enumerate() {
+            coef[i] = if x.learn {
+                count += 1.0;
+                let st = self.st.row(x.slot);
+                delta_h.row(i).iter().zip(st.slice(s![hoff..]).iter()).map(|(&a, &b)| a * b).sum()
+            } else {
+                T::zero()
+            };
+        }
+        // ∇W += Σ_i c_i θ̃_i, split by rows of ∇W over the pool: every entry is summed over the
+        // inputs in batch order, however many threads there are.
+        let coef = &coef[..inputs.len()];
+        let th = &self.th;
+        let rows = grad.w.nrows();
+        let chunk = rows.div_ceil(rayon::current_num_threads().max(1) * 4).max(1);
+        let work = |(c, mut out): (usize, ndarray::ArrayViewMut2<'_, T>)| {
+            let first = c * chunk;
+            for (x, &cv) in inputs.iter().zip(coef) {
+                if x.learn && cv != T::zero() {
+                    let part = th.slice(s![x.slot, first..first + out.nrows(), ..]);
+                    out.scaled_add(cv, &part);
+                }
+            }
+        };
+        if inputs.len() > 1 && rows > chunk {
+            use rayon::prelude::*;
+            grad.w.axis_chunks_iter_mut(Axis(0), chunk).into_par_iter().enumerate().for_each(work);
+        } else {
+            grad.w.axis_chunks_iter_mut(Axis(0), chunk).enumerate().for_each(work);
         }
         count
     }
@@ -122,12 +158,14 @@ impl<T: Float> Uoro<T> {
         let nus = SlotRows::new(&mut self.nu);
         let ws = SlotRows::new(&mut self.w);
         let forced = &self.forced;
+        let norms = SlotRows::new_vec(&mut self.th_norm2);
         for_each_input(step.inputs.len(), |i| {
             let x = step.inputs[i];
             let b = x.slot;
             // SAFETY: slots in one step are distinct, so each task owns row `b` of every slab.
-            let (st, th, y, sp, nu, w) =
-                unsafe { (st.row(b), th.row(b), ys.row(b), sps.row(b), nus.row(b), ws.row(b)) };
+            let (st, th, y, sp, nu, w, th_norm2) = unsafe {
+                (st.row(b), th.row(b), ys.row(b), sps.row(b), nus.row(b), ws.row(b), &mut norms.row(b)[0])
+            };
             let d = step.d.row(i);
             let d = d.as_slice().expect("contiguous");
             let carry = step.carry.row(i);
@@ -161,7 +199,8 @@ impl<T: Float> Uoro<T> {
             }
             // w = νᵀD, so that νᵀF_t = w ⊗ a.
             through_d(spec, nu, d, w);
-            let n_th = sum_squares(th).sqrt();
+            // Summed row by row as the pass below does, so that a restored slot continues bit for bit.
+            let n_th = th_norm2.unwrap_or_else(|| th.chunks_exact(spec.m).map(sum_squares).sum()).sqrt();
             let n_sp = sum_squares(sp).sqrt();
             let n_g = sum_squares(w).sqrt() * (2.0 + sum_squares(h_prev)).sqrt();
             let n_nu = (s_len as f64).sqrt();
@@ -180,28 +219,28 @@ impl<T: Float> Uoro<T> {
                 }
                 st[idx] = v;
             }
+            // θ̃ ← θ̃/ρ0 + (w/ρ1) ⊗ a_t, row by row in one pass, and its new squared norm.
             let m = spec.m;
-            if keep_old {
-                let c = T::from_f64_rounded(1.0 / rho0);
-                th.iter_mut().for_each(|t| *t = *t * c);
-            } else {
-                th.fill(T::zero());
-            }
-            if add_new {
-                let inv = T::from_f64_rounded(1.0 / rho1);
-                for (q_row, &wv) in w.iter().enumerate() {
-                    let c = wv * inv;
-                    if c == T::zero() {
-                        continue;
-                    }
-                    let row = &mut th[q_row * m..(q_row + 1) * m];
+            let scale = if keep_old { T::from_f64_rounded(1.0 / rho0) } else { T::zero() };
+            let inv = T::from_f64_rounded(1.0 / rho1);
+            let mut norm2 = 0.0;
+            for (q_row, row) in th.chunks_exact_mut(m).enumerate() {
+                if keep_old {
+                    row.iter_mut().for_each(|t| *t = *t * scale);
+                } else {
+                    row.fill(T::zero());
+                }
+                let c = if add_new { w[q_row] * inv } else { T::zero() };
+                if c != T::zero() {
                     row[x.token as usize] = row[x.token as usize] + c;
                     for (t, &h) in row[spec.h_col()..spec.h_col() + n].iter_mut().zip(h_prev) {
                         *t = *t + c * h;
                     }
                     row[m - 1] = row[m - 1] + c;
                 }
+                norm2 += sum_squares(row);
             }
+            *th_norm2 = Some(norm2);
         });
     }
 }
