@@ -72,17 +72,15 @@ impl<T: Float> Rtrl<T> {
         grad: &mut Gradients<T>,
     ) -> f64 {
         let hoff = spec.h_offset();
-        let gw = grad.w.as_slice_mut().expect("contiguous gradient");
+        let (n, p) = (spec.n, spec.recurrent_params());
+        let mut gw = grad.w.view_mut().into_shape_with_order((1, p)).expect("contiguous gradient");
         let mut count = 0.0;
         for (i, x) in inputs.iter().enumerate().filter(|(_, x)| x.learn) {
+            // ∇W += δ_hᵀ G_h: a product of one row, split over the pool by columns.
             let g = self.g.index_axis(Axis(0), x.slot);
-            for (j, &dj) in delta_h.row(i).iter().enumerate() {
-                if dj != T::zero() {
-                    for (o, &gv) in gw.iter_mut().zip(g.row(hoff + j).iter()) {
-                        *o = *o + dj * gv;
-                    }
-                }
-            }
+            let g_h = g.slice(s![hoff..hoff + n, ..]);
+            let delta = delta_h.slice(s![i..i + 1, ..]);
+            gemm(T::one(), delta, g_h, T::one(), gw.view_mut(), Par::Pool);
             count += 1.0;
         }
         count
@@ -97,6 +95,8 @@ impl<T: Float> Rtrl<T> {
         let gs = SlotRows::new(&mut self.g);
         let tmps = SlotRows::new(&mut self.tmp);
         let jacs = SlotRows::new(&mut self.jac);
+        // One stream: its product may use the pool; several: one per pool thread.
+        let par = if step.inputs.len() == 1 { Par::Pool } else { Par::Single };
         for_each_input(step.inputs.len(), |i| {
             let x = step.inputs[i];
             let b = x.slot;
@@ -108,7 +108,7 @@ impl<T: Float> Rtrl<T> {
             jacobian(spec, w_h, d, step.carry.row(i).as_slice().expect("contiguous"), h.view_mut());
             let g_view = ndarray::ArrayView2::from_shape((s_len, p), &*g).expect("shape");
             let tmp_view = ArrayViewMut2::from_shape((s_len, p), &mut *tmp).expect("shape");
-            gemm(decay, h.view(), g_view, T::zero(), tmp_view, Par::Single);
+            gemm(decay, h.view(), g_view, T::zero(), tmp_view, par);
             g.copy_from_slice(tmp);
             // + F_t: F[blk·n + j, (q·n + j)·m + col] = D[blk, q, j] · a[col].
             let prev = step.prev.row(i);
