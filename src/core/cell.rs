@@ -140,6 +140,22 @@ impl CellKind {
             }
         }
     }
+
+    /// Whether a step's output alone determines its derivatives (the tanh cell: `D = 1 − h²`, no
+    /// carry); the gated cells' gates are not recoverable from their states.
+    pub fn output_determines_derivatives(self) -> bool {
+        matches!(self, CellKind::Tanh)
+    }
+
+    /// The derivatives [`CellKind::forward`] gives, from the step's output `next`, for a cell
+    /// whose [`CellKind::output_determines_derivatives`].
+    pub fn derivatives_from_next<T: Float>(self, next: &[T], d: &mut [T], carry: &mut [T]) {
+        assert!(self.output_determines_derivatives(), "the {self} cell needs its step run again");
+        for ((dv, cv), &h) in d.iter_mut().zip(carry.iter_mut()).zip(next) {
+            *dv = T::one() - h * h;
+            *cv = T::zero();
+        }
+    }
 }
 
 impl std::fmt::Display for CellKind {

@@ -362,27 +362,39 @@ impl<T: Float> Tbptt<T> {
         }
         let mut readout_dh = readout_dh.slice_mut(rows);
         gemm(T::one(), err, v_h, T::zero(), readout_dh.view_mut(), Par::Pool);
-        // Every entry's forward step again, for its derivatives: Z = H_prev W_hᵀ + W_x + b.
-        let mut z = z.slice_mut(rows);
-        gemm(T::one(), h_prev, w_h.t(), T::zero(), z.view_mut(), Par::Pool);
-        for j in 0..len {
-            for (row, &b) in slots.iter().enumerate() {
-                let at = j * f + row;
-                let token = self.tokens[[b, j]] as usize;
-                let zr = z.row_mut(at).into_slice().expect("row");
-                for (q_row, zv) in zr.iter_mut().enumerate() {
-                    *zv = *zv + params.w[[q_row, token]] + params.w[[q_row, bias]];
-                }
-                let prev = self.prev.slice(s![b, j, ..]);
+        // Every entry's cell derivatives: from its output where the cell allows (tanh), else from
+        // the forward step run again, Z = H_prev W_hᵀ + W_x + b.
+        if spec.cell().output_determines_derivatives() {
+            for (at, h) in h_after.rows().into_iter().enumerate() {
                 let (mut d, mut carry) = (d.row_mut(at), carry.row_mut(at));
-                spec.cell().forward(
-                    n,
-                    zr,
-                    prev.to_slice().expect("row"),
-                    next,
+                spec.cell().derivatives_from_next(
+                    h.to_slice().expect("row"),
                     d.as_slice_mut().expect("row"),
                     carry.as_slice_mut().expect("row"),
                 );
+            }
+        } else {
+            let mut z = z.slice_mut(rows);
+            gemm(T::one(), h_prev, w_h.t(), T::zero(), z.view_mut(), Par::Pool);
+            for j in 0..len {
+                for (row, &b) in slots.iter().enumerate() {
+                    let at = j * f + row;
+                    let token = self.tokens[[b, j]] as usize;
+                    let zr = z.row_mut(at).into_slice().expect("row");
+                    for (q_row, zv) in zr.iter_mut().enumerate() {
+                        *zv = *zv + params.w[[q_row, token]] + params.w[[q_row, bias]];
+                    }
+                    let prev = self.prev.slice(s![b, j, ..]);
+                    let (mut d, mut carry) = (d.row_mut(at), carry.row_mut(at));
+                    spec.cell().forward(
+                        n,
+                        zr,
+                        prev.to_slice().expect("row"),
+                        next,
+                        d.as_slice_mut().expect("row"),
+                        carry.as_slice_mut().expect("row"),
+                    );
+                }
             }
         }
         // The recursion over the window, all the chunk's slots at once.
