@@ -68,7 +68,8 @@ fn steady_state_steps_allocate_nothing_in_pool() {
     let mut report = Vec::new();
     for cell in CellKind::ALL {
         for learner in learners {
-            for (hidden, batch) in [(4, 1), (8, 5), (128, 3)] {
+            // (16, 24): enough window entries (24 × 3) for TBPTT to split its rows over the pool.
+            for (hidden, batch) in [(4, 1), (8, 5), (16, 24), (128, 3)] {
                 if learner == LearnerKind::Rtrl && hidden > 8 {
                     continue;
                 }

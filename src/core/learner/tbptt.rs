@@ -12,7 +12,7 @@
 //! entries never exceed a depth block, so that results are bit-identical across thread counts.
 //! Nothing is allocated per token: the gathered rows live in scratch sized for one chunk.
 
-use ndarray::{Array2, Array3, ArrayView1, ArrayView2, Axis, s};
+use ndarray::{Array2, Array3, ArrayView1, ArrayView2, ArrayViewMut1, Axis, Zip, s};
 
 use crate::core::linalg::{Par, gemm, through_d};
 
@@ -71,8 +71,8 @@ struct Scratch<T> {
     d: Array2<T>,
     carry: Array2<T>,
     dz: Array2<T>,
-    /// The cell's next state (computed with the derivatives, not needed).
-    next: Vec<T>,
+    /// The cell's next state of each entry (computed with the derivatives, not needed).
+    next: Array2<T>,
     /// `∂L/∂s` after the entry, then before it (`F × s` each).
     g: Array2<T>,
     g2: Array2<T>,
@@ -105,7 +105,7 @@ impl<T: Float> Tbptt<T> {
                     d: Array2::zeros((rows, k * r * n)),
                     carry: Array2::zeros((rows, k * k * n)),
                     dz: Array2::zeros((rows, r * n)),
-                    next: vec![T::zero(); s_len],
+                    next: Array2::zeros((rows, s_len)),
                     g: Array2::zeros((f, s_len)),
                     g2: Array2::zeros((f, s_len)),
                 }
@@ -364,38 +364,54 @@ impl<T: Float> Tbptt<T> {
         gemm(T::one(), err, v_h, T::zero(), readout_dh.view_mut(), Par::Pool);
         // Every entry's cell derivatives: from its output where the cell allows (tanh), else from
         // the forward step run again, Z = H_prev W_hᵀ + W_x + b.
-        if spec.cell().output_determines_derivatives() {
-            for (at, h) in h_after.rows().into_iter().enumerate() {
-                let (mut d, mut carry) = (d.row_mut(at), carry.row_mut(at));
-                spec.cell().derivatives_from_next(
+        // One task per entry row (on the pool when there are enough): rows are independent.
+        let cell = spec.cell();
+        let pooled = len * f >= 64;
+        let (mut d_rows, mut carry_rows, mut next_rows) =
+            (d.slice_mut(rows), carry.slice_mut(rows), next.slice_mut(rows));
+        if cell.output_determines_derivatives() {
+            let work = |_at: usize,
+                        h: ArrayView1<'_, T>,
+                        mut d: ArrayViewMut1<'_, T>,
+                        mut carry: ArrayViewMut1<'_, T>| {
+                cell.derivatives_from_next(
                     h.to_slice().expect("row"),
                     d.as_slice_mut().expect("row"),
                     carry.as_slice_mut().expect("row"),
                 );
-            }
+            };
+            let zip = Zip::indexed(h_after.rows()).and(d_rows.rows_mut()).and(carry_rows.rows_mut());
+            if pooled { zip.par_for_each(work) } else { zip.for_each(work) }
         } else {
             let mut z = z.slice_mut(rows);
             gemm(T::one(), h_prev, w_h.t(), T::zero(), z.view_mut(), Par::Pool);
-            for j in 0..len {
-                for (row, &b) in slots.iter().enumerate() {
-                    let at = j * f + row;
-                    let token = self.tokens[[b, j]] as usize;
-                    let zr = z.row_mut(at).into_slice().expect("row");
-                    for (q_row, zv) in zr.iter_mut().enumerate() {
-                        *zv = *zv + params.w[[q_row, token]] + params.w[[q_row, bias]];
-                    }
-                    let prev = self.prev.slice(s![b, j, ..]);
-                    let (mut d, mut carry) = (d.row_mut(at), carry.row_mut(at));
-                    spec.cell().forward(
-                        n,
-                        zr,
-                        prev.to_slice().expect("row"),
-                        next,
-                        d.as_slice_mut().expect("row"),
-                        carry.as_slice_mut().expect("row"),
-                    );
+            let (prev_all, tokens) = (&self.prev, &self.tokens);
+            let work = |at: usize,
+                        mut z: ArrayViewMut1<'_, T>,
+                        mut next: ArrayViewMut1<'_, T>,
+                        mut d: ArrayViewMut1<'_, T>,
+                        mut carry: ArrayViewMut1<'_, T>| {
+                let (j, b) = (at / f, slots[at % f]);
+                let token = tokens[[b, j]] as usize;
+                let zr = z.as_slice_mut().expect("row");
+                for (q_row, zv) in zr.iter_mut().enumerate() {
+                    *zv = *zv + params.w[[q_row, token]] + params.w[[q_row, bias]];
                 }
-            }
+                let prev = prev_all.slice(s![b, j, ..]);
+                cell.forward(
+                    n,
+                    zr,
+                    prev.to_slice().expect("row"),
+                    next.as_slice_mut().expect("row"),
+                    d.as_slice_mut().expect("row"),
+                    carry.as_slice_mut().expect("row"),
+                );
+            };
+            let zip = Zip::indexed(z.rows_mut())
+                .and(next_rows.rows_mut())
+                .and(d_rows.rows_mut())
+                .and(carry_rows.rows_mut());
+            if pooled { zip.par_for_each(work) } else { zip.for_each(work) }
         }
         // The recursion over the window, all the chunk's slots at once.
         let (mut g, mut g2) = (g.slice_mut(s![..f, ..]), g2.slice_mut(s![..f, ..]));
