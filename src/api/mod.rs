@@ -269,7 +269,10 @@ pub fn router(state: AppState) -> Router {
     let stream = "/v1/models/{model}/streams/{stream}";
     Router::new()
         .route("/v1/models", post(routes::create_model).get(routes::list_models))
-        .route("/v1/models/{model}", get(routes::get_model).delete(routes::delete_model))
+        .route(
+            "/v1/models/{model}",
+            get(routes::get_model).put(routes::put_model).delete(routes::delete_model),
+        )
         .route("/v1/models/{model}/checkpoint", post(routes::checkpoint_model))
         .route(&format!("{stream}/tokens"), post(routes::post_tokens))
         .route(&format!("{stream}/predict"), post(routes::post_predict))

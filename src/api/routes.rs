@@ -59,6 +59,66 @@ pub async fn create_model(
     Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(info)).into_response())
 }
 
+/// `PUT /v1/models/{model}`: creates the model the path names, so that a proxy can route the
+/// creation by path. The body is a model definition whose `name` may be left out (when present it
+/// must be the path's). Idempotent: 201 when it creates the model, 200 when a model of that name
+/// and the same definition exists (a retried PUT), 409 `duplicate-model` when one exists with
+/// another definition.
+pub async fn put_model(
+    State(state): State<AppState>,
+    PathParams(model): PathParams<String>,
+    JsonBody(mut body): JsonBody<serde_json::Value>,
+) -> ApiResult<Response> {
+    if let Some(fields) = body.as_object_mut() {
+        match fields.get("name") {
+            None => {
+                fields.insert("name".to_string(), model.clone().into());
+            }
+            Some(serde_json::Value::String(name)) if *name == model => {}
+            Some(other) => {
+                return Err(ApiError::invalid_request(format!(
+                    "the body names the model {other} and the path `{model}`; leave `name` out or make them equal"
+                )));
+            }
+        }
+    }
+    let request: ModelRequest = super::wire::from_object(body)?;
+    let engine = state.engine();
+    let definition = request.resolve(&engine.default_definition(""));
+    state.check_definition(&definition)?;
+    // A model that exists already is compared first: a retried PUT must not be refused by a
+    // budget or the model limit that its own model takes up.
+    if engine.definition(&model).is_ok() {
+        return same_model(&state, &definition);
+    }
+    match engine.create_model(definition.clone()).await {
+        Ok(info) => {
+            let location = HeaderValue::from_str(&format!("/v1/models/{}", info.name))
+                .map_err(|e| ApiError::internal(e.to_string()))?;
+            Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(info)).into_response())
+        }
+        // Created by a concurrent request in between.
+        Err(EngineError::DuplicateModel(_)) => same_model(&state, &definition),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The reply to a PUT of a model that exists: 200 with it when its definition is the one put,
+/// else 409 `duplicate-model`.
+fn same_model(state: &AppState, definition: &crate::engine::ModelDefinition) -> ApiResult<Response> {
+    let engine = state.engine();
+    let name = &definition.name;
+    if engine.definition(name)? == *definition {
+        return Ok(Json(engine.model(name)?).into_response());
+    }
+    Err(ApiError::new(
+        StatusCode::CONFLICT,
+        "duplicate-model",
+        "Duplicate model",
+        format!("model `{name}` exists with another definition; GET it to compare, or DELETE it first"),
+    ))
+}
+
 /// `GET /v1/models`.
 pub async fn list_models(State(state): State<AppState>) -> Response {
     Json(json!({ "models": state.engine().models() })).into_response()
