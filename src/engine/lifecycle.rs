@@ -8,12 +8,11 @@ impl Engine {
     /// Refuses a model whose estimated memory would take all models past the budget (checked
     /// under the lifecycle lock, so that racing creates cannot overshoot it together).
     fn check_memory_budget(&self, def: &ModelDefinition, spec: &ModelSpec) -> Result<(), EngineError> {
-        let estimate = |spec: &ModelSpec, streams: usize| estimate_model_bytes(spec, streams + 1);
         let used: u128 = {
             let models = self.models.read().unwrap_or_else(PoisonError::into_inner);
-            models.values().map(|h| estimate(&h.spec, h.definition.max_streams)).sum()
+            models.values().map(|h| h.definition.estimated_bytes(&h.spec)).sum()
         };
-        let requested = estimate(spec, def.max_streams);
+        let requested = def.estimated_bytes(spec);
         let budget = u128::from(self.limits.max_total_model_bytes);
         if used + requested > budget {
             let mib = |b: u128| u64::try_from(b >> 20).unwrap_or(u64::MAX);

@@ -332,7 +332,7 @@ impl Engine {
                 format!("must be in 1..={MAX_STREAMS_PER_MODEL}"),
             ));
         }
-        let bytes = estimate_model_bytes(&spec, def.max_streams + 1);
+        let bytes = def.estimated_bytes(&spec);
         if bytes > u128::from(self.limits.max_model_bytes) {
             return Err(EngineError::invalid_config(
                 "max_streams",

@@ -70,6 +70,12 @@ pub struct ModelDefinition {
 }
 
 impl ModelDefinition {
+    /// Estimated bytes of the model as loaded: its `max_streams` slots and the scratch slot that
+    /// predictions run on (see [`estimate_model_bytes`]).
+    pub fn estimated_bytes(&self, spec: &ModelSpec) -> u128 {
+        estimate_model_bytes(spec, self.max_streams + 1)
+    }
+
     /// The server's defaults for a model named `name`: [`ModelConfig::default`] (byte-level RHN,
     /// n = 128, KF-RTRL, Adam 10^-3.5) with `max_streams` streams.
     pub fn with_defaults(name: &str, max_streams: usize) -> Self {
