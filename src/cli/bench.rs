@@ -2,9 +2,9 @@
 
 use clap::Args;
 
-use kfrtrl::bench::{BenchConfig, memory, run as run_bench, run_steps};
 use kfrtrl::core::model::ClipScope;
 use kfrtrl::core::{CellKind, LearnerKind, ModelConfig, OptimizerKind};
+use kfrtrl::tools::bench::{BenchConfig, memory, run as run_bench, run_steps};
 
 /// Flags of `kfrtrl bench`; every list flag takes comma-separated values.
 #[derive(Debug, Args)]

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 
 use kfrtrl::core::{CellKind, ModelConfig, OptimizerKind};
-use kfrtrl::experiment::copy::{CopyConfig, CopyRun};
+use kfrtrl::tools::experiment::copy::{CopyConfig, CopyRun};
 
 use super::bench::{parse_cell, parse_learner, parse_optimizer};
 use super::train::parse_save_path;
@@ -46,8 +46,8 @@ pub struct CopyPlotArgs {
 }
 
 /// The curve of a run from its JSON report or its progress log, with its label.
-fn read_copy_curve(arg: &str) -> Result<(String, Vec<kfrtrl::experiment::copy::CurvePoint>), String> {
-    use kfrtrl::experiment::copy::CurvePoint;
+fn read_copy_curve(arg: &str) -> Result<(String, Vec<kfrtrl::tools::experiment::copy::CurvePoint>), String> {
+    use kfrtrl::tools::experiment::copy::CurvePoint;
     let (label, file) = match arg.split_once('=') {
         Some((l, f)) => (Some(l.to_string()), f),
         None => (None, arg),
@@ -88,7 +88,7 @@ fn read_copy_curve(arg: &str) -> Result<(String, Vec<kfrtrl::experiment::copy::C
 }
 
 fn copy_plot(a: CopyPlotArgs) -> Result<(), String> {
-    use kfrtrl::experiment::plot::{Panel, Series, line_chart};
+    use kfrtrl::tools::experiment::plot::{Panel, Series, line_chart};
     let mut series = Vec::new();
     for run in &a.runs {
         let (label, curve) = read_copy_curve(run)?;
@@ -149,8 +149,8 @@ pub struct VarianceArgs {
 
 fn variance(a: VarianceArgs) -> Result<(), String> {
     use kfrtrl::core::LearnerKind;
-    use kfrtrl::experiment::plot::{LegendAt, Panel, Series, line_chart};
-    use kfrtrl::experiment::variance::{Estimator, VarianceConfig, run_variance};
+    use kfrtrl::tools::experiment::plot::{LegendAt, Panel, Series, line_chart};
+    use kfrtrl::tools::experiment::variance::{Estimator, VarianceConfig, run_variance};
     if a.hidden.is_empty() || a.steps == 0 {
         return Err("--hidden and --steps must be non-empty and positive".into());
     }
@@ -327,10 +327,10 @@ pub struct CopyArgs {
 }
 
 /// A plot's file name, refused at parsing unless its extension names a format
-/// ([`PlotFormat::of`](kfrtrl::experiment::plot::PlotFormat::of)) and its directory exists, so
+/// ([`PlotFormat::of`](kfrtrl::tools::experiment::plot::PlotFormat::of)) and its directory exists, so
 /// that a long run does not fail only at its end.
 fn parse_plot_path(s: &str) -> Result<PathBuf, String> {
-    kfrtrl::experiment::plot::PlotFormat::of(std::path::Path::new(s)).map_err(|e| e.to_string())?;
+    kfrtrl::tools::experiment::plot::PlotFormat::of(std::path::Path::new(s)).map_err(|e| e.to_string())?;
     parse_save_path(s)
 }
 
@@ -359,7 +359,7 @@ fn copy(a: CopyArgs) -> Result<(), String> {
         );
     }
     let model = learner.apply(ModelConfig {
-        vocab_size: kfrtrl::experiment::copy::VOCAB,
+        vocab_size: kfrtrl::tools::experiment::copy::VOCAB,
         cell: a.cell,
         hidden: a.hidden,
         optimizer: a.optimizer,
@@ -377,7 +377,7 @@ fn copy(a: CopyArgs) -> Result<(), String> {
     let mut run = match &a.resume {
         None => CopyRun::new(&cfg).map_err(|e| e.to_string())?,
         Some(path) => {
-            let file = kfrtrl::model_file::load(path).map_err(|e| e.to_string())?;
+            let file = kfrtrl::engine::model_file::load(path).map_err(|e| e.to_string())?;
             let run = CopyRun::resume(&cfg, file).map_err(|e| format!("{}: {e}", path.display()))?;
             if run.step() > a.steps {
                 return Err(format!(
@@ -395,7 +395,7 @@ fn copy(a: CopyArgs) -> Result<(), String> {
     let log_every = a.log_every;
     // The run's end, not the end of the stretch to the next checkpoint (`p.total`).
     let total = a.steps;
-    let progress = |p: kfrtrl::experiment::copy::CopyProgress| {
+    let progress = |p: kfrtrl::tools::experiment::copy::CopyProgress| {
         if p.level_up || (log_every > 0 && p.step.is_multiple_of(log_every)) || p.step == total {
             let mut e = std::io::stderr().lock();
             let _ = writeln!(
@@ -416,7 +416,7 @@ fn copy(a: CopyArgs) -> Result<(), String> {
             let next = run.step().saturating_add(a.checkpoint_every).min(a.steps);
             run.run_to(next, progress);
             let snapshot = run.snapshot()?;
-            kfrtrl::model_file::save(path, &snapshot).map_err(|e| e.to_string())?;
+            kfrtrl::engine::model_file::save(path, &snapshot).map_err(|e| e.to_string())?;
             if run.step() >= a.steps {
                 break;
             }
@@ -444,13 +444,13 @@ fn copy(a: CopyArgs) -> Result<(), String> {
     if let Some(path) = &a.plot {
         let title =
             format!("copy task: {} {} n={} B={}", report.learner, report.cell, report.hidden, report.batch);
-        let series = vec![kfrtrl::experiment::plot::Series {
+        let series = vec![kfrtrl::tools::experiment::plot::Series {
             label: report.learner.clone(),
             points: copy_staircase(&report.curve),
         }];
-        kfrtrl::experiment::plot::line_chart(
+        kfrtrl::tools::experiment::plot::line_chart(
             path,
-            &[kfrtrl::experiment::plot::Panel {
+            &[kfrtrl::tools::experiment::plot::Panel {
                 title,
                 x_label: "steps".into(),
                 y_label: "curriculum length L".into(),
@@ -466,7 +466,7 @@ fn copy(a: CopyArgs) -> Result<(), String> {
 }
 
 /// The curve as a staircase (L holds until the next level-up).
-pub fn copy_staircase(curve: &[kfrtrl::experiment::copy::CurvePoint]) -> Vec<(f64, f64)> {
+pub fn copy_staircase(curve: &[kfrtrl::tools::experiment::copy::CurvePoint]) -> Vec<(f64, f64)> {
     let mut pts = Vec::with_capacity(curve.len() * 2);
     for (i, p) in curve.iter().enumerate() {
         if i > 0 {

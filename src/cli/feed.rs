@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use futures_util::{SinkExt, StreamExt};
-use kfrtrl::load::{Ws, connect_ws};
+use kfrtrl::tools::load::{Ws, connect_ws};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 

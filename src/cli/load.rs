@@ -1,5 +1,5 @@
 //! `kfrtrl load`: drives a running server with concurrent streams over HTTP or WebSocket
-//! ([`kfrtrl::load`]) and prints the throughput, the latency percentiles, the worker's mean step
+//! ([`kfrtrl::tools::load`]) and prints the throughput, the latency percentiles, the worker's mean step
 //! and batch during the run, and, with `--engine`, the in-process engine at that batch size.
 //! With `--soak`, it runs for minutes and prints every interval, with the server's memory.
 
@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::Args;
 
-use kfrtrl::load::{LoadConfig, LoadReport, Protocol, Sample, engine_comparison, run_with};
+use kfrtrl::tools::load::{LoadConfig, LoadReport, Protocol, Sample, engine_comparison, run_with};
 
 /// Flags of `kfrtrl load`.
 #[derive(Debug, Args)]

@@ -8,9 +8,9 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use kfrtrl::core::{CellKind, ModelConfig, OptimizerKind};
-use kfrtrl::corpus::{Format, Vocab, tokenize_train, tokenize_with};
-use kfrtrl::model_file::{Counters, ModelFile, load, save};
-use kfrtrl::train::{Start, TrainConfig, train_from};
+use kfrtrl::engine::model_file::{Counters, ModelFile, load, save};
+use kfrtrl::tools::corpus::{Format, Vocab, tokenize_train, tokenize_with};
+use kfrtrl::tools::train::{Start, TrainConfig, train_from};
 
 use super::bench::{LearnerArg, parse_learner};
 
@@ -426,18 +426,18 @@ pub fn run(args: TrainArgs) -> Result<(), String> {
 
 /// The trace's four panels: running bpc, gradient norms, influence norms (log scales for norms)
 /// and the exact Jacobians' growth rate.
-fn plot_trace(path: &std::path::Path, report: &kfrtrl::train::TrainReport) -> Result<(), String> {
-    use kfrtrl::experiment::plot::{LegendAt, Panel, Series, line_chart};
+fn plot_trace(path: &std::path::Path, report: &kfrtrl::tools::train::TrainReport) -> Result<(), String> {
+    use kfrtrl::tools::experiment::plot::{LegendAt, Panel, Series, line_chart};
     // Points a log axis cannot draw (zero or negative) are left out of log panels only.
-    let points = |f: &dyn Fn(&kfrtrl::train::TracePoint) -> f64, positive: bool| -> Vec<(f64, f64)> {
+    let points = |f: &dyn Fn(&kfrtrl::tools::train::TracePoint) -> f64, positive: bool| -> Vec<(f64, f64)> {
         let keep = |y: f64| y.is_finite() && (!positive || y > 0.0);
         report.trace.iter().map(|t| (t.symbols as f64, f(t))).filter(|p| keep(p.1)).collect()
     };
-    let series = |label: &str, f: &dyn Fn(&kfrtrl::train::TracePoint) -> f64| Series {
+    let series = |label: &str, f: &dyn Fn(&kfrtrl::tools::train::TracePoint) -> f64| Series {
         label: label.into(),
         points: points(f, true),
     };
-    let signed_series = |label: &str, f: &dyn Fn(&kfrtrl::train::TracePoint) -> f64| Series {
+    let signed_series = |label: &str, f: &dyn Fn(&kfrtrl::tools::train::TracePoint) -> f64| Series {
         label: label.into(),
         points: points(f, false),
     };

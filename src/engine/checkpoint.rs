@@ -1,6 +1,6 @@
 //! Checkpoints of a model and the files of evicted streams.
 //!
-//! A checkpoint is a [`crate::model_file`] file (safetensors, so the weights load in NumPy or
+//! A checkpoint is a [`crate::engine::model_file`] file (safetensors, so the weights load in NumPy or
 //! PyTorch unchanged, with a checksum over everything) named
 //! `checkpoint-<next seq, 20 digits>.safetensors` in the model's directory, where `next seq` is
 //! the sequence number of the first write-ahead-log record it does not contain. Besides the
@@ -21,7 +21,9 @@ use serde::{Deserialize, Serialize};
 
 use super::{ModelDefinition, ModelStats};
 use crate::core::{Optimizer, Params, SlotState};
-use crate::model_file::{self, Counters, ModelFile, SlotScalars, stack_slot_tensors, unstack_slot_tensors};
+use crate::engine::model_file::{
+    self, Counters, ModelFile, SlotScalars, stack_slot_tensors, unstack_slot_tensors,
+};
 
 /// A stream's bookkeeping beside its slot state.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -26,6 +26,7 @@ mod lifecycle;
 mod limits;
 mod metrics;
 mod model;
+pub mod model_file;
 mod persist;
 mod types;
 pub mod wal;

@@ -2,7 +2,7 @@
 
 use kfrtrl::core::rng::CounterRng;
 use kfrtrl::core::{CellKind, LearnerKind, ModelConfig, Optimizer, Params, SlotStep, StreamSet};
-use kfrtrl::experiment::copy::{
+use kfrtrl::tools::experiment::copy::{
     BLANK, CopyConfig, CopyRun, Curriculum, START, VOCAB, copy_step, draw_sequence, run_copy, sequence,
 };
 
@@ -153,7 +153,7 @@ fn kf_rtrl_climbs_further_than_uoro() {
 }
 
 /// The state of a run without its wall time, which differs between any two runs.
-fn snapshot_without_time(run: &CopyRun) -> kfrtrl::model_file::ModelFile {
+fn snapshot_without_time(run: &CopyRun) -> kfrtrl::engine::model_file::ModelFile {
     let mut file = run.snapshot().unwrap();
     file.metadata.get_mut("copy").unwrap()["seconds"] = 0.into();
     file
@@ -179,9 +179,10 @@ fn a_copy_run_resumed_from_its_snapshot_goes_on_bit_for_bit() {
             .run_to(3_000, |p| straight_steps.push((p.step, p.curriculum.level, p.curriculum.ema.to_bits())));
         let mut first = CopyRun::new(&cfg).unwrap();
         first.run_to(1_237, |_| {});
-        let bytes = kfrtrl::model_file::to_bytes(&first.snapshot().unwrap()).unwrap();
+        let bytes = kfrtrl::engine::model_file::to_bytes(&first.snapshot().unwrap()).unwrap();
         drop(first);
-        let mut resumed = CopyRun::resume(&cfg, kfrtrl::model_file::from_bytes(&bytes).unwrap()).unwrap();
+        let mut resumed =
+            CopyRun::resume(&cfg, kfrtrl::engine::model_file::from_bytes(&bytes).unwrap()).unwrap();
         assert_eq!(resumed.step(), 1_237);
         let mut resumed_steps = Vec::new();
         resumed

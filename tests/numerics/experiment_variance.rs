@@ -1,7 +1,7 @@
 //! The gradient-noise experiment at a tiny size: finite relative variances, UORO's above
 //! KF-RTRL's, and the CLI's JSON and plot.
 
-use kfrtrl::experiment::variance::{VarianceConfig, run_variance};
+use kfrtrl::tools::experiment::variance::{VarianceConfig, run_variance};
 
 #[test]
 fn tiny_variance_experiment_orders_the_estimators() {
@@ -149,7 +149,7 @@ fn cli_table_measures_t_50_whatever_every_is() {
 #[test]
 fn ok_variance_falls_with_rank_for_every_cell() {
     use kfrtrl::core::{CellKind, LearnerKind};
-    use kfrtrl::experiment::variance::Estimator;
+    use kfrtrl::tools::experiment::variance::Estimator;
     let est = |learner, rank| Estimator { learner, rank };
     for cell in CellKind::ALL {
         let cfg = VarianceConfig {

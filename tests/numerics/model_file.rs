@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use kfrtrl::core::{
     CellKind, LearnerKind, ModelConfig, Optimizer, OptimizerKind, Params, SlotStep, StreamSet,
 };
-use kfrtrl::model_file::{Counters, ModelFile, ModelFileError, from_bytes, load, save, to_bytes};
-use kfrtrl::train::{TrainConfig, evaluate, train};
+use kfrtrl::engine::model_file::{Counters, ModelFile, ModelFileError, from_bytes, load, save, to_bytes};
+use kfrtrl::tools::train::{TrainConfig, evaluate, train};
 
 fn tmpdir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("kfrtrl-test-{name}-{}", std::process::id()));
@@ -212,7 +212,8 @@ fn train_save_then_load_gives_the_trained_model() {
     assert_eq!(symbols.len(), m.config.vocab_size);
     // The saved weights give the reported held-out BPC.
     let (tokens, _) =
-        kfrtrl::corpus::tokenize_train(text.as_bytes(), kfrtrl::corpus::Format::PtbChar).unwrap();
+        kfrtrl::tools::corpus::tokenize_train(text.as_bytes(), kfrtrl::tools::corpus::Format::PtbChar)
+            .unwrap();
     let bpc = evaluate(&m.spec().unwrap(), &m.params, &tokens);
     assert_eq!(bpc, report["eval_bpc"].as_f64().unwrap());
     // And the same run through the library gives the same weights.

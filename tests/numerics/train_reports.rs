@@ -5,8 +5,8 @@
 use std::path::PathBuf;
 
 use kfrtrl::core::{CellKind, LearnerKind, ModelConfig, Params};
-use kfrtrl::model_file::load;
-use kfrtrl::train::{TrainConfig, evaluate, train};
+use kfrtrl::engine::model_file::load;
+use kfrtrl::tools::train::{TrainConfig, evaluate, train};
 
 fn config(learner: LearnerKind) -> ModelConfig {
     ModelConfig {
@@ -426,7 +426,7 @@ async fn train_init_continues_a_server_checkpoint() {
         let file = checkpoint::to_model_file(&engine.snapshot(name).await.unwrap()).unwrap();
         assert!(file.counters.steps > 0 && file.counters.symbols == 5, "{:?}", file.counters);
         let path = dir.join(format!("{name}.ckpt"));
-        kfrtrl::model_file::save(&path, &file).unwrap();
+        kfrtrl::engine::model_file::save(&path, &file).unwrap();
         files.push((path, file));
     }
     engine.shutdown().await;

@@ -13,11 +13,11 @@ use std::sync::Arc;
 
 use crate::support::binary::temp_dir;
 use kfrtrl::core::{CellKind, LearnerKind};
+use kfrtrl::engine::model_file;
 use kfrtrl::engine::{
     Durability, Engine, EngineError, EngineLimits, EngineMetrics, Mode, ModelDefinition, ModelSnapshot,
     ModelState, TokenInput, TokensReply, checkpoint, wal,
 };
-use kfrtrl::model_file;
 
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();

@@ -1,4 +1,4 @@
-//! The load generator ([`kfrtrl::load`]) against a real server in-process on 127.0.0.1:0: eight
+//! The load generator ([`kfrtrl::tools::load`]) against a real server in-process on 127.0.0.1:0: eight
 //! streams for about a second over HTTP and over WebSocket, with a sane report each time; and a
 //! short soak with an API key, reporting every interval with the server's memory; and a soak whose
 //! WebSockets the server closes mid-run, which ends with a report instead of waiting for ever.
@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 
 use kfrtrl::api::{ApiKey, AppState, ServerConfig, StartError, serve};
 use kfrtrl::engine::ModelRequest;
-use kfrtrl::load::{LoadConfig, LoadReport, Protocol, run, run_with};
+use kfrtrl::tools::load::{LoadConfig, LoadReport, Protocol, run, run_with};
 
 /// A server on 127.0.0.1:0 serving one model, `small`, once it is ready: its address, the
 /// sender that stops it and its task.

@@ -6,7 +6,7 @@
 //! WebSocket: per message round trip), and, from the server's `/metrics` read before and after
 //! the measured window, the mean step duration and mean batch size the model's worker reached.
 //! [`engine_comparison`] then measures the in-process engine's step throughput at that batch
-//! size ([`crate::bench`]), the reference for the server's overhead.
+//! size ([`crate::tools::bench`]), the reference for the server's overhead.
 //!
 //! Every stream first sends one request (creating the stream) before the clock starts, so that
 //! stream creation and connection set-up stay out of the numbers. A stream that cannot do so
@@ -27,8 +27,8 @@ use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::bench::{BenchConfig, run as run_bench};
 use crate::engine::ModelDefinition;
+use crate::tools::bench::{BenchConfig, run as run_bench};
 
 /// The transport of a load run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -94,7 +94,7 @@ impl PlotFormat {
 /// The family the embedded font is registered as. It must stay "sans-serif": plotters' default
 /// tick and legend labels ask for that family by name.
 const FONT_FAMILY: &str = "sans-serif";
-static FONT_BYTES: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
+static FONT_BYTES: &[u8] = include_bytes!("../../../assets/fonts/DejaVuSans.ttf");
 
 /// Registers the embedded font with `plotters` once per process; both backends measure text
 /// with it.

@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use crate::core::model::ConfigError;
 use crate::core::rng::{CounterRng, derive_key};
 use crate::core::{ModelConfig, ModelSpec, Optimizer, Params, SlotState, SlotStep, StreamSet, UpdateOutcome};
-use crate::model_file::{
+use crate::engine::model_file::{
     Counters, ModelFile, SlotLayout, SlotScalars, stack_slot_tensors, unstack_slot_tensors,
 };
 
