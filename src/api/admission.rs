@@ -25,8 +25,8 @@ use super::problem::ApiError;
 use super::{AppState, Limits};
 
 /// Longest request target (path and query) the server reads: every route's is far shorter
-/// (names are at most [`crate::engine::MAX_NAME_LEN`] bytes). Beyond 64 KiB the HTTP library
-/// answers 414 itself, with an empty body, before any route sees the request.
+/// (names are at most [`crate::engine::MAX_NAME_LEN`] bytes). Beyond 64 KiB the HTTP library's
+/// parser refuses the head before any route sees it; `parse_errors` gives that 414 its problem.
 pub const MAX_URI_BYTES: usize = 8 * 1024;
 
 /// Refuses, from the request head alone, what no route will accept: a request target over

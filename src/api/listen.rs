@@ -18,6 +18,8 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use super::parse_errors::ProblemReplies;
+
 /// Serves `router` on `listener` until `stop` completes, then drains the open connections.
 pub(crate) async fn serve_connections(
     listener: TcpListener,
@@ -52,7 +54,9 @@ pub(crate) async fn serve_connections(
         tokio::spawn(async move {
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder.timer(TokioTimer::new()).header_read_timeout(header_read_timeout);
-            let mut connection = pin!(builder.serve_connection(TokioIo::new(tcp), service).with_upgrades());
+            let mut connection = pin!(
+                builder.serve_connection(TokioIo::new(ProblemReplies::new(tcp)), service).with_upgrades()
+            );
             let mut signalled = pin!(stopping.closed());
             let mut closing = false;
             loop {

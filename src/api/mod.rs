@@ -15,6 +15,7 @@ mod listen;
 mod metrics;
 mod openapi;
 mod origin;
+mod parse_errors;
 mod problem;
 mod routes;
 mod status;

@@ -222,6 +222,25 @@ async fn an_oversized_content_length_gets_413_at_once_and_a_long_path_gets_a_414
     assert!(head.contains("content-type: application/problem+json"), "{head}");
     assert_eq!(body["type"], "urn:kfrtrl:problem:uri-too-long");
 
+    // Past hyper's own limit (64 KiB; the 100 kB path), where hyper answered 414 with an
+    // empty body: the problem object too, on a fresh connection and on a kept-alive one.
+    let long = format!("GET /v1/models/{} HTTP/1.1\r\nHost: x\r\n\r\n", "y".repeat(100_000));
+    let mut tcp = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
+    tcp.write_all(long.as_bytes()).await.unwrap();
+    let (status, head, body) = read_response(&mut tcp).await;
+    assert_eq!(status, 414, "{head}");
+    assert!(head.contains("content-type: application/problem+json"), "{head}");
+    assert_eq!(
+        (body["type"].as_str(), body["status"].as_u64()),
+        (Some("urn:kfrtrl:problem:uri-too-long"), Some(414))
+    );
+    let mut kept = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    assert_eq!(read_response(&mut kept).await.0, 200);
+    kept.write_all(long.as_bytes()).await.unwrap();
+    let (status, head, body) = read_response(&mut kept).await;
+    assert_eq!((status, body["type"].as_str()), (414, Some("urn:kfrtrl:problem:uri-too-long")), "{head}");
+
     // A body within the limit is still read and served.
     let reply = reqwest::Client::new()
         .post(server.url("/v1/models/default/streams/a/tokens"))
