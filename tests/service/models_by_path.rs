@@ -17,11 +17,9 @@ async fn put_creates_a_model_by_path_and_is_idempotent() {
         ..Default::default()
     })
     .await;
-    let put = |path: &str, body: serde_json::Value| server.http.put(server.url(path)).json(&body);
 
     // Created: 201, Location, the definition as put (the name from the path).
-    let created =
-        server.send(put("/v1/models/ids", json!({"vocab_size": 10, "hidden": 4, "cell": "tanh"}))).await;
+    let created = server.put("/v1/models/ids", &json!({"vocab_size": 10, "hidden": 4, "cell": "tanh"})).await;
     assert_eq!(created.status, 201, "{}", created.body);
     assert_eq!(created.headers["location"], "/v1/models/ids");
     server.schemas.check("ModelInfo", &created.body);
@@ -29,14 +27,7 @@ async fn put_creates_a_model_by_path_and_is_idempotent() {
     assert_eq!(created.body["config"]["hidden"], 4);
 
     // It learns like any model.
-    let learned = server
-        .send(
-            server
-                .http
-                .post(server.url("/v1/models/ids/streams/s/tokens"))
-                .json(&json!({"tokens": [1, 2, 3]})),
-        )
-        .await;
+    let learned = server.post("/v1/models/ids/streams/s/tokens", &json!({"tokens": [1, 2, 3]})).await;
     assert_eq!(learned.status, 200, "{}", learned.body);
 
     // Retried, with or without the name: 200 and the same model, its stream still there. The
@@ -45,49 +36,48 @@ async fn put_creates_a_model_by_path_and_is_idempotent() {
         json!({"vocab_size": 10, "hidden": 4, "cell": "tanh"}),
         json!({"name": "ids", "vocab_size": 10, "hidden": 4, "cell": "tanh"}),
     ] {
-        let again = server.send(put("/v1/models/ids", body)).await;
+        let again = server.put("/v1/models/ids", &body).await;
         assert_eq!(again.status, 200, "{}", again.body);
         server.schemas.check("ModelInfo", &again.body);
         assert_eq!(again.body["stats"]["streams"], 1, "{}", again.body);
     }
 
     // Another definition under the same name: 409, and the model is unchanged.
-    let other =
-        server.send(put("/v1/models/ids", json!({"vocab_size": 10, "hidden": 6, "cell": "tanh"}))).await;
+    let other = server.put("/v1/models/ids", &json!({"vocab_size": 10, "hidden": 6, "cell": "tanh"})).await;
     assert_eq!(
         (other.status, other.body["type"].as_str()),
         (409, Some("urn:kfrtrl:problem:duplicate-model")),
         "{}",
         other.body
     );
-    assert_eq!(server.send(server.http.get(server.url("/v1/models/ids"))).await.body["config"]["hidden"], 4);
+    assert_eq!(server.get("/v1/models/ids").await.body["config"]["hidden"], 4);
 
     // A body naming another model, a bad path name, a body that is not an object.
-    let named = server.send(put("/v1/models/ids", json!({"name": "other", "vocab_size": 10}))).await;
+    let named = server.put("/v1/models/ids", &json!({"name": "other", "vocab_size": 10})).await;
     assert_eq!(
         (named.status, named.body["type"].as_str()),
         (422, Some("urn:kfrtrl:problem:invalid-request")),
         "{}",
         named.body
     );
-    let bad = server.send(put("/v1/models/bad%20name", json!({}))).await;
+    let bad = server.put("/v1/models/bad%20name", &json!({})).await;
     assert_eq!(
         (bad.status, bad.body["type"].as_str()),
         (400, Some("urn:kfrtrl:problem:invalid-name")),
         "{}",
         bad.body
     );
-    let array = server.send(put("/v1/models/x", json!([1]))).await;
+    let array = server.put("/v1/models/x", &json!([1])).await;
     assert!(array.status == 400 || array.status == 422, "{} {}", array.status, array.body);
 
     // A new name past the model limit: 409 model-limit, nothing created.
-    let third = server.send(put("/v1/models/third", json!({"vocab_size": 10, "hidden": 4}))).await;
+    let third = server.put("/v1/models/third", &json!({"vocab_size": 10, "hidden": 4})).await;
     assert_eq!(
         (third.status, third.body["type"].as_str()),
         (409, Some("urn:kfrtrl:problem:model-limit")),
         "{}",
         third.body
     );
-    assert_eq!(server.send(server.http.get(server.url("/v1/models/third"))).await.status, 404);
+    assert_eq!(server.get("/v1/models/third").await.status, 404);
     server.stop().await;
 }

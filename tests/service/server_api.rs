@@ -5,131 +5,19 @@
 use std::collections::HashMap;
 use std::f64::consts::LN_2;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use futures_util::SinkExt;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::support::Schemas;
+use crate::support::{Reply, TestServer, model};
 
-use kfrtrl::api::{AppState, Limits, SCHEMAS, ServerConfig, StartError, serve};
+use kfrtrl::api::{Limits, SCHEMAS, ServerConfig};
 use kfrtrl::core::rng::derive_key;
 use kfrtrl::core::{CellKind, Optimizer, Params, SlotStep, StreamSet};
 use kfrtrl::engine::{ModelRequest, stream_label};
-
-struct TestServer {
-    addr: SocketAddr,
-    state: AppState,
-    http: reqwest::Client,
-    schemas: Schemas,
-    shutdown: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<Result<(), StartError>>,
-}
-
-/// A server response: status, headers and JSON body (validated as a problem when it is one).
-struct Reply {
-    status: StatusCode,
-    headers: reqwest::header::HeaderMap,
-    body: Value,
-}
-
-impl TestServer {
-    async fn start(config: ServerConfig) -> Self {
-        let state = AppState::new(config).expect("valid config");
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(serve(listener, state.clone(), async move {
-            let _ = rx.await;
-        }));
-        state.wait_ready().await;
-        let http = reqwest::Client::new();
-        let doc: Value =
-            http.get(format!("http://{addr}/openapi.json")).send().await.unwrap().json().await.unwrap();
-        assert_eq!(doc["openapi"], "3.1.0");
-        let schemas = Schemas::from_openapi(&doc);
-        Self { addr, state, http, schemas, shutdown: Some(tx), task }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
-    async fn reply(&self, response: reqwest::Response) -> Reply {
-        let status = response.status();
-        let headers = response.headers().clone();
-        let text = response.text().await.unwrap();
-        let body = if text.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&text).unwrap_or(Value::String(text))
-        };
-        if status.is_client_error() || status.is_server_error() {
-            assert_eq!(headers["content-type"], "application/problem+json", "{body}");
-            self.schemas.check("Problem", &body);
-            assert_eq!(body["status"], status.as_u16(), "{body}");
-        }
-        Reply { status, headers, body }
-    }
-
-    async fn post(&self, path: &str, body: &Value) -> Reply {
-        let response = self.http.post(self.url(path)).json(body).send().await.unwrap();
-        self.reply(response).await
-    }
-
-    async fn post_raw(&self, path: &str, body: impl Into<reqwest::Body>) -> Reply {
-        let response = self.http.post(self.url(path)).body(body).send().await.unwrap();
-        self.reply(response).await
-    }
-
-    async fn get(&self, path: &str) -> Reply {
-        let response = self.http.get(self.url(path)).send().await.unwrap();
-        self.reply(response).await
-    }
-
-    async fn delete(&self, path: &str) -> Reply {
-        let response = self.http.delete(self.url(path)).send().await.unwrap();
-        self.reply(response).await
-    }
-
-    /// Posts tokens and checks the reply against the schema.
-    async fn tokens(&self, model: &str, stream: &str, body: Value) -> Value {
-        self.schemas.check("TokensRequest", &body);
-        let r = self.post(&format!("/v1/models/{model}/streams/{stream}/tokens"), &body).await;
-        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
-        self.schemas.check("TokensReply", &r.body);
-        r.body
-    }
-
-    async fn metrics(&self) -> String {
-        self.http.get(self.url("/metrics")).send().await.unwrap().text().await.unwrap()
-    }
-
-    /// The value of one metric series (`name{labels}` exactly as exposed), if present.
-    async fn metric(&self, series: &str) -> Option<f64> {
-        let text = self.metrics().await;
-        text.lines()
-            .find_map(|line| line.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
-            .map(|v| v.trim().parse().unwrap())
-    }
-
-    async fn queued_tokens(&self, model: &str) -> u64 {
-        let r = self.get(&format!("/v1/models/{model}")).await;
-        r.body["stats"]["queued_tokens"].as_u64().unwrap()
-    }
-
-    async fn stop(mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        self.task.await.unwrap().expect("server stopped cleanly");
-    }
-}
 
 /// Waits for a condition, checking it every few milliseconds, failing after 20 s.
 async fn eventually<F, Fut>(what: &str, mut condition: F)
@@ -141,16 +29,6 @@ where
     while !condition().await {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
-fn model(name: &str, vocab: usize, hidden: usize) -> ModelRequest {
-    ModelRequest {
-        name: name.into(),
-        vocab_size: Some(vocab),
-        hidden: Some(hidden),
-        max_streams: Some(16),
-        ..Default::default()
     }
 }
 
@@ -173,7 +51,7 @@ async fn every_route_answers_with_its_schema() {
 
     for (path, status) in [("/healthz", "ok"), ("/readyz", "ready")] {
         let r = server.get(path).await;
-        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(r.status, StatusCode::OK.as_u16());
         server.schemas.check("Health", &r.body);
         assert_eq!(r.body["status"], status);
     }
@@ -183,7 +61,7 @@ async fn every_route_answers_with_its_schema() {
                         "optimizer": "sgd", "lr": 0.05, "clip": 0.0, "seed": 9, "max_streams": 3});
     server.schemas.check("ModelConfig", &create);
     let r = server.post("/v1/models", &create).await;
-    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    assert_eq!(r.status, StatusCode::CREATED.as_u16(), "{}", r.body);
     assert_eq!(r.headers["location"], "/v1/models/small");
     server.schemas.check("ModelInfo", &r.body);
     assert_eq!(r.body["config"]["learner"], "uoro");
@@ -240,7 +118,7 @@ async fn every_route_answers_with_its_schema() {
 
     // Predict: the same reply shape, the position unchanged.
     let r = server.post("/v1/models/bytes/streams/alpha-stream/predict", &json!({"text": "xyz"})).await;
-    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.status, StatusCode::OK.as_u16(), "{}", r.body);
     server.schemas.check("TokensReply", &r.body);
     assert_eq!((r.body["position"].as_u64(), r.body["consumed"].as_u64()), (Some(10), Some(3)));
 
@@ -260,9 +138,9 @@ async fn every_route_answers_with_its_schema() {
     assert_eq!(stats["optimizer_updates"], 8);
     assert!(stats["loss_bits_avg"].as_f64().unwrap() > 0.0);
     let r = server.delete("/v1/models/bytes/streams/alpha-stream").await;
-    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    assert_eq!(r.status, StatusCode::NO_CONTENT.as_u16());
     let r = server.get("/v1/models/bytes/streams/alpha-stream").await;
-    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(r.status, StatusCode::NOT_FOUND.as_u16());
     assert_eq!(r.body["type"], "urn:kfrtrl:problem:unknown-stream");
     let again = server.tokens("bytes", "alpha-stream", json!({"text": "a"})).await;
     assert_eq!(again["position"], 1, "a forgotten stream starts over");
@@ -271,9 +149,9 @@ async fn every_route_answers_with_its_schema() {
     let r = server.tokens("small", "x", json!({"tokens": [0, 6, 3]})).await;
     assert_eq!(r["predictions"][0].get("text"), None, "no text for a non-byte model");
     let r = server.delete("/v1/models/small").await;
-    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    assert_eq!(r.status, StatusCode::NO_CONTENT.as_u16());
     let r = server.get("/v1/models/small").await;
-    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(r.status, StatusCode::NOT_FOUND.as_u16());
     assert_eq!(r.body["type"], "urn:kfrtrl:problem:unknown-model");
 
     // Metrics: every family, route templates as labels, no stream names.
@@ -318,7 +196,7 @@ async fn bad_input_gets_a_problem_with_a_stable_type() {
     .await;
     let tokens = "/v1/models/bytes/streams/s/tokens";
     let expect = |r: &Reply, status: u16, kind: &str| {
-        assert_eq!(r.status.as_u16(), status, "{}", r.body);
+        assert_eq!(r.status, status, "{}", r.body);
         assert_eq!(r.body["type"], format!("urn:kfrtrl:problem:{kind}"), "{}", r.body);
         assert!(!r.body["title"].as_str().unwrap().is_empty());
         assert!(!r.body["detail"].as_str().unwrap().is_empty());
@@ -390,7 +268,7 @@ async fn bad_input_gets_a_problem_with_a_stable_type() {
     let r = server.post("/v1/models/ids/streams/c/tokens", &json!({"tokens": [1]})).await;
     expect(&r, 409, "stream-limit");
     assert_eq!(r.body["limit"], 2);
-    assert_eq!(server.delete("/v1/models/ids/streams/a").await.status, StatusCode::NO_CONTENT);
+    assert_eq!(server.delete("/v1/models/ids/streams/a").await.status, StatusCode::NO_CONTENT.as_u16());
     server.tokens("ids", "c", json!({"tokens": [1]})).await;
 
     // Nothing above changed a model beyond the accepted requests.
@@ -420,7 +298,7 @@ async fn a_full_queue_answers_503_with_retry_after() {
     eventually("two queued requests", || async { server.queued_tokens("m").await == 6 }).await;
     assert_eq!(server.metric(r#"kfrtrl_queue_depth{model="m"}"#).await, Some(6.0));
     let r = server.post("/v1/models/m/streams/c/tokens", &json!({"tokens": [1]})).await;
-    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE.as_u16());
     assert_eq!(r.body["type"], "urn:kfrtrl:problem:queue-full");
     assert_eq!(r.headers["retry-after"], "1");
     drop(hold);
@@ -438,7 +316,7 @@ async fn a_full_queue_answers_503_with_retry_after() {
     let (http, url) = (server.http.clone(), server.url("/v1/models/m/streams/a/tokens"));
     let queued = tokio::spawn(async move { http.post(url).json(&json!({"tokens": [1, 2]})).send().await });
     eventually("a queued request", || async { server.queued_tokens("m").await == 2 }).await;
-    assert_eq!(server.delete("/v1/models/m").await.status, StatusCode::NO_CONTENT);
+    assert_eq!(server.delete("/v1/models/m").await.status, StatusCode::NO_CONTENT.as_u16());
     let response = queued.await.unwrap().unwrap();
     assert_eq!(response.status(), StatusCode::NOT_FOUND);
     let body: Value = response.json().await.unwrap();
@@ -471,7 +349,7 @@ async fn one_busy_stream_cannot_fill_its_models_queue() {
     eventually("six queued tokens", || async { server.queued_tokens("m").await == 6 }).await;
 
     let r = server.post("/v1/models/m/streams/busy/tokens", &json!({"tokens": [1, 2, 3, 0, 1]})).await;
-    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE.as_u16());
     assert_eq!(r.body["type"], "urn:kfrtrl:problem:queue-full");
     assert_eq!(r.body["limit"], 10);
     assert_eq!(r.headers["retry-after"], "1");
@@ -483,7 +361,7 @@ async fn one_busy_stream_cannot_fill_its_models_queue() {
     waiting.push(queue("other", vec![3; 10]));
     eventually("twenty queued tokens", || async { server.queued_tokens("m").await == 20 }).await;
     let r = server.post("/v1/models/m/streams/busy/tokens", &json!({"tokens": [1]})).await;
-    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE.as_u16());
     assert!(r.body["detail"].as_str().unwrap().contains("10 tokens"), "{}", r.body);
 
     // Short requests are bounded by their count.
@@ -492,7 +370,7 @@ async fn one_busy_stream_cannot_fill_its_models_queue() {
     }
     eventually("23 queued tokens", || async { server.queued_tokens("m").await == 23 }).await;
     let r = server.post("/v1/models/m/streams/chatty/tokens", &json!({"tokens": [0]})).await;
-    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE.as_u16());
     assert_eq!(r.body["limit"], 3);
     assert!(r.body["detail"].as_str().unwrap().contains("3 requests"), "{}", r.body);
 
@@ -732,12 +610,12 @@ async fn predict_changes_nothing() {
     // Probe one server with predicts (with and without reset, on a known and a new stream).
     for body in [json!({"text": "cadabra"}), json!({"text": "zz", "reset": true, "learn": true})] {
         let r = probed.post("/v1/models/m/streams/s/predict", &body).await;
-        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        assert_eq!(r.status, StatusCode::OK.as_u16(), "{}", r.body);
         probed.schemas.check("TokensReply", &r.body);
         assert_eq!(r.body["position"], 12);
     }
     let r = probed.post("/v1/models/m/streams/fresh/predict", &json!({"tokens": [1, 2]})).await;
-    assert_eq!(r.status, StatusCode::NOT_FOUND, "a predict does not create a stream");
+    assert_eq!(r.status, StatusCode::NOT_FOUND.as_u16(), "a predict does not create a stream");
     assert_eq!(r.body["type"], "urn:kfrtrl:problem:unknown-stream");
     // A predict of one token gives the distribution a real request would be scored against.
     let peek =

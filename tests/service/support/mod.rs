@@ -96,6 +96,7 @@ impl TestServer {
         let http = reqwest::Client::new();
         let doc: Value =
             http.get(format!("http://{addr}/openapi.json")).send().await.unwrap().json().await.unwrap();
+        assert_eq!(doc["openapi"], "3.1.0");
         let schemas = Schemas::from_openapi(&doc);
         Self { addr, state, http, schemas, shutdown: Some(tx), task }
     }
@@ -125,6 +126,59 @@ impl TestServer {
     /// Sends a request built from the server's client.
     pub async fn send(&self, request: reqwest::RequestBuilder) -> Reply {
         self.reply(request.send().await.unwrap()).await
+    }
+
+    /// `POST path` with a JSON body.
+    pub async fn post(&self, path: &str, body: &Value) -> Reply {
+        self.send(self.http.post(self.url(path)).json(body)).await
+    }
+
+    /// `POST path` with a raw body.
+    pub async fn post_raw(&self, path: &str, body: impl Into<reqwest::Body>) -> Reply {
+        self.send(self.http.post(self.url(path)).body(body)).await
+    }
+
+    /// `PUT path` with a JSON body.
+    pub async fn put(&self, path: &str, body: &Value) -> Reply {
+        self.send(self.http.put(self.url(path)).json(body)).await
+    }
+
+    /// `GET path`.
+    pub async fn get(&self, path: &str) -> Reply {
+        self.send(self.http.get(self.url(path))).await
+    }
+
+    /// `DELETE path`.
+    pub async fn delete(&self, path: &str) -> Reply {
+        self.send(self.http.delete(self.url(path))).await
+    }
+
+    /// Posts tokens and checks the request and the reply against the schemas.
+    pub async fn tokens(&self, model: &str, stream: &str, body: Value) -> Value {
+        self.schemas.check("TokensRequest", &body);
+        let r = self.post(&format!("/v1/models/{model}/streams/{stream}/tokens"), &body).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        self.schemas.check("TokensReply", &r.body);
+        r.body
+    }
+
+    /// The Prometheus exposition.
+    pub async fn metrics(&self) -> String {
+        self.http.get(self.url("/metrics")).send().await.unwrap().text().await.unwrap()
+    }
+
+    /// The value of one metric series (`name{labels}` exactly as exposed), if present.
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        let text = self.metrics().await;
+        text.lines()
+            .find_map(|line| line.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+            .map(|v| v.trim().parse().unwrap())
+    }
+
+    /// Tokens queued in a model, from its card.
+    pub async fn queued_tokens(&self, model: &str) -> u64 {
+        let r = self.get(&format!("/v1/models/{model}")).await;
+        r.body["stats"]["queued_tokens"].as_u64().unwrap()
     }
 
     /// Stops the server and checks that it drained cleanly.
