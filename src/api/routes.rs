@@ -53,7 +53,11 @@ pub async fn create_model(
     let engine = state.engine();
     let definition = request.resolve(&engine.default_definition(""));
     state.check_definition(&definition)?;
-    let info = engine.create_model(definition).await?;
+    created(engine.create_model(definition).await?)
+}
+
+/// 201 with the new model and its `Location`.
+fn created(info: crate::engine::ModelInfo) -> ApiResult<Response> {
     let location = HeaderValue::from_str(&format!("/v1/models/{}", info.name))
         .map_err(|e| ApiError::internal(e.to_string()))?;
     Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(info)).into_response())
@@ -92,11 +96,7 @@ pub async fn put_model(
         return same_model(&state, &definition);
     }
     match engine.create_model(definition.clone()).await {
-        Ok(info) => {
-            let location = HeaderValue::from_str(&format!("/v1/models/{}", info.name))
-                .map_err(|e| ApiError::internal(e.to_string()))?;
-            Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(info)).into_response())
-        }
+        Ok(info) => created(info),
         // Created by a concurrent request in between.
         Err(EngineError::DuplicateModel(_)) => same_model(&state, &definition),
         Err(e) => Err(e.into()),
