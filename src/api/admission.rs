@@ -37,11 +37,23 @@ pub async fn head_limits(State(state): State<AppState>, request: Request, next: 
     if target > MAX_URI_BYTES {
         return ApiError::uri_too_long(target, MAX_URI_BYTES).into_response();
     }
-    let limit = state.inner.limits.max_body_bytes;
-    if declared_length(&request).is_some_and(|n| n > limit as u64) {
+    let limits = &state.inner.limits;
+    let limit =
+        if is_snapshot_upload(&request) { limits.max_snapshot_bytes } else { limits.max_body_bytes as u64 };
+    if declared_length(&request).is_some_and(|n| n > limit) {
         return closing(ApiError::body_too_large(limit));
     }
     next.run(request).await
+}
+
+/// Whether the request uploads a model snapshot (`PUT /v1/models/{model}/snapshot`): its body
+/// has its own limit and is read by its handler as it arrives, within the request timeout.
+pub fn is_snapshot_upload(request: &Request) -> bool {
+    let path = request.uri().path();
+    request.method() == axum::http::Method::PUT
+        && path.starts_with("/v1/models/")
+        && path.ends_with("/snapshot")
+        && path.matches('/').count() == 4
 }
 
 /// The body length the request's `Content-Length` declares, if it declares one.
@@ -164,7 +176,8 @@ pub async fn admit(State(state): State<AppState>, request: Request, next: Next) 
     // In progress from here (a drain waits for it), but holding a permit only once its body is in.
     let _work = inner.admission.work.begin();
     let _counted = Counted::new(&inner.http.requests_in_progress);
-    let request = match read_body(request, limits).await {
+    let read = if is_snapshot_upload(&request) { Ok(request) } else { read_body(request, limits).await };
+    let request = match read {
         Ok(request) => request,
         Err(refused) => return refused,
     };
@@ -195,7 +208,7 @@ async fn read_body(request: Request, limits: &Limits) -> Result<Request, Respons
         Ok(Err(error)) => {
             let too_large = error.into_inner().downcast_ref::<http_body_util::LengthLimitError>().is_some();
             Err(if too_large {
-                closing(ApiError::body_too_large(limits.max_body_bytes))
+                closing(ApiError::body_too_large(limits.max_body_bytes as u64))
             } else {
                 closing(ApiError::bad_body())
             })

@@ -28,6 +28,9 @@ pub fn default_thread_split(cores: usize) -> (usize, usize) {
 pub struct Limits {
     /// Largest HTTP body or WebSocket message, in bytes.
     pub max_body_bytes: usize,
+    /// Largest model snapshot a `PUT /v1/models/{model}/snapshot` may upload, in bytes (read
+    /// chunk by chunk into one buffer, never through `max_body_bytes`' path).
+    pub max_snapshot_bytes: u64,
     /// Most tokens in one request.
     pub max_tokens_per_request: usize,
     /// Token requests queued per model before 503 `queue-full`.
@@ -96,6 +99,7 @@ impl Default for Limits {
         let engine = EngineLimits::default();
         Self {
             max_body_bytes: 1 << 20,
+            max_snapshot_bytes: 1 << 30,
             max_tokens_per_request: engine.max_tokens_per_request,
             queue_requests: engine.queue_requests,
             queue_tokens: engine.queue_tokens,
@@ -166,6 +170,9 @@ impl Limits {
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(StartError::Config(format!("limits.{name} must be positive")));
+        }
+        if self.max_snapshot_bytes == 0 {
+            return Err(StartError::Config("limits.max_snapshot_bytes must be positive".to_owned()));
         }
         if self.max_parameters == 0 {
             return Err(StartError::Config("limits.max_parameters must be positive".to_owned()));

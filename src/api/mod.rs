@@ -19,6 +19,7 @@ mod parse_errors;
 mod problem;
 mod routes;
 mod status;
+mod transfer;
 mod wire;
 mod ws;
 
@@ -275,6 +276,8 @@ pub fn router(state: AppState) -> Router {
             get(routes::get_model).put(routes::put_model).delete(routes::delete_model),
         )
         .route("/v1/models/{model}/checkpoint", post(routes::checkpoint_model))
+        .route("/v1/models/{model}/freeze", post(transfer::freeze).delete(transfer::thaw))
+        .route("/v1/models/{model}/snapshot", get(transfer::export).put(transfer::import))
         .route(&format!("{stream}/tokens"), post(routes::post_tokens))
         .route(&format!("{stream}/predict"), post(routes::post_predict))
         .route("/v1/models/{model}/streams", get(routes::list_streams))

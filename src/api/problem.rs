@@ -109,7 +109,7 @@ impl ApiError {
     }
 
     /// 413: the body exceeds the limit.
-    pub fn body_too_large(limit: usize) -> Self {
+    pub fn body_too_large(limit: u64) -> Self {
         Self::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "body-too-large",
@@ -321,6 +321,13 @@ impl From<EngineError> for ApiError {
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, "slots-busy", "All stream slots busy", detail)
                     .with("limit", limit)
                     .retry_after(1)
+            }
+            EngineError::Frozen(_) => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "model-frozen", "Model frozen", detail)
+                    .retry_after(1)
+            }
+            EngineError::InvalidSnapshot(_) => {
+                Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid-snapshot", "Invalid snapshot", detail)
             }
             EngineError::ShuttingDown => {
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, "shutting-down", "Shutting down", detail)

@@ -45,7 +45,7 @@ Top level: listen, data_dir, log_format, log_filter, runtime_threads, api_key, a
 allowed_origins, shutdown_timeout_secs, checkpoint_interval_secs, checkpoint_keep, wal_fsync, \
 stream_idle_ttl_secs.
 
-[limits]: max_body_bytes, max_tokens_per_request, queue_requests, queue_tokens, \
+[limits]: max_body_bytes, max_snapshot_bytes, max_tokens_per_request, queue_requests, queue_tokens, \
 queue_requests_per_stream, queue_tokens_per_stream, max_models, max_model_bytes, \
 max_total_model_bytes, max_streams, ws_max_in_flight, ws_max_in_flight_tokens, \
 ws_idle_timeout_secs, max_hidden, max_parameters, request_timeout_secs, header_read_timeout_secs, \
@@ -100,6 +100,10 @@ pub struct ServeArgs {
     /// Largest body or WebSocket message in bytes [env: KFRTRL_MAX_BODY_BYTES] [default: 1048576].
     #[arg(long)]
     max_body_bytes: Option<usize>,
+    /// Largest model snapshot an import may upload, in bytes
+    /// [env: KFRTRL_MAX_SNAPSHOT_BYTES] [default: 1073741824].
+    #[arg(long)]
+    max_snapshot_bytes: Option<u64>,
     /// Threads of the async runtime (network and JSON only; models have their own threads)
     /// [env: KFRTRL_RUNTIME_THREADS] [default: half the cores, at least 1].
     #[arg(long)]
@@ -273,6 +277,9 @@ fn settings(args: ServeArgs) -> Result<Settings, String> {
         if let Some(value) = pick(flag, var, None)? {
             *slot = value;
         }
+    }
+    if let Some(value) = pick(args.max_snapshot_bytes, "MAX_SNAPSHOT_BYTES", None)? {
+        limits.max_snapshot_bytes = value;
     }
     // Unset, the shares follow the model's queue (a quarter of it); set, they are fixed.
     let shares = [

@@ -123,6 +123,12 @@ pub enum EngineError {
         /// Its resident stream slots.
         limit: usize,
     },
+    /// The model is frozen for a move: no change until it is thawed (or deleted once moved).
+    #[error("model `{0}` is frozen while it moves to another server; retry shortly")]
+    Frozen(String),
+    /// An imported snapshot does not fit this server or is inconsistent (its file was valid).
+    #[error("the snapshot cannot be imported: {0}")]
+    InvalidSnapshot(String),
     /// The server is shutting down.
     #[error("the server is shutting down")]
     ShuttingDown,

@@ -7,7 +7,11 @@ use super::*;
 impl Engine {
     /// Refuses a model whose estimated memory would take all models past the budget (checked
     /// under the lifecycle lock, so that racing creates cannot overshoot it together).
-    fn check_memory_budget(&self, def: &ModelDefinition, spec: &ModelSpec) -> Result<(), EngineError> {
+    pub(super) fn check_memory_budget(
+        &self,
+        def: &ModelDefinition,
+        spec: &ModelSpec,
+    ) -> Result<(), EngineError> {
         let used: u128 = {
             let models = self.models.read().unwrap_or_else(PoisonError::into_inner);
             models.values().map(|h| h.definition.estimated_bytes(&h.spec)).sum()
@@ -61,6 +65,7 @@ impl Engine {
             pending_tokens: AtomicUsize::new(0),
             stream_shares: Mutex::new(HashMap::new()),
             held: AtomicBool::new(false),
+            frozen: AtomicBool::new(false),
             stop: AtomicU8::new(STOP_NONE),
             ready: AtomicBool::new(false),
             stats: Mutex::new(ModelStats::default()),

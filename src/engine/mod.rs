@@ -28,6 +28,7 @@ mod metrics;
 mod model;
 pub mod model_file;
 mod persist;
+mod transfer;
 mod types;
 pub mod wal;
 mod worker;
@@ -54,6 +55,7 @@ pub use model::{
     MAX_NAME_LEN, MAX_STREAMS_PER_MODEL, ModelDefinition, ModelRequest, estimate_model_bytes, valid_name,
 };
 pub use persist::CheckpointInfo;
+pub use transfer::{ModelExport, export_tag};
 pub use types::{Mode, ModelInfo, ModelState, ModelStats, Prediction, StreamInfo, TokenInput, TokensReply};
 pub use wal::FsyncPolicy;
 
@@ -88,6 +90,8 @@ struct Shared {
     /// map when its last request is answered.
     stream_shares: Mutex<HashMap<String, StreamShare>>,
     held: AtomicBool,
+    /// Set by [`Engine::freeze`]: every change is refused with [`EngineError::Frozen`].
+    frozen: AtomicBool,
     stop: AtomicU8,
     ready: AtomicBool,
     stats: Mutex<ModelStats>,
@@ -171,6 +175,14 @@ enum Command {
         reply: oneshot::Sender<Result<Box<ModelSnapshot>, String>>,
         rotate: bool,
     },
+    /// A snapshot with the states of the evicted streams, read from their files.
+    Export {
+        reply: oneshot::Sender<Result<Box<transfer::ModelExport>, EngineError>>,
+    },
+    /// Answered once every job queued before it is done and logged (see [`Engine::freeze`]).
+    Barrier {
+        reply: oneshot::Sender<Result<(), EngineError>>,
+    },
     /// Re-check the hold and stop flags.
     Wake,
 }
@@ -216,6 +228,8 @@ impl ModelHandle {
         let stats = self.shared.stats.lock().unwrap_or_else(PoisonError::into_inner).clone();
         let state = if self.shared.storage_failure.get().is_some() {
             ModelState::Failed
+        } else if self.shared.frozen.load(Ordering::Acquire) {
+            ModelState::Frozen
         } else if self.shared.ready.load(Ordering::Acquire) {
             ModelState::Ready
         } else {
@@ -407,6 +421,9 @@ impl Engine {
         if let Some(failed) = handle.shared.storage_failed() {
             return Err(failed);
         }
+        if handle.shared.frozen.load(Ordering::Acquire) {
+            return Err(EngineError::Frozen(model.to_owned()));
+        }
         let count = input.tokens.len();
         if count == 0 {
             return Err(EngineError::EmptyInput);
@@ -495,6 +512,9 @@ impl Engine {
     /// Forgets a stream once the requests queued before this call are answered.
     pub async fn delete_stream(&self, model: &str, stream: &str) -> Result<(), EngineError> {
         let handle = self.stream_handle(model, stream)?;
+        if handle.shared.frozen.load(Ordering::Acquire) {
+            return Err(EngineError::Frozen(model.to_owned()));
+        }
         let (reply, rx) = oneshot::channel();
         handle.send(Command::DeleteStream { stream: stream.to_owned(), reply })?;
         PendingReply { model: model.to_owned(), rx }.wait().await

@@ -106,6 +106,9 @@ pub enum ModelState {
     Loading,
     /// Serving.
     Ready,
+    /// Frozen for a move (`POST /v1/models/{model}/freeze`): reads work, every change gets 503
+    /// `model-frozen` until it is thawed or deleted.
+    Frozen,
     /// Its write-ahead log failed: it refuses every change and is not checkpointed until the
     /// server restarts (reads still work).
     Failed,

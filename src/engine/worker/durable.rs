@@ -110,6 +110,21 @@ impl Worker {
         Ok(())
     }
 
+    /// The snapshot with the states of the evicted streams, read from their files.
+    pub(super) fn export(&self) -> Result<super::super::ModelExport, EngineError> {
+        let mut evicted_states = Vec::with_capacity(self.evicted.len());
+        for (name, evicted) in &self.evicted {
+            let dir = self
+                .dir
+                .as_deref()
+                .ok_or_else(|| EngineError::Storage("evicted streams without a data directory".into()))?;
+            let (_, state) =
+                checkpoint::read_stream(dir, name, evicted.generation).map_err(EngineError::Storage)?;
+            evicted_states.push(state);
+        }
+        Ok(super::super::ModelExport { snapshot: self.snapshot(), evicted_states })
+    }
+
     /// A consistent copy of the model (between two steps).
     pub(super) fn snapshot(&self) -> ModelSnapshot {
         let mut stream_slots: Vec<StreamSnapshot> = self

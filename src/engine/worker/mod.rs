@@ -251,6 +251,8 @@ struct Worker {
     logits: Array2<f32>,
     /// Seconds the pending step's first half took (its second half adds to it).
     step_seconds: f64,
+    /// Freezes waiting for the queued jobs to finish.
+    barriers: Vec<oneshot::Sender<Result<(), EngineError>>>,
 }
 
 impl Worker {
@@ -291,6 +293,7 @@ impl Worker {
             h1: Array2::zeros((capacity, n + 1)),
             logits: Array2::zeros((capacity, vocab)),
             step_seconds: 0.0,
+            barriers: Vec::new(),
             definition,
             spec,
             shared: init.shared.clone(),
@@ -352,6 +355,7 @@ impl Worker {
                 self.metrics.queue_depth.set(self.queued_tokens as i64);
             }
             self.sweep_idle();
+            self.release_barriers();
             self.flush_log();
             self.publish_stats();
         }
@@ -415,6 +419,12 @@ impl Worker {
                 Command::ListStreams { reply } => {
                     let _ = reply.send(Err(gone()));
                 }
+                Command::Export { reply } => {
+                    let _ = reply.send(Err(gone()));
+                }
+                Command::Barrier { reply } => {
+                    let _ = reply.send(Err(gone()));
+                }
                 Command::Snapshot { .. } | Command::Wake => {}
             }
         }
@@ -450,6 +460,19 @@ impl Worker {
                 return;
             }
             (_, command) => command,
+        };
+        // Checked here too, not only at admission: a request admitted just before the freeze but
+        // handled after its barrier would change the model behind the export's back.
+        let frozen = || EngineError::Frozen(self.definition.name.clone());
+        let command = match command {
+            Command::Tokens { job, .. } if self.shared.frozen.load(Ordering::Acquire) => {
+                return job.answer(Err(frozen()));
+            }
+            Command::DeleteStream { reply, .. } if self.shared.frozen.load(Ordering::Acquire) => {
+                let _ = reply.send(Err(frozen()));
+                return;
+            }
+            command => command,
         };
         match command {
             Command::Tokens { stream, job } => {
@@ -529,7 +552,24 @@ impl Worker {
                 }
                 let _ = reply.send(Ok(snapshot));
             }
+            Command::Export { reply } => {
+                let _ = reply.send(self.export().map(Box::new));
+            }
+            Command::Barrier { reply } => {
+                self.barriers.push(reply);
+                self.release_barriers();
+            }
             Command::Wake => {}
+        }
+    }
+
+    /// Answers the barriers once no job is queued, after the log holds every step before them.
+    fn release_barriers(&mut self) {
+        if !self.busy.is_empty() || self.barriers.is_empty() {
+            return;
+        }
+        for reply in std::mem::take(&mut self.barriers) {
+            self.answer_delete(reply, Ok(()));
         }
     }
 
