@@ -132,12 +132,39 @@ pub async fn get_model(
     Ok(Json(state.engine().model(&model)?).into_response())
 }
 
-/// `DELETE /v1/models/{model}`: 204; queued requests of the model fail with 404.
+/// `DELETE /v1/models/{model}`: 204; queued requests of the model fail with 404. With
+/// `If-Match: <snapshot ETag>` (the last step of a move), the model is frozen first and deleted
+/// only if its content is still the one exported: 412 `precondition-failed` otherwise, and it
+/// stays as it was (a server restarted mid-move has thawed and may have learned since).
 pub async fn delete_model(
     State(state): State<AppState>,
     PathParams(model): PathParams<String>,
+    headers: axum::http::HeaderMap,
 ) -> ApiResult<StatusCode> {
-    state.engine().delete_model(&model).await?;
+    let engine = state.engine();
+    if let Some(expected) = headers.get(header::IF_MATCH) {
+        let expected = expected.to_str().unwrap_or_default().trim().to_owned();
+        let was_frozen = engine.model(&model)?.state == crate::engine::ModelState::Frozen;
+        engine.freeze(&model).await?;
+        let current = super::transfer::content_tag(&state, &model).await;
+        if current.as_deref() != Ok(expected.as_str()) {
+            if !was_frozen {
+                let _ = engine.thaw(&model);
+            }
+            return Err(match current {
+                Ok(tag) => ApiError::new(
+                    StatusCode::PRECONDITION_FAILED,
+                    "precondition-failed",
+                    "Precondition failed",
+                    format!(
+                        "model `{model}` holds content {tag}, not {expected}: it changed since that export"
+                    ),
+                ),
+                Err(e) => e,
+            });
+        }
+    }
+    engine.delete_model(&model).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

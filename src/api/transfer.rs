@@ -38,12 +38,7 @@ pub async fn export(
     State(state): State<AppState>,
     PathParams(model): PathParams<String>,
 ) -> ApiResult<Response> {
-    let export = state.engine().export(&model).await?;
-    let bytes = tokio::task::spawn_blocking(move || export.to_bytes())
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?
-        .map_err(ApiError::internal)?;
-    let tag = export_tag(&bytes).map_err(ApiError::internal)?;
+    let (bytes, tag) = export_bytes(&state, &model).await?;
     let tag = HeaderValue::from_str(&tag).map_err(|e| ApiError::internal(e.to_string()))?;
     let disposition = HeaderValue::from_str(&format!("attachment; filename=\"{model}.safetensors\""))
         .map_err(|e| ApiError::internal(e.to_string()))?;
@@ -53,6 +48,24 @@ pub async fn export(
         (header::CONTENT_DISPOSITION, disposition),
     ];
     Ok((headers, bytes).into_response())
+}
+
+/// The export file of a model and its content tag.
+async fn export_bytes(state: &AppState, model: &str) -> ApiResult<(Vec<u8>, String)> {
+    let export = state.engine().export(model).await?;
+    tokio::task::spawn_blocking(move || {
+        let bytes = export.to_bytes()?;
+        let tag = export_tag(&bytes)?;
+        Ok::<_, String>((bytes, tag))
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))?
+    .map_err(ApiError::internal)
+}
+
+/// The content tag of a model as it is now (the `ETag` its export would have).
+pub async fn content_tag(state: &AppState, model: &str) -> ApiResult<String> {
+    export_bytes(state, model).await.map(|(_, tag)| tag)
 }
 
 /// `PUT /v1/models/{model}/snapshot`: creates the model from a snapshot file (the body, up to
@@ -80,7 +93,10 @@ pub async fn import(
     .await
     .map_err(|e| ApiError::internal(e.to_string()))?
     .map_err(|reason| ApiError::from(EngineError::InvalidSnapshot(reason)))?;
-    let info = engine.import(export.renamed(&model)).await?;
+    let export = export.renamed(&model);
+    // This server's own limits (hidden size, parameters), as for a model created here.
+    state.check_definition(&export.snapshot.definition)?;
+    let info = engine.import(export).await?;
     let location = HeaderValue::from_str(&format!("/v1/models/{model}"))
         .map_err(|e| ApiError::internal(e.to_string()))?;
     let tag = HeaderValue::from_str(&tag).map_err(|e| ApiError::internal(e.to_string()))?;

@@ -9,6 +9,7 @@ mod experiment;
 mod feed;
 mod healthcheck;
 mod load;
+mod migrate;
 mod serve;
 mod train;
 
@@ -33,6 +34,9 @@ enum Command {
     Load(load::LoadArgs),
     /// Stream a file or standard input into a stream of a running server and watch it learn.
     Feed(feed::FeedArgs),
+    /// Move models from one running server to another with their streams (freeze, export,
+    /// import, verify, delete).
+    Migrate(migrate::MigrateArgs),
     /// Run one of the paper's experiments (gradient variance, copy task).
     Experiment(experiment::ExperimentArgs),
     /// Exit 0 when the local server is ready, 1 when not (for container health checks).
@@ -49,6 +53,7 @@ pub fn main() -> ExitCode {
         Command::Experiment(args) => experiment::run(args),
         Command::Load(args) => load::run(args),
         Command::Feed(args) => feed::run(args),
+        Command::Migrate(args) => migrate::run(args),
         Command::Healthcheck(args) => return healthcheck::run(args),
     };
     match result {

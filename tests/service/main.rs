@@ -12,6 +12,7 @@ mod durability_boot;
 mod durability_crash;
 mod durability_engine;
 mod engine_predict;
+mod model_migrate;
 mod model_transfer;
 mod models_by_path;
 mod server_api;
