@@ -52,7 +52,7 @@ ws_idle_timeout_secs, max_hidden, max_parameters, request_timeout_secs, header_r
 body_read_timeout_secs, max_concurrent_requests, max_websockets, max_stored_streams, max_evicted_bytes, \
 model_threads.
 
-[[models]] (one table per model loaded at start; without any, one model named `default`): name, \
+[[models]] (one table per model loaded at start; without the key, one model named `default` unless --no-default-model; `models = []`: none): name, \
 vocab_size, cell, hidden, learner, tbptt_window, ok_rank, optimizer, lr, clip, clip_scope, \
 gradient_before_reduction, influence_decay, seed, init_std, uoro_epsilon, max_streams.";
 
@@ -203,6 +203,10 @@ pub struct ServeArgs {
     /// 507 `disk-budget` [env: KFRTRL_MAX_EVICTED_BYTES] [default: 8589934592].
     #[arg(long)]
     max_evicted_bytes: Option<u64>,
+    /// Start without the `default` model when the config file lists none: a server behind the
+    /// router holds only the models created through it [env: KFRTRL_NO_DEFAULT_MODEL].
+    #[arg(long)]
+    no_default_model: bool,
 }
 
 /// The config file.
@@ -224,9 +228,9 @@ struct FileConfig {
     stream_idle_ttl_secs: Option<u64>,
     #[serde(default)]
     limits: Limits,
-    /// Models loaded at start; without any, one model named `default` with the defaults.
-    #[serde(default)]
-    models: Vec<ModelRequest>,
+    /// Models loaded at start; when the key is absent, one model named `default` with the
+    /// defaults (unless `--no-default-model`); `models = []`: none.
+    models: Option<Vec<ModelRequest>>,
 }
 
 /// A setting from the flag, else the environment variable `KFRTRL_<var>`, else the file.
@@ -347,7 +351,12 @@ fn settings(args: ServeArgs) -> Result<Settings, String> {
         Some(list) => AllowedOrigins::parse_list(&list)?,
         None => AllowedOrigins::new(&file.allowed_origins.unwrap_or_default())?,
     };
-    let models = if file.models.is_empty() { ServerConfig::default().models } else { file.models };
+    let no_default = pick(args.no_default_model.then_some(true), "NO_DEFAULT_MODEL", None)?.unwrap_or(false);
+    let models = match file.models {
+        Some(models) => models,
+        None if no_default => Vec::new(),
+        None => ServerConfig::default().models,
+    };
     let data_dir: PathBuf =
         pick(args.data_dir, "DATA_DIR", file.data_dir)?.unwrap_or_else(|| DEFAULT_DATA_DIR.into());
     let mut durability = Durability::new(&data_dir);
