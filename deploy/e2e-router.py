@@ -215,7 +215,7 @@ def main():
         frozen = []
         for m in moved:
             (source,) = placed[m]
-            out = subprocess.run([binary, "migrate", "--json", "--from", source.url, "--to", backends[3].url, m],
+            out = subprocess.run([binary, "migrate", "--json", "--verify-export", "--from", source.url, "--to", backends[3].url, m],
                                  capture_output=True, text=True)
             if out.returncode != 0:
                 check(False, f"migrate {m}: {out.stderr.strip()}")

@@ -52,7 +52,30 @@ fn steady_state_steps_allocate_nothing() {
     // Steps run on a pool thread, as in `train`, `bench` and the engine's workers: rayon's
     // injector (used by calls from outside the pool) allocates a block every few dozen jobs.
     let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
-    pool.install(steady_state_steps_allocate_nothing_in_pool);
+    pool.install(|| {
+        every_pool_thread_has_stolen_a_job();
+        steady_state_steps_allocate_nothing_in_pool();
+    });
+}
+
+/// A pool thread's first steal registers it with the work-stealing deque's epoch collector, two
+/// allocations made once per thread for the life of the pool. On a busy machine the second
+/// thread could make its first steal only during the measured steps of the first case that
+/// forks (KF-RTRL, n = 16, B = 24), which failed the test though no step allocates (seen with
+/// a training run beside the tests). Here the second thread must steal: the first spins until
+/// the job it forked has run elsewhere.
+fn every_pool_thread_has_stolen_a_job() {
+    let ran_elsewhere = AtomicBool::new(false);
+    let started = std::time::Instant::now();
+    rayon::join(
+        || {
+            while !ran_elsewhere.load(Ordering::Acquire) && started.elapsed().as_secs() < 30 {
+                std::hint::spin_loop();
+            }
+        },
+        || ran_elsewhere.store(true, Ordering::Release),
+    );
+    assert!(ran_elsewhere.load(Ordering::Acquire), "the pool's second thread never stole the job");
 }
 
 fn steady_state_steps_allocate_nothing_in_pool() {

@@ -52,15 +52,20 @@ pub async fn export(
 
 /// The export file of a model and its content tag.
 async fn export_bytes(state: &AppState, model: &str) -> ApiResult<(Vec<u8>, String)> {
+    let started = std::time::Instant::now();
     let export = state.engine().export(model).await?;
-    tokio::task::spawn_blocking(move || {
+    let copied = started.elapsed().as_secs_f64();
+    let (bytes, tag) = tokio::task::spawn_blocking(move || {
         let bytes = export.to_bytes()?;
         let tag = export_tag(&bytes)?;
         Ok::<_, String>((bytes, tag))
     })
     .await
     .map_err(|e| ApiError::internal(e.to_string()))?
-    .map_err(ApiError::internal)
+    .map_err(ApiError::internal)?;
+    let seconds = started.elapsed().as_secs_f64();
+    tracing::info!(model, bytes = bytes.len(), copied, seconds, "snapshot exported");
+    Ok((bytes, tag))
 }
 
 /// The content tag of a model as it is now (the `ETag` its export would have).
@@ -85,18 +90,25 @@ pub async fn import(
         return Err(EngineError::DuplicateModel(model).into());
     }
     let limit = state.inner.limits.max_snapshot_bytes;
+    let started = std::time::Instant::now();
     let bytes = read_limited(body, &headers, limit).await?;
-    let (export, tag) = tokio::task::spawn_blocking(move || {
+    let read = started.elapsed().as_secs_f64();
+    let (export, tag, bytes) = tokio::task::spawn_blocking(move || {
         let export = ModelExport::from_bytes(&bytes)?;
-        Ok::<_, String>((export, export_tag(&bytes)?))
+        let tag = export_tag(&bytes)?;
+        Ok::<_, String>((export, tag, bytes))
     })
     .await
     .map_err(|e| ApiError::internal(e.to_string()))?
     .map_err(|reason| ApiError::from(EngineError::InvalidSnapshot(reason)))?;
+    // Renamed, the file's bookkeeping names another model: the first checkpoint is written anew.
+    let file = (export.snapshot.definition.name == model).then_some(bytes);
     let export = export.renamed(&model);
     // This server's own limits (hidden size, parameters), as for a model created here.
     state.check_definition(&export.snapshot.definition)?;
-    let info = engine.import(export).await?;
+    let parsed = started.elapsed().as_secs_f64();
+    let info = engine.import(export, file).await?;
+    tracing::info!(model, read, parsed, seconds = started.elapsed().as_secs_f64(), "snapshot imported");
     let location = HeaderValue::from_str(&format!("/v1/models/{model}"))
         .map_err(|e| ApiError::internal(e.to_string()))?;
     let tag = HeaderValue::from_str(&tag).map_err(|e| ApiError::internal(e.to_string()))?;

@@ -24,6 +24,10 @@ pub struct MigrateArgs {
     /// Longest wait for one request, seconds (a snapshot's upload included).
     #[arg(long, default_value_t = 300.0)]
     timeout_secs: f64,
+    /// Also compare the target's own export of each model with the source's before deleting it
+    /// there (a second full serialization; for models that take no traffic during the move).
+    #[arg(long)]
+    verify_export: bool,
     /// One JSON object per model on standard output.
     #[arg(long)]
     json: bool,
@@ -36,7 +40,8 @@ pub fn run(args: MigrateArgs) -> Result<(), String> {
         .filter(|t| !t.is_zero())
         .ok_or_else(|| format!("--timeout-secs must be positive and finite (got {})", args.timeout_secs))?;
     let api_key = args.api_key.or_else(|| std::env::var("KFRTRL_API_KEY").ok());
-    let ends = Endpoints { from: args.from, to: args.to, api_key, timeout };
+    let ends =
+        Endpoints { from: args.from, to: args.to, api_key, timeout, verify_export: args.verify_export };
     let client = ends.client()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -48,7 +53,7 @@ pub fn run(args: MigrateArgs) -> Result<(), String> {
             println!("{}", serde_json::to_string(&moved).map_err(|e| e.to_string())?);
         } else {
             println!(
-                "{}: {} ({} streams, {} bytes, digest {}) in {:.3} s, its changes refused for {:.3} s",
+                "{}: {} ({} streams, {} bytes, digest {}) in {:.3} s, serving on the target {:.3} s after the freeze",
                 moved.model,
                 moved.outcome,
                 moved.streams,

@@ -48,14 +48,16 @@ impl Engine {
                 )));
             }
         }
-        self.spawn_model(def, spec, worker::Start::Fresh).await
+        self.spawn_model(def, spec, worker::Start::Fresh, false).await
     }
 
+    /// Registers a model and starts its worker; `frozen`: it refuses changes until thawed.
     pub(super) async fn spawn_model(
         &self,
         def: ModelDefinition,
         spec: ModelSpec,
         start: worker::Start,
+        frozen: bool,
     ) -> Result<ModelInfo, EngineError> {
         let name = def.name.clone();
         let (tx, rx) = sync_channel(self.limits.queue_requests + CONTROL_HEADROOM);
@@ -65,7 +67,7 @@ impl Engine {
             pending_tokens: AtomicUsize::new(0),
             stream_shares: Mutex::new(HashMap::new()),
             held: AtomicBool::new(false),
-            frozen: AtomicBool::new(false),
+            frozen: AtomicBool::new(frozen),
             stop: AtomicU8::new(STOP_NONE),
             ready: AtomicBool::new(false),
             stats: Mutex::new(ModelStats::default()),

@@ -70,7 +70,9 @@ impl Engine {
             // a lowered size limit, ...) must not keep the others from serving. Its directory
             // stays as it is, and a new model cannot take its name until it is dealt with.
             let spawned = match self.check_definition(&def) {
-                Ok(spec) => self.spawn_model(def, spec, worker::Start::Restore(Box::new(snapshot))).await,
+                Ok(spec) => {
+                    self.spawn_model(def, spec, worker::Start::Restore(Box::new(snapshot)), false).await
+                }
                 Err(e) => Err(e),
             };
             match spawned {

@@ -159,7 +159,10 @@ impl Engine {
     /// optimizer, streams (resident and evicted) and counters continue exactly where the
     /// exporting server left them. With a data directory, the model's first checkpoint and its
     /// evicted streams' files are written before it starts, so a crash after the reply keeps it.
-    pub async fn import(&self, export: ModelExport) -> Result<ModelInfo, EngineError> {
+    ///
+    /// `file`: the bytes `export` was parsed from, when it is not renamed: written as the first
+    /// checkpoint as they are (a valid checkpoint already), instead of serializing the model again.
+    pub async fn import(&self, export: ModelExport, file: Option<Vec<u8>>) -> Result<ModelInfo, EngineError> {
         let ModelExport { snapshot, evicted_states } = export;
         let def = snapshot.definition.clone();
         let spec = self.check_definition(&def)?;
@@ -188,47 +191,90 @@ impl Engine {
                     snapshot.evicted.len()
                 )));
             }
-            return self.spawn_model(def, spec, worker::Start::Restore(Box::new(snapshot))).await;
+            return self.spawn_model(def, spec, worker::Start::Restore(Box::new(snapshot)), false).await;
         };
-        let dir = d.model_dir(&def.name);
+        let name = def.name.clone();
+        let dir = d.model_dir(&name);
         let keep = d.checkpoint_keep;
-        let written = {
-            let dir = dir.clone();
-            let snapshot = snapshot.clone();
-            tokio::task::spawn_blocking(move || write_import(&dir, &snapshot, &evicted_states, keep))
-                .await
-                .unwrap_or_else(|e| Err(e.to_string()))
+        if dir.exists() {
+            return Err(EngineError::Storage(format!(
+                "the data directory holds files of a model `{name}` that is not loaded ({})",
+                dir.display()
+            )));
+        }
+        std::fs::create_dir_all(&dir).map_err(|e| EngineError::Storage(format!("{}: {e}", dir.display())))?;
+        let first = match file {
+            Some(bytes) => FirstCheckpoint::File(bytes),
+            // Renamed: the file's bookkeeping names another model, so it is serialized anew.
+            None => FirstCheckpoint::Snapshot(Box::new(snapshot.clone())),
         };
-        if let Err(reason) = written {
-            let _ = std::fs::remove_dir_all(&dir);
-            return Err(EngineError::Storage(reason));
+        let (next_seq, evicted) = (snapshot.next_seq, snapshot.evicted.values().cloned().collect());
+        // The files are written and synced while the worker loads the model. The model starts
+        // frozen, so that nothing is acknowledged before its first checkpoint is on disk.
+        let writer = {
+            let dir = dir.clone();
+            tokio::task::spawn_blocking(move || {
+                write_import(&dir, next_seq, evicted, evicted_states, first, keep)
+            })
+        };
+        let spawned = self.spawn_model(def, spec, worker::Start::Restore(Box::new(snapshot)), true).await;
+        let written = writer.await.unwrap_or_else(|e| Err(e.to_string()));
+        match (spawned, written) {
+            (Ok(_), Ok(())) => self.thaw(&name),
+            (Ok(_), Err(reason)) => {
+                self.discard(&name, dir);
+                Err(EngineError::Storage(reason))
+            }
+            (Err(e), _) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                Err(e)
+            }
         }
-        let spawned = self.spawn_model(def, spec, worker::Start::Restore(Box::new(snapshot))).await;
-        if spawned.is_err() {
+    }
+
+    /// Removes a model that was never acknowledged (its import failed after its worker started):
+    /// stops the worker, then removes its directory once the worker has let go of it.
+    fn discard(&self, name: &str, dir: std::path::PathBuf) {
+        let removed = self.models.write().unwrap_or_else(PoisonError::into_inner).remove(name);
+        self.metrics.remove_model(name);
+        let Some(handle) = removed else { return };
+        handle.stop(STOP_ABORT);
+        let thread = handle.thread.lock().unwrap_or_else(PoisonError::into_inner).take();
+        std::thread::spawn(move || {
+            if let Some(t) = thread {
+                let _ = t.join();
+            }
             let _ = std::fs::remove_dir_all(&dir);
-        }
-        spawned
+        });
     }
 }
 
-/// Writes an imported model's directory: its evicted streams' files, then its first checkpoint.
-/// Refuses a directory that holds a model already (one that is not loaded, or being deleted).
+/// What an import's first checkpoint is written from.
+enum FirstCheckpoint {
+    /// The uploaded file itself (a valid checkpoint of the same name).
+    File(Vec<u8>),
+    /// The snapshot, serialized anew.
+    Snapshot(Box<ModelSnapshot>),
+}
+
+/// Writes an imported model's files into its (new, empty) directory: its evicted streams, then
+/// its first checkpoint, synced.
 fn write_import(
     dir: &std::path::Path,
-    snapshot: &ModelSnapshot,
-    evicted_states: &[SlotState<f32>],
+    next_seq: u64,
+    evicted: Vec<EvictedStream>,
+    evicted_states: Vec<SlotState<f32>>,
+    first: FirstCheckpoint,
     keep: usize,
 ) -> Result<(), String> {
-    if dir.exists() {
-        return Err(format!(
-            "the data directory holds files of a model `{}` that is not loaded ({})",
-            snapshot.definition.name,
-            dir.display()
-        ));
+    for (stream, state) in evicted.iter().zip(&evicted_states) {
+        checkpoint::write_stream(dir, stream.generation, &stream.meta, state)?;
     }
-    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    for ((_, evicted), state) in snapshot.evicted.iter().zip(evicted_states) {
-        checkpoint::write_stream(dir, evicted.generation, &evicted.meta, state)?;
+    match first {
+        FirstCheckpoint::File(bytes) => {
+            let path = dir.join(checkpoint::checkpoint_name(next_seq));
+            model_file::write_atomic(&path, &bytes).map_err(|e| format!("{}: {e}", path.display()))
+        }
+        FirstCheckpoint::Snapshot(snapshot) => checkpoint::write(dir, &snapshot, keep).map(|_| ()),
     }
-    checkpoint::write(dir, snapshot, keep).map(|_| ())
 }

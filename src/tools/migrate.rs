@@ -26,7 +26,8 @@ pub struct Migration {
     pub streams: u64,
     /// Its content digest (the snapshot's `ETag`).
     pub tag: String,
-    /// Seconds from the freeze to the delete on the source: the time its changes were refused.
+    /// Seconds from the freeze on the source until the target answered the import (and serves
+    /// the model): the time its changes were refused.
     pub frozen_seconds: f64,
     /// Seconds of the whole move.
     pub seconds: f64,
@@ -53,6 +54,9 @@ pub struct Endpoints {
     pub api_key: Option<String>,
     /// Longest wait for one request (a snapshot upload included).
     pub timeout: Duration,
+    /// Also compare the target's own export with the source's before deleting the source (a
+    /// second full serialization; for models that take no traffic during the move).
+    pub verify_export: bool,
 }
 
 impl Endpoints {
@@ -123,6 +127,35 @@ impl Step<'_> {
     }
 }
 
+/// An export whose body is still to be read.
+struct OpenExport {
+    tag: String,
+    size: u64,
+    response: reqwest::Response,
+}
+
+impl Step<'_> {
+    /// Starts the export: its status, tag and size, the body left in the response.
+    async fn open_export(&self, base: &str) -> Result<OpenExport, MigrateError> {
+        let response = self
+            .client
+            .get(self.url(base, "/snapshot"))
+            .send()
+            .await
+            .map_err(|e| self.fail(format!("export: {e}")))?;
+        if response.status() != StatusCode::OK {
+            let status = response.status();
+            let body = response.bytes().await.map(|b| b.to_vec()).unwrap_or_default();
+            let reply = Reply { status, tag: None, body };
+            return Err(self.fail(format!("export: {status} {}", reply.detail())));
+        }
+        let tag = response.headers().get("etag").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let tag = tag.ok_or_else(|| self.fail("the export has no ETag"))?;
+        let size = response.content_length().ok_or_else(|| self.fail("the export has no Content-Length"))?;
+        Ok(OpenExport { tag, size, response })
+    }
+}
+
 struct Reply {
     status: StatusCode,
     tag: Option<String>,
@@ -163,18 +196,21 @@ pub async fn migrate(client: &Client, ends: &Endpoints, model: &str) -> Result<M
         // Best effort: the error being reported matters more than a failed thaw.
         let _ = client.delete(step.url(&ends.from, "/freeze")).send().await;
     };
-    let (tag, bytes) = match step.tag(&ends.from).await {
-        Ok(export) => export,
+    // The export's body flows into the import's as it arrives: never held here, and the
+    // target receives while the source still sends.
+    let exported = match step.open_export(&ends.from).await {
+        Ok(exported) => exported,
         Err(e) => {
             thaw().await;
             return Err(e);
         }
     };
-    let size = bytes.len();
+    let (tag, size) = (exported.tag, exported.size);
     let upload = client
         .put(step.url(&ends.to, "/snapshot"))
         .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
-        .body(bytes);
+        .header(reqwest::header::CONTENT_LENGTH, size)
+        .body(reqwest::Body::wrap_stream(exported.response.bytes_stream()));
     let imported = match step.expect(upload, StatusCode::CREATED, "import").await {
         Ok(reply) => reply,
         Err(e) => {
@@ -182,12 +218,22 @@ pub async fn migrate(client: &Client, ends: &Endpoints, model: &str) -> Result<M
             return Err(MigrateError { reason: format!("{}; the source keeps it, thawed", e.reason), ..e });
         }
     };
+    let serving_after = frozen_at.elapsed().as_secs_f64();
     let streams = imported.streams();
-    // The target's own export must have the source's content: it restored the model exactly.
-    let verified = match step.tag(&ends.to).await {
-        Ok((target_tag, _)) if target_tag == tag => Ok(()),
-        Ok((target_tag, _)) => Err(format!("the target's copy has digest {target_tag}, the source's {tag}")),
-        Err(e) => Err(e.reason),
+    // The target validated the file's checksum and loaded exactly it: its tag is the content it
+    // holds. With `verify_export`, also its own export (a full serialization on the target, for
+    // a model that takes no traffic meanwhile): the restore reproduced the model to the bit.
+    let verified = match (&imported.tag, ends.verify_export) {
+        (Some(t), _) if *t != tag => Err(format!("the target loaded digest {t}, the source exported {tag}")),
+        (None, _) => Err("the import's reply has no ETag".to_string()),
+        (Some(_), false) => Ok(()),
+        (Some(_), true) => match step.tag(&ends.to).await {
+            Ok((target_tag, _)) if target_tag == tag => Ok(()),
+            Ok((target_tag, _)) => {
+                Err(format!("the target's copy exports digest {target_tag}, the source's {tag}"))
+            }
+            Err(e) => Err(e.reason),
+        },
     };
     if let Err(reason) = verified {
         let _ = client.delete(step.url(&ends.to, "")).send().await;
@@ -200,10 +246,10 @@ pub async fn migrate(client: &Client, ends: &Endpoints, model: &str) -> Result<M
     Ok(Migration {
         model: model.to_owned(),
         outcome: "moved",
-        bytes: size,
+        bytes: usize::try_from(size).unwrap_or(usize::MAX),
         streams,
         tag,
-        frozen_seconds: frozen_at.elapsed().as_secs_f64(),
+        frozen_seconds: serving_after,
         seconds: started.elapsed().as_secs_f64(),
     })
 }

@@ -228,3 +228,44 @@ fn train_save_then_load_gives_the_trained_model() {
     let (_, params, _) = train(&cfg, &tokens, None, |_| {}).unwrap();
     assert_eq!(params, m.params);
 }
+
+/// Version 2 of the format hashes each MiB of a tensor on its own and in parallel (the serial
+/// checksum of version 1 bounded how fast a model could be moved between servers); files of
+/// version 1 must still load, and no byte of a multi-chunk tensor may go unchecked.
+#[test]
+fn version_1_files_still_load_and_version_2_checks_every_chunk() {
+    let mut file = ModelFile::init(&config(OptimizerKind::Adam)).unwrap();
+    // 2.5 MiB of extra tensor: two whole chunks and a part, with a tail that is not 32 bytes.
+    let values = 655_363;
+    file.extra.push(kfrtrl::engine::model_file::ExtraTensor {
+        name: "streams.big".into(),
+        shape: vec![values],
+        data: (0..values).map(|i| (i as f32 * 0.37).sin()).collect(),
+    });
+    let v1 = kfrtrl::engine::model_file::to_bytes_of_version(&file, 1).unwrap();
+    assert_eq!(from_bytes(&v1).unwrap(), file, "a version-1 file loads");
+    let v2 = to_bytes(&file).unwrap();
+    assert_eq!(from_bytes(&v2).unwrap(), file);
+    let header = String::from_utf8_lossy(&v2[..4096]).into_owned();
+    assert!(header.contains("\"version\":\"2\""), "{header}");
+    assert_ne!(v1, v2);
+    let data_start = v2.len() - values * 4;
+    for offset in [0, 8, 1 << 20, (1 << 20) + 17, (2 << 20) + 5, values * 4 - 1] {
+        let mut b = v2.clone();
+        b[data_start + offset] ^= 0x04;
+        expect_invalid(&b, "checksum");
+    }
+    // Two 8-byte words of one block swapped (each lane sees the other's word).
+    let mut b = v2.clone();
+    let (first, second) = (data_start + 64, data_start + 72);
+    let word: Vec<u8> = b[first..first + 8].to_vec();
+    b.copy_within(second..second + 8, first);
+    b[second..second + 8].copy_from_slice(&word);
+    expect_invalid(&b, "checksum");
+    // A version this build does not know.
+    let needle = b"\"version\":\"2\"";
+    let pos = v2.windows(needle.len()).position(|w| w == needle).expect("version in header");
+    let mut b = v2.clone();
+    b[pos + 11] = b'9';
+    expect_invalid(&b, "version 9 is not supported");
+}

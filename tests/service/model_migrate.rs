@@ -27,7 +27,13 @@ fn server(dir: &std::path::Path, models: &[&str]) -> ServerConfig {
 }
 
 fn ends(from: &TestServer, to: &TestServer) -> Endpoints {
-    Endpoints { from: from.url(""), to: to.url(""), api_key: None, timeout: Duration::from_secs(30) }
+    Endpoints {
+        from: from.url(""),
+        to: to.url(""),
+        api_key: None,
+        timeout: Duration::from_secs(30),
+        verify_export: true,
+    }
 }
 
 /// A client that sends 8-byte requests to one stream, to the source until the model is gone
