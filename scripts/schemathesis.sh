@@ -100,7 +100,9 @@ for _ in $(seq 1 300); do
     sleep 0.1
 done
 
-# The default checks hold the server to its contract. `all` adds positive_data_acceptance, which
+# Freezing a model is left out: a frozen `default` answers every later change with its documented
+# 503 model-frozen, which the no-5xx check counts as a finding (tests/service/model_transfer.rs
+# covers the freeze). The default checks hold the server to its contract. `all` adds positive_data_acceptance, which
 # also flags the documented 426 of a plain GET on the WebSocket route (an HTTP client cannot
 # upgrade) and 422s of the server's size caps (limits the schema cannot know).
 echo "== schemathesis against $base/openapi.json (max $max_examples examples per operation)"
@@ -112,6 +114,7 @@ status=0
     --workers 1 \
     --request-timeout 30 \
     --suppress-health-check all \
+    --exclude-operation-id freezeModel \
     --report junit --report-dir "${SCHEMATHESIS_REPORT_DIR:-target/schemathesis-report}" || status=$?
 
 echo "== the server after the run"
