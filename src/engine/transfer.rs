@@ -121,7 +121,8 @@ impl Engine {
     /// [`EngineError::Frozen`]) and returns once the requests admitted before are answered and
     /// logged: from then on its state is what every acknowledged request left, and it stays so
     /// until [`Engine::thaw`]. Reads, snapshots, checkpoints and the model's deletion still work.
-    /// The freeze lives in memory: a restarted server serves the model again.
+    /// The freeze lives in memory: a restarted server serves the model again. A caller that gives
+    /// up waiting (a request timeout) leaves the model frozen: freeze again, or thaw it.
     pub async fn freeze(&self, model: &str) -> Result<ModelInfo, EngineError> {
         let handle = self.handle(model)?;
         handle.shared.frozen.store(true, Ordering::Release);
