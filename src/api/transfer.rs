@@ -56,7 +56,7 @@ async fn export_bytes(state: &AppState, model: &str) -> ApiResult<(Vec<u8>, Stri
     let export = state.engine().export(model).await?;
     let copied = started.elapsed().as_secs_f64();
     let (bytes, tag) = tokio::task::spawn_blocking(move || {
-        let bytes = export.to_bytes()?;
+        let bytes = export.into_bytes()?;
         let tag = export_tag(&bytes)?;
         Ok::<_, String>((bytes, tag))
     })

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use super::{ModelDefinition, ModelStats};
 use crate::core::{Optimizer, Params, SlotState};
 use crate::engine::model_file::{
-    self, Counters, ModelFile, SlotScalars, stack_slot_tensors, unstack_slot_tensors,
+    self, Counters, ModelFile, SlotScalars, stack_slot_tensors_taking, unstack_slot_tensors,
 };
 
 /// A stream's bookkeeping beside its slot state.
@@ -126,42 +126,48 @@ struct EngineJson {
 
 const STREAMS_PREFIX: &str = "streams.";
 
-/// Turns a snapshot into a model file.
-pub fn to_model_file(s: &ModelSnapshot) -> Result<ModelFile, String> {
+/// Turns a snapshot into a model file, taking its values (the stream states are stacked as they
+/// are taken, so the snapshot is never held twice).
+pub fn into_model_file(s: ModelSnapshot) -> Result<ModelFile, String> {
+    let ModelSnapshot {
+        definition,
+        params,
+        optimizer,
+        mut stream_slots,
+        mut scratch,
+        free,
+        next_seq,
+        next_generation,
+        opened_streams,
+        evicted,
+        stats,
+    } = s;
+    let streams: Vec<ResidentJson> = stream_slots
+        .iter()
+        .map(|r| ResidentJson { slot: r.slot, meta: r.meta.clone(), scalars: SlotScalars::of(&r.state) })
+        .collect();
+    let scratch_scalars = SlotScalars::of(&scratch);
     // The scratch slot last; it always exists, so the layout is known without streams too.
-    let rows: Vec<&SlotState<f32>> =
-        s.stream_slots.iter().map(|r| &r.state).chain(std::iter::once(&s.scratch)).collect();
-    let (layout, extra) = stack_slot_tensors(STREAMS_PREFIX, &rows)?;
+    let mut rows: Vec<&mut SlotState<f32>> =
+        stream_slots.iter_mut().map(|r| &mut r.state).chain(std::iter::once(&mut scratch)).collect();
+    let (layout, extra) = stack_slot_tensors_taking(STREAMS_PREFIX, &mut rows)?;
+    let counters =
+        Counters { steps: next_seq, symbols: stats.symbols_seen, nonfinite_updates: stats.nonfinite_updates };
     let engine = EngineJson {
-        definition: s.definition.clone(),
-        next_seq: s.next_seq,
-        next_generation: s.next_generation,
-        opened_streams: s.opened_streams,
-        free: s.free.clone(),
-        stats: s.stats.clone(),
+        definition,
+        next_seq,
+        next_generation,
+        opened_streams,
+        free,
+        stats,
         layout,
-        streams: s
-            .stream_slots
-            .iter()
-            .map(|r| ResidentJson { slot: r.slot, meta: r.meta.clone(), scalars: SlotScalars::of(&r.state) })
-            .collect(),
-        scratch: SlotScalars::of(&s.scratch),
-        evicted: s.evicted.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        streams,
+        scratch: scratch_scalars,
+        evicted: evicted.into_iter().collect(),
     };
     let mut metadata = serde_json::Map::new();
     metadata.insert("engine".into(), serde_json::to_value(&engine).map_err(|e| e.to_string())?);
-    Ok(ModelFile {
-        config: s.definition.model_config(),
-        params: s.params.clone(),
-        optimizer: s.optimizer.clone(),
-        counters: Counters {
-            steps: s.next_seq,
-            symbols: s.stats.symbols_seen,
-            nonfinite_updates: s.stats.nonfinite_updates,
-        },
-        metadata,
-        extra,
-    })
+    Ok(ModelFile { config: engine.definition.model_config(), params, optimizer, counters, metadata, extra })
 }
 
 /// Rebuilds a snapshot from a checkpoint's model file.
@@ -211,9 +217,9 @@ pub fn list(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
 
 /// Writes a checkpoint atomically, keeps the newest `keep`, deletes the log segments and
 /// evicted-stream files no kept checkpoint needs. Returns the file and its size.
-pub fn write(dir: &Path, snapshot: &ModelSnapshot, keep: usize) -> Result<(PathBuf, u64), String> {
-    let file = to_model_file(snapshot)?;
+pub fn write(dir: &Path, snapshot: ModelSnapshot, keep: usize) -> Result<(PathBuf, u64), String> {
     let path = dir.join(checkpoint_name(snapshot.next_seq));
+    let file = into_model_file(snapshot)?;
     model_file::save(&path, &file).map_err(|e| e.to_string())?;
     let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
     prune(dir, keep.max(1)).map_err(|e| format!("{}: pruning: {e}", dir.display()))?;

@@ -23,12 +23,12 @@
 //! per name under `streams.`) and its bookkeeping as JSON in `metadata`; `kfrtrl train --save`
 //! writes none, and a model loaded from such a file starts its streams afresh.
 
-use std::collections::HashMap;
+use std::borrow::Cow;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use ndarray::Array2;
-use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use safetensors::tensor::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 
 use crate::core::model::ConfigError;
@@ -195,6 +195,34 @@ pub fn stack_slot_tensors(
     Ok((layout, extra))
 }
 
+/// [`stack_slot_tensors`] that takes each row's values as it stacks them (leaving the rows'
+/// tensors empty), so that a large snapshot is never held twice while it is stacked.
+pub fn stack_slot_tensors_taking(
+    prefix: &str,
+    rows: &mut [&mut SlotState<f32>],
+) -> Result<(SlotLayout, Vec<ExtraTensor>), String> {
+    let Some(first) = rows.first() else { return Ok((Vec::new(), Vec::new())) };
+    let layout: SlotLayout =
+        first.tensors.iter().map(|(name, shape, _)| (name.clone(), shape.clone())).collect();
+    let mut extra = Vec::with_capacity(layout.len());
+    for (i, (name, shape)) in layout.iter().enumerate() {
+        let per_slot: usize = shape.iter().product();
+        let mut data = Vec::with_capacity(per_slot * rows.len());
+        for row in rows.iter_mut() {
+            let (n, sh, values) = row.tensors.get_mut(i).ok_or("a stream state misses a tensor")?;
+            if n != name || sh != shape || values.len() != per_slot {
+                return Err(format!("stream states disagree on tensor {name}"));
+            }
+            data.extend_from_slice(values);
+            *values = Vec::new();
+        }
+        let mut stacked = vec![rows.len()];
+        stacked.extend_from_slice(shape);
+        extra.push(ExtraTensor { name: format!("{prefix}{name}"), shape: stacked, data });
+    }
+    Ok((layout, extra))
+}
+
 /// The inverse of [`stack_slot_tensors`]: the float tensors of each of `rows` slots.
 pub fn unstack_slot_tensors(
     prefix: &str,
@@ -318,14 +346,6 @@ pub(crate) fn checksum<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> u64 {
     h
 }
 
-fn to_le_bytes(a: &Array2<f32>) -> Vec<u8> {
-    let mut out = Vec::with_capacity(a.len() * 4);
-    for x in a.iter() {
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out
-}
-
 /// The tensors of a model, in a fixed order, with their expected shapes.
 fn tensors(m: &ModelFile) -> Vec<(&'static str, &Array2<f32>)> {
     let mut t = vec![("w", &m.params.w), ("v", &m.params.v)];
@@ -364,12 +384,14 @@ pub fn to_bytes_of_version(model: &ModelFile, version: u32) -> Result<Vec<u8>, M
             )));
         }
     }
-    let mut bytes: Vec<(&str, Vec<usize>, Vec<u8>)> =
-        named.iter().map(|(name, a)| (*name, vec![a.nrows(), a.ncols()], to_le_bytes(a))).collect();
+    // The tensors' bytes are borrowed (f32 is stored little-endian), hashed and copied once into
+    // the file: a model is held once more while it is written, not three times.
+    let mut tensors: Vec<NamedBytes<'_>> =
+        named.iter().map(|(name, a)| (*name, vec![a.nrows(), a.ncols()], array_bytes(a))).collect();
     let mut extra: Vec<&ExtraTensor> = model.extra.iter().collect();
     extra.sort_by(|a, b| a.name.cmp(&b.name));
     for t in extra {
-        if named.iter().any(|(n, _)| *n == t.name) || bytes.iter().any(|(n, _, _)| *n == t.name) {
+        if tensors.iter().any(|(n, _, _)| *n == t.name) {
             return Err(ModelFileError::Inconsistent(format!("duplicate tensor name {:?}", t.name)));
         }
         if t.shape.iter().product::<usize>() != t.data.len() {
@@ -378,11 +400,7 @@ pub fn to_bytes_of_version(model: &ModelFile, version: u32) -> Result<Vec<u8>, M
                 t.name
             )));
         }
-        let mut b = Vec::with_capacity(t.data.len() * 4);
-        for x in &t.data {
-            b.extend_from_slice(&x.to_le_bytes());
-        }
-        bytes.push((t.name.as_str(), t.shape.clone(), b));
+        tensors.push((t.name.as_str(), t.shape.clone(), f32_bytes(&t.data)));
     }
     let config =
         serde_json::to_string(&model.config).map_err(|e| ModelFileError::Inconsistent(e.to_string()))?;
@@ -397,29 +415,69 @@ pub fn to_bytes_of_version(model: &ModelFile, version: u32) -> Result<Vec<u8>, M
         version,
         [config.as_bytes(), state.as_bytes(), metadata.as_bytes()]
             .into_iter()
-            .chain(bytes.iter().flat_map(|(name, _, b)| [name.as_bytes(), b.as_slice()])),
+            .chain(tensors.iter().flat_map(|(name, _, b)| [name.as_bytes(), b.as_ref()])),
     );
-    let header: HashMap<String, String> = [
+    let entries = [
         ("format", FORMAT.to_string()),
         ("version", version.to_string()),
         ("config", config),
         ("state", state),
         ("metadata", metadata),
         ("checksum", format!("{sum:016x}")),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
-    let views: Vec<(&str, TensorView<'_>)> = bytes
-        .iter()
-        .map(|(name, shape, b)| {
-            TensorView::new(Dtype::F32, shape.clone(), b)
-                .map(|v| (*name, v))
-                .map_err(|e| ModelFileError::Inconsistent(format!("{e:?}")))
+    ];
+    Ok(write_safetensors(&entries, &tensors))
+}
+
+/// A tensor to write: its name, shape and little-endian bytes.
+type NamedBytes<'a> = (&'a str, Vec<usize>, Cow<'a, [u8]>);
+
+/// The safetensors layout, written in one buffer: the header's length (u64, little-endian), the
+/// JSON header (its `__metadata__` and each tensor's dtype, shape and byte range), padded with
+/// spaces to a multiple of 8, then the tensors' bytes back to back in the order given.
+fn write_safetensors(metadata: &[(&str, String)], tensors: &[NamedBytes<'_>]) -> Vec<u8> {
+    let mut header = serde_json::Map::new();
+    let meta: serde_json::Map<String, serde_json::Value> =
+        metadata.iter().map(|(k, v)| ((*k).to_string(), serde_json::Value::String(v.clone()))).collect();
+    header.insert("__metadata__".into(), serde_json::Value::Object(meta));
+    let mut offset = 0usize;
+    for (name, shape, bytes) in tensors {
+        let end = offset + bytes.len();
+        header.insert(
+            (*name).to_string(),
+            serde_json::json!({ "dtype": "F32", "shape": shape, "data_offsets": [offset, end] }),
+        );
+        offset = end;
+    }
+    let mut json = serde_json::Value::Object(header).to_string().into_bytes();
+    json.resize(json.len().div_ceil(8) * 8, b' ');
+    let mut out = Vec::with_capacity(8 + json.len() + offset);
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(&json);
+    for (_, _, bytes) in tensors {
+        out.extend_from_slice(bytes);
+    }
+    out
+}
+
+/// The little-endian bytes of f32 values: borrowed on a little-endian machine, converted otherwise.
+fn f32_bytes(values: &[f32]) -> Cow<'_, [u8]> {
+    if cfg!(target_endian = "little") {
+        // SAFETY: any f32 is 4 initialized bytes, u8 has alignment 1, and the slice covers
+        // exactly the values' memory for the values' lifetime.
+        Cow::Borrowed(unsafe {
+            std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values))
         })
-        .collect::<Result<_, _>>()?;
-    safetensors::tensor::serialize(views, &Some(header))
-        .map_err(|e| ModelFileError::Inconsistent(format!("{e:?}")))
+    } else {
+        Cow::Owned(values.iter().flat_map(|x| x.to_le_bytes()).collect())
+    }
+}
+
+/// The bytes of an array in row-major order (borrowed when it is laid out so).
+fn array_bytes(a: &Array2<f32>) -> Cow<'_, [u8]> {
+    match a.as_slice() {
+        Some(values) => f32_bytes(values),
+        None => Cow::Owned(a.iter().flat_map(|x| x.to_le_bytes()).collect()),
+    }
 }
 
 fn read_tensor<'a>(

@@ -150,7 +150,7 @@ impl Engine {
         started: std::time::Instant,
     ) -> Result<CheckpointInfo, EngineError> {
         let (next_seq, streams) = (snapshot.next_seq, snapshot.stream_slots.len());
-        let written = tokio::task::spawn_blocking(move || checkpoint::write(&dir, &snapshot, keep))
+        let written = tokio::task::spawn_blocking(move || checkpoint::write(&dir, *snapshot, keep))
             .await
             .unwrap_or_else(|e| Err(e.to_string()));
         let seconds = started.elapsed().as_secs_f64();

@@ -2,7 +2,7 @@
 //! (a checkpoint file that carries its evicted streams inside it, so that it stands alone), and
 //! the import that starts a model from an export exactly where the exporting server left it.
 //!
-//! An export is a [`crate::engine::model_file`] file: the checkpoint of [`checkpoint::to_model_file`]
+//! An export is a [`crate::engine::model_file`] file: the checkpoint of [`checkpoint::into_model_file`]
 //! plus, when the model has evicted streams, their states stacked as tensors `evicted.<name>`
 //! (in the order of the evicted streams' names) with their scalars as JSON in the metadata entry
 //! `evicted_states`. A server checkpoint is an export without evicted states, so a checkpoint
@@ -10,7 +10,7 @@
 
 use super::*;
 use crate::core::SlotState;
-use crate::engine::model_file::{SlotLayout, SlotScalars, stack_slot_tensors, unstack_slot_tensors};
+use crate::engine::model_file::{SlotLayout, SlotScalars, stack_slot_tensors_taking, unstack_slot_tensors};
 
 const EVICTED_PREFIX: &str = "evicted.";
 const EVICTED_KEY: &str = "evicted_states";
@@ -32,16 +32,17 @@ struct EvictedStatesJson {
 }
 
 impl ModelExport {
-    /// The bytes of the export file.
-    pub fn to_bytes(&self) -> Result<Vec<u8>, String> {
-        if self.evicted_states.len() != self.snapshot.evicted.len() {
+    /// The bytes of the export file (its values are taken as they are written out).
+    pub fn into_bytes(self) -> Result<Vec<u8>, String> {
+        let Self { snapshot, mut evicted_states } = self;
+        if evicted_states.len() != snapshot.evicted.len() {
             return Err("the export's evicted states do not match its evicted streams".into());
         }
-        let mut file = checkpoint::to_model_file(&self.snapshot)?;
-        if !self.evicted_states.is_empty() {
-            let rows: Vec<&SlotState<f32>> = self.evicted_states.iter().collect();
-            let (layout, extra) = stack_slot_tensors(EVICTED_PREFIX, &rows)?;
-            let scalars = self.evicted_states.iter().map(SlotScalars::of).collect();
+        let mut file = checkpoint::into_model_file(snapshot)?;
+        if !evicted_states.is_empty() {
+            let scalars = evicted_states.iter().map(SlotScalars::of).collect();
+            let mut rows: Vec<&mut SlotState<f32>> = evicted_states.iter_mut().collect();
+            let (layout, extra) = stack_slot_tensors_taking(EVICTED_PREFIX, &mut rows)?;
             let json =
                 serde_json::to_value(EvictedStatesJson { layout, scalars }).map_err(|e| e.to_string())?;
             file.metadata.insert(EVICTED_KEY.into(), json);
@@ -276,6 +277,6 @@ fn write_import(
             let path = dir.join(checkpoint::checkpoint_name(next_seq));
             model_file::write_atomic(&path, &bytes).map_err(|e| format!("{}: {e}", path.display()))
         }
-        FirstCheckpoint::Snapshot(snapshot) => checkpoint::write(dir, &snapshot, keep).map(|_| ()),
+        FirstCheckpoint::Snapshot(snapshot) => checkpoint::write(dir, *snapshot, keep).map(|_| ()),
     }
 }

@@ -423,7 +423,7 @@ async fn train_init_continues_a_server_checkpoint() {
             return_losses: false,
         };
         engine.tokens(name, "s", input, Mode::Consume).await.unwrap();
-        let file = checkpoint::to_model_file(&engine.snapshot(name).await.unwrap()).unwrap();
+        let file = checkpoint::into_model_file(engine.snapshot(name).await.unwrap()).unwrap();
         assert!(file.counters.steps > 0 && file.counters.symbols == 5, "{:?}", file.counters);
         let path = dir.join(format!("{name}.ckpt"));
         kfrtrl::engine::model_file::save(&path, &file).unwrap();

@@ -24,7 +24,7 @@ impl Worker {
                     }
                 }
                 let _ = std::fs::remove_dir_all(dir.join("streams"));
-                checkpoint::write(dir, &worker.snapshot(), config.keep)?;
+                checkpoint::write(dir, worker.snapshot(), config.keep)?;
             } else {
                 let log =
                     wal::read_from(dir, worker.next_seq).map_err(|e| format!("{}: {e}", dir.display()))?;
