@@ -333,7 +333,7 @@ fn state_checksum(
         parts.push(name.as_bytes().to_vec());
         parts.push(data.iter().flat_map(|x| x.to_le_bytes()).collect());
     }
-    format!("{:016x}", model_file::checksum(parts.iter().map(Vec::as_slice)))
+    format!("{:016x}", super::checksum::checksum(parts.iter().map(Vec::as_slice)))
 }
 
 /// Writes an evicted stream's state (atomically, synced).

@@ -20,6 +20,7 @@
 //! a client can resend the rest.
 
 pub mod checkpoint;
+mod checksum;
 mod durability;
 mod error;
 mod lifecycle;

@@ -231,7 +231,7 @@ impl Reader<'_> {
 }
 
 fn record_hash(seq: u64, payload: &[u8]) -> u64 {
-    crate::engine::model_file::checksum([seq.to_le_bytes().as_slice(), payload])
+    crate::engine::checksum::checksum([seq.to_le_bytes().as_slice(), payload])
 }
 
 /// Records being assembled by the worker, handed to the writer as one batch.
