@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use super::{ModelDefinition, ModelStats};
 use crate::core::{Optimizer, Params, SlotState};
 use crate::engine::model_file::{
-    self, Counters, ModelFile, SlotScalars, stack_slot_tensors_taking, unstack_slot_tensors,
+    self, Counters, ModelFile, SlotScalars, stack_slot_tensors, unstack_slot_tensors,
 };
 
 /// A stream's bookkeeping beside its slot state.
@@ -150,7 +150,7 @@ pub fn into_model_file(s: ModelSnapshot) -> Result<ModelFile, String> {
     // The scratch slot last; it always exists, so the layout is known without streams too.
     let mut rows: Vec<&mut SlotState<f32>> =
         stream_slots.iter_mut().map(|r| &mut r.state).chain(std::iter::once(&mut scratch)).collect();
-    let (layout, extra) = stack_slot_tensors_taking(STREAMS_PREFIX, &mut rows)?;
+    let (layout, extra) = stack_slot_tensors(STREAMS_PREFIX, &mut rows)?;
     let counters =
         Counters { steps: next_seq, symbols: stats.symbols_seen, nonfinite_updates: stats.nonfinite_updates };
     let engine = EngineJson {

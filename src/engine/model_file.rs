@@ -171,34 +171,9 @@ pub type SlotLayout = Vec<(String, Vec<usize>)>;
 
 /// Stacks the float tensors of slot states of one layout: one tensor `<prefix><name>` per name,
 /// of shape `[rows.len(), ..shape]`, with the layout (taken from the first row) to unstack them.
+/// Each row's values are taken as they are stacked (the rows' tensors are left empty), so that a
+/// large snapshot is never held twice while it is stacked.
 pub fn stack_slot_tensors(
-    prefix: &str,
-    rows: &[&SlotState<f32>],
-) -> Result<(SlotLayout, Vec<ExtraTensor>), String> {
-    let Some(first) = rows.first() else { return Ok((Vec::new(), Vec::new())) };
-    let layout: SlotLayout =
-        first.tensors.iter().map(|(name, shape, _)| (name.clone(), shape.clone())).collect();
-    let mut extra = Vec::with_capacity(layout.len());
-    for (i, (name, shape)) in layout.iter().enumerate() {
-        let per_slot: usize = shape.iter().product();
-        let mut data = Vec::with_capacity(per_slot * rows.len());
-        for row in rows {
-            let (n, sh, values) = row.tensors.get(i).ok_or("a stream state misses a tensor")?;
-            if n != name || sh != shape || values.len() != per_slot {
-                return Err(format!("stream states disagree on tensor {name}"));
-            }
-            data.extend_from_slice(values);
-        }
-        let mut stacked = vec![rows.len()];
-        stacked.extend_from_slice(shape);
-        extra.push(ExtraTensor { name: format!("{prefix}{name}"), shape: stacked, data });
-    }
-    Ok((layout, extra))
-}
-
-/// [`stack_slot_tensors`] that takes each row's values as it stacks them (leaving the rows'
-/// tensors empty), so that a large snapshot is never held twice while it is stacked.
-pub fn stack_slot_tensors_taking(
     prefix: &str,
     rows: &mut [&mut SlotState<f32>],
 ) -> Result<(SlotLayout, Vec<ExtraTensor>), String> {

@@ -10,7 +10,7 @@
 
 use super::*;
 use crate::core::SlotState;
-use crate::engine::model_file::{SlotLayout, SlotScalars, stack_slot_tensors_taking, unstack_slot_tensors};
+use crate::engine::model_file::{SlotLayout, SlotScalars, stack_slot_tensors, unstack_slot_tensors};
 
 const EVICTED_PREFIX: &str = "evicted.";
 const EVICTED_KEY: &str = "evicted_states";
@@ -42,7 +42,7 @@ impl ModelExport {
         if !evicted_states.is_empty() {
             let scalars = evicted_states.iter().map(SlotScalars::of).collect();
             let mut rows: Vec<&mut SlotState<f32>> = evicted_states.iter_mut().collect();
-            let (layout, extra) = stack_slot_tensors_taking(EVICTED_PREFIX, &mut rows)?;
+            let (layout, extra) = stack_slot_tensors(EVICTED_PREFIX, &mut rows)?;
             let json =
                 serde_json::to_value(EvictedStatesJson { layout, scalars }).map_err(|e| e.to_string())?;
             file.metadata.insert(EVICTED_KEY.into(), json);

@@ -383,9 +383,10 @@ impl CopyRun {
 
     /// The run as a model file: see [`CopyRun`].
     pub fn snapshot(&self) -> Result<ModelFile, String> {
-        let states: Vec<SlotState<f32>> = (0..self.batch).map(|s| self.set.export_slot(s)).collect();
-        let rows: Vec<&SlotState<f32>> = states.iter().collect();
-        let (layout, extra) = stack_slot_tensors(STREAMS_PREFIX, &rows)?;
+        let mut states: Vec<SlotState<f32>> = (0..self.batch).map(|s| self.set.export_slot(s)).collect();
+        let scalars: Vec<SlotScalars> = states.iter().map(SlotScalars::of).collect();
+        let mut rows: Vec<&mut SlotState<f32>> = states.iter_mut().collect();
+        let (layout, extra) = stack_slot_tensors(STREAMS_PREFIX, &mut rows)?;
         let json = SnapshotJson {
             batch: self.batch,
             data_seed: self.cfg.data_seed,
@@ -401,7 +402,7 @@ impl CopyRun {
             nonfinite_updates: self.nonfinite,
             seconds: self.earlier_seconds + self.seconds,
             layout,
-            slots: states.iter().map(SlotScalars::of).collect(),
+            slots: scalars,
         };
         let mut metadata = serde_json::Map::new();
         metadata.insert(SNAPSHOT_ENTRY.into(), serde_json::to_value(&json).map_err(|e| e.to_string())?);
