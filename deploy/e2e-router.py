@@ -138,9 +138,8 @@ def main():
             failures.append(what)
 
     def holders():
-        placed = {m: [b for b in backends if b.process and b.process.poll() is None and m in b.models()]
-                  for m in MODELS}
-        return placed
+        listed = {b.name: b.models() for b in backends if b.process and b.process.poll() is None}
+        return {m: [b for b in backends if m in listed.get(b.name, ())] for m in MODELS}
 
     sent = {"tokens": 0}
 

@@ -58,7 +58,12 @@ pub fn is_snapshot_upload(request: &Request) -> bool {
 
 /// The body length the request's `Content-Length` declares, if it declares one.
 fn declared_length(request: &Request) -> Option<u64> {
-    request.headers().get(CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
+    declared_body_length(request.headers())
+}
+
+/// The body length `Content-Length` declares, if the headers declare one.
+pub fn declared_body_length(headers: &axum::http::HeaderMap) -> Option<u64> {
+    headers.get(CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
 }
 
 /// A refusal after which the connection closes: the body was not read (or not all of it), so

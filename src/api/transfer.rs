@@ -118,11 +118,7 @@ pub async fn import(
 /// Reads a body chunk by chunk into one buffer (sized from `Content-Length` when declared), up
 /// to `limit` bytes: a snapshot is held once, never as chunks and a copy of them.
 async fn read_limited(body: Body, headers: &HeaderMap, limit: u64) -> ApiResult<Vec<u8>> {
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .unwrap_or(0);
+    let declared = super::admission::declared_body_length(headers).unwrap_or(0);
     let mut bytes = Vec::with_capacity(usize::try_from(declared.min(limit)).unwrap_or(0));
     let mut body = body;
     while let Some(frame) = body.frame().await {

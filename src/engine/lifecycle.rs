@@ -191,13 +191,7 @@ impl Engine {
                          it will be loaded again at the next start"
                     )));
                 } else {
-                    let thread = handle.thread.lock().unwrap_or_else(PoisonError::into_inner).take();
-                    std::thread::spawn(move || {
-                        if let Some(t) = thread {
-                            let _ = t.join();
-                        }
-                        let _ = std::fs::remove_dir_all(&grave);
-                    });
+                    remove_after_worker(&handle, grave);
                 }
             }
             tracing::info!(model, "model deleted");
@@ -205,4 +199,16 @@ impl Engine {
         });
         finish.await.map_err(|e| EngineError::Storage(format!("deleting the model failed: {e}")))?
     }
+}
+
+/// Removes `dir` in the background once the model's worker thread has exited (it may still hold
+/// files there).
+pub(super) fn remove_after_worker(handle: &ModelHandle, dir: PathBuf) {
+    let thread = handle.thread.lock().unwrap_or_else(PoisonError::into_inner).take();
+    std::thread::spawn(move || {
+        if let Some(t) = thread {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    });
 }

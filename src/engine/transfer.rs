@@ -205,10 +205,16 @@ impl Engine {
             )));
         }
         std::fs::create_dir_all(&dir).map_err(|e| EngineError::Storage(format!("{}: {e}", dir.display())))?;
-        let first = match file {
-            Some(bytes) => FirstCheckpoint::File(bytes),
-            // Renamed: the file's bookkeeping names another model, so it is serialized anew.
-            None => FirstCheckpoint::Snapshot(Box::new(snapshot.clone())),
+        let (snapshot, first) = match file {
+            Some(bytes) => (snapshot, FirstCheckpoint::File(bytes)),
+            // Renamed: the file's bookkeeping names another model, so it is serialized anew from
+            // a copy (made off the async runtime: it is as large as the model).
+            None => tokio::task::spawn_blocking(move || {
+                let copy = Box::new(snapshot.clone());
+                (snapshot, FirstCheckpoint::Snapshot(copy))
+            })
+            .await
+            .map_err(|e| EngineError::Storage(e.to_string()))?,
         };
         let (next_seq, evicted) = (snapshot.next_seq, snapshot.evicted.values().cloned().collect());
         // The files are written and synced while the worker loads the model. The model starts
@@ -241,13 +247,7 @@ impl Engine {
         self.metrics.remove_model(name);
         let Some(handle) = removed else { return };
         handle.stop(STOP_ABORT);
-        let thread = handle.thread.lock().unwrap_or_else(PoisonError::into_inner).take();
-        std::thread::spawn(move || {
-            if let Some(t) = thread {
-                let _ = t.join();
-            }
-            let _ = std::fs::remove_dir_all(&dir);
-        });
+        super::lifecycle::remove_after_worker(&handle, dir);
     }
 }
 

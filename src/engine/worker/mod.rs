@@ -375,7 +375,8 @@ impl Worker {
         }
     }
 
-    fn answer_delete(
+    /// Sends a reply that carries no tokens once the log holds what it depends on.
+    fn answer_after_log(
         &mut self,
         reply: oneshot::Sender<Result<(), EngineError>>,
         result: Result<(), EngineError>,
@@ -521,7 +522,7 @@ impl Worker {
                 }
                 None if self.evicted.contains_key(&stream) => {
                     self.apply_forget(&stream);
-                    self.answer_delete(reply, Ok(()));
+                    self.answer_after_log(reply, Ok(()));
                 }
                 None => {
                     let _ = reply.send(Err(self.unknown_stream(stream)));
@@ -569,7 +570,7 @@ impl Worker {
             return;
         }
         for reply in std::mem::take(&mut self.barriers) {
-            self.answer_delete(reply, Ok(()));
+            self.answer_after_log(reply, Ok(()));
         }
     }
 

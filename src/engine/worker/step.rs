@@ -133,7 +133,7 @@ impl Worker {
                     Some(Job::Delete(_)) => {
                         if let Some(Job::Delete(reply)) = entry.queue.pop_front() {
                             self.close_stream(slot);
-                            self.answer_delete(reply, Ok(()));
+                            self.answer_after_log(reply, Ok(()));
                         }
                     }
                     Some(Job::Tokens(active)) if active.job.mode == Mode::Predict => {
