@@ -216,10 +216,13 @@ def main():
         http(f"{api}/{stream}/predict", {"text": text})
         predicted += len(text.encode())
         stats = http(f"http://{addr}/v1/models/default")["stats"]
+        answered = time.time()
 
-        # Wait for a scrape after the last request, then compare.
-        wait("Prometheus to scrape the last request",
-             lambda: query(prom, 'kfrtrl_symbols_total{model="default", mode="predict"} > 0'), 30)
+        # Wait for a scrape that started after the last reply, then compare. (Waiting for a
+        # non-zero count instead once caught a scrape in the middle of the predict: 5 of its 10.)
+        wait("Prometheus to scrape after the last reply",
+             lambda: query(prom, f'timestamp(kfrtrl_symbols_total{{model="default", mode="predict"}}) > {answered}'),
+             30)
         for mode, expected in (("learn", learned), ("advance", advanced), ("predict", predicted)):
             got = scalar(prom, f'kfrtrl_symbols_total{{job="kfrtrl", model="default", mode="{mode}"}}')
             check(got == expected, f"kfrtrl_symbols_total{{mode={mode}}} = {got:g}, sent {expected}")
