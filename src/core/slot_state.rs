@@ -134,9 +134,11 @@ impl SlotStateLayout {
                     t(names::OK_WEIGHT, &[terms]),
                 ]);
             }
-            LearnerKind::Uoro => {
-                layout.tensors.extend([t(names::UORO_S, &[s]), t(names::UORO_THETA, &[rn, m])])
-            }
+            LearnerKind::Uoro => layout.tensors.extend([
+                t(names::UORO_S, &[s]),
+                t(names::UORO_THETA, &[rn, m]),
+                t(names::UORO_SCALE, &[2]),
+            ]),
             LearnerKind::Rtrl => layout.tensors.push(t(names::RTRL_G, &[s, spec.recurrent_params()])),
             LearnerKind::Tbptt => {
                 let kw = spec.config.tbptt_window;
@@ -199,8 +201,10 @@ pub mod names {
     pub const OK_WEIGHT: &str = "ok.weight";
     /// UORO's `s̃`.
     pub const UORO_S: &str = "uoro.s";
-    /// UORO's `θ̃`.
+    /// UORO's `Θ` (`θ̃ = σ Θ`; files without [`UORO_SCALE`] hold `θ̃` itself).
     pub const UORO_THETA: &str = "uoro.theta";
+    /// UORO's `[σ, ‖Θ‖²]`.
+    pub const UORO_SCALE: &str = "uoro.scale";
     /// Exact RTRL's influence matrix.
     pub const RTRL_G: &str = "rtrl.g";
     /// TBPTT's states before each advance of the window.

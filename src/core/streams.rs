@@ -656,6 +656,8 @@ impl<T: Float> StreamSet<T> {
         if slot >= self.capacity {
             return Err(SlotStateError::SlotOutOfRange { slot, capacity: self.capacity });
         }
+        let upgraded = super::learner::uoro_legacy_state(&self.spec, state);
+        let state = upgraded.as_ref().unwrap_or(state);
         self.slot_state_layout().check(state)?;
         self.learner.check_import(&self.spec, state)?;
         let row = state.tensor(names::STATE).expect("checked layout");

@@ -12,7 +12,7 @@ pub mod ok_reduce;
 pub(crate) mod raw;
 mod rtrl;
 mod tbptt;
-mod uoro;
+pub mod uoro;
 
 pub mod reference;
 
@@ -20,7 +20,7 @@ pub use kf::{KfRtrl, KfStrategy};
 pub use ok::OkRtrl;
 pub use rtrl::Rtrl;
 pub use tbptt::Tbptt;
-pub use uoro::Uoro;
+pub use uoro::{Uoro, uoro_legacy_state};
 
 use ndarray::{Array2, ArrayView2};
 
@@ -123,10 +123,7 @@ impl<T: Float> Learner<T> {
         match self {
             Learner::KfRtrl(l) => Some(l.influence_norm(slot)),
             Learner::Ok(l) => Some(l.influence_norm(slot)),
-            Learner::Uoro(l) => {
-                let (s, theta) = l.factors(slot);
-                Some(norm(&mut s.iter().copied()) * norm(&mut theta.iter().copied()))
-            }
+            Learner::Uoro(l) => Some(l.influence_norm(slot)),
             Learner::Rtrl(l) => Some(norm(&mut l.influence(slot).iter().copied())),
             Learner::Tbptt(_) | Learner::Frozen => None,
         }
