@@ -72,6 +72,12 @@ pub struct TrainArgs {
     /// (default 1: none; below 1 a biased remedy for influences that stop decaying).
     #[arg(long)]
     influence_decay: Option<f64>,
+    /// KF-RTRL, OK, RTRL: the adaptive decay's margin ε in [0, 1] (default: off). Each stream
+    /// measures the growth rate λ of its exact state Jacobians and multiplies its carried
+    /// influence by exp(-max(0, λ + ε)): exact where the dynamics contract by more than ε, a
+    /// biased remedy where the true influence would grow
+    #[arg(long)]
+    influence_margin: Option<f64>,
     /// Seed of the weights and the random signs.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -276,6 +282,7 @@ pub fn run(args: TrainArgs) -> Result<(), String> {
         clip_scope: args.clip_scope.unwrap_or(base.clip_scope),
         gradient_before_reduction: args.gradient_before_reduction.unwrap_or(base.gradient_before_reduction),
         influence_decay: args.influence_decay.unwrap_or(base.influence_decay),
+        influence_margin: args.influence_margin.or(base.influence_margin),
         ..base.clone()
     });
     let spec = model.check().map_err(|e| e.to_string())?;

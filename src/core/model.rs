@@ -179,6 +179,13 @@ pub struct ModelConfig {
     /// whose influence stops decaying (docs/RESULTS.md §4). Absent from a saved configuration: 1.
     #[serde(default = "absent::influence_decay")]
     pub influence_decay: f64,
+    /// KF-RTRL, OK and exact RTRL: the adaptive decay's margin `ε` (`learner::growth`): every
+    /// stream measures the growth rate `λ̂` of its exact state Jacobians and multiplies its carried
+    /// influence by `exp(−max(0, λ̂ + ε))` (on top of `influence_decay`), so that it contracts by
+    /// at least `ε` a step. Exact (factor 1) wherever the dynamics contract by more than `ε`;
+    /// elsewhere a bias, asked for explicitly. Absent (the default): off.
+    #[serde(default)]
+    pub influence_margin: Option<f64>,
     /// Seed of the weights' initialisation and of every random sign.
     pub seed: u64,
     /// Standard deviation of the Gaussian initialisation of `W` and `V`.
@@ -237,6 +244,7 @@ impl Default for ModelConfig {
             ok_rank: DEFAULT_OK_RANK,
             gradient_before_reduction: true,
             influence_decay: 1.0,
+            influence_margin: None,
             seed: 0,
             init_std: 0.01,
             uoro_epsilon: 1e-7,
@@ -309,6 +317,17 @@ impl ModelConfig {
             && !matches!(self.learner, LearnerKind::KfRtrl | LearnerKind::Ok | LearnerKind::Rtrl)
         {
             return Err(invalid("influence_decay", "only kf-rtrl, ok and rtrl carry an influence to decay"));
+        }
+        if let Some(margin) = self.influence_margin {
+            if !(margin.is_finite() && (0.0..=1.0).contains(&margin)) {
+                return Err(invalid("influence_margin", "must be a finite number in [0, 1]"));
+            }
+            if !matches!(self.learner, LearnerKind::KfRtrl | LearnerKind::Ok | LearnerKind::Rtrl) {
+                return Err(invalid(
+                    "influence_margin",
+                    "only kf-rtrl, ok and rtrl carry an influence to decay",
+                ));
+            }
         }
         if !(self.init_std.is_finite() && self.init_std >= 0.0 && self.init_std <= 10.0) {
             return Err(invalid("init_std", "must be a finite number in [0, 10]"));

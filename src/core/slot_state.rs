@@ -151,6 +151,9 @@ impl SlotStateLayout {
             }
             LearnerKind::Frozen => {}
         }
+        if spec.config.influence_margin.is_some() {
+            layout.tensors.extend([t(names::GROWTH_TANGENT, &[s]), t(names::GROWTH_RATE, &[])]);
+        }
         layout
     }
 
@@ -205,6 +208,10 @@ pub mod names {
     pub const UORO_THETA: &str = "uoro.theta";
     /// UORO's `[σ, ‖Θ‖²]`.
     pub const UORO_SCALE: &str = "uoro.scale";
+    /// The adaptive decay's unit tangent (`influence_margin`).
+    pub const GROWTH_TANGENT: &str = "growth.tangent";
+    /// The adaptive decay's running growth rate.
+    pub const GROWTH_RATE: &str = "growth.rate";
     /// Exact RTRL's influence matrix.
     pub const RTRL_G: &str = "rtrl.g";
     /// TBPTT's states before each advance of the window.

@@ -59,6 +59,11 @@ pub struct ModelDefinition {
     /// step (1: none; below 1 a biased, explicit remedy). Absent from a saved definition: 1.
     #[serde(default = "crate::core::model::absent::influence_decay")]
     pub influence_decay: f64,
+    /// KF-RTRL, OK, RTRL: the adaptive decay's margin `ε` (`null`: off, the default): the carried
+    /// influence contracts by at least `ε` a step wherever the measured growth of the exact state
+    /// Jacobians would let it grow (see [`ModelConfig::influence_margin`]).
+    #[serde(default)]
+    pub influence_margin: Option<f64>,
     /// Seed of the initial weights and of every random sign.
     pub seed: u64,
     /// Standard deviation of the initial weights.
@@ -94,6 +99,7 @@ impl ModelDefinition {
             ok_rank: c.ok_rank,
             gradient_before_reduction: c.gradient_before_reduction,
             influence_decay: c.influence_decay,
+            influence_margin: c.influence_margin,
             seed: c.seed,
             init_std: c.init_std,
             uoro_epsilon: c.uoro_epsilon,
@@ -116,6 +122,7 @@ impl ModelDefinition {
             ok_rank: self.ok_rank,
             gradient_before_reduction: self.gradient_before_reduction,
             influence_decay: self.influence_decay,
+            influence_margin: self.influence_margin,
             seed: self.seed,
             init_std: self.init_std,
             uoro_epsilon: self.uoro_epsilon,
@@ -171,6 +178,9 @@ pub struct ModelRequest {
     /// See [`ModelDefinition::influence_decay`].
     #[serde(default)]
     pub influence_decay: Option<f64>,
+    /// See [`ModelDefinition::influence_margin`].
+    #[serde(default)]
+    pub influence_margin: Option<f64>,
     /// See [`ModelDefinition::seed`].
     #[serde(default)]
     pub seed: Option<u64>,
@@ -203,6 +213,7 @@ impl ModelRequest {
             ok_rank: self.ok_rank.unwrap_or(d.ok_rank),
             gradient_before_reduction: self.gradient_before_reduction.unwrap_or(d.gradient_before_reduction),
             influence_decay: self.influence_decay.unwrap_or(d.influence_decay),
+            influence_margin: self.influence_margin.or(d.influence_margin),
             seed: self.seed.unwrap_or(d.seed),
             init_std: self.init_std.unwrap_or(d.init_std),
             uoro_epsilon: self.uoro_epsilon.unwrap_or(d.uoro_epsilon),

@@ -50,6 +50,7 @@ fn config(cell: CellKind, n: usize, vocab: usize, learner: LearnerKind, seed: u6
         ok_rank: 2,
         gradient_before_reduction: false,
         influence_decay: 1.0,
+        influence_margin: None,
         seed,
         init_std: 0.5,
         uoro_epsilon: 0.0,

@@ -16,6 +16,7 @@ mod core_slot_state;
 mod core_split_step;
 mod experiment_copy;
 mod experiment_variance;
+mod influence_decay;
 mod learners_batched;
 mod model_file;
 mod train_reports;

@@ -56,6 +56,8 @@ impl KfStrategy {
 #[derive(Debug, Clone)]
 pub struct KfRtrl<T> {
     strategy: KfStrategy,
+    /// The adaptive decay's probes (`influence_margin`), if the model sets it.
+    pub(super) growth: Option<super::growth::GrowthProbe<T>>,
     /// `capacity × m`.
     u: Array2<T>,
     /// The `k·n × capacity·r·n` slab of stored `A`s.
@@ -104,6 +106,7 @@ impl<T: Float> KfRtrl<T> {
         let before = spec.config.gradient_before_reduction;
         let (record, rows) = if before { (spec.n + spec.k * rn, 2 * capacity) } else { (0, capacity) };
         Self {
+            growth: super::growth::GrowthProbe::new(spec, capacity),
             strategy,
             u: Array2::zeros((capacity, m)),
             a: Array2::zeros((s, capacity * rn)),
@@ -406,6 +409,15 @@ impl<T: Float> KfRtrl<T> {
         let urows = SlotRows::new(&mut self.u);
         let scales = SlotRows::new(&mut self.scale);
         let forced = &self.forced_sign;
+        let growth = self.growth.as_mut().map(|g| g.rows());
+        let growth = &growth;
+        // SAFETY (of each call): the task that advances slot `b` owns it.
+        let gamma_of = |i: usize, b: usize| {
+            growth.as_ref().map_or(T::one(), |g| {
+                let (d, carry) = (step.d.row(i), step.carry.row(i));
+                unsafe { g.step(spec, w_h, d.as_slice().expect("rows"), carry.as_slice().expect("rows"), b) }
+            })
+        };
         let record = Record {
             enabled: self.before_reduction,
             c: SlotRows::new(&mut self.last_c),
@@ -435,7 +447,7 @@ impl<T: Float> KfRtrl<T> {
                     let prod = product.slice(s![.., col..col + rn]);
                     let d = step.d.row(i);
                     let d = d.as_slice().expect("contiguous");
-                    let sb = sc[0];
+                    let sb = sc[0] * gamma_of(i, b);
                     let mut nb2 = 0.0f64;
                     for ((mut row, prow), &dj) in
                         dst.axis_iter_mut(Axis(0)).zip(prod.axis_iter(Axis(0))).zip(d)
@@ -473,7 +485,14 @@ impl<T: Float> KfRtrl<T> {
                     step.carry.row(i).as_slice().expect("contiguous"),
                     ws.jac.view_mut(),
                 );
-                gemm(sc[0] * decay, ws.jac.view(), a.view(), T::zero(), ws.product.view_mut(), par);
+                gemm(
+                    sc[0] * decay * gamma_of(i, b),
+                    ws.jac.view(),
+                    a.view(),
+                    T::zero(),
+                    ws.product.view_mut(),
+                    par,
+                );
                 a.assign(&ws.product);
                 let nb2: f64 = a.axis_iter(Axis(0)).map(|r| sum_squares(r.as_slice().expect("rows"))).sum();
                 let sign = sign_for(forced, step, b);

@@ -6,6 +6,7 @@
 //!   TBPTT, of `∂L/∂V`) to the batch gradient and say how many contributions it added;
 //! - `advance`: follow the state update `s_{t-1} → s_t` with its influence estimate.
 
+pub mod growth;
 mod kf;
 mod ok;
 pub mod ok_reduce;
@@ -105,6 +106,9 @@ impl<T: Float> Learner<T> {
 
     /// Zeroes a slot's learner state (a new sequence).
     pub fn reset(&mut self, slot: usize) {
+        if let Some(g) = self.growth_mut() {
+            g.reset(slot);
+        }
         match self {
             Learner::KfRtrl(l) => l.reset(slot),
             Learner::Uoro(l) => l.reset(slot),
@@ -131,6 +135,9 @@ impl<T: Float> Learner<T> {
 
     /// Whether a slot's learner state is finite (checked only after a fault).
     pub(crate) fn slot_is_finite(&self, slot: usize) -> bool {
+        if self.growth().is_some_and(|g| !g.slot_is_finite(slot)) {
+            return false;
+        }
         match self {
             Learner::KfRtrl(l) => l.slot_is_finite(slot),
             Learner::Uoro(l) => l.slot_is_finite(slot),
@@ -168,6 +175,9 @@ impl<T: Float> Learner<T> {
 
     /// Copies a slot's learner state to another slot.
     pub fn copy_slot(&mut self, src: usize, dst: usize) {
+        if let Some(g) = self.growth_mut() {
+            g.copy_slot(src, dst);
+        }
         match self {
             Learner::KfRtrl(l) => l.copy_slot(src, dst),
             Learner::Uoro(l) => l.copy_slot(src, dst),
@@ -187,6 +197,9 @@ impl<T: Float> Learner<T> {
             Learner::Tbptt(l) => l.export_slot(slot, out),
             Learner::Ok(l) => l.export_slot(slot, out),
             Learner::Frozen => {}
+        }
+        if let Some(g) = self.growth() {
+            g.export_slot(slot, out);
         }
     }
 
@@ -208,6 +221,28 @@ impl<T: Float> Learner<T> {
             Learner::Tbptt(l) => l.import_slot(slot, state),
             Learner::Ok(l) => l.import_slot(slot, state),
             Learner::Frozen => {}
+        }
+        if let Some(g) = self.growth_mut() {
+            g.import_slot(slot, state);
+        }
+    }
+
+    /// The adaptive decay's probes, when the model sets `influence_margin`.
+    pub fn growth(&self) -> Option<&growth::GrowthProbe<T>> {
+        match self {
+            Learner::KfRtrl(l) => l.growth.as_ref(),
+            Learner::Ok(l) => l.growth.as_ref(),
+            Learner::Rtrl(l) => l.growth.as_ref(),
+            _ => None,
+        }
+    }
+
+    fn growth_mut(&mut self) -> Option<&mut growth::GrowthProbe<T>> {
+        match self {
+            Learner::KfRtrl(l) => l.growth.as_mut(),
+            Learner::Ok(l) => l.growth.as_mut(),
+            Learner::Rtrl(l) => l.growth.as_mut(),
+            _ => None,
         }
     }
 

@@ -30,6 +30,8 @@ use crate::core::slot_state::{SlotState, names};
 #[derive(Debug, Clone)]
 pub struct OkRtrl<T> {
     rank: usize,
+    /// The adaptive decay's probes (`influence_margin`), if the model sets it.
+    pub(super) growth: Option<super::growth::GrowthProbe<T>>,
     before_reduction: bool,
     /// `capacity × (R+1)·m`.
     u: Array2<T>,
@@ -66,6 +68,7 @@ impl<T: Float> OkRtrl<T> {
         let terms = rank + 1;
         let (s_len, rn, m) = (spec.state_len(), spec.gate_rows(), spec.m);
         Self {
+            growth: super::growth::GrowthProbe::new(spec, capacity),
             rank,
             before_reduction: spec.config.gradient_before_reduction,
             u: Array2::zeros((capacity, terms * m)),
@@ -274,6 +277,8 @@ impl<T: Float> OkRtrl<T> {
         let weights = SlotRows::new(&mut self.weight);
         let probabilities = SlotRows::new(&mut self.probabilities);
         let forced = &self.forced;
+        let growth = self.growth.as_mut().map(|g| g.rows());
+        let growth = &growth;
         let par = if workers > 1 { Par::Single } else { Par::Pool };
         let run_input = |ws: &mut Workspace<T>, i: usize| {
             let b = inputs[i].slot;
@@ -285,7 +290,12 @@ impl<T: Float> OkRtrl<T> {
                 Some(member) => Choice::Forced(member),
                 None => Choice::Uniform(rng::uniform(step.sign_key[b], step.sign_counter[b])),
             };
-            advance_slot(spec, w_h, step, i, block, u, ws, par, choice);
+            let gamma = growth.as_ref().map_or(T::one(), |g| {
+                let (d, carry) = (step.d.row(i), step.carry.row(i));
+                // SAFETY: as above, the task owns slot `b`.
+                unsafe { g.step(spec, w_h, d.as_slice().expect("rows"), carry.as_slice().expect("rows"), b) }
+            });
+            advance_slot(spec, w_h, step, i, block, u, ws, par, choice, gamma);
             for (w, &g) in weight.iter_mut().zip(&ws.reduction.grad_weight) {
                 *w = T::from_f64_rounded(g);
             }
@@ -314,6 +324,7 @@ fn advance_slot<T: Float>(
     ws: &mut Workspace<T>,
     par: Par,
     choice: Choice,
+    gamma: T,
 ) {
     let (n, m) = (spec.n, spec.m);
     let rn = spec.gate_rows();
@@ -322,7 +333,7 @@ fn advance_slot<T: Float>(
     let d = step.d.row(i);
     let d = d.as_slice().expect("contiguous");
     jacobian(spec, w_h, d, step.carry.row(i).as_slice().expect("contiguous"), ws.jac.view_mut());
-    let decay = T::from_f64_rounded(spec.config.influence_decay);
+    let decay = T::from_f64_rounded(spec.config.influence_decay) * gamma;
     gemm(decay, ws.jac.view(), block.slice(s![.., ..rank * rn]), T::zero(), ws.product.view_mut(), par);
     let prev = step.prev.row(i);
     let h_prev = &prev.as_slice().expect("contiguous")[spec.h_offset()..];

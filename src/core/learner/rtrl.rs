@@ -15,6 +15,8 @@ use crate::core::slot_state::{SlotState, names};
 /// Exact influence matrices of every slot.
 #[derive(Debug, Clone)]
 pub struct Rtrl<T> {
+    /// The adaptive decay's probes (`influence_margin`), if the model sets it.
+    pub(super) growth: Option<super::growth::GrowthProbe<T>>,
     /// `capacity × s × P`, columns ordered like the entries of `W` (row-major).
     g: Array3<T>,
     tmp: Array3<T>,
@@ -26,6 +28,7 @@ impl<T: Float> Rtrl<T> {
     pub fn new(spec: &ModelSpec, capacity: usize) -> Self {
         let (s_len, p) = (spec.state_len(), spec.recurrent_params());
         Self {
+            growth: super::growth::GrowthProbe::new(spec, capacity),
             g: Array3::zeros((capacity, s_len, p)),
             tmp: Array3::zeros((capacity, s_len, p)),
             jac: Array3::zeros((capacity, s_len, s_len)),
@@ -95,6 +98,7 @@ impl<T: Float> Rtrl<T> {
         let gs = SlotRows::new(&mut self.g);
         let tmps = SlotRows::new(&mut self.tmp);
         let jacs = SlotRows::new(&mut self.jac);
+        let growth = self.growth.as_mut().map(|g| g.rows());
         // One stream: its product may use the pool; several: one per pool thread.
         let par = if step.inputs.len() == 1 { Par::Pool } else { Par::Single };
         for_each_input(step.inputs.len(), |i| {
@@ -108,7 +112,11 @@ impl<T: Float> Rtrl<T> {
             jacobian(spec, w_h, d, step.carry.row(i).as_slice().expect("contiguous"), h.view_mut());
             let g_view = ndarray::ArrayView2::from_shape((s_len, p), &*g).expect("shape");
             let tmp_view = ArrayViewMut2::from_shape((s_len, p), &mut *tmp).expect("shape");
-            gemm(decay, h.view(), g_view, T::zero(), tmp_view, par);
+            let carry = step.carry.row(i);
+            let carry = carry.as_slice().expect("contiguous");
+            // SAFETY: as above.
+            let gamma = growth.as_ref().map_or(T::one(), |g| unsafe { g.step(spec, w_h, d, carry, b) });
+            gemm(decay * gamma, h.view(), g_view, T::zero(), tmp_view, par);
             g.copy_from_slice(tmp);
             // + F_t: F[blk·n + j, (q·n + j)·m + col] = D[blk, q, j] · a[col].
             let prev = step.prev.row(i);
