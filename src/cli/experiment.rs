@@ -136,6 +136,14 @@ pub struct VarianceArgs {
     /// Spectral norm of the recurrent block.
     #[arg(long, default_value_t = 0.9)]
     contraction: f64,
+    /// A trained model (from `train --save`, or a server checkpoint) whose weights, cell, width
+    /// and vocabulary replace the random contracting ones; needs --corpus.
+    #[arg(long, requires = "corpus", conflicts_with_all = ["hidden", "vocab", "contraction", "cell"])]
+    weights: Option<PathBuf>,
+    /// With --weights: the corpus the sequences are cut from (at random offsets), read in the
+    /// model's format and vocabulary.
+    #[arg(long, requires = "weights")]
+    corpus: Option<PathBuf>,
     /// Seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -168,10 +176,18 @@ fn variance(a: VarianceArgs) -> Result<(), String> {
     // The table's middle column: measured whatever --every is (it was NaN unless --every
     // divided it).
     let t_mid = a.steps.min(50);
+    let trained = match (&a.weights, &a.corpus) {
+        (Some(path), Some(corpus)) => Some(trained_weights(path, corpus)?),
+        _ => None,
+    };
+    let (cell, hidden) = match &trained {
+        Some(t) => (t.config.cell, vec![t.config.hidden]),
+        None => (a.cell, a.hidden.clone()),
+    };
     let cfg = VarianceConfig {
-        cell: a.cell,
+        cell,
         estimators: estimators.clone(),
-        hidden: a.hidden.clone(),
+        hidden: hidden.clone(),
         steps: a.steps,
         samples: a.samples,
         sequences: a.sequences,
@@ -180,6 +196,7 @@ fn variance(a: VarianceArgs) -> Result<(), String> {
         also_at: vec![t_mid],
         contraction: a.contraction,
         seed: a.seed,
+        trained,
         ..VarianceConfig::default()
     };
     let t0 = std::time::Instant::now();
@@ -198,13 +215,20 @@ fn variance(a: VarianceArgs) -> Result<(), String> {
     if a.json {
         println!("{}", serde_json::to_string(&report).map_err(|e| e.to_string())?);
     } else {
-        println!("relative variance E‖ĝ − g‖²/‖g‖² of the {} cell at t = {t_mid} / {t_end}", a.cell.name());
+        let weights = match &a.weights {
+            Some(p) => format!("trained weights {}", p.display()),
+            None => format!("random weights of spectral norm {}", a.contraction),
+        };
+        println!(
+            "relative variance E‖ĝ − g‖²/‖g‖² of the {} cell ({weights}) at t = {t_mid} / {t_end}",
+            cell.name()
+        );
         print!("{:<5}", "n");
         for l in &learners {
             print!(" {:>21}", format!("{l}@{t_mid}/{t_end}"));
         }
         println!();
-        for &n in &a.hidden {
+        for &n in &hidden {
             print!("{n:<5}");
             for l in &learners {
                 let g = |t: usize| report.get(l, n, t).unwrap_or(f64::NAN);
@@ -219,7 +243,7 @@ fn variance(a: VarianceArgs) -> Result<(), String> {
     if let Some(path) = &a.plot {
         let mut over_t = Vec::new();
         for &l in &learners {
-            for &n in &a.hidden {
+            for &n in &hidden {
                 let points = report
                     .rows
                     .iter()
@@ -233,8 +257,7 @@ fn variance(a: VarianceArgs) -> Result<(), String> {
             .iter()
             .map(|&l| Series {
                 label: l.to_string(),
-                points: a
-                    .hidden
+                points: hidden
                     .iter()
                     .filter_map(|&n| report.get(l, n, t_end).map(|v| (n as f64, v)))
                     .collect(),
@@ -475,4 +498,21 @@ pub fn copy_staircase(curve: &[kfrtrl::tools::experiment::copy::CurvePoint]) -> 
         pts.push((p.step as f64, p.length as f64));
     }
     pts
+}
+
+/// A trained model's weights (in f64) and a corpus tokenized in its format and vocabulary.
+fn trained_weights(
+    path: &std::path::Path,
+    corpus: &std::path::Path,
+) -> Result<kfrtrl::tools::experiment::variance::TrainedWeights, String> {
+    let file = kfrtrl::engine::model_file::load(path).map_err(|e| e.to_string())?;
+    let (format, vocab) = super::train::saved_format_and_vocab(path, &file, None)?;
+    let data = std::fs::read(corpus).map_err(|e| format!("{}: {e}", corpus.display()))?;
+    let tokens = kfrtrl::tools::corpus::tokenize_with(&data, format, &vocab)
+        .map_err(|e| format!("{}: {e}", corpus.display()))?;
+    Ok(kfrtrl::tools::experiment::variance::TrainedWeights {
+        config: file.config,
+        params: file.params.cast::<f64>(),
+        tokens,
+    })
 }

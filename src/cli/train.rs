@@ -163,6 +163,36 @@ fn initial(args: &TrainArgs) -> Result<Initial, String> {
         });
     };
     let file = load(path).map_err(|e| e.to_string())?;
+    let (format, vocab) = saved_format_and_vocab(path, &file, args.format)?;
+    // A server checkpoint counts write-ahead-log records, not steps over this corpus: its run
+    // here starts at the corpus's beginning.
+    let from_server = file.metadata.contains_key("engine");
+    let steps = if from_server { 0 } else { file.counters.steps };
+    Ok(Initial {
+        base: file.config,
+        format,
+        saved: Some(Saved {
+            vocab,
+            start: Start {
+                params: file.params,
+                optimizer: file.optimizer,
+                steps,
+                symbols: file.counters.symbols,
+            },
+            nonfinite_updates: file.counters.nonfinite_updates,
+            batch: file.metadata.get("batch").and_then(serde_json::Value::as_u64).map(|b| b as usize),
+            reset_every: file.metadata.get("reset_every").and_then(serde_json::Value::as_u64),
+        }),
+    })
+}
+
+/// The corpus format and vocabulary of a saved model (`asked`, if given, must agree with the
+/// one it was trained on), checked against the model's vocabulary size.
+pub(crate) fn saved_format_and_vocab(
+    path: &std::path::Path,
+    file: &ModelFile,
+    asked: Option<Format>,
+) -> Result<(Format, Vocab), String> {
     let saved_format =
         match file.metadata.get("corpus_format").and_then(|f| f.as_str()) {
             Some(name) => Some(Format::parse(name).ok_or_else(|| {
@@ -170,7 +200,7 @@ fn initial(args: &TrainArgs) -> Result<Initial, String> {
             })?),
             None => None,
         };
-    let format = match (args.format, saved_format) {
+    let format = match (asked, saved_format) {
         (Some(asked), Some(saved)) if asked != saved => {
             return Err(format!(
                 "{} was trained on the {} format, not {}",
@@ -202,26 +232,7 @@ fn initial(args: &TrainArgs) -> Result<Initial, String> {
             vocab.size
         ));
     }
-    // A server checkpoint counts write-ahead-log records, not steps over this corpus: its run
-    // here starts at the corpus's beginning.
-    let from_server = file.metadata.contains_key("engine");
-    let steps = if from_server { 0 } else { file.counters.steps };
-    Ok(Initial {
-        base: file.config,
-        format,
-        saved: Some(Saved {
-            vocab,
-            start: Start {
-                params: file.params,
-                optimizer: file.optimizer,
-                steps,
-                symbols: file.counters.symbols,
-            },
-            nonfinite_updates: file.counters.nonfinite_updates,
-            batch: file.metadata.get("batch").and_then(serde_json::Value::as_u64).map(|b| b as usize),
-            reset_every: file.metadata.get("reset_every").and_then(serde_json::Value::as_u64),
-        }),
-    })
+    Ok((format, vocab))
 }
 
 pub fn run(args: TrainArgs) -> Result<(), String> {

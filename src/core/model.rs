@@ -260,6 +260,8 @@ pub mod limits {
     pub const MAX_HIDDEN: usize = 4096;
     /// Largest hidden size for exact RTRL, whose influence matrix has `k·n·r·n·m` entries.
     pub const MAX_RTRL_HIDDEN: usize = 64;
+    /// Largest hidden size for exact RTRL as an offline oracle ([`super::ModelConfig::check_as_oracle`]).
+    pub const MAX_RTRL_ORACLE_HIDDEN: usize = 256;
     /// Largest rank of the `ok` learner.
     pub const MAX_OK_RANK: usize = 32;
     /// Largest truncation window.
@@ -285,17 +287,25 @@ fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
 impl ModelConfig {
     /// Validates every field and derives the sizes.
     pub fn check(&self) -> Result<ModelSpec, ConfigError> {
+        self.check_with_rtrl_limit(limits::MAX_RTRL_HIDDEN)
+    }
+
+    /// As [`ModelConfig::check`], with exact RTRL allowed up to [`limits::MAX_RTRL_ORACLE_HIDDEN`]:
+    /// for the offline experiments that need the exact influence as an oracle at the service's
+    /// widths (one stream, measured once), never for a model that serves.
+    pub fn check_as_oracle(&self) -> Result<ModelSpec, ConfigError> {
+        self.check_with_rtrl_limit(limits::MAX_RTRL_ORACLE_HIDDEN)
+    }
+
+    fn check_with_rtrl_limit(&self, rtrl_limit: usize) -> Result<ModelSpec, ConfigError> {
         if !(2..=limits::MAX_VOCAB).contains(&self.vocab_size) {
             return Err(invalid("vocab_size", format!("must be in 2..={}", limits::MAX_VOCAB)));
         }
         if !(1..=limits::MAX_HIDDEN).contains(&self.hidden) {
             return Err(invalid("hidden", format!("must be in 1..={}", limits::MAX_HIDDEN)));
         }
-        if self.learner == LearnerKind::Rtrl && self.hidden > limits::MAX_RTRL_HIDDEN {
-            return Err(invalid(
-                "hidden",
-                format!("exact RTRL is limited to hidden <= {}", limits::MAX_RTRL_HIDDEN),
-            ));
+        if self.learner == LearnerKind::Rtrl && self.hidden > rtrl_limit {
+            return Err(invalid("hidden", format!("exact RTRL is limited to hidden <= {rtrl_limit}")));
         }
         if self.learner == LearnerKind::Tbptt && !(1..=limits::MAX_TBPTT_WINDOW).contains(&self.tbptt_window)
         {

@@ -176,3 +176,43 @@ fn ok_variance_falls_with_rank_for_every_cell() {
         assert!(v("ok:4") > 0.0, "{cell}: still random at rank 4");
     }
 }
+
+/// With given weights and a corpus, the experiment measures at those weights on windows of that
+/// corpus, past the service's width limit for exact RTRL (72 > 64): a corpus of one repeated
+/// token gives other numbers than a varied one, OK at full rank is exact there too, and a
+/// corpus shorter than the sequences is refused.
+#[test]
+fn trained_weights_and_a_corpus_replace_the_random_ones() {
+    use kfrtrl::core::{CellKind, LearnerKind, ModelConfig, Params};
+    use kfrtrl::tools::experiment::variance::{Estimator, TrainedWeights};
+    let config = ModelConfig {
+        vocab_size: 3,
+        cell: CellKind::Tanh,
+        hidden: 72,
+        init_std: 0.1,
+        ..ModelConfig::default()
+    };
+    let params = Params::<f64>::init(&config.check().unwrap());
+    let run = |tokens: Vec<u32>, rank: usize| {
+        let cfg = VarianceConfig {
+            estimators: vec![Estimator { learner: LearnerKind::Ok, rank }],
+            steps: 6,
+            samples: 4,
+            sequences: 1,
+            every: 3,
+            trained: Some(TrainedWeights { config: config.clone(), params: params.clone(), tokens }),
+            ..VarianceConfig::default()
+        };
+        run_variance(&cfg, |_, _| {})
+    };
+    let varied: Vec<u32> = (0..40).map(|i| (i * 7 % 3) as u32).collect();
+    let a = run(varied.clone(), 1).unwrap();
+    let b = run(vec![1; 40], 1).unwrap();
+    assert_eq!(a.rows.iter().map(|r| r.n).collect::<Vec<_>>(), vec![72, 72]);
+    let (va, vb) = (a.get("ok:1", 72, 6).unwrap(), b.get("ok:1", 72, 6).unwrap());
+    assert!(va > 0.0 && vb > 0.0 && (va - vb).abs() > 1e-6 * va, "varied {va} vs repeated {vb}");
+    // Rank 6 carries all 6 steps' terms: no reduction has dropped anything.
+    let exact = run(varied, 6).unwrap();
+    assert!(exact.get("ok:6", 72, 6).unwrap() < 1e-20, "{:?}", exact.rows);
+    assert!(run(vec![0; 5], 1).is_err(), "a corpus shorter than the steps must be refused");
+}

@@ -17,6 +17,11 @@
 //!   estimates `ĝ = δ_tᵀ Ĝ_t` with respect to every entry of the cell's weight matrix `W` (all
 //!   its columns, for `a_t = [x; h; 1]`: input, recurrent block `W_h` and bias alike), and the
 //!   relative variance is `mean_slots ‖ĝ − g‖² / ‖g‖²`, averaged over the sequences.
+//!
+//! With [`VarianceConfig::trained`], the weights are a trained model's instead (its cell, width
+//! and vocabulary), and each sequence is a window of a real corpus at a random offset: the
+//! noise the learner has where it is used, not only on contracting random weights. Exact RTRL
+//! is the oracle at any width up to [`crate::core::model::limits::MAX_RTRL_ORACLE_HIDDEN`].
 
 use std::time::Instant;
 
@@ -75,6 +80,20 @@ pub struct VarianceConfig {
     pub input_std: f64,
     /// Seed of weights, inputs, `δ` and signs.
     pub seed: u64,
+    /// A trained model's weights and a tokenized corpus to read, in place of the random
+    /// contracting weights and random tokens (`cell`, `hidden` and `vocab` are then the model's).
+    pub trained: Option<TrainedWeights>,
+}
+
+/// A trained model and the corpus its sequences are cut from.
+#[derive(Debug, Clone)]
+pub struct TrainedWeights {
+    /// The cell, width and vocabulary of the model (its learner is ignored).
+    pub config: ModelConfig,
+    /// Its weights.
+    pub params: Params<f64>,
+    /// The corpus, in the model's vocabulary (at least `steps` tokens).
+    pub tokens: Vec<u32>,
 }
 
 impl Default for VarianceConfig {
@@ -95,6 +114,7 @@ impl Default for VarianceConfig {
             contraction: 0.9,
             input_std: 1.0,
             seed: 0,
+            trained: None,
         }
     }
 }
@@ -194,7 +214,7 @@ fn spec_for(
         uoro_epsilon: 0.0,
         ..ModelConfig::default()
     }
-    .check()
+    .check_as_oracle()
 }
 
 /// `Σ_i (ĝ_i − g_i)²` for the gradient of one Kronecker sum `Σ_l u_l ⊗ A_l`: `ĝ = Σ_l (A_lᵀδ) ⊗ u_l`.
@@ -244,19 +264,35 @@ pub fn run_variance(
     let mut rows = Vec::new();
     let seqs = cfg.sequences.max(1);
     let samples = cfg.samples.max(1);
-    for &n in &cfg.hidden {
+    let (cell, vocab, hidden) = match &cfg.trained {
+        Some(t) => {
+            if t.tokens.len() < cfg.steps {
+                return Err(ConfigError {
+                    field: "corpus",
+                    reason: format!("has {} tokens, fewer than the {} steps", t.tokens.len(), cfg.steps),
+                });
+            }
+            (t.config.cell, t.config.vocab_size, vec![t.config.hidden])
+        }
+        None => (cfg.cell, cfg.vocab, cfg.hidden.clone()),
+    };
+    for &n in &hidden {
         // sums[e][i]: Σ over sequences of the relative variance at times[i].
         let mut sums = vec![vec![0.0; times.len()]; estimators.len()];
         for q in 0..seqs {
             let run_key = derive_key(derive_key(cfg.seed, n as u64), q as u64);
             let exact = Estimator { learner: LearnerKind::Rtrl, rank: 1 };
-            let exact_spec = spec_for(cfg.cell, exact, n, cfg.vocab, cfg.seed)?;
-            let params =
-                contracting_weights(&exact_spec, cfg.contraction, cfg.input_std, derive_key(run_key, 1));
+            let exact_spec = spec_for(cell, exact, n, vocab, cfg.seed)?;
+            let params = match &cfg.trained {
+                Some(t) => t.params.clone(),
+                None => {
+                    contracting_weights(&exact_spec, cfg.contraction, cfg.input_std, derive_key(run_key, 1))
+                }
+            };
             let mut exact = StreamSet::<f64>::new(&exact_spec, 1);
             let mut sets = Vec::new();
             for (e, &kind) in estimators.iter().enumerate() {
-                let spec = spec_for(cfg.cell, kind, n, cfg.vocab, cfg.seed)?;
+                let spec = spec_for(cell, kind, n, vocab, cfg.seed)?;
                 let mut set = StreamSet::<f64>::new(&spec, samples);
                 for slot in 0..samples {
                     set.set_sign_key(slot, derive_key(derive_key(run_key, 10 + e as u64), slot as u64));
@@ -264,9 +300,16 @@ pub fn run_variance(
                 sets.push((spec, set));
             }
             let mut rng = CounterRng::new(derive_key(run_key, 2));
+            let window = cfg.trained.as_ref().map(|t| {
+                let start = rng.below((t.tokens.len() - cfg.steps + 1) as u64) as usize;
+                &t.tokens[start..start + cfg.steps]
+            });
             let mut next_time = 0;
             for t in 1..=cfg.steps {
-                let token = rng.below(cfg.vocab as u64) as u32;
+                let token = match window {
+                    Some(w) => w[t - 1],
+                    None => rng.below(vocab as u64) as u32,
+                };
                 exact.advance(&params, &[SlotStep::learn(0, token)]).expect("valid token");
                 let batch: Vec<SlotStep> = (0..samples).map(|slot| SlotStep::learn(slot, token)).collect();
                 for (_, set) in sets.iter_mut() {
