@@ -173,3 +173,22 @@ pub fn through_d<T: Float>(spec: &ModelSpec, x: &[T], d: &[T], out: &mut [T]) {
         }
     }
 }
+
+/// `out = H_t v` for a state-sized `v`, given `w_h_v = W_h v_h` (`r·n`): the carry's part plus
+/// each gate's `D`: `out[bi·n + j] = Σ_bj carry[(bi·k + bj)·n + j] v[bj·n + j] + Σ_q D[(bi·r + q)·n + j] w_h_v[q·n + j]`
+/// (`D` and the carry as [`jacobian`] takes them).
+pub fn jacobian_times<T: Float>(spec: &ModelSpec, d: &[T], carry: &[T], v: &[T], w_h_v: &[T], out: &mut [T]) {
+    let (n, r, k) = (spec.n, spec.r, spec.k);
+    for bi in 0..k {
+        for j in 0..n {
+            let mut acc = T::zero();
+            for bj in 0..k {
+                acc = acc + carry[(bi * k + bj) * n + j] * v[bj * n + j];
+            }
+            for q in 0..r {
+                acc = acc + d[(bi * r + q) * n + j] * w_h_v[q * n + j];
+            }
+            out[bi * n + j] = acc;
+        }
+    }
+}

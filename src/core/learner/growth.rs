@@ -14,6 +14,7 @@ use ndarray::{Array2, ArrayView2};
 
 use super::raw::SlotRows;
 use crate::core::float::{Float, all_finite, dot_f64, sum_squares};
+use crate::core::linalg::jacobian_times;
 use crate::core::model::ModelSpec;
 use crate::core::slot_state::{SlotState, names};
 
@@ -123,7 +124,6 @@ impl<T: Float> ProbeRows<T> {
         carry: &[T],
         b: usize,
     ) -> T {
-        let (n, r, k) = (spec.n, spec.r, spec.k);
         // SAFETY: the caller owns slot `b`.
         let (v, rate, wv, next) =
             unsafe { (self.tangent.row(b), &mut self.rate.row(b)[0], self.wv.row(b), self.next.row(b)) };
@@ -133,18 +133,7 @@ impl<T: Float> ProbeRows<T> {
             *out =
                 T::from_f64_rounded(dot_f64(row.as_slice().expect("rows of W_h are contiguous"), &v[hoff..]));
         }
-        for bi in 0..k {
-            for j in 0..n {
-                let mut acc = T::zero();
-                for bj in 0..k {
-                    acc = acc + carry[(bi * k + bj) * n + j] * v[bj * n + j];
-                }
-                for q in 0..r {
-                    acc = acc + d[(bi * r + q) * n + j] * wv[q * n + j];
-                }
-                next[bi * n + j] = acc;
-            }
-        }
+        jacobian_times(spec, d, carry, v, wv, next);
         let growth = sum_squares(next).sqrt();
         if growth > 0.0 && growth.is_finite() {
             let inv = T::from_f64_rounded(1.0 / growth);

@@ -18,7 +18,7 @@ use super::SlotStep;
 use super::raw::SlotRows;
 use super::{StepInputs, for_each_input};
 use crate::core::float::{Float, all_finite, sum_squares};
-use crate::core::linalg::{Par, gemm, through_d};
+use crate::core::linalg::{Par, gemm, jacobian_times, through_d};
 use crate::core::model::{ModelSpec, Params};
 use crate::core::optim::Gradients;
 use crate::core::rng;
@@ -190,7 +190,7 @@ impl<T: Float> Uoro<T> {
     }
 
     pub(super) fn advance(&mut self, spec: &ModelSpec, params: &Params<T>, step: &StepInputs<'_, T>) {
-        let (n, r, k, s_len) = (spec.n, spec.r, spec.k, spec.state_len());
+        let (n, s_len) = (spec.n, spec.state_len());
         let hoff = spec.h_offset();
         let (eps, scale_limit) = (self.eps, self.scale_limit);
         let w_h = params.w_h(spec);
@@ -227,19 +227,8 @@ impl<T: Float> Uoro<T> {
             let carry = carry.as_slice().expect("contiguous");
             let prev = step.prev.row(i);
             let h_prev = &prev.as_slice().expect("contiguous")[hoff..];
-            // s̃' = carry ⊙ s̃ + Σ_q D^q ⊙ y^q.
-            for bi in 0..k {
-                for j in 0..n {
-                    let mut acc = T::zero();
-                    for bj in 0..k {
-                        acc = acc + carry[(bi * k + bj) * n + j] * st[bj * n + j];
-                    }
-                    for q in 0..r {
-                        acc = acc + d[(bi * r + q) * n + j] * y[q * n + j];
-                    }
-                    sp[bi * n + j] = acc;
-                }
-            }
+            // s̃' = H_t s̃.
+            jacobian_times(spec, d, carry, st, y, sp);
             match &forced[b] {
                 Some(signs) => nu.iter_mut().zip(signs).for_each(|(v, &sgn)| *v = T::from_f64_rounded(sgn)),
                 None => {
