@@ -290,6 +290,17 @@ impl ModelConfig {
         self.check_with_rtrl_limit(limits::MAX_RTRL_HIDDEN)
     }
 
+    /// The same model with its weights frozen (for evaluation): the frozen learner, without the
+    /// options only a learner that carries an influence may have.
+    pub fn frozen(&self) -> ModelConfig {
+        ModelConfig {
+            learner: LearnerKind::Frozen,
+            influence_decay: 1.0,
+            influence_margin: None,
+            ..self.clone()
+        }
+    }
+
     /// As [`ModelConfig::check`], with exact RTRL allowed up to [`limits::MAX_RTRL_ORACLE_HIDDEN`]:
     /// for the offline experiments that need the exact influence as an oracle at the service's
     /// widths (one stream, measured once), never for a model that serves.

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::core::model::ConfigError;
 use crate::core::probe::TangentProbe;
-use crate::core::{LearnerKind, ModelConfig, ModelSpec, Optimizer, Params, SlotStep, StreamSet};
+use crate::core::{ModelConfig, ModelSpec, Optimizer, Params, SlotStep, StreamSet};
 
 /// What to train and for how long.
 #[derive(Debug, Clone)]
@@ -139,10 +139,7 @@ pub struct Progress {
 
 /// Mean bits per symbol of `tokens` under frozen weights: one sequential pass from a zero state.
 pub fn evaluate(spec: &ModelSpec, params: &Params<f32>, tokens: &[u32]) -> f64 {
-    // A frozen model carries no influence to decay.
-    let frozen = ModelConfig { learner: LearnerKind::Frozen, influence_decay: 1.0, ..spec.config.clone() }
-        .check()
-        .expect("a checked config stays valid when frozen");
+    let frozen = spec.config.frozen().check().expect("a checked config stays valid when frozen");
     let mut set = StreamSet::<f32>::new(&frozen, 1);
     let mut loss = [0.0];
     let mut sum = 0.0;

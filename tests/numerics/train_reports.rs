@@ -554,3 +554,29 @@ fn the_defaults_learn_abcdefgh_repeated() {
     set.predict(&params, 0, &mut probs);
     assert!(probs[usize::from(b'a')] >= 0.9, "p(a | …h) = {}", probs[usize::from(b'a')]);
 }
+
+/// A run with an influence decay or margin evaluated its held-out file with a frozen copy that
+/// kept the option, which only learners with an influence may have: the run panicked at its end
+/// after training (session 14 lost a 30-minute result to it).
+#[test]
+fn a_run_with_an_influence_decay_or_margin_evaluates_its_held_out_file() {
+    let corpus = corpus("margin-eval");
+    for option in [["--influence-margin", "0.01"], ["--influence-decay", "0.99"]] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_kfrtrl"))
+            .args(["train", "--format", "ptb-char", "--cell", "rhn", "--hidden", "6", "--batch", "2"])
+            .args(["--symbols", "200", "--eval-every", "100", "--learner", "ok:2", "--json"])
+            .args(option)
+            .arg("--corpus")
+            .arg(&corpus)
+            .arg("--eval")
+            .arg(&corpus)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{option:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let bpc = report["eval_bpc"].as_f64().unwrap();
+        assert!(bpc.is_finite() && bpc > 0.0, "{option:?}: eval {bpc}");
+        assert_eq!(report["evals"].as_array().unwrap().len(), 2);
+    }
+    std::fs::remove_dir_all(corpus.parent().unwrap()).unwrap();
+}
