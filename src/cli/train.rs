@@ -78,6 +78,11 @@ pub struct TrainArgs {
     /// biased remedy where the true influence would grow
     #[arg(long)]
     influence_margin: Option<f64>,
+    /// Apply the optimizer once at least this many token gradients have accumulated, averaged,
+    /// over all streams and steps (default 1: every step; a step with B learning streams counts
+    /// B)
+    #[arg(long)]
+    tokens_per_update: Option<usize>,
     /// Seed of the weights and the random signs.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -294,6 +299,7 @@ pub fn run(args: TrainArgs) -> Result<(), String> {
         gradient_before_reduction: args.gradient_before_reduction.unwrap_or(base.gradient_before_reduction),
         influence_decay: args.influence_decay.unwrap_or(base.influence_decay),
         influence_margin: args.influence_margin.or(base.influence_margin),
+        tokens_per_update: args.tokens_per_update.unwrap_or(base.tokens_per_update),
         ..base.clone()
     });
     let spec = model.check().map_err(|e| e.to_string())?;

@@ -7,6 +7,7 @@ pub mod learner;
 pub mod linalg;
 pub mod model;
 pub mod optim;
+pub mod pending;
 pub mod probe;
 pub mod rng;
 pub mod slot_state;

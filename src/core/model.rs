@@ -186,6 +186,11 @@ pub struct ModelConfig {
     /// elsewhere a bias, asked for explicitly. Absent (the default): off.
     #[serde(default)]
     pub influence_margin: Option<f64>,
+    /// Apply the optimizer once at least this many token gradients have accumulated, averaged,
+    /// over any streams and steps ([`crate::core::pending`]); 1 updates at every step. Absent from
+    /// a saved configuration: 1, as before the choice.
+    #[serde(default = "absent::tokens_per_update")]
+    pub tokens_per_update: usize,
     /// Seed of the weights' initialisation and of every random sign.
     pub seed: u64,
     /// Standard deviation of the Gaussian initialisation of `W` and `V`.
@@ -207,6 +212,11 @@ pub mod absent {
     /// `influence_decay`: none.
     pub fn influence_decay() -> f64 {
         1.0
+    }
+
+    /// `tokens_per_update`: every step.
+    pub fn tokens_per_update() -> usize {
+        1
     }
 
     /// `ok_rank`: the default rank.
@@ -245,6 +255,7 @@ impl Default for ModelConfig {
             gradient_before_reduction: true,
             influence_decay: 1.0,
             influence_margin: None,
+            tokens_per_update: 1,
             seed: 0,
             init_std: 0.01,
             uoro_epsilon: 1e-7,
@@ -262,6 +273,8 @@ pub mod limits {
     pub const MAX_RTRL_HIDDEN: usize = 64;
     /// Largest hidden size for exact RTRL as an offline oracle ([`super::ModelConfig::check_as_oracle`]).
     pub const MAX_RTRL_ORACLE_HIDDEN: usize = 256;
+    /// Largest number of tokens per optimizer update.
+    pub const MAX_TOKENS_PER_UPDATE: usize = 65536;
     /// Largest rank of the `ok` learner.
     pub const MAX_OK_RANK: usize = 32;
     /// Largest truncation window.
@@ -338,6 +351,12 @@ impl ModelConfig {
             && !matches!(self.learner, LearnerKind::KfRtrl | LearnerKind::Ok | LearnerKind::Rtrl)
         {
             return Err(invalid("influence_decay", "only kf-rtrl, ok and rtrl carry an influence to decay"));
+        }
+        if !(1..=limits::MAX_TOKENS_PER_UPDATE).contains(&self.tokens_per_update) {
+            return Err(invalid(
+                "tokens_per_update",
+                format!("must be in 1..={}", limits::MAX_TOKENS_PER_UPDATE),
+            ));
         }
         if let Some(margin) = self.influence_margin {
             if !(margin.is_finite() && (0.0..=1.0).contains(&margin)) {

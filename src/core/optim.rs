@@ -30,7 +30,7 @@ impl<T: Float> Gradients<T> {
     }
 
     /// The same values in standard (row-major, contiguous) layout, which every pass relies on.
-    fn into_standard_layout(self) -> Self {
+    pub(crate) fn into_standard_layout(self) -> Self {
         let fix = |a: Array2<T>| if a.is_standard_layout() { a } else { a.as_standard_layout().into_owned() };
         Self { w: fix(self.w), v: fix(self.v) }
     }
@@ -61,6 +61,12 @@ impl<T: Float> Gradients<T> {
     pub fn add(&mut self, other: &Self) {
         self.w.scaled_add(T::one(), &other.w);
         self.v.scaled_add(T::one(), &other.v);
+    }
+
+    /// `self += c · other`.
+    pub fn add_scaled(&mut self, other: &Self, c: T) {
+        self.w.scaled_add(c, &other.w);
+        self.v.scaled_add(c, &other.v);
     }
 
     /// Euclidean norm over all entries, accumulated in f64.
@@ -111,6 +117,12 @@ pub enum OptimizerStateError {
         /// The entry, as text.
         value: String,
     },
+    /// A pending gradient sum for a model that updates at every step.
+    #[error("a pending gradient sum, but the model updates at every step (tokens_per_update 1)")]
+    UnexpectedPending,
+    /// A pending sum with a non-finite value or a token count out of range.
+    #[error("the pending gradient sum is not finite, or its token count is out of range")]
+    BadPending,
 }
 
 /// What one optimizer call did.
@@ -141,6 +153,9 @@ pub struct Optimizer<T> {
     pub m: Option<Gradients<T>>,
     /// Adam's second moments (empty for SGD).
     pub v: Option<Gradients<T>>,
+    /// The token gradients waiting for the next update (`tokens_per_update` above 1;
+    /// [`crate::core::pending`]).
+    pub pending: Option<super::pending::PendingUpdate<T>>,
 }
 
 /// Element-wise passes over more than this many weights run on the pool, in chunks of it.
@@ -213,6 +228,7 @@ impl<T: Float> Optimizer<T> {
             steps: 0,
             m: adam.then(|| Gradients::zeros(spec)),
             v: adam.then(|| Gradients::zeros(spec)),
+            pending: super::pending::PendingUpdate::new(spec),
         }
     }
 

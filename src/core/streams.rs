@@ -257,7 +257,7 @@ impl<T: Float> StreamSet<T> {
         if carried != 1.0 {
             self.grad.scale(T::from_f64_rounded(1.0 / carried));
         }
-        Some(optimizer.apply(params, &self.grad))
+        optimizer.step(params, &self.grad, carried)
     }
 
     /// Writes the slot's next-token distribution `softmax(V [h; 1])` into `probs` (length vocab).
@@ -545,7 +545,7 @@ impl<T: Float> StreamSet<T> {
         losses: &mut [f64],
     ) -> Result<StepReport, StepError> {
         let contributions = self.score(params, inputs, losses)?;
-        let update = (contributions > 0.0).then(|| optimizer.apply(params, &self.grad));
+        let update = optimizer.step(params, &self.grad, contributions);
         let faulted = self.recover_from_faults(params, inputs, &losses[..inputs.len()], update);
         self.advance_states(params, inputs)?;
         Ok(StepReport { contributions, update, faulted })

@@ -64,6 +64,10 @@ pub struct ModelDefinition {
     /// Jacobians would let it grow (see [`ModelConfig::influence_margin`]).
     #[serde(default)]
     pub influence_margin: Option<f64>,
+    /// Apply the optimizer once at least this many token gradients have accumulated, over any
+    /// streams and steps (1: at every step). Absent from a saved definition: 1.
+    #[serde(default = "crate::core::model::absent::tokens_per_update")]
+    pub tokens_per_update: usize,
     /// Seed of the initial weights and of every random sign.
     pub seed: u64,
     /// Standard deviation of the initial weights.
@@ -100,6 +104,7 @@ impl ModelDefinition {
             gradient_before_reduction: c.gradient_before_reduction,
             influence_decay: c.influence_decay,
             influence_margin: c.influence_margin,
+            tokens_per_update: c.tokens_per_update,
             seed: c.seed,
             init_std: c.init_std,
             uoro_epsilon: c.uoro_epsilon,
@@ -123,6 +128,7 @@ impl ModelDefinition {
             gradient_before_reduction: self.gradient_before_reduction,
             influence_decay: self.influence_decay,
             influence_margin: self.influence_margin,
+            tokens_per_update: self.tokens_per_update,
             seed: self.seed,
             init_std: self.init_std,
             uoro_epsilon: self.uoro_epsilon,
@@ -181,6 +187,9 @@ pub struct ModelRequest {
     /// See [`ModelDefinition::influence_margin`].
     #[serde(default)]
     pub influence_margin: Option<f64>,
+    /// See [`ModelDefinition::tokens_per_update`].
+    #[serde(default)]
+    pub tokens_per_update: Option<usize>,
     /// See [`ModelDefinition::seed`].
     #[serde(default)]
     pub seed: Option<u64>,
@@ -214,6 +223,7 @@ impl ModelRequest {
             gradient_before_reduction: self.gradient_before_reduction.unwrap_or(d.gradient_before_reduction),
             influence_decay: self.influence_decay.unwrap_or(d.influence_decay),
             influence_margin: self.influence_margin.or(d.influence_margin),
+            tokens_per_update: self.tokens_per_update.unwrap_or(d.tokens_per_update),
             seed: self.seed.unwrap_or(d.seed),
             init_std: self.init_std.unwrap_or(d.init_std),
             uoro_epsilon: self.uoro_epsilon.unwrap_or(d.uoro_epsilon),

@@ -249,6 +249,9 @@ struct State {
     counters: Counters,
     optimizer: String,
     optimizer_updates: u64,
+    /// Token gradients summed in `pending.*` and not applied yet (`tokens_per_update` above 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pending_tokens: Option<f64>,
 }
 
 /// The tensors of a model, in a fixed order, with their expected shapes.
@@ -256,6 +259,9 @@ fn tensors(m: &ModelFile) -> Vec<(&'static str, &Array2<f32>)> {
     let mut t = vec![("w", &m.params.w), ("v", &m.params.v)];
     if let (Some(mm), Some(vv)) = (&m.optimizer.m, &m.optimizer.v) {
         t.extend([("adam.m.w", &mm.w), ("adam.m.v", &mm.v), ("adam.v.w", &vv.w), ("adam.v.v", &vv.v)]);
+    }
+    if let Some((sum, _)) = m.optimizer.pending() {
+        t.extend([("pending.w", &sum.w), ("pending.v", &sum.v)]);
     }
     t
 }
@@ -313,6 +319,7 @@ pub fn to_bytes_of_version(model: &ModelFile, version: u32) -> Result<Vec<u8>, M
         counters: model.counters,
         optimizer: model.config.optimizer.name().into(),
         optimizer_updates: model.optimizer.steps,
+        pending_tokens: model.optimizer.pending().map(|(_, tokens)| tokens),
     })
     .map_err(|e| ModelFileError::Inconsistent(e.to_string()))?;
     let metadata = serde_json::Value::Object(model.metadata.clone()).to_string();
@@ -456,6 +463,10 @@ pub fn from_bytes(bytes: &[u8]) -> Result<ModelFile, ModelFileError> {
             ("adam.v.v", shape_v),
         ]);
     }
+    let pending = state.pending_tokens.is_some();
+    if pending {
+        names.extend([("pending.w", shape_w), ("pending.v", shape_v)]);
+    }
     let mut arrays = Vec::new();
     let mut raw = Vec::new();
     for (name, shape) in &names {
@@ -497,8 +508,12 @@ pub fn from_bytes(bytes: &[u8]) -> Result<ModelFile, ModelFileError> {
         (m, v)
     });
     // Through `restore`, which refuses moments that would poison the weights (a negative v).
-    let optimizer = Optimizer::restore(&spec, state.optimizer_updates, moments)
+    let mut optimizer = Optimizer::restore(&spec, state.optimizer_updates, moments)
         .map_err(|e| invalid(format!("optimizer state: {e}")))?;
+    if let Some(tokens) = state.pending_tokens {
+        let sum = Gradients { w: it.next().expect("pending.w"), v: it.next().expect("pending.v") };
+        optimizer.restore_pending(sum, tokens).map_err(|e| invalid(format!("optimizer state: {e}")))?;
+    }
     Ok(ModelFile { config, params, optimizer, counters: state.counters, metadata, extra })
 }
 

@@ -187,7 +187,7 @@ fn train_evaluated_by(
     let spec = cfg.model.check()?;
     assert!(!train.is_empty(), "empty training corpus");
     let b = cfg.batch.max(1);
-    let Start { mut params, optimizer, steps: first, symbols: start_symbols } = start;
+    let Start { mut params, mut optimizer, steps: first, symbols: start_symbols } = start;
     let too_long = || ConfigError {
         field: "steps",
         reason: format!(
@@ -204,12 +204,18 @@ fn train_evaluated_by(
         params.w.dim() == shapes.w.dim() && params.v.dim() == shapes.v.dim(),
         "the starting weights do not fit the model"
     );
+    // The gradients a saved run had summed but not applied continue with it when the run keeps
+    // its tokens per update (then two runs split anywhere make one); otherwise they are dropped.
+    let pending = optimizer.pending.take();
     let mut opt = if optimizer.kind() == spec.config.optimizer {
         Optimizer::restore(&spec, optimizer.steps, optimizer.m.zip(optimizer.v))
             .expect("the starting optimizer's moments fit the model")
     } else {
         Optimizer::new(&spec)
     };
+    if let Some(p) = pending.filter(|p| p.every == spec.config.tokens_per_update as f64) {
+        opt.restore_pending(p.sum, p.tokens).expect("a saved pending sum fits its model");
+    }
     let mut set = StreamSet::<f32>::new(&spec, b);
     for s in 0..b {
         set.set_sign_counter(s, first);

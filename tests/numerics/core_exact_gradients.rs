@@ -51,6 +51,7 @@ fn config(cell: CellKind, n: usize, vocab: usize, learner: LearnerKind, seed: u6
         gradient_before_reduction: false,
         influence_decay: 1.0,
         influence_margin: None,
+        tokens_per_update: 1,
         seed,
         init_std: 0.5,
         uoro_epsilon: 0.0,

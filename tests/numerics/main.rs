@@ -19,5 +19,6 @@ mod experiment_variance;
 mod influence_decay;
 mod learners_batched;
 mod model_file;
+mod pending_update;
 mod train_reports;
 mod uoro_step;

@@ -1,0 +1,119 @@
+//! Updates that wait for enough tokens (`tokens_per_update`, `core::pending`): the weights move
+//! only once the accumulated token gradients reach the count, by the optimizer's step on their
+//! average, weighted by each step's tokens; a non-finite step is refused without touching the
+//! sum; a saved sum is checked when restored.
+
+use kfrtrl::core::optim::UpdateOutcome;
+use kfrtrl::core::{
+    CellKind, Gradients, LearnerKind, ModelConfig, Optimizer, OptimizerKind, Params, SlotStep, StreamSet,
+};
+
+fn config(tokens_per_update: usize) -> ModelConfig {
+    ModelConfig {
+        vocab_size: 5,
+        cell: CellKind::Rhn,
+        hidden: 5,
+        learner: LearnerKind::Ok,
+        ok_rank: 2,
+        optimizer: OptimizerKind::Adam,
+        lr: 1e-2,
+        clip: 1.0,
+        seed: 4,
+        init_std: 0.3,
+        tokens_per_update,
+        ..ModelConfig::default()
+    }
+}
+
+/// The schedule against a hand-made accumulation: each step's averaged gradient times its
+/// token count summed, averaged and applied by an every-step optimizer once 10 tokens are in.
+/// Steps carry 1 to 3 learning tokens (a predict-only input adds none), so updates come at
+/// irregular steps.
+#[test]
+fn updates_wait_for_enough_tokens_and_apply_their_average() {
+    let spec = config(10).check().unwrap();
+    let every_step = config(1).check().unwrap();
+    let (mut params, mut opt) = (Params::<f64>::init(&spec), Optimizer::new(&spec));
+    let (mut ref_params, mut ref_opt) = (params.clone(), Optimizer::<f64>::new(&every_step));
+    let mut set = StreamSet::<f64>::new(&spec, 3);
+    let mut reference = set.clone();
+    let (mut sum, mut count) = (Gradients::<f64>::zeros(&spec), 0.0);
+    let mut losses = [0.0; 3];
+    let mut applied_at = Vec::new();
+    for t in 0..40usize {
+        let width = 1 + t % 3;
+        let steps: Vec<SlotStep> = (0..width)
+            .map(|s| {
+                let token = ((t * 7 + s * 3) % 5) as u32;
+                if s == 2 {
+                    SlotStep { slot: s, token, learn: false, reset: false }
+                } else {
+                    SlotStep::learn(s, token)
+                }
+            })
+            .collect();
+        let report = set.step(&mut params, &mut opt, &steps, &mut losses).unwrap();
+        let c = reference.score(&ref_params, &steps, &mut losses).unwrap();
+        if c > 0.0 {
+            sum.add_scaled(reference.gradients(), c);
+            count += c;
+        }
+        if count >= 10.0 {
+            sum.scale(1.0 / count);
+            assert_eq!(ref_opt.apply(&mut ref_params, &sum), report.update.expect("an update is due"));
+            sum.clear();
+            count = 0.0;
+            applied_at.push(t);
+        } else {
+            assert_eq!(report.update, None, "step {t}: no update before 10 tokens");
+        }
+        reference.advance(&ref_params, &steps).unwrap();
+        assert_eq!(params, ref_params, "step {t}");
+        assert_eq!(opt.pending().unwrap().1, count, "step {t}");
+    }
+    assert!(applied_at.len() >= 4, "updates at {applied_at:?}");
+}
+
+/// A step whose gradient is not finite is refused on its own: the tokens summed before it stay,
+/// and the update comes when enough finite tokens are in.
+#[test]
+fn a_non_finite_step_is_refused_without_touching_the_pending_sum() {
+    let spec = config(4).check().unwrap();
+    let mut params = Params::<f64>::init(&spec);
+    let before = params.clone();
+    let mut opt = Optimizer::<f64>::new(&spec);
+    let mut g = Gradients::<f64>::zeros(&spec);
+    g.w.fill(0.01);
+    assert_eq!(opt.step(&mut params, &g, 2.0), None);
+    let mut bad = g.clone();
+    bad.v[[0, 0]] = f64::NAN;
+    assert_eq!(opt.step(&mut params, &bad, 1.0), Some(UpdateOutcome::NonFinite));
+    assert_eq!(opt.pending().unwrap().1, 2.0);
+    assert!(opt.pending().unwrap().0.norm().is_finite());
+    assert_eq!(params, before, "nothing reached the weights");
+    assert!(matches!(opt.step(&mut params, &g, 2.0), Some(UpdateOutcome::Applied { .. })));
+    assert_eq!(opt.pending().unwrap().1, 0.0);
+    assert!(params.w.iter().all(|x| x.is_finite()) && params != before);
+    assert_eq!(opt.step(&mut params, &g, 0.0), None, "no tokens, no update");
+}
+
+/// A restored sum must fit: its shape, finite values, a count below the period; a model that
+/// updates at every step has none to restore.
+#[test]
+fn a_restored_pending_sum_is_checked() {
+    let spec = config(4).check().unwrap();
+    let mut opt = Optimizer::<f64>::new(&spec);
+    let g = Gradients::<f64>::zeros(&spec);
+    assert!(opt.restore_pending(g.clone(), 3.0).is_ok());
+    assert!(opt.restore_pending(g.clone(), 4.0).is_err(), "a full sum would have been applied");
+    assert!(opt.restore_pending(g.clone(), -1.0).is_err());
+    let mut nan = g.clone();
+    nan.w[[0, 0]] = f64::NAN;
+    assert!(opt.restore_pending(nan, 1.0).is_err());
+    let other = config(4);
+    let small = ModelConfig { hidden: 3, ..other }.check().unwrap();
+    assert!(opt.restore_pending(Gradients::zeros(&small), 1.0).is_err());
+    let mut every_step = Optimizer::<f64>::new(&config(1).check().unwrap());
+    assert!(every_step.restore_pending(g, 1.0).is_err());
+    assert!(ModelConfig { tokens_per_update: 0, ..config(1) }.check().is_err());
+}
