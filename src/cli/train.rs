@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
+use kfrtrl::core::model::DEFAULT_MODEL_MARGIN;
 use kfrtrl::core::{CellKind, ModelConfig, OptimizerKind};
 use kfrtrl::engine::model_file::{Counters, ModelFile, load, save};
 use kfrtrl::tools::corpus::{Format, Vocab, tokenize_train, tokenize_with};
@@ -72,12 +73,13 @@ pub struct TrainArgs {
     /// (default 1: none; below 1 a biased remedy for influences that stop decaying).
     #[arg(long)]
     influence_decay: Option<f64>,
-    /// KF-RTRL, OK, RTRL: the adaptive decay's margin ε in [0, 1] (default: off). Each stream
-    /// measures the growth rate λ of its exact state Jacobians and multiplies its carried
-    /// influence by exp(-max(0, λ + ε)): exact where the dynamics contract by more than ε, a
-    /// biased remedy where the true influence would grow
-    #[arg(long)]
-    influence_margin: Option<f64>,
+    /// KF-RTRL, OK, RTRL: the adaptive decay's margin ε in [0, 1], or `off` (default 0.01 for a
+    /// fresh model, an --init model's own otherwise). Each stream measures the growth rate λ of
+    /// its exact state Jacobians and multiplies its carried influence by exp(-max(0, λ + ε)):
+    /// exact where the dynamics contract by more than ε, a biased remedy where the true influence
+    /// would grow
+    #[arg(long, value_parser = parse_margin)]
+    influence_margin: Option<Margin>,
     /// Apply the optimizer once at least this many token gradients have accumulated, averaged,
     /// over all streams and steps (default 1: every step; a step with B learning streams counts
     /// B)
@@ -130,6 +132,17 @@ pub(super) fn parse_save_path(s: &str) -> Result<PathBuf, String> {
     }
 }
 
+/// `--influence-margin`: a margin, or `off`.
+#[derive(Debug, Clone, Copy)]
+struct Margin(Option<f64>);
+
+fn parse_margin(s: &str) -> Result<Margin, String> {
+    if s == "off" {
+        return Ok(Margin(None));
+    }
+    s.parse::<f64>().map(|m| Margin(Some(m))).map_err(|_| format!("{s:?} is not a margin (a number, or off)"))
+}
+
 fn parse_format(s: &str) -> Result<Format, String> {
     Format::parse(s).ok_or_else(|| format!("unknown format {s:?} (bytes, ptb-char)"))
 }
@@ -161,6 +174,7 @@ fn initial(args: &TrainArgs) -> Result<Initial, String> {
                 cell: args.cell,
                 hidden: args.hidden,
                 seed: args.seed,
+                influence_margin: Some(DEFAULT_MODEL_MARGIN),
                 ..ModelConfig::default()
             },
             format: args.format.unwrap_or(Format::Bytes),
@@ -298,7 +312,13 @@ pub fn run(args: TrainArgs) -> Result<(), String> {
         clip_scope: args.clip_scope.unwrap_or(base.clip_scope),
         gradient_before_reduction: args.gradient_before_reduction.unwrap_or(base.gradient_before_reduction),
         influence_decay: args.influence_decay.unwrap_or(base.influence_decay),
-        influence_margin: args.influence_margin.or(base.influence_margin),
+        // The default margin applies to the learners that carry an influence; asked for, it is
+        // checked for any (and refused for the others).
+        influence_margin: match args.influence_margin {
+            Some(Margin(asked)) => asked,
+            None if learner.kind.carries_influence() => base.influence_margin,
+            None => None,
+        },
         tokens_per_update: args.tokens_per_update.unwrap_or(base.tokens_per_update),
         ..base.clone()
     });

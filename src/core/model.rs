@@ -37,6 +37,12 @@ pub enum LearnerKind {
 }
 
 impl LearnerKind {
+    /// Whether the learner carries an influence estimate (KF-RTRL, OK, exact RTRL): the only ones
+    /// an influence decay or margin applies to.
+    pub fn carries_influence(self) -> bool {
+        matches!(self, LearnerKind::KfRtrl | LearnerKind::Ok | LearnerKind::Rtrl)
+    }
+
     /// The wire name.
     pub fn name(self) -> &'static str {
         match self {
@@ -138,6 +144,12 @@ pub const DEFAULT_LR: f64 = 3.162_277_660_168_379_5e-4;
 /// The default model's learning rate, 10^-3: measured on unbounded streams (docs/RESULTS.md §4),
 /// where the paper's 10^-3.5 learns too slowly.
 pub const DEFAULT_MODEL_LR: f64 = 1e-3;
+
+/// The default model's adaptive-decay margin (`influence_margin`): exact wherever a stream's
+/// dynamics contract by more than 1% a step, bounded where they do not (docs/RESULTS.md §4).
+/// [`ModelConfig::default`] leaves it off; the server's default model and `kfrtrl train` set it
+/// for the learners that carry an influence.
+pub const DEFAULT_MODEL_MARGIN: f64 = 0.01;
 
 /// Unchecked model configuration, as read from a user; [`ModelConfig::check`] turns it into a
 /// [`ModelSpec`] that every kernel can rely on.
@@ -347,9 +359,7 @@ impl ModelConfig {
         if !(self.influence_decay.is_finite() && self.influence_decay > 0.0 && self.influence_decay <= 1.0) {
             return Err(invalid("influence_decay", "must be a finite number in (0, 1]"));
         }
-        if self.influence_decay < 1.0
-            && !matches!(self.learner, LearnerKind::KfRtrl | LearnerKind::Ok | LearnerKind::Rtrl)
-        {
+        if self.influence_decay < 1.0 && !self.learner.carries_influence() {
             return Err(invalid("influence_decay", "only kf-rtrl, ok and rtrl carry an influence to decay"));
         }
         if !(1..=limits::MAX_TOKENS_PER_UPDATE).contains(&self.tokens_per_update) {
@@ -362,7 +372,7 @@ impl ModelConfig {
             if !(margin.is_finite() && (0.0..=1.0).contains(&margin)) {
                 return Err(invalid("influence_margin", "must be a finite number in [0, 1]"));
             }
-            if !matches!(self.learner, LearnerKind::KfRtrl | LearnerKind::Ok | LearnerKind::Rtrl) {
+            if !self.learner.carries_influence() {
                 return Err(invalid(
                     "influence_margin",
                     "only kf-rtrl, ok and rtrl carry an influence to decay",

@@ -86,7 +86,8 @@ impl ModelDefinition {
     }
 
     /// The server's defaults for a model named `name`: [`ModelConfig::default`] (byte-level RHN,
-    /// n = 128, KF-RTRL, Adam 10^-3.5) with `max_streams` streams.
+    /// n = 128, `ok:8`, Adam 10^-3) with the adaptive decay's margin
+    /// [`crate::core::model::DEFAULT_MODEL_MARGIN`] and `max_streams` streams.
     pub fn with_defaults(name: &str, max_streams: usize) -> Self {
         let c = ModelConfig::default();
         Self {
@@ -103,7 +104,10 @@ impl ModelDefinition {
             ok_rank: c.ok_rank,
             gradient_before_reduction: c.gradient_before_reduction,
             influence_decay: c.influence_decay,
-            influence_margin: c.influence_margin,
+            influence_margin: c
+                .learner
+                .carries_influence()
+                .then_some(crate::core::model::DEFAULT_MODEL_MARGIN),
             tokens_per_update: c.tokens_per_update,
             seed: c.seed,
             init_std: c.init_std,
@@ -184,9 +188,10 @@ pub struct ModelRequest {
     /// See [`ModelDefinition::influence_decay`].
     #[serde(default)]
     pub influence_decay: Option<f64>,
-    /// See [`ModelDefinition::influence_margin`].
-    #[serde(default)]
-    pub influence_margin: Option<f64>,
+    /// See [`ModelDefinition::influence_margin`]: absent takes the defaults' (for a learner that
+    /// carries an influence), `null` turns it off.
+    #[serde(default, deserialize_with = "present")]
+    pub influence_margin: Option<Option<f64>>,
     /// See [`ModelDefinition::tokens_per_update`].
     #[serde(default)]
     pub tokens_per_update: Option<usize>,
@@ -202,6 +207,13 @@ pub struct ModelRequest {
     /// See [`ModelDefinition::max_streams`].
     #[serde(default)]
     pub max_streams: Option<usize>,
+}
+
+/// A field that is present, `null` included (`Some(None)`), as opposed to absent (`None`).
+fn present<'de, D: serde::Deserializer<'de>, T: serde::Deserialize<'de>>(
+    d: D,
+) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
 }
 
 impl ModelRequest {
@@ -222,7 +234,11 @@ impl ModelRequest {
             ok_rank: self.ok_rank.unwrap_or(d.ok_rank),
             gradient_before_reduction: self.gradient_before_reduction.unwrap_or(d.gradient_before_reduction),
             influence_decay: self.influence_decay.unwrap_or(d.influence_decay),
-            influence_margin: self.influence_margin.or(d.influence_margin),
+            influence_margin: match self.influence_margin {
+                Some(explicit) => explicit,
+                None if self.learner.unwrap_or(d.learner).carries_influence() => d.influence_margin,
+                None => None,
+            },
             tokens_per_update: self.tokens_per_update.unwrap_or(d.tokens_per_update),
             seed: self.seed.unwrap_or(d.seed),
             init_std: self.init_std.unwrap_or(d.init_std),
@@ -293,7 +309,20 @@ mod tests {
         assert_eq!(r.name, "m");
         assert_eq!(r.hidden, 16);
         assert_eq!(r.max_streams, 7);
-        assert_eq!(r.model_config(), ModelConfig { hidden: 16, ..ModelConfig::default() });
+        let margin = Some(crate::core::model::DEFAULT_MODEL_MARGIN);
+        assert_eq!(
+            r.model_config(),
+            ModelConfig { hidden: 16, influence_margin: margin, ..ModelConfig::default() }
+        );
+        // The default margin goes with a learner that carries an influence; `null` turns it off.
+        let uoro = ModelRequest { name: "u".into(), learner: Some(LearnerKind::Uoro), ..Default::default() };
+        assert_eq!(uoro.resolve(&d).influence_margin, None);
+        let off: ModelRequest = serde_json::from_str(r#"{"name": "o", "influence_margin": null}"#).unwrap();
+        assert_eq!(off.resolve(&d).influence_margin, None);
+        let asked: ModelRequest = serde_json::from_str(r#"{"name": "a", "influence_margin": 0.05}"#).unwrap();
+        assert_eq!(asked.resolve(&d).influence_margin, Some(0.05));
+        let absent: ModelRequest = serde_json::from_str(r#"{"name": "b"}"#).unwrap();
+        assert_eq!(absent.resolve(&d).influence_margin, margin);
     }
 
     /// A definition saved before the clip scope, the gradient before the reduction and the decay

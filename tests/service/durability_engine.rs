@@ -54,6 +54,8 @@ fn definition(name: &str, learner: LearnerKind, max_streams: usize) -> ModelDefi
         tbptt_window: 5,
         ok_rank: 3,
         lr: 0.01,
+        // The default margin belongs to the learners that carry an influence.
+        influence_margin: learner.carries_influence().then_some(kfrtrl::core::model::DEFAULT_MODEL_MARGIN),
         ..ModelDefinition::with_defaults(name, max_streams)
     }
 }

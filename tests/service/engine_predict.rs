@@ -22,6 +22,8 @@ async fn engine_with_model(learner: LearnerKind, lr: f64) -> Arc<Engine> {
         learner,
         tbptt_window: 5,
         lr,
+        // The default margin belongs to the learners that carry an influence.
+        influence_margin: learner.carries_influence().then_some(kfrtrl::core::model::DEFAULT_MODEL_MARGIN),
         ..ModelDefinition::with_defaults("m", 4)
     };
     engine.create_model(definition).await.unwrap();
