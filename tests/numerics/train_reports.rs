@@ -113,20 +113,28 @@ fn corpus(name: &str) -> PathBuf {
     path
 }
 
+/// `kfrtrl train --format ptb-char --batch 2 --json ARGS` on `corpus`, evaluated on it too.
+fn train_on_itself(corpus: &std::path::Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_kfrtrl"))
+        .args(["train", "--format", "ptb-char", "--batch", "2", "--json"])
+        .args(args)
+        .arg("--corpus")
+        .arg(corpus)
+        .arg("--eval")
+        .arg(corpus)
+        .output()
+        .unwrap()
+}
+
 /// A run stopped before its end used to have reported nothing: the periodic evaluations reached
 /// only the final JSON, and the progress bar is hidden when stderr is not a terminal.
 #[test]
 fn train_prints_each_periodic_evaluation_on_stderr_as_it_is_taken() {
     let corpus = corpus("evals");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kfrtrl"))
-        .args(["train", "--format", "ptb-char", "--cell", "tanh", "--hidden", "8", "--batch", "2"])
-        .args(["--symbols", "400", "--eval-every", "100", "--seed", "3", "--json"])
-        .arg("--corpus")
-        .arg(&corpus)
-        .arg("--eval")
-        .arg(&corpus)
-        .output()
-        .unwrap();
+    let out = train_on_itself(
+        &corpus,
+        &["--cell", "tanh", "--hidden", "8", "--symbols", "400", "--eval-every", "100", "--seed", "3"],
+    );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let evals = report["evals"].as_array().unwrap();
@@ -562,16 +570,8 @@ fn the_defaults_learn_abcdefgh_repeated() {
 fn a_run_with_an_influence_decay_or_margin_evaluates_its_held_out_file() {
     let corpus = corpus("margin-eval");
     for option in [["--influence-margin", "0.01"], ["--influence-decay", "0.99"]] {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_kfrtrl"))
-            .args(["train", "--format", "ptb-char", "--cell", "rhn", "--hidden", "6", "--batch", "2"])
-            .args(["--symbols", "200", "--eval-every", "100", "--learner", "ok:2", "--json"])
-            .args(option)
-            .arg("--corpus")
-            .arg(&corpus)
-            .arg("--eval")
-            .arg(&corpus)
-            .output()
-            .unwrap();
+        let args = ["--hidden", "6", "--symbols", "200", "--eval-every", "100", "--learner", "ok:2"];
+        let out = train_on_itself(&corpus, &[&args[..], &option[..]].concat());
         assert!(out.status.success(), "{option:?}: {}", String::from_utf8_lossy(&out.stderr));
         let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         let bpc = report["eval_bpc"].as_f64().unwrap();
