@@ -296,6 +296,16 @@ impl<T: Float> Optimizer<T> {
         }
     }
 
+    /// Whether [`Optimizer::apply`] would refuse `g` (not finite, or too large once clipped).
+    pub(crate) fn would_refuse(&self, g: &Gradients<T>) -> bool {
+        let (w_norm, v_norm) = g.group_norms();
+        if !w_norm.hypot(v_norm).is_finite() {
+            return true;
+        }
+        let (w_scale, v_scale) = self.clip_factors(w_norm, v_norm);
+        (w_scale * w_norm).hypot(v_scale * v_norm) > max_update_norm::<T>()
+    }
+
     /// Applies one update with gradient `g` (already averaged), clipped first as the clip scope
     /// says.
     pub fn apply(&mut self, params: &mut Params<T>, g: &Gradients<T>) -> UpdateOutcome {

@@ -34,8 +34,9 @@ impl<T: Float> Optimizer<T> {
     /// Takes one step's averaged gradient `grad` of `contributions` tokens: applied now when the
     /// model updates at every step, else added to the pending sum and applied, averaged, once
     /// the sum holds at least `tokens_per_update` tokens. `None` when nothing was applied (no
-    /// contributions, or the sum still waits); a non-finite `grad` is refused without touching
-    /// the sum, so that nothing non-finite reaches the weights later either.
+    /// contributions, or the sum still waits); a `grad` that `apply` would refuse (not finite,
+    /// or too large once clipped) is refused at its own step, without touching the sum, so that
+    /// the step at fault is the one whose streams are examined.
     pub fn step(
         &mut self,
         params: &mut Params<T>,
@@ -45,12 +46,15 @@ impl<T: Float> Optimizer<T> {
         if contributions <= 0.0 {
             return None;
         }
-        let Some(pending) = self.pending.as_mut() else {
+        if self.pending.is_none() {
             return Some(self.apply(params, grad));
-        };
-        if !grad.norm().is_finite() {
+        }
+        // Refused on its own as `apply` would refuse it, so that the sum (and the update it
+        // makes) only ever holds gradients an every-step model would have applied.
+        if self.would_refuse(grad) {
             return Some(UpdateOutcome::NonFinite);
         }
+        let pending = self.pending.as_mut().expect("checked above");
         pending.sum.add_scaled(grad, T::from_f64_rounded(contributions));
         pending.tokens += contributions;
         if pending.tokens < pending.every {

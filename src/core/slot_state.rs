@@ -18,12 +18,14 @@
 //! | `ok.a` | `[k·n, (R+1)·r·n]` | ok:R | the state-side factors side by side |
 //! | `ok.weight` | `[R+1]` | ok:R | each term's weight in the gradient |
 //! | `uoro.s` | `[k·n]` | uoro | the state-side factor `s̃` |
-//! | `uoro.theta` | `[r·n, m]` | uoro | the parameter-side factor `θ̃` |
+//! | `uoro.theta` | `[r·n, m]` | uoro | `Θ`, with the parameter-side factor `θ̃ = σ Θ` (files without `uoro.scale`: `θ̃` itself) |
+//! | `uoro.scale` | `[2]` | uoro | `[σ, ‖Θ‖²]`: the lazy scale and the running squared norm |
 //! | `rtrl.g` | `[k·n, r·n·m]` | rtrl | the influence matrix `∂s/∂W` (columns as the entries of `W`) |
 //! | `tbptt.prev` | `[K, k·n]` | tbptt:K | the state before each recorded advance of the window |
 //! | `tbptt.err` | `[K, vocab]` | tbptt:K | `softmax − onehot` of the token scored after each advance |
 //! | `tbptt.tokens` (integer) | `[K]` | tbptt:K | the token of each recorded advance |
 //! | `tbptt.len`, `tbptt.scored`, `tbptt.learned` (counters) | | tbptt:K | advances recorded, of them scored, of those learned |
+//! | `growth.tangent`, `growth.rate` | `[k·n]`, `[]` | kf-rtrl, ok, rtrl with `influence_margin` | the adaptive decay's unit tangent and running growth rate |
 //!
 //! TBPTT window entries past `tbptt.len` are exported as zeros (they are never read before being
 //! written), so two slots with the same future export the same bits.

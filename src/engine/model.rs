@@ -189,8 +189,8 @@ pub struct ModelRequest {
     #[serde(default)]
     pub influence_decay: Option<f64>,
     /// See [`ModelDefinition::influence_margin`]: absent takes the defaults' (for a learner that
-    /// carries an influence), `null` turns it off.
-    #[serde(default, deserialize_with = "present")]
+    /// carries an influence); `null` or `"off"` (TOML has no null) turns it off.
+    #[serde(default, deserialize_with = "margin_or_off", skip_serializing_if = "Option::is_none")]
     pub influence_margin: Option<Option<f64>>,
     /// See [`ModelDefinition::tokens_per_update`].
     #[serde(default)]
@@ -209,11 +209,23 @@ pub struct ModelRequest {
     pub max_streams: Option<usize>,
 }
 
-/// A field that is present, `null` included (`Some(None)`), as opposed to absent (`None`).
-fn present<'de, D: serde::Deserializer<'de>, T: serde::Deserialize<'de>>(
-    d: D,
-) -> Result<Option<Option<T>>, D::Error> {
-    Option::<T>::deserialize(d).map(Some)
+/// A margin that is present: a number, or off (`null` or `"off"`: `Some(None)`), as opposed to
+/// absent (`None`, through `#[serde(default)]`).
+fn margin_or_off<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<f64>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Margin {
+        Value(f64),
+        Word(String),
+    }
+    match Option::<Margin>::deserialize(d)? {
+        None => Ok(Some(None)),
+        Some(Margin::Value(m)) => Ok(Some(Some(m))),
+        Some(Margin::Word(w)) if w == "off" => Ok(Some(None)),
+        Some(Margin::Word(w)) => {
+            Err(serde::de::Error::custom(format!("influence_margin: {w:?} is neither a number nor \"off\"")))
+        }
+    }
 }
 
 impl ModelRequest {
@@ -317,8 +329,16 @@ mod tests {
         // The default margin goes with a learner that carries an influence; `null` turns it off.
         let uoro = ModelRequest { name: "u".into(), learner: Some(LearnerKind::Uoro), ..Default::default() };
         assert_eq!(uoro.resolve(&d).influence_margin, None);
-        let off: ModelRequest = serde_json::from_str(r#"{"name": "o", "influence_margin": null}"#).unwrap();
-        assert_eq!(off.resolve(&d).influence_margin, None);
+        for off in
+            [r#"{"name": "o", "influence_margin": null}"#, r#"{"name": "o", "influence_margin": "off"}"#]
+        {
+            let off: ModelRequest = serde_json::from_str(off).unwrap();
+            assert_eq!(off.clone().resolve(&d).influence_margin, None);
+            // Serialized and read back, an explicit off stays off (absent would take the default).
+            let again: ModelRequest = serde_json::from_str(&serde_json::to_string(&off).unwrap()).unwrap();
+            assert_eq!(again.influence_margin, Some(None));
+        }
+        assert!(serde_json::from_str::<ModelRequest>(r#"{"name": "o", "influence_margin": "on"}"#).is_err());
         let asked: ModelRequest = serde_json::from_str(r#"{"name": "a", "influence_margin": 0.05}"#).unwrap();
         assert_eq!(asked.resolve(&d).influence_margin, Some(0.05));
         let absent: ModelRequest = serde_json::from_str(r#"{"name": "b"}"#).unwrap();

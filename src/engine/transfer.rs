@@ -171,6 +171,9 @@ impl Engine {
         let invalid = |reason: String| EngineError::InvalidSnapshot(reason);
         let layout = crate::core::SlotStateLayout::of(&spec);
         for ((name, _), state) in snapshot.evicted.iter().zip(&evicted_states) {
+            // A UORO stream saved before its lazy scale loads as its slot would (σ = 1).
+            let upgraded = crate::core::learner::uoro_legacy_state(&spec, state);
+            let state = upgraded.as_ref().unwrap_or(state);
             layout.check(state).map_err(|e| invalid(format!("evicted stream `{name}`: {e}")))?;
         }
         let stored = snapshot.stream_slots.len() + snapshot.evicted.len();

@@ -74,7 +74,7 @@ fn updates_wait_for_enough_tokens_and_apply_their_average() {
     assert!(applied_at.len() >= 4, "updates at {applied_at:?}");
 }
 
-/// A step whose gradient is not finite is refused on its own: the tokens summed before it stay,
+/// A step whose gradient is not finite, or too large, is refused on its own: the tokens summed before it stay,
 /// and the update comes when enough finite tokens are in.
 #[test]
 fn a_non_finite_step_is_refused_without_touching_the_pending_sum() {
@@ -91,6 +91,12 @@ fn a_non_finite_step_is_refused_without_touching_the_pending_sum() {
     assert_eq!(opt.pending().unwrap().1, 2.0);
     assert!(opt.pending().unwrap().0.norm().is_finite());
     assert_eq!(params, before, "nothing reached the weights");
+    // Finite but too large for an update once clipped (the readout is never clipped here):
+    // refused at its own step too, as an every-step model would refuse it.
+    let mut huge = g.clone();
+    huge.v.fill(2e153); // norm about 1.1e154: finite, above f64's max_update_norm (6.7e153)
+    assert_eq!(opt.step(&mut params, &huge, 1.0), Some(UpdateOutcome::NonFinite));
+    assert_eq!(opt.pending().unwrap().1, 2.0);
     assert!(matches!(opt.step(&mut params, &g, 2.0), Some(UpdateOutcome::Applied { .. })));
     assert_eq!(opt.pending().unwrap().1, 0.0);
     assert!(params.w.iter().all(|x| x.is_finite()) && params != before);

@@ -17,8 +17,8 @@ use ndarray::{Array2, Array3, ArrayView2, Axis, s};
 use super::SlotStep;
 use super::raw::SlotRows;
 use super::{StepInputs, for_each_input};
-use crate::core::float::{Float, all_finite, sum_squares};
-use crate::core::linalg::{Par, gemm, jacobian_times, through_d};
+use crate::core::float::{Float, all_finite, dot_f64, sum_squares};
+use crate::core::linalg::{jacobian_times, through_d};
 use crate::core::model::{ModelSpec, Params};
 use crate::core::optim::Gradients;
 use crate::core::rng;
@@ -43,9 +43,7 @@ pub struct Uoro<T> {
     th_scale: Array2<T>,
     /// `⟨δ_h, s̃_h⟩` of each input of the step being scored.
     coef: Vec<T>,
-    /// Scratch per input of the step: `s̃_h` gathered (`n`) and `W_h s̃_h` (`r·n`), one GEMM for
-    /// all inputs; per slot: `s̃'` (`s`), `ν` (`s`), `w = νᵀD` (`r·n`).
-    sh: Array2<T>,
+    /// Scratch per slot: `W_h s̃_h` (`r·n`), `s̃'` (`s`), `ν` (`s`), `w = νᵀD` (`r·n`).
     y: Array2<T>,
     sp: Array2<T>,
     nu: Array2<T>,
@@ -67,7 +65,6 @@ impl<T: Float> Uoro<T> {
                 |(_, j)| if j == 0 { T::one() } else { T::zero() },
             ),
             coef: vec![T::zero(); capacity],
-            sh: Array2::zeros((capacity, spec.n)),
             y: Array2::zeros((capacity, rn)),
             sp: Array2::zeros((capacity, s)),
             nu: Array2::zeros((capacity, s)),
@@ -194,18 +191,6 @@ impl<T: Float> Uoro<T> {
         let hoff = spec.h_offset();
         let (eps, scale_limit) = (self.eps, self.scale_limit);
         let w_h = params.w_h(spec);
-        let nb = step.inputs.len();
-        for (i, x) in step.inputs.iter().enumerate() {
-            self.sh.row_mut(i).assign(&self.st.slice(s![x.slot, hoff..]));
-        }
-        gemm(
-            T::one(),
-            self.sh.slice(s![..nb, ..]),
-            w_h.t(),
-            T::zero(),
-            self.y.slice_mut(s![..nb, ..]),
-            Par::Pool,
-        );
         let st = SlotRows::new(&mut self.st);
         let th = SlotRows::new(&mut self.th);
         let ys = SlotRows::new(&mut self.y);
@@ -219,7 +204,7 @@ impl<T: Float> Uoro<T> {
             let b = x.slot;
             // SAFETY: slots in one step are distinct, so each task owns row `b` of every slab.
             let (st, th, y, sp, nu, w, scale) = unsafe {
-                (st.row(b), th.row(b), ys.row(i), sps.row(b), nus.row(b), ws.row(b), scales.row(b))
+                (st.row(b), th.row(b), ys.row(b), sps.row(b), nus.row(b), ws.row(b), scales.row(b))
             };
             let d = step.d.row(i);
             let d = d.as_slice().expect("contiguous");
@@ -227,7 +212,16 @@ impl<T: Float> Uoro<T> {
             let carry = carry.as_slice().expect("contiguous");
             let prev = step.prev.row(i);
             let h_prev = &prev.as_slice().expect("contiguous")[hoff..];
+            // y = W_h s̃_h, each entry summed in a fixed order in f64 (a GEMM's order depends on
+            // the batch and the thread count; a serial f32 sum does not vectorize), then
             // s̃' = H_t s̃.
+            for (q_row, yv) in y.iter_mut().enumerate() {
+                let row = w_h.row(q_row);
+                *yv = T::from_f64_rounded(dot_f64(
+                    row.as_slice().expect("rows of W_h are contiguous"),
+                    &st[hoff..],
+                ));
+            }
             jacobian_times(spec, d, carry, st, y, sp);
             match &forced[b] {
                 Some(signs) => nu.iter_mut().zip(signs).for_each(|(v, &sgn)| *v = T::from_f64_rounded(sgn)),
