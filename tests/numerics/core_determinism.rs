@@ -5,22 +5,16 @@
 use kfrtrl::core::{CellKind, LearnerKind, ModelConfig, Optimizer, Params, SlotStep, StreamSet};
 
 fn run(threads: usize, cell: CellKind, learner: LearnerKind) -> (Params<f32>, Vec<f32>, Vec<u64>) {
+    let config = ModelConfig { cell, learner, hidden: 128, ..ModelConfig::default() };
+    run_config(threads, config, 6)
+}
+
+fn run_config(threads: usize, config: ModelConfig, batch: usize) -> (Params<f32>, Vec<f32>, Vec<u64>) {
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
     pool.install(|| {
-        let spec = ModelConfig {
-            vocab_size: 256,
-            cell,
-            hidden: 128,
-            learner,
-            ok_rank: 3,
-            seed: 3,
-            ..ModelConfig::default()
-        }
-        .check()
-        .unwrap();
+        let spec = ModelConfig { vocab_size: 256, ok_rank: 3, seed: 3, ..config }.check().unwrap();
         let mut params = Params::<f32>::init(&spec);
         let mut opt = Optimizer::new(&spec);
-        let batch = 6;
         let mut set = StreamSet::<f32>::new(&spec, batch);
         let mut losses = vec![0.0; batch];
         let mut loss_bits = Vec::new();
@@ -59,4 +53,26 @@ fn results_do_not_depend_on_the_thread_count() {
             }
         }
     }
+}
+
+/// The adaptive margin's probe and the pending updates of `tokens_per_update` are part of the
+/// run: the same bits with one thread or two.
+#[test]
+fn the_margin_and_pending_updates_do_not_depend_on_the_thread_count() {
+    let config = ModelConfig {
+        cell: CellKind::Rhn,
+        learner: LearnerKind::Ok,
+        hidden: 64,
+        influence_margin: Some(0.01),
+        tokens_per_update: 5,
+        ..ModelConfig::default()
+    };
+    let one = run_config(1, config.clone(), 4);
+    let two = run_config(2, config, 4);
+    assert!(one.0 == two.0, "weights differ with 2 threads");
+    assert!(
+        one.1.iter().zip(&two.1).all(|(a, b)| a.to_bits() == b.to_bits()),
+        "states differ with 2 threads"
+    );
+    assert_eq!(one.2, two.2, "losses differ with 2 threads");
 }
