@@ -68,7 +68,13 @@ pub fn gemm<T: Float>(
         // Only when `k` fits one of the backend's depth blocks (512): then every output entry is
         // summed in the same order however the output is split, and results stay bit-identical
         // across thread counts.
-        Par::Pool if threads > 1 && work >= SPLIT_MIN_WORK && m.max(n) >= 16 && k <= 512 => {
+        Par::Pool
+            if threads > 1
+                && work >= SPLIT_MIN_WORK
+                && m.max(n) >= 16
+                && k <= 512
+                && halves_keep_kernel(m, n) =>
+        {
             if m >= n {
                 let half = m / 2;
                 let (c0, c1) = c.split_at(Axis(0), half);
@@ -118,6 +124,19 @@ pub fn gemm<T: Float>(
         );
     }
     IN_BACKEND.with(|f| f.set(false));
+}
+
+/// Whether both halves of an `m × n` output (split along its longer side, as [`gemm`] does) run
+/// the backend's kernel of the whole product, so that every entry is summed in the same order
+/// with one thread or two: the backend (gemm-common) takes a "horizontal" kernel for outputs of
+/// at most 16·16 entries and other block sizes for outputs of at most 64 × 64. At two streams
+/// (`2 × 256`, halves `2 × 128`) a split crossed the first line and KF-RTRL's, UORO's and TBPTT's
+/// bits depended on the thread count.
+fn halves_keep_kernel(m: usize, n: usize) -> bool {
+    let (rows, cols) = if m >= n { (m / 2, n) } else { (m, n / 2) };
+    let horizontal = |r: usize, c: usize| r * c <= 16 * 16;
+    let small = |r: usize, c: usize| r <= 64 && c <= 64;
+    horizontal(rows, cols) == horizontal(m, n) && small(rows, cols) == small(m, n)
 }
 
 /// Fills `h` (`s × s`, `s = k·n`) with the recurrent Jacobian

@@ -76,3 +76,17 @@ fn the_margin_and_pending_updates_do_not_depend_on_the_thread_count() {
     );
     assert_eq!(one.2, two.2, "losses differ with 2 threads");
 }
+
+/// Two streams at tanh n = 256: the forward and readout products are `2 × 256`, whose halves a
+/// two-thread split made small enough for another kernel of the GEMM backend; every learner's
+/// bits then depended on the thread count (`linalg::halves_keep_kernel`).
+#[test]
+fn two_streams_at_width_256_do_not_depend_on_the_thread_count() {
+    for learner in [LearnerKind::KfRtrl, LearnerKind::Uoro, LearnerKind::Tbptt] {
+        let config = ModelConfig { cell: CellKind::Tanh, learner, hidden: 256, ..ModelConfig::default() };
+        let one = run_config(1, config.clone(), 2);
+        let two = run_config(2, config, 2);
+        assert!(one.0 == two.0, "{learner}: weights differ with 2 threads");
+        assert_eq!(one.2, two.2, "{learner}: losses differ with 2 threads");
+    }
+}
