@@ -44,12 +44,7 @@ fn results_do_not_depend_on_the_thread_count() {
             let two = run(2, cell, learner);
             let three = run(3, cell, learner);
             for (name, other) in [("2 threads", &two), ("3 threads", &three)] {
-                assert!(one.0 == other.0, "{cell} {learner}: weights differ with {name}");
-                assert!(
-                    one.1.iter().zip(&other.1).all(|(a, b)| a.to_bits() == b.to_bits()),
-                    "{cell} {learner}: states differ with {name}"
-                );
-                assert_eq!(one.2, other.2, "{cell} {learner}: losses differ with {name}");
+                assert_same_run(&one, other, &format!("{cell} {learner} with {name}"));
             }
         }
     }
@@ -67,14 +62,7 @@ fn the_margin_and_pending_updates_do_not_depend_on_the_thread_count() {
         tokens_per_update: 5,
         ..ModelConfig::default()
     };
-    let one = run_config(1, config.clone(), 4);
-    let two = run_config(2, config, 4);
-    assert!(one.0 == two.0, "weights differ with 2 threads");
-    assert!(
-        one.1.iter().zip(&two.1).all(|(a, b)| a.to_bits() == b.to_bits()),
-        "states differ with 2 threads"
-    );
-    assert_eq!(one.2, two.2, "losses differ with 2 threads");
+    assert_same_run(&run_config(1, config.clone(), 4), &run_config(2, config, 4), "with 2 threads");
 }
 
 /// Two streams at tanh n = 256: the forward and readout products are `2 × 256`, whose halves a
@@ -84,9 +72,21 @@ fn the_margin_and_pending_updates_do_not_depend_on_the_thread_count() {
 fn two_streams_at_width_256_do_not_depend_on_the_thread_count() {
     for learner in [LearnerKind::KfRtrl, LearnerKind::Uoro, LearnerKind::Tbptt] {
         let config = ModelConfig { cell: CellKind::Tanh, learner, hidden: 256, ..ModelConfig::default() };
-        let one = run_config(1, config.clone(), 2);
-        let two = run_config(2, config, 2);
-        assert!(one.0 == two.0, "{learner}: weights differ with 2 threads");
-        assert_eq!(one.2, two.2, "{learner}: losses differ with 2 threads");
+        assert_same_run(
+            &run_config(1, config.clone(), 2),
+            &run_config(2, config, 2),
+            &format!("{learner} with 2 threads"),
+        );
     }
+}
+
+/// The same weights, states and losses, bit for bit.
+fn assert_same_run(
+    one: &(Params<f32>, Vec<f32>, Vec<u64>),
+    other: &(Params<f32>, Vec<f32>, Vec<u64>),
+    what: &str,
+) {
+    assert!(one.0 == other.0, "{what}: weights differ");
+    assert!(one.1.iter().zip(&other.1).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: states differ");
+    assert_eq!(one.2, other.2, "{what}: losses differ");
 }
