@@ -85,6 +85,10 @@ pub struct TrainArgs {
     /// B)
     #[arg(long)]
     tokens_per_update: Option<usize>,
+    /// Reach --tokens-per-update gradually: the n-th update waits for min(K, 1 + n / RAMP)
+    /// tokens (0: no ramp)
+    #[arg(long)]
+    tokens_per_update_ramp: Option<u64>,
     /// Seed of the weights and the random signs.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -320,6 +324,7 @@ pub fn run(args: TrainArgs) -> Result<(), String> {
             None => None,
         },
         tokens_per_update: args.tokens_per_update.unwrap_or(base.tokens_per_update),
+        tokens_per_update_ramp: args.tokens_per_update_ramp.unwrap_or(base.tokens_per_update_ramp),
         ..base.clone()
     });
     let spec = model.check().map_err(|e| e.to_string())?;

@@ -203,6 +203,13 @@ pub struct ModelConfig {
     /// a saved configuration: 1, as before the choice.
     #[serde(default = "absent::tokens_per_update")]
     pub tokens_per_update: usize,
+    /// Reach `tokens_per_update` gradually: the optimizer's `n`-th update (counting from 0) waits
+    /// for `min(tokens_per_update, 1 + ⌊n / tokens_per_update_ramp⌋)` tokens, so a fresh model
+    /// takes its first updates at every token and waits longer as it ages (the noise of a lone
+    /// stream's per-token steps matters once the first, large gradients are spent). 0: no ramp.
+    /// Absent from a saved configuration: 0.
+    #[serde(default)]
+    pub tokens_per_update_ramp: u64,
     /// Seed of the weights' initialisation and of every random sign.
     pub seed: u64,
     /// Standard deviation of the Gaussian initialisation of `W` and `V`.
@@ -268,6 +275,7 @@ impl Default for ModelConfig {
             influence_decay: 1.0,
             influence_margin: None,
             tokens_per_update: 1,
+            tokens_per_update_ramp: 0,
             seed: 0,
             init_std: 0.01,
             uoro_epsilon: 1e-7,
@@ -287,6 +295,8 @@ pub mod limits {
     pub const MAX_RTRL_ORACLE_HIDDEN: usize = 256;
     /// Largest number of tokens per optimizer update.
     pub const MAX_TOKENS_PER_UPDATE: usize = 65536;
+    /// Largest number of updates per level of the ramp to `tokens_per_update`.
+    pub const MAX_TOKENS_PER_UPDATE_RAMP: u64 = 1 << 32;
     /// Largest rank of the `ok` learner.
     pub const MAX_OK_RANK: usize = 32;
     /// Largest truncation window.
@@ -367,6 +377,15 @@ impl ModelConfig {
                 "tokens_per_update",
                 format!("must be in 1..={}", limits::MAX_TOKENS_PER_UPDATE),
             ));
+        }
+        if self.tokens_per_update_ramp > limits::MAX_TOKENS_PER_UPDATE_RAMP {
+            return Err(invalid(
+                "tokens_per_update_ramp",
+                format!("must be in 0..={}", limits::MAX_TOKENS_PER_UPDATE_RAMP),
+            ));
+        }
+        if self.tokens_per_update_ramp > 0 && self.tokens_per_update == 1 {
+            return Err(invalid("tokens_per_update_ramp", "ramps to tokens_per_update, which is 1"));
         }
         if let Some(margin) = self.influence_margin {
             if !(margin.is_finite() && (0.0..=1.0).contains(&margin)) {

@@ -6,6 +6,7 @@
 //! Adam steps of one stream are mostly noise, and they walk its weights into dynamics that no
 //! longer contract (docs/RESULTS.md §4). Every token's gradient is still taken online and without
 //! truncation; only its application waits, as TBPTT's waits for the end of its window.
+//! `tokens_per_update_ramp` reaches the count gradually, from one token per update for a fresh model.
 
 use super::float::Float;
 use super::model::{ModelSpec, Params};
@@ -14,8 +15,10 @@ use super::optim::{Gradients, Optimizer, OptimizerStateError, UpdateOutcome};
 /// The token gradients accumulated since the last update.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PendingUpdate<T> {
-    /// Tokens per update.
+    /// Tokens per update, once the ramp is done.
     pub every: f64,
+    /// Updates per level of the ramp to `every` (0: none).
+    pub ramp: u64,
     /// The sum of the accumulated token gradients (not yet averaged).
     pub sum: Gradients<T>,
     /// How many token gradients `sum` holds.
@@ -26,7 +29,22 @@ impl<T: Float> PendingUpdate<T> {
     /// An empty accumulator, or `None` when the model updates at every step.
     pub fn new(spec: &ModelSpec) -> Option<Self> {
         let every = spec.config.tokens_per_update;
-        (every > 1).then(|| Self { every: every as f64, sum: Gradients::zeros(spec), tokens: 0.0 })
+        let ramp = spec.config.tokens_per_update_ramp;
+        (every > 1).then(|| Self { every: every as f64, ramp, sum: Gradients::zeros(spec), tokens: 0.0 })
+    }
+
+    /// The tokens the update after `updates` applied ones waits for:
+    /// `min(every, 1 + ⌊updates / ramp⌋)`, or `every` without a ramp.
+    pub fn due(&self, updates: u64) -> f64 {
+        match self.ramp {
+            0 => self.every,
+            ramp => self.every.min(1.0 + (updates / ramp) as f64),
+        }
+    }
+
+    /// Whether `other` waits for the same tokens at every update (a saved sum carries over).
+    pub fn same_schedule(&self, other: &Self) -> bool {
+        self.every == other.every && self.ramp == other.ramp
     }
 }
 
@@ -54,10 +72,11 @@ impl<T: Float> Optimizer<T> {
         if self.would_refuse(grad) {
             return Some(UpdateOutcome::NonFinite);
         }
+        let updates = self.steps;
         let pending = self.pending.as_mut().expect("checked above");
         pending.sum.add_scaled(grad, T::from_f64_rounded(contributions));
         pending.tokens += contributions;
-        if pending.tokens < pending.every {
+        if pending.tokens < pending.due(updates) {
             return None;
         }
         let tokens = std::mem::take(&mut pending.tokens);
@@ -76,7 +95,8 @@ impl<T: Float> Optimizer<T> {
         self.pending.as_ref().map(|p| (&p.sum, p.tokens))
     }
 
-    /// Restores a saved pending sum: its shape must fit and its values be finite.
+    /// Restores a saved pending sum: its shape must fit, its values be finite and its count below
+    /// what the next update waits for (call after the update count is restored).
     pub fn restore_pending(&mut self, sum: Gradients<T>, tokens: f64) -> Result<(), OptimizerStateError> {
         let Some(pending) = self.pending.as_mut() else {
             return Err(OptimizerStateError::UnexpectedPending);
@@ -87,7 +107,8 @@ impl<T: Float> Optimizer<T> {
                 found: [sum.w.dim(), sum.v.dim()],
             });
         }
-        if !(tokens.is_finite() && tokens >= 0.0 && tokens < pending.every && sum.norm().is_finite()) {
+        let due = pending.due(self.steps);
+        if !(tokens.is_finite() && tokens >= 0.0 && tokens < due && sum.norm().is_finite()) {
             return Err(OptimizerStateError::BadPending);
         }
         pending.sum = sum.into_standard_layout();

@@ -68,6 +68,10 @@ pub struct ModelDefinition {
     /// streams and steps (1: at every step). Absent from a saved definition: 1.
     #[serde(default = "crate::core::model::absent::tokens_per_update")]
     pub tokens_per_update: usize,
+    /// Updates per level of the ramp to `tokens_per_update` (0: none; see
+    /// [`ModelConfig::tokens_per_update_ramp`]). Absent from a saved definition: 0.
+    #[serde(default)]
+    pub tokens_per_update_ramp: u64,
     /// Seed of the initial weights and of every random sign.
     pub seed: u64,
     /// Standard deviation of the initial weights.
@@ -109,6 +113,7 @@ impl ModelDefinition {
                 .carries_influence()
                 .then_some(crate::core::model::DEFAULT_MODEL_MARGIN),
             tokens_per_update: c.tokens_per_update,
+            tokens_per_update_ramp: c.tokens_per_update_ramp,
             seed: c.seed,
             init_std: c.init_std,
             uoro_epsilon: c.uoro_epsilon,
@@ -133,6 +138,7 @@ impl ModelDefinition {
             influence_decay: self.influence_decay,
             influence_margin: self.influence_margin,
             tokens_per_update: self.tokens_per_update,
+            tokens_per_update_ramp: self.tokens_per_update_ramp,
             seed: self.seed,
             init_std: self.init_std,
             uoro_epsilon: self.uoro_epsilon,
@@ -195,6 +201,9 @@ pub struct ModelRequest {
     /// See [`ModelDefinition::tokens_per_update`].
     #[serde(default)]
     pub tokens_per_update: Option<usize>,
+    /// See [`ModelDefinition::tokens_per_update_ramp`].
+    #[serde(default)]
+    pub tokens_per_update_ramp: Option<u64>,
     /// See [`ModelDefinition::seed`].
     #[serde(default)]
     pub seed: Option<u64>,
@@ -252,6 +261,7 @@ impl ModelRequest {
                 None => None,
             },
             tokens_per_update: self.tokens_per_update.unwrap_or(d.tokens_per_update),
+            tokens_per_update_ramp: self.tokens_per_update_ramp.unwrap_or(d.tokens_per_update_ramp),
             seed: self.seed.unwrap_or(d.seed),
             init_std: self.init_std.unwrap_or(d.init_std),
             uoro_epsilon: self.uoro_epsilon.unwrap_or(d.uoro_epsilon),

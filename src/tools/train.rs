@@ -205,7 +205,8 @@ fn train_evaluated_by(
         "the starting weights do not fit the model"
     );
     // The gradients a saved run had summed but not applied continue with it when the run keeps
-    // its tokens per update (then two runs split anywhere make one); otherwise they are dropped.
+    // its optimizer and its update schedule (then two runs split anywhere make one); otherwise
+    // they are dropped.
     let pending = optimizer.pending.take();
     let mut opt = if optimizer.kind() == spec.config.optimizer {
         Optimizer::restore(&spec, optimizer.steps, optimizer.m.zip(optimizer.v))
@@ -213,7 +214,9 @@ fn train_evaluated_by(
     } else {
         Optimizer::new(&spec)
     };
-    if let Some(p) = pending.filter(|p| p.every == spec.config.tokens_per_update as f64) {
+    let schedule = crate::core::pending::PendingUpdate::<f32>::new(&spec);
+    let kept_steps = opt.steps == optimizer.steps;
+    if let Some(p) = pending.filter(|p| kept_steps && schedule.as_ref().is_some_and(|s| s.same_schedule(p))) {
         opt.restore_pending(p.sum, p.tokens).expect("a saved pending sum fits its model");
     }
     let mut set = StreamSet::<f32>::new(&spec, b);

@@ -52,6 +52,7 @@ fn config(cell: CellKind, n: usize, vocab: usize, learner: LearnerKind, seed: u6
         influence_decay: 1.0,
         influence_margin: None,
         tokens_per_update: 1,
+        tokens_per_update_ramp: 0,
         seed,
         init_std: 0.5,
         uoro_epsilon: 0.0,

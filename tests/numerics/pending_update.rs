@@ -9,6 +9,10 @@ use kfrtrl::core::{
 };
 
 fn config(tokens_per_update: usize) -> ModelConfig {
+    ramped(tokens_per_update, 0)
+}
+
+fn ramped(tokens_per_update: usize, tokens_per_update_ramp: u64) -> ModelConfig {
     ModelConfig {
         vocab_size: 5,
         cell: CellKind::Rhn,
@@ -21,6 +25,7 @@ fn config(tokens_per_update: usize) -> ModelConfig {
         seed: 4,
         init_std: 0.3,
         tokens_per_update,
+        tokens_per_update_ramp,
         ..ModelConfig::default()
     }
 }
@@ -31,7 +36,27 @@ fn config(tokens_per_update: usize) -> ModelConfig {
 /// irregular steps.
 #[test]
 fn updates_wait_for_enough_tokens_and_apply_their_average() {
-    let spec = config(10).check().unwrap();
+    let applied = check_schedule(config(10), 40, |_| 10.0);
+    assert!(applied.len() >= 4, "updates at {applied:?}");
+}
+
+/// With a ramp of 3 updates per level, update `n` waits for `min(6, 1 + n / 3)` tokens: the
+/// first three at every step, then longer, up to 6 tokens.
+#[test]
+fn a_ramp_reaches_the_tokens_per_update_three_updates_per_level() {
+    let applied = check_schedule(ramped(6, 3), 120, |n| 6f64.min(1.0 + (n / 3) as f64));
+    assert_eq!(&applied[..3], &[0, 1, 2], "one token is due at first: every step updates");
+    assert!(applied.len() > 20, "the ramp reached its end: updates at {applied:?}");
+    let gaps: Vec<usize> = applied.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(gaps[gaps.len() - 8..].iter().all(|&g| g >= 2), "6 tokens take 2 steps or more: {gaps:?}");
+}
+
+/// Runs `steps` steps of three streams (1 to 3 learning tokens a step) with the configuration's
+/// schedule beside an every-step optimizer fed the hand-made average once `due(updates)` tokens
+/// are in; the weights and the pending count must agree at every step. Returns the steps that
+/// updated.
+fn check_schedule(cfg: ModelConfig, steps: usize, due: impl Fn(u64) -> f64) -> Vec<usize> {
+    let spec = cfg.check().unwrap();
     let every_step = config(1).check().unwrap();
     let (mut params, mut opt) = (Params::<f64>::init(&spec), Optimizer::new(&spec));
     let (mut ref_params, mut ref_opt) = (params.clone(), Optimizer::<f64>::new(&every_step));
@@ -40,7 +65,7 @@ fn updates_wait_for_enough_tokens_and_apply_their_average() {
     let (mut sum, mut count) = (Gradients::<f64>::zeros(&spec), 0.0);
     let mut losses = [0.0; 3];
     let mut applied_at = Vec::new();
-    for t in 0..40usize {
+    for t in 0..steps {
         let width = 1 + t % 3;
         let steps: Vec<SlotStep> = (0..width)
             .map(|s| {
@@ -58,20 +83,26 @@ fn updates_wait_for_enough_tokens_and_apply_their_average() {
             sum.add_scaled(reference.gradients(), c);
             count += c;
         }
-        if count >= 10.0 {
+        if count > 0.0 && count >= due(applied_at.len() as u64) {
             sum.scale(1.0 / count);
             assert_eq!(ref_opt.apply(&mut ref_params, &sum), report.update.expect("an update is due"));
             sum.clear();
             count = 0.0;
             applied_at.push(t);
         } else {
-            assert_eq!(report.update, None, "step {t}: no update before 10 tokens");
+            assert_eq!(
+                report.update,
+                None,
+                "step {t}: no update before {} tokens",
+                due(applied_at.len() as u64)
+            );
         }
         reference.advance(&ref_params, &steps).unwrap();
         assert_eq!(params, ref_params, "step {t}");
         assert_eq!(opt.pending().unwrap().1, count, "step {t}");
+        assert_eq!(opt.steps, applied_at.len() as u64, "step {t}");
     }
-    assert!(applied_at.len() >= 4, "updates at {applied_at:?}");
+    applied_at
 }
 
 /// A step whose gradient is not finite, or too large, is refused on its own: the tokens summed before it stay,
@@ -122,4 +153,23 @@ fn a_restored_pending_sum_is_checked() {
     let mut every_step = Optimizer::<f64>::new(&config(1).check().unwrap());
     assert!(every_step.restore_pending(g, 1.0).is_err());
     assert!(ModelConfig { tokens_per_update: 0, ..config(1) }.check().is_err());
+}
+
+/// With a ramp the count must be below what the next update waits for, which grows with the
+/// updates already applied; a ramp needs more than one token per update to ramp to.
+#[test]
+fn a_restored_pending_sum_is_checked_against_the_ramp() {
+    let spec = ramped(4, 10).check().unwrap();
+    let g = Gradients::<f64>::zeros(&spec);
+    let mut fresh = Optimizer::<f64>::new(&spec);
+    assert!(fresh.restore_pending(g.clone(), 0.0).is_ok());
+    assert!(fresh.restore_pending(g.clone(), 1.0).is_err(), "the first update waits for one token");
+    let mut aged = Optimizer::<f64>::restore(&spec, 25, Some((g.clone(), g.clone()))).unwrap();
+    assert!(aged.restore_pending(g.clone(), 2.0).is_ok());
+    assert!(aged.restore_pending(g.clone(), 3.0).is_err(), "update 25 waits for 1 + 25 / 10 = 3");
+    let mut done = Optimizer::<f64>::restore(&spec, 1000, Some((g.clone(), g.clone()))).unwrap();
+    assert!(done.restore_pending(g, 3.0).is_ok(), "the ramp ends at 4");
+    assert!(ramped(1, 10).check().is_err(), "nothing to ramp to");
+    assert!(ramped(4, (1 << 32) + 1).check().is_err());
+    assert!(ramped(4, 1 << 32).check().is_ok());
 }

@@ -58,7 +58,8 @@ async fn every_route_answers_with_its_schema() {
 
     // Models: create, list, describe.
     let create = json!({"name": "small", "vocab_size": 7, "hidden": 4, "cell": "tanh", "learner": "uoro",
-                        "optimizer": "sgd", "lr": 0.05, "clip": 0.0, "seed": 9, "max_streams": 3});
+                        "optimizer": "sgd", "lr": 0.05, "clip": 0.0, "seed": 9, "max_streams": 3,
+                        "tokens_per_update": 4, "tokens_per_update_ramp": 2});
     server.schemas.check("ModelConfig", &create);
     let r = server.post("/v1/models", &create).await;
     assert_eq!(r.status, StatusCode::CREATED.as_u16(), "{}", r.body);
@@ -66,6 +67,10 @@ async fn every_route_answers_with_its_schema() {
     server.schemas.check("ModelInfo", &r.body);
     assert_eq!(r.body["config"]["learner"], "uoro");
     assert_eq!(r.body["config"]["max_streams"], 3);
+    assert_eq!(
+        (&r.body["config"]["tokens_per_update"], &r.body["config"]["tokens_per_update_ramp"]),
+        (&json!(4), &json!(2))
+    );
     assert_eq!(r.body["state"], "ready");
     let r = server.get("/v1/models").await;
     server.schemas.check("ModelList", &r.body);
@@ -251,6 +256,11 @@ async fn bad_input_gets_a_problem_with_a_stable_type() {
     let r = server.post("/v1/models", &json!({"name": "m", "hidden": 0})).await;
     expect(&r, 422, "invalid-config");
     assert_eq!(r.body["field"], "hidden");
+    let r = server
+        .post("/v1/models", &json!({"name": "m", "tokens_per_update": 1, "tokens_per_update_ramp": 5}))
+        .await;
+    expect(&r, 422, "invalid-config");
+    assert_eq!(r.body["field"], "tokens_per_update_ramp", "a ramp needs more than one token per update");
     let r = server
         .post("/v1/models", &json!({"name": "m", "hidden": 4096, "max_streams": 65536, "learner": "kf-rtrl"}))
         .await;
