@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use kfrtrl::core::model::DEFAULT_MODEL_MARGIN;
 use kfrtrl::core::{CellKind, ModelConfig, OptimizerKind};
 use kfrtrl::engine::model_file::{Counters, ModelFile, load, save};
 use kfrtrl::tools::corpus::{Format, Vocab, tokenize_train, tokenize_with};
@@ -55,7 +54,7 @@ pub struct TrainArgs {
     /// model's).
     #[arg(long)]
     batch: Option<usize>,
-    /// Learning rate (default: 10^-3.5, or the --init model's).
+    /// Learning rate (default: 10^-2.5, or the --init model's).
     #[arg(long)]
     lr: Option<f64>,
     /// Gradient-norm clip, 0 disables (default: 1, or the --init model's).
@@ -81,12 +80,12 @@ pub struct TrainArgs {
     #[arg(long, value_parser = parse_margin)]
     influence_margin: Option<Margin>,
     /// Apply the optimizer once at least this many token gradients have accumulated, averaged,
-    /// over all streams and steps (default 1: every step; a step with B learning streams counts
-    /// B)
+    /// over all streams and steps (a step with B learning streams counts B; default 16 for a
+    /// fresh model, reached by the ramp below, or the --init model's)
     #[arg(long)]
     tokens_per_update: Option<usize>,
     /// Reach --tokens-per-update gradually: the n-th update waits for min(K, 1 + n / RAMP)
-    /// tokens (0: no ramp)
+    /// tokens (0: no ramp; default 256 for a fresh model, or the --init model's)
     #[arg(long)]
     tokens_per_update_ramp: Option<u64>,
     /// Seed of the weights and the random signs.
@@ -178,8 +177,7 @@ fn initial(args: &TrainArgs) -> Result<Initial, String> {
                 cell: args.cell,
                 hidden: args.hidden,
                 seed: args.seed,
-                influence_margin: Some(DEFAULT_MODEL_MARGIN),
-                ..ModelConfig::default()
+                ..ModelConfig::model_defaults(ModelConfig::default().learner)
             },
             format: args.format.unwrap_or(Format::Bytes),
             saved: None,

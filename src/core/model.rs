@@ -141,15 +141,25 @@ impl ClipScope {
 /// The paper's learning rate, 10^-3.5 (the copy task's default).
 pub const DEFAULT_LR: f64 = 3.162_277_660_168_379_5e-4;
 
-/// The default model's learning rate, 10^-3: measured on unbounded streams (docs/RESULTS.md §4),
-/// where the paper's 10^-3.5 learns too slowly.
-pub const DEFAULT_MODEL_LR: f64 = 1e-3;
+/// The default model's learning rate, 10^-2.5: measured on unbounded streams with the default
+/// update schedule (docs/RESULTS.md §4), where the paper's 10^-3.5 learns too slowly.
+pub const DEFAULT_MODEL_LR: f64 = 3.162_277_660_168_379_5e-3;
 
 /// The default model's adaptive-decay margin (`influence_margin`): exact wherever a stream's
 /// dynamics contract by more than 1% a step, bounded where they do not (docs/RESULTS.md §4).
-/// [`ModelConfig::default`] leaves it off; the server's default model and `kfrtrl train` set it
-/// for the learners that carry an influence.
+/// [`ModelConfig::default`] leaves it off; [`ModelConfig::model_defaults`] (the server's default
+/// model and a fresh `kfrtrl train` model) sets it for the learners that carry an influence.
 pub const DEFAULT_MODEL_MARGIN: f64 = 0.01;
+
+/// The default model's tokens per update (`tokens_per_update`), reached by the ramp below: a
+/// step of 16 streams or more updates at every step, a lone stream every 16 tokens once the
+/// model is past its first updates (docs/RESULTS.md §4).
+pub const DEFAULT_MODEL_TOKENS_PER_UPDATE: usize = 16;
+
+/// The default model's ramp (`tokens_per_update_ramp`): 256 updates at each count, so a fresh
+/// model's first 256 updates come at every token and the count of 16 is reached after 3,840
+/// updates (about 31k tokens of one stream).
+pub const DEFAULT_MODEL_TOKENS_PER_UPDATE_RAMP: u64 = 256;
 
 /// Unchecked model configuration, as read from a user; [`ModelConfig::check`] turns it into a
 /// [`ModelSpec`] that every kernel can rely on.
@@ -254,6 +264,22 @@ impl ModelConfig {
             LearnerKind::Tbptt => format!("tbptt:{}", self.tbptt_window),
             LearnerKind::Ok => format!("ok:{}", self.ok_rank),
             l => l.name().to_string(),
+        }
+    }
+}
+
+impl ModelConfig {
+    /// The defaults of a new model (the server's default model, a fresh `kfrtrl train` model) for
+    /// `learner`: [`ModelConfig::default`] with the update schedule
+    /// ([`DEFAULT_MODEL_TOKENS_PER_UPDATE`] reached by [`DEFAULT_MODEL_TOKENS_PER_UPDATE_RAMP`])
+    /// and, for the learners that carry an influence, the margin [`DEFAULT_MODEL_MARGIN`].
+    pub fn model_defaults(learner: LearnerKind) -> ModelConfig {
+        ModelConfig {
+            learner,
+            influence_margin: learner.carries_influence().then_some(DEFAULT_MODEL_MARGIN),
+            tokens_per_update: DEFAULT_MODEL_TOKENS_PER_UPDATE,
+            tokens_per_update_ramp: DEFAULT_MODEL_TOKENS_PER_UPDATE_RAMP,
+            ..ModelConfig::default()
         }
     }
 }
@@ -581,10 +607,19 @@ mod tests {
         assert_eq!(spec.config.learner_label(), format!("ok:{DEFAULT_OK_RANK}"));
         assert_eq!(
             (spec.config.lr, spec.config.clip, spec.config.clip_scope),
-            (1e-3, 1.0, ClipScope::Recurrent)
+            (DEFAULT_MODEL_LR, 1.0, ClipScope::Recurrent)
         );
         assert!(spec.config.gradient_before_reduction);
         assert!((DEFAULT_LR - 10f64.powf(-3.5)).abs() < 1e-18);
+        assert!((DEFAULT_MODEL_LR - 10f64.powf(-2.5)).abs() < 1e-17);
+        let model = ModelConfig::model_defaults(LearnerKind::Ok).check().unwrap().config;
+        assert_eq!(
+            (model.influence_margin, model.tokens_per_update, model.tokens_per_update_ramp),
+            (Some(0.01), 16, 256)
+        );
+        let tbptt = ModelConfig::model_defaults(LearnerKind::Tbptt);
+        assert_eq!(tbptt.influence_margin, None, "no influence to bound");
+        tbptt.check().unwrap();
     }
 
     #[test]

@@ -89,11 +89,11 @@ impl ModelDefinition {
         estimate_model_bytes(spec, self.max_streams + 1)
     }
 
-    /// The server's defaults for a model named `name`: [`ModelConfig::default`] (byte-level RHN,
-    /// n = 128, `ok:8`, Adam 10^-3) with the adaptive decay's margin
-    /// [`crate::core::model::DEFAULT_MODEL_MARGIN`] and `max_streams` streams.
+    /// The server's defaults for a model named `name`: [`ModelConfig::model_defaults`] (byte-level
+    /// RHN, n = 128, `ok:8`, Adam 10^-2.5, the adaptive decay's margin 0.01, updates that wait for
+    /// up to 16 tokens) and `max_streams` streams.
     pub fn with_defaults(name: &str, max_streams: usize) -> Self {
-        let c = ModelConfig::default();
+        let c = ModelConfig::model_defaults(ModelConfig::default().learner);
         Self {
             name: name.to_owned(),
             vocab_size: c.vocab_size,
@@ -108,10 +108,7 @@ impl ModelDefinition {
             ok_rank: c.ok_rank,
             gradient_before_reduction: c.gradient_before_reduction,
             influence_decay: c.influence_decay,
-            influence_margin: c
-                .learner
-                .carries_influence()
-                .then_some(crate::core::model::DEFAULT_MODEL_MARGIN),
+            influence_margin: c.influence_margin,
             tokens_per_update: c.tokens_per_update,
             tokens_per_update_ramp: c.tokens_per_update_ramp,
             seed: c.seed,
@@ -334,8 +331,10 @@ mod tests {
         let margin = Some(crate::core::model::DEFAULT_MODEL_MARGIN);
         assert_eq!(
             r.model_config(),
-            ModelConfig { hidden: 16, influence_margin: margin, ..ModelConfig::default() }
+            ModelConfig { hidden: 16, ..ModelConfig::model_defaults(LearnerKind::Ok) }
         );
+        assert_eq!(r.model_config().influence_margin, margin);
+        assert_eq!((r.tokens_per_update, r.tokens_per_update_ramp), (16, 256));
         // The default margin goes with a learner that carries an influence; `null` turns it off.
         let uoro = ModelRequest { name: "u".into(), learner: Some(LearnerKind::Uoro), ..Default::default() };
         assert_eq!(uoro.resolve(&d).influence_margin, None);
@@ -366,6 +365,7 @@ mod tests {
         assert_eq!(d.clip_scope, ClipScope::Global);
         assert!(!d.gradient_before_reduction);
         assert_eq!(d.influence_decay, 1.0);
+        assert_eq!((d.tokens_per_update, d.tokens_per_update_ramp), (1, 0), "updates at every step");
         let c: ModelConfig = serde_json::from_str(
             r#"{"vocab_size":4,"cell":"tanh","hidden":3,"learner":"kf-rtrl","tbptt_window":25,
             "optimizer":"sgd","lr":0.1,"clip":0.0,"seed":0,"init_std":0.1,"uoro_epsilon":0.0}"#,

@@ -80,7 +80,7 @@ async fn every_route_answers_with_its_schema() {
     let r = server.get("/v1/models/bytes").await;
     server.schemas.check("ModelInfo", &r.body);
     assert_eq!(r.body["config"]["cell"], "rhn", "server defaults fill the missing fields");
-    assert_eq!(r.body["config"]["lr"], 1e-3);
+    assert_eq!(r.body["config"]["lr"], kfrtrl::core::model::DEFAULT_MODEL_LR);
     assert_eq!(r.body["config"]["learner"], "ok");
 
     // Tokens: text on a byte-level model, losses on request, printable predictions as text.
