@@ -3,6 +3,7 @@
 
 pub mod cell;
 pub mod float;
+pub mod kinds;
 pub mod learner;
 pub mod linalg;
 pub mod model;

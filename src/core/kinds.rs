@@ -1,0 +1,131 @@
+//! The named choices of a model configuration: the gradient estimator ([`LearnerKind`]), the
+//! optimizer ([`OptimizerKind`]) and what the gradient clip measures ([`ClipScope`]), with the
+//! names the command line, model definitions and files use for them.
+
+use serde::{Deserialize, Serialize};
+
+/// How a model estimates the gradient of its recurrent weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum LearnerKind {
+    /// Kronecker-factored RTRL: unbiased, `O(r n³)` per step, memory `O(r n²)` per stream.
+    #[serde(rename = "kf-rtrl")]
+    KfRtrl,
+    /// Unbiased Online Recurrent Optimization: unbiased, `O(P)` per step, high variance.
+    #[serde(rename = "uoro")]
+    Uoro,
+    /// Exact RTRL: the full influence matrix, `O(r n⁴)` per step; an oracle for small `n`.
+    #[serde(rename = "rtrl")]
+    Rtrl,
+    /// Truncated BPTT with a window of `tbptt_window` steps; one update per window.
+    #[serde(rename = "tbptt")]
+    Tbptt,
+    /// No learning: the weights never change.
+    #[serde(rename = "frozen")]
+    Frozen,
+    /// Optimal Kronecker-sum RTRL (OK.md §2): the minimum-variance unbiased rank-`ok_rank`
+    /// member of KF-RTRL's class; `O(R n³)` per step, memory `O(R n²)` per stream.
+    #[serde(rename = "ok")]
+    Ok,
+}
+
+impl LearnerKind {
+    /// Whether the learner carries an influence estimate (KF-RTRL, OK, exact RTRL): the only ones
+    /// an influence decay or margin applies to.
+    pub fn carries_influence(self) -> bool {
+        matches!(self, LearnerKind::KfRtrl | LearnerKind::Ok | LearnerKind::Rtrl)
+    }
+
+    /// The wire name.
+    pub fn name(self) -> &'static str {
+        match self {
+            LearnerKind::KfRtrl => "kf-rtrl",
+            LearnerKind::Uoro => "uoro",
+            LearnerKind::Rtrl => "rtrl",
+            LearnerKind::Tbptt => "tbptt",
+            LearnerKind::Frozen => "frozen",
+            LearnerKind::Ok => "ok",
+        }
+    }
+
+    /// Parses a wire name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "kf-rtrl" | "kfrtrl" => LearnerKind::KfRtrl,
+            "uoro" => LearnerKind::Uoro,
+            "rtrl" => LearnerKind::Rtrl,
+            "tbptt" => LearnerKind::Tbptt,
+            "frozen" => LearnerKind::Frozen,
+            "ok" => LearnerKind::Ok,
+            _ => return None,
+        })
+    }
+}
+
+impl std::fmt::Display for LearnerKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The optimizer applied to the averaged gradient of each step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    /// Adam (β1 0.9, β2 0.999, ε 1e-8).
+    Adam,
+    /// Plain stochastic gradient descent.
+    Sgd,
+}
+
+impl OptimizerKind {
+    /// The wire name.
+    pub fn name(self) -> &'static str {
+        match self {
+            OptimizerKind::Adam => "adam",
+            OptimizerKind::Sgd => "sgd",
+        }
+    }
+
+    /// Parses a wire name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "adam" => Some(OptimizerKind::Adam),
+            "sgd" => Some(OptimizerKind::Sgd),
+            _ => None,
+        }
+    }
+}
+
+/// Which weights the gradient-norm clip measures and scales.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClipScope {
+    /// One norm over `W` and `V` together, both scaled (the scope before it was a choice). A
+    /// noisy recurrent estimate then shrinks the readout's exact gradient with it.
+    Global,
+    /// `W`'s norm alone, `V` never clipped: the authors' recipe (OK.md §1.1).
+    Recurrent,
+    /// `W` and `V` each clipped to the bound on their own.
+    PerGroup,
+}
+
+impl ClipScope {
+    /// The wire name.
+    pub fn name(self) -> &'static str {
+        match self {
+            ClipScope::Global => "global",
+            ClipScope::Recurrent => "recurrent",
+            ClipScope::PerGroup => "per-group",
+        }
+    }
+
+    /// Parses a wire name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "global" => Some(ClipScope::Global),
+            "recurrent" => Some(ClipScope::Recurrent),
+            "per-group" => Some(ClipScope::PerGroup),
+            _ => None,
+        }
+    }
+}
