@@ -2,6 +2,7 @@
 //! or a saved model (`--init`), with a progress bar on stderr and, with `--json`, one final JSON
 //! object on stdout.
 
+use kfrtrl::core::pending::UpdateSchedule;
 use std::path::PathBuf;
 
 use clap::Args;
@@ -81,13 +82,19 @@ pub struct TrainArgs {
     influence_margin: Option<Margin>,
     /// Apply the optimizer once at least this many token gradients have accumulated, averaged,
     /// over all streams and steps (a step with B learning streams counts B; default 16 for a
-    /// fresh model, reached by the ramp below, or the --init model's)
+    /// fresh model, reached by the ramp below, or the --init model's). The three schedule flags
+    /// go together: giving any of them replaces the whole schedule, the others then being 1
+    /// token per update, no ramp, a start at 1
     #[arg(long)]
     tokens_per_update: Option<usize>,
-    /// Reach --tokens-per-update gradually: the n-th update waits for min(K, 1 + n / RAMP)
-    /// tokens (0: no ramp; default 256 for a fresh model, or the --init model's)
+    /// Reach --tokens-per-update gradually: the n-th update waits for min(K, START + n / RAMP)
+    /// tokens (0: no ramp; default 600 for a fresh model, or the --init model's)
     #[arg(long)]
     tokens_per_update_ramp: Option<u64>,
+    /// The tokens the ramp's first update waits for, START (default 8 for a fresh model, or the
+    /// --init model's)
+    #[arg(long)]
+    tokens_per_update_start: Option<usize>,
     /// Seed of the weights and the random signs.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -306,6 +313,13 @@ pub fn run(args: TrainArgs) -> Result<(), String> {
         Some(name) => parse_learner(name)?,
         None => LearnerArg { kind: base.learner, param: None },
     };
+    // The three settings of the update schedule go together (`UpdateSchedule::asked`).
+    let schedule = UpdateSchedule {
+        tokens_per_update: base.tokens_per_update,
+        tokens_per_update_ramp: base.tokens_per_update_ramp,
+        tokens_per_update_start: base.tokens_per_update_start,
+    }
+    .asked(args.tokens_per_update, args.tokens_per_update_ramp, args.tokens_per_update_start);
     let model = learner.apply(ModelConfig {
         vocab_size: vocab.size,
         optimizer: args.optimizer.unwrap_or(base.optimizer),
@@ -321,8 +335,9 @@ pub fn run(args: TrainArgs) -> Result<(), String> {
             None if learner.kind.carries_influence() => base.influence_margin,
             None => None,
         },
-        tokens_per_update: args.tokens_per_update.unwrap_or(base.tokens_per_update),
-        tokens_per_update_ramp: args.tokens_per_update_ramp.unwrap_or(base.tokens_per_update_ramp),
+        tokens_per_update: schedule.tokens_per_update,
+        tokens_per_update_ramp: schedule.tokens_per_update_ramp,
+        tokens_per_update_start: schedule.tokens_per_update_start,
         ..base.clone()
     });
     let spec = model.check().map_err(|e| e.to_string())?;

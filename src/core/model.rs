@@ -32,10 +32,15 @@ pub const DEFAULT_MODEL_MARGIN: f64 = 0.01;
 /// model is past its first updates (docs/RESULTS.md §4).
 pub const DEFAULT_MODEL_TOKENS_PER_UPDATE: usize = 16;
 
-/// The default model's ramp (`tokens_per_update_ramp`): 256 updates at each count, so a fresh
-/// model's first 256 updates come at every token and the count of 16 is reached after 3,840
-/// updates (about 31k tokens of one stream).
-pub const DEFAULT_MODEL_TOKENS_PER_UPDATE_RAMP: u64 = 256;
+/// Where the default model's ramp starts (`tokens_per_update_start`): 8 tokens per update. One
+/// stream's per-token updates early on saturate the RHN's carry gates for good (its dynamics
+/// stop contracting within 50k bytes), while 16 from the start learn `abcdefgh` too slowly.
+pub const DEFAULT_MODEL_TOKENS_PER_UPDATE_START: usize = 8;
+
+/// The default model's ramp (`tokens_per_update_ramp`): 600 updates at each count, so that a
+/// fresh stream's first 4,800 tokens update every 8 tokens and the count of 16 is reached after
+/// 4,800 updates (about 55k tokens of one stream).
+pub const DEFAULT_MODEL_TOKENS_PER_UPDATE_RAMP: u64 = 600;
 
 /// Unchecked model configuration, as read from a user; [`ModelConfig::check`] turns it into a
 /// [`ModelSpec`] that every kernel can rely on.
@@ -90,12 +95,16 @@ pub struct ModelConfig {
     #[serde(default = "absent::tokens_per_update")]
     pub tokens_per_update: usize,
     /// Reach `tokens_per_update` gradually: the optimizer's `n`-th update (counting from 0) waits
-    /// for `min(tokens_per_update, 1 + ⌊n / tokens_per_update_ramp⌋)` tokens, so a fresh model
-    /// takes its first updates at every token and waits longer as it ages (the noise of a lone
-    /// stream's per-token steps matters once the first, large gradients are spent). 0: no ramp.
-    /// Absent from a saved configuration: 0.
+    /// for `min(tokens_per_update, tokens_per_update_start + ⌊n / tokens_per_update_ramp⌋)`
+    /// tokens, so a fresh model updates more often while its first, large gradients are spent
+    /// and a lone stream's updates wait longer as the model ages. 0: no ramp (always
+    /// `tokens_per_update`). Absent from a saved configuration: 0.
     #[serde(default)]
     pub tokens_per_update_ramp: u64,
+    /// Where the ramp starts: the tokens the first update waits for (1 to `tokens_per_update`).
+    /// Absent from a saved configuration: 1.
+    #[serde(default = "absent::tokens_per_update_start")]
+    pub tokens_per_update_start: usize,
     /// Seed of the weights' initialisation and of every random sign.
     pub seed: u64,
     /// Standard deviation of the Gaussian initialisation of `W` and `V`.
@@ -124,6 +133,11 @@ pub mod absent {
         1
     }
 
+    /// `tokens_per_update_start`: a ramp from one token per update.
+    pub fn tokens_per_update_start() -> usize {
+        1
+    }
+
     /// `ok_rank`: the default rank.
     pub fn ok_rank() -> usize {
         DEFAULT_OK_RANK
@@ -147,7 +161,8 @@ impl ModelConfig {
 impl ModelConfig {
     /// The defaults of a new model (the server's default model, a fresh `kfrtrl train` model) for
     /// `learner`: [`ModelConfig::default`] with the update schedule
-    /// ([`DEFAULT_MODEL_TOKENS_PER_UPDATE`] reached by [`DEFAULT_MODEL_TOKENS_PER_UPDATE_RAMP`])
+    /// ([`DEFAULT_MODEL_TOKENS_PER_UPDATE`] reached from [`DEFAULT_MODEL_TOKENS_PER_UPDATE_START`]
+    /// by [`DEFAULT_MODEL_TOKENS_PER_UPDATE_RAMP`])
     /// and, for the learners that carry an influence, the margin [`DEFAULT_MODEL_MARGIN`].
     pub fn model_defaults(learner: LearnerKind) -> ModelConfig {
         ModelConfig {
@@ -155,6 +170,7 @@ impl ModelConfig {
             influence_margin: learner.carries_influence().then_some(DEFAULT_MODEL_MARGIN),
             tokens_per_update: DEFAULT_MODEL_TOKENS_PER_UPDATE,
             tokens_per_update_ramp: DEFAULT_MODEL_TOKENS_PER_UPDATE_RAMP,
+            tokens_per_update_start: DEFAULT_MODEL_TOKENS_PER_UPDATE_START,
             ..ModelConfig::default()
         }
     }
@@ -178,6 +194,7 @@ impl Default for ModelConfig {
             influence_margin: None,
             tokens_per_update: 1,
             tokens_per_update_ramp: 0,
+            tokens_per_update_start: 1,
             seed: 0,
             init_std: 0.01,
             uoro_epsilon: 1e-7,
@@ -288,6 +305,9 @@ impl ModelConfig {
         }
         if self.tokens_per_update_ramp > 0 && self.tokens_per_update == 1 {
             return Err(invalid("tokens_per_update_ramp", "ramps to tokens_per_update, which is 1"));
+        }
+        if !(1..=self.tokens_per_update).contains(&self.tokens_per_update_start) {
+            return Err(invalid("tokens_per_update_start", "must be in 1..=tokens_per_update"));
         }
         if let Some(margin) = self.influence_margin {
             if !(margin.is_finite() && (0.0..=1.0).contains(&margin)) {
@@ -491,8 +511,9 @@ mod tests {
         let model = ModelConfig::model_defaults(LearnerKind::Ok).check().unwrap().config;
         assert_eq!(
             (model.influence_margin, model.tokens_per_update, model.tokens_per_update_ramp),
-            (Some(0.01), 16, 256)
+            (Some(0.01), 16, 600)
         );
+        assert_eq!(model.tokens_per_update_start, 8);
         let tbptt = ModelConfig::model_defaults(LearnerKind::Tbptt);
         assert_eq!(tbptt.influence_margin, None, "no influence to bound");
         tbptt.check().unwrap();

@@ -6,11 +6,45 @@
 //! Adam steps of one stream are mostly noise, and they walk its weights into dynamics that no
 //! longer contract (docs/RESULTS.md §4). Every token's gradient is still taken online and without
 //! truncation; only its application waits, as TBPTT's waits for the end of its window.
-//! `tokens_per_update_ramp` reaches the count gradually, from one token per update for a fresh model.
+//! `tokens_per_update_ramp` reaches the count gradually, from `tokens_per_update_start` tokens per
+//! update for a fresh model.
 
 use super::float::Float;
 use super::model::{ModelSpec, Params};
 use super::optim::{Gradients, Optimizer, OptimizerStateError, UpdateOutcome};
+
+/// The three settings of the update schedule (`tokens_per_update`, `_ramp`, `_start`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpdateSchedule {
+    /// Tokens per update once the ramp is done.
+    pub tokens_per_update: usize,
+    /// Updates per level of the ramp (0: none).
+    pub tokens_per_update_ramp: u64,
+    /// Tokens the ramp starts from.
+    pub tokens_per_update_start: usize,
+}
+
+impl UpdateSchedule {
+    /// An update at every step, as before the choice.
+    pub const EVERY_STEP: Self =
+        Self { tokens_per_update: 1, tokens_per_update_ramp: 0, tokens_per_update_start: 1 };
+
+    /// The schedule a user asked for on top of `self` (the defaults): the three settings go
+    /// together, so that asking for any of them replaces the whole default schedule and the
+    /// others take their every-step values (`tokens_per_update` 25 alone is 25 from the first
+    /// update, not a ramp to 25 from the defaults' start).
+    pub fn asked(self, tokens_per_update: Option<usize>, ramp: Option<u64>, start: Option<usize>) -> Self {
+        if tokens_per_update.is_none() && ramp.is_none() && start.is_none() {
+            return self;
+        }
+        let base = Self::EVERY_STEP;
+        Self {
+            tokens_per_update: tokens_per_update.unwrap_or(base.tokens_per_update),
+            tokens_per_update_ramp: ramp.unwrap_or(base.tokens_per_update_ramp),
+            tokens_per_update_start: start.unwrap_or(base.tokens_per_update_start),
+        }
+    }
+}
 
 /// The token gradients accumulated since the last update.
 #[derive(Debug, Clone, PartialEq)]
@@ -19,6 +53,8 @@ pub struct PendingUpdate<T> {
     pub every: f64,
     /// Updates per level of the ramp to `every` (0: none).
     pub ramp: u64,
+    /// Tokens the ramp starts from.
+    pub start: f64,
     /// The sum of the accumulated token gradients (not yet averaged).
     pub sum: Gradients<T>,
     /// How many token gradients `sum` holds.
@@ -29,22 +65,28 @@ impl<T: Float> PendingUpdate<T> {
     /// An empty accumulator, or `None` when the model updates at every step.
     pub fn new(spec: &ModelSpec) -> Option<Self> {
         let every = spec.config.tokens_per_update;
-        let ramp = spec.config.tokens_per_update_ramp;
-        (every > 1).then(|| Self { every: every as f64, ramp, sum: Gradients::zeros(spec), tokens: 0.0 })
+        let (ramp, start) = (spec.config.tokens_per_update_ramp, spec.config.tokens_per_update_start as f64);
+        (every > 1).then(|| Self {
+            every: every as f64,
+            ramp,
+            start,
+            sum: Gradients::zeros(spec),
+            tokens: 0.0,
+        })
     }
 
     /// The tokens the update after `updates` applied ones waits for:
-    /// `min(every, 1 + ⌊updates / ramp⌋)`, or `every` without a ramp.
+    /// `min(every, start + ⌊updates / ramp⌋)`, or `every` without a ramp.
     pub fn due(&self, updates: u64) -> f64 {
         match self.ramp {
             0 => self.every,
-            ramp => self.every.min(1.0 + (updates / ramp) as f64),
+            ramp => self.every.min(self.start + (updates / ramp) as f64),
         }
     }
 
     /// Whether `other` waits for the same tokens at every update (a saved sum carries over).
     pub fn same_schedule(&self, other: &Self) -> bool {
-        self.every == other.every && self.ramp == other.ramp
+        self.every == other.every && self.ramp == other.ramp && (self.ramp == 0 || self.start == other.start)
     }
 }
 

@@ -1,6 +1,7 @@
 //! What a model is to the engine: its definition (the core's configuration plus its stream limit,
 //! with the wire names clients use), name rules, and an estimate of the memory it will hold.
 
+use crate::core::pending::UpdateSchedule;
 use serde::{Deserialize, Serialize};
 
 use crate::core::model::ClipScope;
@@ -72,6 +73,10 @@ pub struct ModelDefinition {
     /// [`ModelConfig::tokens_per_update_ramp`]). Absent from a saved definition: 0.
     #[serde(default)]
     pub tokens_per_update_ramp: u64,
+    /// Tokens the ramp starts from (see [`ModelConfig::tokens_per_update_start`]). Absent from a
+    /// saved definition: 1.
+    #[serde(default = "crate::core::model::absent::tokens_per_update_start")]
+    pub tokens_per_update_start: usize,
     /// Seed of the initial weights and of every random sign.
     pub seed: u64,
     /// Standard deviation of the initial weights.
@@ -91,7 +96,7 @@ impl ModelDefinition {
 
     /// The server's defaults for a model named `name`: [`ModelConfig::model_defaults`] (byte-level
     /// RHN, n = 128, `ok:8`, Adam 10^-2.5, the adaptive decay's margin 0.01, updates that wait for
-    /// up to 16 tokens) and `max_streams` streams.
+    /// 8 tokens at first and up to 16 later) and `max_streams` streams.
     pub fn with_defaults(name: &str, max_streams: usize) -> Self {
         let c = ModelConfig::model_defaults(ModelConfig::default().learner);
         Self {
@@ -111,6 +116,7 @@ impl ModelDefinition {
             influence_margin: c.influence_margin,
             tokens_per_update: c.tokens_per_update,
             tokens_per_update_ramp: c.tokens_per_update_ramp,
+            tokens_per_update_start: c.tokens_per_update_start,
             seed: c.seed,
             init_std: c.init_std,
             uoro_epsilon: c.uoro_epsilon,
@@ -136,6 +142,7 @@ impl ModelDefinition {
             influence_margin: self.influence_margin,
             tokens_per_update: self.tokens_per_update,
             tokens_per_update_ramp: self.tokens_per_update_ramp,
+            tokens_per_update_start: self.tokens_per_update_start,
             seed: self.seed,
             init_std: self.init_std,
             uoro_epsilon: self.uoro_epsilon,
@@ -201,6 +208,9 @@ pub struct ModelRequest {
     /// See [`ModelDefinition::tokens_per_update_ramp`].
     #[serde(default)]
     pub tokens_per_update_ramp: Option<u64>,
+    /// See [`ModelDefinition::tokens_per_update_start`].
+    #[serde(default)]
+    pub tokens_per_update_start: Option<usize>,
     /// See [`ModelDefinition::seed`].
     #[serde(default)]
     pub seed: Option<u64>,
@@ -238,6 +248,12 @@ impl ModelRequest {
     /// Fills the missing fields from `defaults` (whose name is ignored).
     pub fn resolve(self, defaults: &ModelDefinition) -> ModelDefinition {
         let d = defaults;
+        let schedule = UpdateSchedule {
+            tokens_per_update: d.tokens_per_update,
+            tokens_per_update_ramp: d.tokens_per_update_ramp,
+            tokens_per_update_start: d.tokens_per_update_start,
+        }
+        .asked(self.tokens_per_update, self.tokens_per_update_ramp, self.tokens_per_update_start);
         ModelDefinition {
             name: self.name,
             vocab_size: self.vocab_size.unwrap_or(d.vocab_size),
@@ -257,8 +273,9 @@ impl ModelRequest {
                 None if self.learner.unwrap_or(d.learner).carries_influence() => d.influence_margin,
                 None => None,
             },
-            tokens_per_update: self.tokens_per_update.unwrap_or(d.tokens_per_update),
-            tokens_per_update_ramp: self.tokens_per_update_ramp.unwrap_or(d.tokens_per_update_ramp),
+            tokens_per_update: schedule.tokens_per_update,
+            tokens_per_update_ramp: schedule.tokens_per_update_ramp,
+            tokens_per_update_start: schedule.tokens_per_update_start,
             seed: self.seed.unwrap_or(d.seed),
             init_std: self.init_std.unwrap_or(d.init_std),
             uoro_epsilon: self.uoro_epsilon.unwrap_or(d.uoro_epsilon),
@@ -334,7 +351,17 @@ mod tests {
             ModelConfig { hidden: 16, ..ModelConfig::model_defaults(LearnerKind::Ok) }
         );
         assert_eq!(r.model_config().influence_margin, margin);
-        assert_eq!((r.tokens_per_update, r.tokens_per_update_ramp), (16, 256));
+        assert_eq!((r.tokens_per_update, r.tokens_per_update_ramp, r.tokens_per_update_start), (16, 600, 8));
+        // The schedule's three settings go together: asking for one replaces the default schedule.
+        let k25 =
+            ModelRequest { name: "k".into(), tokens_per_update: Some(25), ..Default::default() }.resolve(&d);
+        assert_eq!(
+            (k25.tokens_per_update, k25.tokens_per_update_ramp, k25.tokens_per_update_start),
+            (25, 0, 1)
+        );
+        let ramp = ModelRequest { name: "k".into(), tokens_per_update_ramp: Some(5), ..Default::default() }
+            .resolve(&d);
+        assert_eq!(ramp.model_config().check().unwrap_err().field, "tokens_per_update_ramp", "a ramp to 1");
         // The default margin goes with a learner that carries an influence; `null` turns it off.
         let uoro = ModelRequest { name: "u".into(), learner: Some(LearnerKind::Uoro), ..Default::default() };
         assert_eq!(uoro.resolve(&d).influence_margin, None);
@@ -365,7 +392,11 @@ mod tests {
         assert_eq!(d.clip_scope, ClipScope::Global);
         assert!(!d.gradient_before_reduction);
         assert_eq!(d.influence_decay, 1.0);
-        assert_eq!((d.tokens_per_update, d.tokens_per_update_ramp), (1, 0), "updates at every step");
+        assert_eq!(
+            (d.tokens_per_update, d.tokens_per_update_ramp, d.tokens_per_update_start),
+            (1, 0, 1),
+            "updates at every step"
+        );
         let c: ModelConfig = serde_json::from_str(
             r#"{"vocab_size":4,"cell":"tanh","hidden":3,"learner":"kf-rtrl","tbptt_window":25,
             "optimizer":"sgd","lr":0.1,"clip":0.0,"seed":0,"init_std":0.1,"uoro_epsilon":0.0}"#,

@@ -53,6 +53,7 @@ fn config(cell: CellKind, n: usize, vocab: usize, learner: LearnerKind, seed: u6
         influence_margin: None,
         tokens_per_update: 1,
         tokens_per_update_ramp: 0,
+        tokens_per_update_start: 1,
         seed,
         init_std: 0.5,
         uoro_epsilon: 0.0,

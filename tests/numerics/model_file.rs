@@ -235,7 +235,9 @@ fn train_save_then_load_gives_the_trained_model() {
     assert_eq!(m.config.cell, CellKind::Tanh);
     assert_eq!(m.counters.symbols, 400);
     assert_eq!(m.counters.steps, 200);
-    assert_eq!(m.optimizer.steps, 200);
+    // The default schedule's first updates wait for 8 tokens: 2 a step, an update every 4 steps.
+    assert_eq!(m.config.tokens_per_update_start, 8);
+    assert_eq!(m.optimizer.steps, 50);
     let symbols: Vec<String> = serde_json::from_value(m.metadata["symbols"].clone()).unwrap();
     assert_eq!(symbols.len(), m.config.vocab_size);
     // The saved weights give the reported held-out BPC.

@@ -13,6 +13,14 @@ fn config(tokens_per_update: usize) -> ModelConfig {
 }
 
 fn ramped(tokens_per_update: usize, tokens_per_update_ramp: u64) -> ModelConfig {
+    ramped_from(tokens_per_update, tokens_per_update_ramp, 1)
+}
+
+fn ramped_from(
+    tokens_per_update: usize,
+    tokens_per_update_ramp: u64,
+    tokens_per_update_start: usize,
+) -> ModelConfig {
     ModelConfig {
         vocab_size: 5,
         cell: CellKind::Rhn,
@@ -26,6 +34,7 @@ fn ramped(tokens_per_update: usize, tokens_per_update_ramp: u64) -> ModelConfig 
         init_std: 0.3,
         tokens_per_update,
         tokens_per_update_ramp,
+        tokens_per_update_start,
         ..ModelConfig::default()
     }
 }
@@ -49,6 +58,15 @@ fn a_ramp_reaches_the_tokens_per_update_three_updates_per_level() {
     assert!(applied.len() > 20, "the ramp reached its end: updates at {applied:?}");
     let gaps: Vec<usize> = applied.windows(2).map(|w| w[1] - w[0]).collect();
     assert!(gaps[gaps.len() - 8..].iter().all(|&g| g >= 2), "6 tokens take 2 steps or more: {gaps:?}");
+}
+
+/// A ramp that starts at 3 tokens: update `n` waits for `min(7, 3 + n / 4)`.
+#[test]
+fn a_ramp_can_start_above_one_token() {
+    let applied = check_schedule(ramped_from(7, 4, 3), 150, |n| 7f64.min(3.0 + (n / 4) as f64));
+    assert!(applied.len() > 20, "the ramp reached its end: updates at {applied:?}");
+    assert!(ramped_from(7, 4, 8).check().is_err(), "the start is at most the count");
+    assert!(ramped_from(7, 4, 0).check().is_err());
 }
 
 /// Runs `steps` steps of three streams (1 to 3 learning tokens a step) with the configuration's

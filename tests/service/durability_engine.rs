@@ -56,6 +56,10 @@ fn definition(name: &str, learner: LearnerKind, max_streams: usize) -> ModelDefi
         lr: 0.01,
         // The default margin belongs to the learners that carry an influence.
         influence_margin: learner.carries_influence().then_some(kfrtrl::core::model::DEFAULT_MODEL_MARGIN),
+        // An update at every step (the defaults' schedule waits for 8 tokens and more).
+        tokens_per_update: 1,
+        tokens_per_update_ramp: 0,
+        tokens_per_update_start: 1,
         ..ModelDefinition::with_defaults(name, max_streams)
     }
 }

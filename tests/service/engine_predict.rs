@@ -24,6 +24,10 @@ async fn engine_with_model(learner: LearnerKind, lr: f64) -> Arc<Engine> {
         lr,
         // The default margin belongs to the learners that carry an influence.
         influence_margin: learner.carries_influence().then_some(kfrtrl::core::model::DEFAULT_MODEL_MARGIN),
+        // An update at every step (the defaults' schedule waits for 8 tokens and more).
+        tokens_per_update: 1,
+        tokens_per_update_ramp: 0,
+        tokens_per_update_start: 1,
         ..ModelDefinition::with_defaults("m", 4)
     };
     engine.create_model(definition).await.unwrap();

@@ -28,6 +28,8 @@ impl TestServer {
             name: name.into(),
             vocab_size: Some(vocab),
             hidden: Some(8),
+            // An update at every step, so that the updates can be counted token by token.
+            tokens_per_update: Some(1),
             ..Default::default()
         };
         let config = ServerConfig {

@@ -202,6 +202,9 @@ pub fn model(name: &str, vocab: usize, hidden: usize) -> ModelRequest {
         vocab_size: Some(vocab),
         hidden: Some(hidden),
         max_streams: Some(16),
+        // An update at every step (the defaults wait for 8 tokens and more), so that tests can
+        // count updates and compare weights step by step.
+        tokens_per_update: Some(1),
         ..Default::default()
     }
 }
