@@ -2,13 +2,13 @@
 //! or a saved model (`--init`), with a progress bar on stderr and, with `--json`, one final JSON
 //! object on stdout.
 
-use kfrtrl::core::pending::UpdateSchedule;
 use std::path::PathBuf;
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use kfrtrl::core::{CellKind, ModelConfig, OptimizerKind};
+use kfrtrl::core::pending::UpdateSchedule;
+use kfrtrl::core::{CellKind, LearnerKind, ModelConfig, OptimizerKind};
 use kfrtrl::engine::model_file::{Counters, ModelFile, load, save};
 use kfrtrl::tools::corpus::{Format, Vocab, tokenize_train, tokenize_with};
 use kfrtrl::tools::train::{Start, TrainConfig, train_from};
@@ -313,13 +313,15 @@ pub fn run(args: TrainArgs) -> Result<(), String> {
         Some(name) => parse_learner(name)?,
         None => LearnerArg { kind: base.learner, param: None },
     };
-    // The three settings of the update schedule go together (`UpdateSchedule::asked`).
-    let schedule = UpdateSchedule {
-        tokens_per_update: base.tokens_per_update,
-        tokens_per_update_ramp: base.tokens_per_update_ramp,
-        tokens_per_update_start: base.tokens_per_update_start,
-    }
-    .asked(args.tokens_per_update, args.tokens_per_update_ramp, args.tokens_per_update_start);
+    // The three settings of the update schedule go together (`UpdateSchedule::asked`); a switch
+    // to TBPTT, whose window gathers its tokens itself, leaves the inherited schedule behind.
+    let inherited = if learner.kind == LearnerKind::Tbptt && base.learner != LearnerKind::Tbptt {
+        UpdateSchedule::EVERY_STEP
+    } else {
+        base.update_schedule()
+    };
+    let schedule =
+        inherited.asked(args.tokens_per_update, args.tokens_per_update_ramp, args.tokens_per_update_start);
     let model = learner.apply(ModelConfig {
         vocab_size: vocab.size,
         optimizer: args.optimizer.unwrap_or(base.optimizer),
@@ -345,7 +347,7 @@ pub fn run(args: TrainArgs) -> Result<(), String> {
         Some((start, nonfinite)) => {
             if start.optimizer.kind() != model.optimizer {
                 eprintln!(
-                    "note: the optimizer changes from {} to {}; it starts afresh",
+                    "note: the optimizer changes from {} to {}; it starts afresh (and the update schedule's ramp with it)",
                     start.optimizer.kind().name(),
                     model.optimizer.name()
                 );

@@ -13,6 +13,7 @@ use super::float::Float;
 use super::rng::{CounterRng, derive_key};
 
 pub use super::kinds::{ClipScope, LearnerKind, OptimizerKind};
+use super::pending::UpdateSchedule;
 
 /// The paper's learning rate, 10^-3.5 (the copy task's default).
 pub const DEFAULT_LR: f64 = 3.162_277_660_168_379_5e-4;
@@ -161,17 +162,28 @@ impl ModelConfig {
 impl ModelConfig {
     /// The defaults of a new model (the server's default model, a fresh `kfrtrl train` model) for
     /// `learner`: [`ModelConfig::default`] with the update schedule
-    /// ([`DEFAULT_MODEL_TOKENS_PER_UPDATE`] reached from [`DEFAULT_MODEL_TOKENS_PER_UPDATE_START`]
-    /// by [`DEFAULT_MODEL_TOKENS_PER_UPDATE_RAMP`])
+    /// ([`UpdateSchedule::default_for`]: [`DEFAULT_MODEL_TOKENS_PER_UPDATE`] reached from
+    /// [`DEFAULT_MODEL_TOKENS_PER_UPDATE_START`] by [`DEFAULT_MODEL_TOKENS_PER_UPDATE_RAMP`], except
+    /// for TBPTT, whose window already gathers its tokens into one update)
     /// and, for the learners that carry an influence, the margin [`DEFAULT_MODEL_MARGIN`].
     pub fn model_defaults(learner: LearnerKind) -> ModelConfig {
+        let schedule = UpdateSchedule::default_for(learner);
         ModelConfig {
             learner,
             influence_margin: learner.carries_influence().then_some(DEFAULT_MODEL_MARGIN),
-            tokens_per_update: DEFAULT_MODEL_TOKENS_PER_UPDATE,
-            tokens_per_update_ramp: DEFAULT_MODEL_TOKENS_PER_UPDATE_RAMP,
-            tokens_per_update_start: DEFAULT_MODEL_TOKENS_PER_UPDATE_START,
+            tokens_per_update: schedule.tokens_per_update,
+            tokens_per_update_ramp: schedule.tokens_per_update_ramp,
+            tokens_per_update_start: schedule.tokens_per_update_start,
             ..ModelConfig::default()
+        }
+    }
+
+    /// The update schedule this configuration names.
+    pub fn update_schedule(&self) -> UpdateSchedule {
+        UpdateSchedule {
+            tokens_per_update: self.tokens_per_update,
+            tokens_per_update_ramp: self.tokens_per_update_ramp,
+            tokens_per_update_start: self.tokens_per_update_start,
         }
     }
 }
@@ -308,6 +320,9 @@ impl ModelConfig {
         }
         if !(1..=self.tokens_per_update).contains(&self.tokens_per_update_start) {
             return Err(invalid("tokens_per_update_start", "must be in 1..=tokens_per_update"));
+        }
+        if self.tokens_per_update_start != 1 && self.tokens_per_update_ramp == 0 {
+            return Err(invalid("tokens_per_update_start", "starts a ramp, and tokens_per_update_ramp is 0"));
         }
         if let Some(margin) = self.influence_margin {
             if !(margin.is_finite() && (0.0..=1.0).contains(&margin)) {
@@ -516,6 +531,7 @@ mod tests {
         assert_eq!(model.tokens_per_update_start, 8);
         let tbptt = ModelConfig::model_defaults(LearnerKind::Tbptt);
         assert_eq!(tbptt.influence_margin, None, "no influence to bound");
+        assert_eq!(tbptt.update_schedule(), UpdateSchedule::EVERY_STEP, "one update per window");
         tbptt.check().unwrap();
     }
 

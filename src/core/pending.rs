@@ -10,7 +10,10 @@
 //! update for a fresh model.
 
 use super::float::Float;
-use super::model::{ModelSpec, Params};
+use super::model::{
+    DEFAULT_MODEL_TOKENS_PER_UPDATE, DEFAULT_MODEL_TOKENS_PER_UPDATE_RAMP,
+    DEFAULT_MODEL_TOKENS_PER_UPDATE_START, LearnerKind, ModelSpec, Params,
+};
 use super::optim::{Gradients, Optimizer, OptimizerStateError, UpdateOutcome};
 
 /// The three settings of the update schedule (`tokens_per_update`, `_ramp`, `_start`).
@@ -28,6 +31,20 @@ impl UpdateSchedule {
     /// An update at every step, as before the choice.
     pub const EVERY_STEP: Self =
         Self { tokens_per_update: 1, tokens_per_update_ramp: 0, tokens_per_update_start: 1 };
+
+    /// The schedule of a new model with `learner` (the server's default model, a fresh `kfrtrl
+    /// train` model): 16 tokens per update, reached from 8 by 600 updates per count; TBPTT
+    /// updates at every step (its window already gathers `K` tokens into one update).
+    pub fn default_for(learner: LearnerKind) -> Self {
+        if learner == LearnerKind::Tbptt {
+            return Self::EVERY_STEP;
+        }
+        Self {
+            tokens_per_update: DEFAULT_MODEL_TOKENS_PER_UPDATE,
+            tokens_per_update_ramp: DEFAULT_MODEL_TOKENS_PER_UPDATE_RAMP,
+            tokens_per_update_start: DEFAULT_MODEL_TOKENS_PER_UPDATE_START,
+        }
+    }
 
     /// The schedule a user asked for on top of `self` (the defaults): the three settings go
     /// together, so that asking for any of them replaces the whole default schedule and the
@@ -93,10 +110,10 @@ impl<T: Float> PendingUpdate<T> {
 impl<T: Float> Optimizer<T> {
     /// Takes one step's averaged gradient `grad` of `contributions` tokens: applied now when the
     /// model updates at every step, else added to the pending sum and applied, averaged, once
-    /// the sum holds at least `tokens_per_update` tokens. `None` when nothing was applied (no
-    /// contributions, or the sum still waits); a `grad` that `apply` would refuse (not finite,
-    /// or too large once clipped) is refused at its own step, without touching the sum, so that
-    /// the step at fault is the one whose streams are examined.
+    /// the sum holds the tokens the next update is due ([`PendingUpdate::due`]). `None` when
+    /// nothing was applied (no contributions, or the sum still waits); a `grad` that `apply`
+    /// would refuse (not finite, or too large once clipped) is refused at its own step, without
+    /// touching the sum, so that the step at fault is the one whose streams are examined.
     pub fn step(
         &mut self,
         params: &mut Params<T>,

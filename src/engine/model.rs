@@ -1,10 +1,10 @@
 //! What a model is to the engine: its definition (the core's configuration plus its stream limit,
 //! with the wire names clients use), name rules, and an estimate of the memory it will hold.
 
-use crate::core::pending::UpdateSchedule;
 use serde::{Deserialize, Serialize};
 
 use crate::core::model::ClipScope;
+use crate::core::pending::UpdateSchedule;
 use crate::core::{CellKind, LearnerKind, ModelConfig, ModelSpec, OptimizerKind};
 
 /// Longest model or stream name.
@@ -248,12 +248,19 @@ impl ModelRequest {
     /// Fills the missing fields from `defaults` (whose name is ignored).
     pub fn resolve(self, defaults: &ModelDefinition) -> ModelDefinition {
         let d = defaults;
-        let schedule = UpdateSchedule {
-            tokens_per_update: d.tokens_per_update,
-            tokens_per_update_ramp: d.tokens_per_update_ramp,
-            tokens_per_update_start: d.tokens_per_update_start,
-        }
-        .asked(self.tokens_per_update, self.tokens_per_update_ramp, self.tokens_per_update_start);
+        // The schedule's three settings go together (`UpdateSchedule::asked`); TBPTT asked for on
+        // top of another learner's defaults updates at every step (its window gathers the tokens).
+        let learner = self.learner.unwrap_or(d.learner);
+        let inherited = if learner == LearnerKind::Tbptt && d.learner != LearnerKind::Tbptt {
+            UpdateSchedule::EVERY_STEP
+        } else {
+            d.model_config().update_schedule()
+        };
+        let schedule = inherited.asked(
+            self.tokens_per_update,
+            self.tokens_per_update_ramp,
+            self.tokens_per_update_start,
+        );
         ModelDefinition {
             name: self.name,
             vocab_size: self.vocab_size.unwrap_or(d.vocab_size),
@@ -293,8 +300,10 @@ pub fn estimate_model_bytes(spec: &ModelSpec, slots: usize) -> u128 {
     let s = k * n;
     let rn = r * n;
     let weights = rn * m + vocab * (n + 1);
-    // Weights, gradient, and Adam's two moments (counted for SGD too: an upper bound).
-    let model = 4 * weights;
+    // Weights, gradient, and Adam's two moments (counted for SGD too: an upper bound), and the
+    // pending sum of a model whose updates wait for more than one token.
+    let pending = u128::from(spec.config.tokens_per_update > 1);
+    let model = (4 + pending) * weights;
     let step_scratch = (n + 1) + vocab + n + s + rn + k * rn + k * k * n + s;
     let learner = match spec.learner() {
         // Two alternating factor slabs, the Jacobian scratch and the `u` rows.

@@ -208,15 +208,17 @@ fn train_evaluated_by(
     // its optimizer and its update schedule (then two runs split anywhere make one); otherwise
     // they are dropped.
     let pending = optimizer.pending.take();
-    let mut opt = if optimizer.kind() == spec.config.optimizer {
+    let kept_optimizer = optimizer.kind() == spec.config.optimizer;
+    let mut opt = if kept_optimizer {
         Optimizer::restore(&spec, optimizer.steps, optimizer.m.zip(optimizer.v))
             .expect("the starting optimizer's moments fit the model")
     } else {
         Optimizer::new(&spec)
     };
     let schedule = crate::core::pending::PendingUpdate::<f32>::new(&spec);
-    let kept_steps = opt.steps == optimizer.steps;
-    if let Some(p) = pending.filter(|p| kept_steps && schedule.as_ref().is_some_and(|s| s.same_schedule(p))) {
+    if let Some(p) =
+        pending.filter(|p| kept_optimizer && schedule.as_ref().is_some_and(|s| s.same_schedule(p)))
+    {
         opt.restore_pending(p.sum, p.tokens).expect("a saved pending sum fits its model");
     }
     let mut set = StreamSet::<f32>::new(&spec, b);

@@ -539,7 +539,7 @@ fn the_defaults_learn_abcdefgh_repeated() {
     use kfrtrl::core::{SlotStep, StreamSet};
     let text: Vec<u32> = b"abcdefgh".repeat(600).iter().map(|&b| u32::from(b)).collect();
     let cfg = TrainConfig {
-        model: ModelConfig::default(),
+        model: ModelConfig::model_defaults(ModelConfig::default().learner),
         batch: 1,
         steps: 4_800,
         reset_every: None,
@@ -552,7 +552,7 @@ fn the_defaults_learn_abcdefgh_repeated() {
     // A fresh stream reads a few periods with the learned weights, then predicts after `h`.
     let spec = cfg.model.check().unwrap();
     let mut set = StreamSet::<f32>::new(
-        &ModelConfig { learner: LearnerKind::Frozen, ..spec.config.clone() }.check().unwrap(),
+        &spec.config.frozen().check().unwrap(),
         1,
     );
     for &t in &text[..64] {
