@@ -29,10 +29,10 @@ pub enum LearnerKind {
 }
 
 impl LearnerKind {
-    /// Whether the learner carries an influence estimate (KF-RTRL, OK, exact RTRL): the only ones
-    /// an influence decay or margin applies to.
+    /// Whether the learner carries an influence estimate through the state Jacobians (KF-RTRL, OK,
+    /// exact RTRL, UORO's tangent `s̃`): the only ones an influence decay or margin applies to.
     pub fn carries_influence(self) -> bool {
-        matches!(self, LearnerKind::KfRtrl | LearnerKind::Ok | LearnerKind::Rtrl)
+        matches!(self, LearnerKind::KfRtrl | LearnerKind::Ok | LearnerKind::Rtrl | LearnerKind::Uoro)
     }
 
     /// The wire name.

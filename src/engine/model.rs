@@ -373,7 +373,9 @@ mod tests {
         assert_eq!(ramp.model_config().check().unwrap_err().field, "tokens_per_update_ramp", "a ramp to 1");
         // The default margin goes with a learner that carries an influence; `null` turns it off.
         let uoro = ModelRequest { name: "u".into(), learner: Some(LearnerKind::Uoro), ..Default::default() };
-        assert_eq!(uoro.resolve(&d).influence_margin, None);
+        assert_eq!(uoro.resolve(&d).influence_margin, margin, "UORO carries its influence as a tangent");
+        let tbptt = ModelRequest { name: "t".into(), learner: Some(LearnerKind::Tbptt), ..Default::default() };
+        assert_eq!(tbptt.resolve(&d).influence_margin, None);
         for off in
             [r#"{"name": "o", "influence_margin": null}"#, r#"{"name": "o", "influence_margin": "off"}"#]
         {

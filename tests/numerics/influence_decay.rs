@@ -5,8 +5,8 @@
 //! The adaptive decay's oracle is written here from its definition: a unit tangent pushed
 //! through the dense `H_t` of [`reference::step_terms`], the running rate
 //! `λ̂_t = (1 − w) λ̂_{t-1} + w ln ‖H_t v‖`, and exact RTRL `G_t = γ_t H_t G_{t-1} + a_t ⊗ D_t`.
-//! OK's and KF-RTRL's enumerated means must equal the engine's exact RTRL with the same margin,
-//! which must equal that oracle.
+//! OK's, KF-RTRL's and UORO's enumerated means must equal the engine's exact RTRL with the same
+//! margin, which must equal that oracle.
 
 use super::core_ok::{carried, check, config, enumerate, exact_run, kf_mut, rel, tokens};
 use kfrtrl::core::learner::growth::GROWTH_RATE_WEIGHT;
@@ -214,7 +214,7 @@ fn the_probe_travels_with_the_stream_and_is_checked() {
         "a probe the model does not carry must be refused"
     );
 
-    for learner in [LearnerKind::Uoro, LearnerKind::Tbptt] {
+    for learner in [LearnerKind::Tbptt, LearnerKind::Frozen] {
         assert!(
             ModelConfig { learner, ..cfg.clone() }.check().is_err(),
             "{learner:?} has no influence to decay"
@@ -225,5 +225,57 @@ fn the_probe_travels_with_the_stream_and_is_checked() {
             ModelConfig { influence_margin: Some(margin), ..cfg.clone() }.check().is_err(),
             "margin {margin}"
         );
+    }
+}
+
+/// UORO with a margin and with a decay: its tangent `s̃` carries the same factors (they follow
+/// the trajectory, never the signs), so the mean of `s̃ θ̃ᵀ` over every sign path is exact RTRL
+/// with the same margin (and decay), which differs from the undiscounted influence.
+#[test]
+fn uoro_with_a_margin_or_a_decay_is_unbiased_for_the_discounted_influence() {
+    const STEPS: usize = 3;
+    for (margin, decay) in [(Some(0.3), 1.0), (None, 0.7), (Some(0.3), 0.7)] {
+        let cfg = ModelConfig {
+            influence_margin: margin,
+            influence_decay: decay,
+            uoro_epsilon: 0.0,
+            ..config(CellKind::Rhn, 2, 3, LearnerKind::Uoro, 1, false)
+        };
+        let spec = check(&cfg);
+        let params = Params::<f64>::init(&spec);
+        let toks = tokens(41, 3, STEPS);
+        let (_, exact, _) = exact_run(&cfg, &params, &toks);
+        let (_, undiscounted, _) = exact_run(
+            &ModelConfig { influence_margin: None, influence_decay: 1.0, ..cfg.clone() },
+            &params,
+            &toks,
+        );
+        assert!(rel(&exact, &undiscounted) > 1e-3, "{margin:?} {decay}: the factors should discount");
+        let s_len = spec.state_len();
+        let paths = 1u64 << (s_len * STEPS);
+        let mut mean = Array2::<f64>::zeros(exact.dim());
+        let mut set = StreamSet::<f64>::new(&spec, 1);
+        for path in 0..paths {
+            set.reset(&params, 0);
+            for (t, &tok) in toks.iter().enumerate() {
+                let nu =
+                    (0..s_len).map(|i| if (path >> (t * s_len + i)) & 1 == 0 { 1.0 } else { -1.0 }).collect();
+                match set.learner_mut() {
+                    Learner::Uoro(u) => u.force_signs(0, Some(nu)),
+                    _ => unreachable!(),
+                }
+                set.advance(&params, &[SlotStep::learn(0, tok)]).unwrap();
+            }
+            let (st, th) = match set.learner() {
+                Learner::Uoro(u) => u.factors(0),
+                _ => unreachable!(),
+            };
+            let th: Vec<f64> = th.iter().copied().collect();
+            for (i, mut row) in mean.rows_mut().into_iter().enumerate() {
+                row.iter_mut().zip(&th).for_each(|(m, &t)| *m += st[i] * t / paths as f64);
+            }
+        }
+        let e = rel(&mean, &exact);
+        assert!(e < 1e-12, "{margin:?} {decay}: UORO's enumerated mean vs exact RTRL: rel {e:.3e}");
     }
 }

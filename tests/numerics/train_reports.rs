@@ -551,10 +551,7 @@ fn the_defaults_learn_abcdefgh_repeated() {
     assert!(report.train_bpc_final < 0.5, "{}", report.train_bpc_final);
     // A fresh stream reads a few periods with the learned weights, then predicts after `h`.
     let spec = cfg.model.check().unwrap();
-    let mut set = StreamSet::<f32>::new(
-        &spec.config.frozen().check().unwrap(),
-        1,
-    );
+    let mut set = StreamSet::<f32>::new(&spec.config.frozen().check().unwrap(), 1);
     for &t in &text[..64] {
         set.advance(&params, &[SlotStep { slot: 0, token: t, learn: false, reset: false }]).unwrap();
     }

@@ -233,6 +233,7 @@ impl<T: Float> Learner<T> {
             Learner::KfRtrl(l) => l.growth.as_ref(),
             Learner::Ok(l) => l.growth.as_ref(),
             Learner::Rtrl(l) => l.growth.as_ref(),
+            Learner::Uoro(l) => l.growth.as_ref(),
             _ => None,
         }
     }
@@ -242,6 +243,7 @@ impl<T: Float> Learner<T> {
             Learner::KfRtrl(l) => l.growth.as_mut(),
             Learner::Ok(l) => l.growth.as_mut(),
             Learner::Rtrl(l) => l.growth.as_mut(),
+            Learner::Uoro(l) => l.growth.as_mut(),
             _ => None,
         }
     }

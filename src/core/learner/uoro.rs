@@ -11,6 +11,10 @@
 //! bias's) and keeps `‖Θ‖²` up to date from the entries it changes; `σ` is folded back into `Θ`
 //! when it leaves `[2^-16, 2^16]`, and `‖Θ‖²` is summed afresh every [`NORM_REFRESH`] advances
 //! (keyed on the slot's advance counter, so a restored slot continues bit for bit).
+//!
+//! With `influence_decay` or `influence_margin` the carried tangent takes the step's factor
+//! `γ_t` before the balancing, `s̃' = γ_t H_t s̃`: unbiased for the discounted influence, as
+//! KF-RTRL and OK are (`tests/numerics/influence_decay.rs`).
 
 use ndarray::{Array2, Array3, ArrayView2, Axis, s};
 
@@ -48,6 +52,10 @@ pub struct Uoro<T> {
     sp: Array2<T>,
     nu: Array2<T>,
     w: Array2<T>,
+    /// The carried tangent's factor `γ ≤ 1` per step (`influence_decay`).
+    decay: f64,
+    /// The adaptive decay's probes (`influence_margin`), which scale the carried tangent too.
+    pub(super) growth: Option<super::growth::GrowthProbe<T>>,
 }
 
 impl<T: Float> Uoro<T> {
@@ -69,6 +77,8 @@ impl<T: Float> Uoro<T> {
             sp: Array2::zeros((capacity, s)),
             nu: Array2::zeros((capacity, s)),
             w: Array2::zeros((capacity, rn)),
+            decay: spec.config.influence_decay,
+            growth: super::growth::GrowthProbe::new(spec, capacity),
         }
     }
 
@@ -199,6 +209,9 @@ impl<T: Float> Uoro<T> {
         let ws = SlotRows::new(&mut self.w);
         let forced = &self.forced;
         let scales = SlotRows::new(&mut self.th_scale);
+        let decay = self.decay;
+        let growth = self.growth.as_mut().map(|g| g.rows());
+        let growth = &growth;
         for_each_input(step.inputs.len(), |i| {
             let x = step.inputs[i];
             let b = x.slot;
@@ -223,6 +236,17 @@ impl<T: Float> Uoro<T> {
                 ));
             }
             jacobian_times(spec, d, carry, st, y, sp);
+            // The carried influence `s̃ θ̃ᵀ` discounted as KF-RTRL's is (`G_t = γ H_t G_{t-1} + F_t`):
+            // the tangent side takes the factor, so the balancing below sees it.
+            // SAFETY: this task owns slot `b` (as above).
+            let gamma = decay
+                * growth
+                    .as_ref()
+                    .map_or(1.0, |g| unsafe { g.step(spec, w_h, d, carry, b) }.to_f64_lossless());
+            if gamma != 1.0 {
+                let g = T::from_f64_rounded(gamma);
+                sp.iter_mut().for_each(|v| *v = *v * g);
+            }
             match &forced[b] {
                 Some(signs) => nu.iter_mut().zip(signs).for_each(|(v, &sgn)| *v = T::from_f64_rounded(sgn)),
                 None => {
