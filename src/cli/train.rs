@@ -69,11 +69,11 @@ pub struct TrainArgs {
     /// random reduction, on or off (default: on, or the --init model's).
     #[arg(long, value_parser = super::bench::parse_switch)]
     gradient_before_reduction: Option<bool>,
-    /// KF-RTRL, OK, RTRL: multiply the carried influence by this factor every step, in (0, 1]
+    /// KF-RTRL, OK, RTRL, UORO: multiply the carried influence by this factor every step, in (0, 1]
     /// (default 1: none; below 1 a biased remedy for influences that stop decaying).
     #[arg(long)]
     influence_decay: Option<f64>,
-    /// KF-RTRL, OK, RTRL: the adaptive decay's margin ε in [0, 1], or `off` (default 0.01 for a
+    /// KF-RTRL, OK, RTRL, UORO: the adaptive decay's margin ε in [0, 1], or `off` (default 0.01 for a
     /// fresh model, an --init model's own otherwise). Each stream measures the growth rate λ of
     /// its exact state Jacobians and multiplies its carried influence by exp(-max(0, λ + ε)):
     /// exact where the dynamics contract by more than ε, a biased remedy where the true influence

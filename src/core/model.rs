@@ -301,7 +301,10 @@ impl ModelConfig {
             return Err(invalid("influence_decay", "must be a finite number in (0, 1]"));
         }
         if self.influence_decay < 1.0 && !self.learner.carries_influence() {
-            return Err(invalid("influence_decay", "only kf-rtrl, ok and rtrl carry an influence to decay"));
+            return Err(invalid(
+                "influence_decay",
+                "only kf-rtrl, ok, rtrl and uoro carry an influence to decay",
+            ));
         }
         if !(1..=limits::MAX_TOKENS_PER_UPDATE).contains(&self.tokens_per_update) {
             return Err(invalid(
@@ -331,7 +334,7 @@ impl ModelConfig {
             if !self.learner.carries_influence() {
                 return Err(invalid(
                     "influence_margin",
-                    "only kf-rtrl, ok and rtrl carry an influence to decay",
+                    "only kf-rtrl, ok, rtrl and uoro carry an influence to decay",
                 ));
             }
         }

@@ -56,11 +56,11 @@ pub struct ModelDefinition {
     /// reduction. Absent from a saved definition: false, as before the choice.
     #[serde(default)]
     pub gradient_before_reduction: bool,
-    /// KF-RTRL, OK, RTRL: the factor `γ ≤ 1` the carried influence is multiplied by at every
+    /// KF-RTRL, OK, RTRL, UORO: the factor `γ ≤ 1` the carried influence is multiplied by at every
     /// step (1: none; below 1 a biased, explicit remedy). Absent from a saved definition: 1.
     #[serde(default = "crate::core::model::absent::influence_decay")]
     pub influence_decay: f64,
-    /// KF-RTRL, OK, RTRL: the adaptive decay's margin `ε` (`null`: off, the default): the carried
+    /// KF-RTRL, OK, RTRL, UORO: the adaptive decay's margin `ε` (`null`: off, the default): the carried
     /// influence contracts by at least `ε` a step wherever the measured growth of the exact state
     /// Jacobians would let it grow (see [`ModelConfig::influence_margin`]).
     #[serde(default)]
@@ -374,7 +374,8 @@ mod tests {
         // The default margin goes with a learner that carries an influence; `null` turns it off.
         let uoro = ModelRequest { name: "u".into(), learner: Some(LearnerKind::Uoro), ..Default::default() };
         assert_eq!(uoro.resolve(&d).influence_margin, margin, "UORO carries its influence as a tangent");
-        let tbptt = ModelRequest { name: "t".into(), learner: Some(LearnerKind::Tbptt), ..Default::default() };
+        let tbptt =
+            ModelRequest { name: "t".into(), learner: Some(LearnerKind::Tbptt), ..Default::default() };
         assert_eq!(tbptt.resolve(&d).influence_margin, None);
         for off in
             [r#"{"name": "o", "influence_margin": null}"#, r#"{"name": "o", "influence_margin": "off"}"#]
