@@ -15,7 +15,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 HERE = pathlib.Path(__file__).parent
 RUNS = [
     ("one_tbptt25.json", "tbptt:25, 10^-2.5"),
-    ("one_defaults.json", "ok:8, the defaults (16 tokens per update from 8)"),
+    ("one_defaults.json", "ok:8, the defaults (32 tokens per update from 8)"),
+    ("one_k16_from8.json", "ok:8, 16 tokens per update from 8"),
     ("one_k16_from1_r256.json", "ok:8, 16 tokens per update from 1 (ramp 256)"),
     ("one_k16.json", "ok:8, 16 tokens per update from the start (300k)"),
 ]

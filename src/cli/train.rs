@@ -81,7 +81,7 @@ pub struct TrainArgs {
     #[arg(long, value_parser = parse_margin)]
     influence_margin: Option<Margin>,
     /// Apply the optimizer once at least this many token gradients have accumulated, averaged,
-    /// over all streams and steps (a step with B learning streams counts B; default 16 for a
+    /// over all streams and steps (a step with B learning streams counts B; default 32 for a
     /// fresh model, reached by the ramp below, or the --init model's). The three schedule flags
     /// go together: giving any of them replaces the whole schedule, the others then being 1
     /// token per update, no ramp, a start at 1

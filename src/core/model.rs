@@ -29,9 +29,9 @@ pub const DEFAULT_MODEL_LR: f64 = 3.162_277_660_168_379_5e-3;
 pub const DEFAULT_MODEL_MARGIN: f64 = 0.01;
 
 /// The default model's tokens per update (`tokens_per_update`), reached by the ramp below: a
-/// step of 16 streams or more updates at every step, a lone stream every 16 tokens once the
-/// model is past its first updates (docs/RESULTS.md §4).
-pub const DEFAULT_MODEL_TOKENS_PER_UPDATE: usize = 16;
+/// lone stream updates every 32 tokens once the model is past its first 14,400 updates (about
+/// 280k tokens of one stream), 16 streams every other step (docs/RESULTS.md §4).
+pub const DEFAULT_MODEL_TOKENS_PER_UPDATE: usize = 32;
 
 /// Where the default model's ramp starts (`tokens_per_update_start`): 8 tokens per update. One
 /// stream's per-token updates early on saturate the RHN's carry gates for good (its dynamics
@@ -39,8 +39,8 @@ pub const DEFAULT_MODEL_TOKENS_PER_UPDATE: usize = 16;
 pub const DEFAULT_MODEL_TOKENS_PER_UPDATE_START: usize = 8;
 
 /// The default model's ramp (`tokens_per_update_ramp`): 600 updates at each count, so that a
-/// fresh stream's first 4,800 tokens update every 8 tokens and the count of 16 is reached after
-/// 4,800 updates (about 55k tokens of one stream).
+/// fresh stream's first 4,800 tokens update every 8 tokens, 16 is reached after 4,800 updates
+/// (about 55k tokens of one stream) and 32 after 14,400.
 pub const DEFAULT_MODEL_TOKENS_PER_UPDATE_RAMP: u64 = 600;
 
 /// Unchecked model configuration, as read from a user; [`ModelConfig::check`] turns it into a
@@ -529,7 +529,7 @@ mod tests {
         let model = ModelConfig::model_defaults(LearnerKind::Ok).check().unwrap().config;
         assert_eq!(
             (model.influence_margin, model.tokens_per_update, model.tokens_per_update_ramp),
-            (Some(0.01), 16, 600)
+            (Some(0.01), 32, 600)
         );
         assert_eq!(model.tokens_per_update_start, 8);
         let tbptt = ModelConfig::model_defaults(LearnerKind::Tbptt);

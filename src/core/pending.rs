@@ -33,7 +33,7 @@ impl UpdateSchedule {
         Self { tokens_per_update: 1, tokens_per_update_ramp: 0, tokens_per_update_start: 1 };
 
     /// The schedule of a new model with `learner` (the server's default model, a fresh `kfrtrl
-    /// train` model): 16 tokens per update, reached from 8 by 600 updates per count; TBPTT
+    /// train` model): 32 tokens per update, reached from 8 by 600 updates per count; TBPTT
     /// updates at every step (its window already gathers `K` tokens into one update).
     pub fn default_for(learner: LearnerKind) -> Self {
         if learner == LearnerKind::Tbptt {

@@ -96,7 +96,7 @@ impl ModelDefinition {
 
     /// The server's defaults for a model named `name`: [`ModelConfig::model_defaults`] (byte-level
     /// RHN, n = 128, `ok:8`, Adam 10^-2.5, the adaptive decay's margin 0.01, updates that wait for
-    /// 8 tokens at first and up to 16 later) and `max_streams` streams.
+    /// 8 tokens at first and up to 32 later) and `max_streams` streams.
     pub fn with_defaults(name: &str, max_streams: usize) -> Self {
         let c = ModelConfig::model_defaults(ModelConfig::default().learner);
         Self {
@@ -360,7 +360,7 @@ mod tests {
             ModelConfig { hidden: 16, ..ModelConfig::model_defaults(LearnerKind::Ok) }
         );
         assert_eq!(r.model_config().influence_margin, margin);
-        assert_eq!((r.tokens_per_update, r.tokens_per_update_ramp, r.tokens_per_update_start), (16, 600, 8));
+        assert_eq!((r.tokens_per_update, r.tokens_per_update_ramp, r.tokens_per_update_start), (32, 600, 8));
         // The schedule's three settings go together: asking for one replaces the default schedule.
         let k25 =
             ModelRequest { name: "k".into(), tokens_per_update: Some(25), ..Default::default() }.resolve(&d);

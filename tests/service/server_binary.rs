@@ -249,7 +249,7 @@ async fn the_binary_serves_the_default_model_on_its_defaults() {
     assert_eq!(config["optimizer"], "adam");
     assert_eq!(config["lr"], kfrtrl::core::model::DEFAULT_MODEL_LR);
     assert_eq!((config["ok_rank"].as_u64(), config["clip_scope"].as_str()), (Some(8), Some("recurrent")));
-    assert_eq!((&config["influence_margin"], &config["tokens_per_update"]), (&json!(0.01), &json!(16)));
+    assert_eq!((&config["influence_margin"], &config["tokens_per_update"]), (&json!(0.01), &json!(32)));
     assert_eq!(
         (&config["tokens_per_update_ramp"], &config["tokens_per_update_start"]),
         (&json!(600), &json!(8))
