@@ -63,15 +63,23 @@ impl UpdateSchedule {
     }
 }
 
+impl UpdateSchedule {
+    /// The tokens the update after `updates` applied ones waits for:
+    /// `min(tokens_per_update, start + ⌊updates / ramp⌋)`, or `tokens_per_update` without a ramp.
+    pub fn due(&self, updates: u64) -> f64 {
+        let every = self.tokens_per_update as f64;
+        match self.tokens_per_update_ramp {
+            0 => every,
+            ramp => every.min(self.tokens_per_update_start as f64 + (updates / ramp) as f64),
+        }
+    }
+}
+
 /// The token gradients accumulated since the last update.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PendingUpdate<T> {
-    /// Tokens per update, once the ramp is done.
-    pub every: f64,
-    /// Updates per level of the ramp to `every` (0: none).
-    pub ramp: u64,
-    /// Tokens the ramp starts from.
-    pub start: f64,
+    /// The schedule the updates follow (the model's).
+    pub schedule: UpdateSchedule,
     /// The sum of the accumulated token gradients (not yet averaged).
     pub sum: Gradients<T>,
     /// How many token gradients `sum` holds.
@@ -81,29 +89,13 @@ pub struct PendingUpdate<T> {
 impl<T: Float> PendingUpdate<T> {
     /// An empty accumulator, or `None` when the model updates at every step.
     pub fn new(spec: &ModelSpec) -> Option<Self> {
-        let every = spec.config.tokens_per_update;
-        let (ramp, start) = (spec.config.tokens_per_update_ramp, spec.config.tokens_per_update_start as f64);
-        (every > 1).then(|| Self {
-            every: every as f64,
-            ramp,
-            start,
-            sum: Gradients::zeros(spec),
-            tokens: 0.0,
-        })
+        let schedule = spec.config.update_schedule();
+        (schedule.tokens_per_update > 1).then(|| Self { schedule, sum: Gradients::zeros(spec), tokens: 0.0 })
     }
 
-    /// The tokens the update after `updates` applied ones waits for:
-    /// `min(every, start + ⌊updates / ramp⌋)`, or `every` without a ramp.
+    /// The tokens the update after `updates` applied ones waits for ([`UpdateSchedule::due`]).
     pub fn due(&self, updates: u64) -> f64 {
-        match self.ramp {
-            0 => self.every,
-            ramp => self.every.min(self.start + (updates / ramp) as f64),
-        }
-    }
-
-    /// Whether `other` waits for the same tokens at every update (a saved sum carries over).
-    pub fn same_schedule(&self, other: &Self) -> bool {
-        self.every == other.every && self.ramp == other.ramp && (self.ramp == 0 || self.start == other.start)
+        self.schedule.due(updates)
     }
 }
 

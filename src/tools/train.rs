@@ -215,10 +215,8 @@ fn train_evaluated_by(
     } else {
         Optimizer::new(&spec)
     };
-    let schedule = crate::core::pending::PendingUpdate::<f32>::new(&spec);
-    if let Some(p) =
-        pending.filter(|p| kept_optimizer && schedule.as_ref().is_some_and(|s| s.same_schedule(p)))
-    {
+    let schedule = spec.config.update_schedule();
+    if let Some(p) = pending.filter(|p| kept_optimizer && p.schedule == schedule) {
         opt.restore_pending(p.sum, p.tokens).expect("a saved pending sum fits its model");
     }
     let mut set = StreamSet::<f32>::new(&spec, b);
