@@ -14,7 +14,10 @@
 //!   `O(r n²)`) times `A`. For `r > 1` this is `r` times fewer flops than multiplying every `W^q_h`
 //!   by `A`, which is why gated cells use it.
 
-use ndarray::{Array1, Array2, ArrayView2, ArrayViewMut2, Axis, s};
+mod compress;
+
+use compress::{compress, sign_for};
+use ndarray::{Array1, Array2, ArrayView2, Axis, s};
 
 use rayon::prelude::*;
 
@@ -26,7 +29,6 @@ use crate::core::float::{Float, all_finite, sum_squares};
 use crate::core::linalg::{Par, gemm, jacobian};
 use crate::core::model::{ModelSpec, Params};
 use crate::core::optim::Gradients;
-use crate::core::rng;
 use crate::core::slot_state::{SlotState, SlotStateError, names};
 
 /// Bytes of GEMM output one chunk of the wide strategy may produce: half of the 1 MiB L2 of the
@@ -568,85 +570,5 @@ fn contract_rows<T: Float>(block: ArrayView2<'_, T>, delta: &[T], v: &mut [T]) {
         for (vv, &aa) in v.iter_mut().zip(row) {
             *vv = *vv + dj * aa;
         }
-    }
-}
-
-fn sign_for<T>(forced: &[Option<f64>], step: &StepInputs<'_, T>, slot: usize) -> f64 {
-    forced[slot].unwrap_or_else(|| rng::sign(step.sign_key[slot], step.sign_counter[slot]))
-}
-
-/// The unbiased rank-one compression of `u ⊗ B + a ⊗ D` (KF-RTRL.md §3.2 and the exact zero-factor
-/// branches of §8): updates `u` in place, turns `dst` (holding the true `B`) into the stored new
-/// `A`, and returns its scale and `c = s·p2` (0 when the compression was exact). `nb2 = ‖B‖²`.
-fn compress<T: Float>(
-    spec: &ModelSpec,
-    u: &mut [T],
-    mut dst: ArrayViewMut2<'_, T>,
-    nb2: f64,
-    step: &StepInputs<'_, T>,
-    i: usize,
-    sign: f64,
-) -> (T, T) {
-    let (n, r, k) = (spec.n, spec.r, spec.k);
-    let d = step.d.row(i);
-    let d = d.as_slice().expect("contiguous");
-    let prev = step.prev.row(i);
-    let h_prev = &prev.as_slice().expect("contiguous")[spec.h_offset()..];
-    let token = step.inputs[i].token as usize;
-    let nu2 = sum_squares(u);
-    let nd2 = sum_squares(d);
-    let na2 = 2.0 + sum_squares(h_prev);
-    let nu = nu2.sqrt();
-    let nbn = nb2.sqrt();
-    let (nd, na) = (nd2.sqrt(), na2.sqrt());
-    let old_term_zero = nu * nbn == 0.0;
-    let add_a = |u: &mut [T], c: T| {
-        u[token] = u[token] + c;
-        for (uj, &hj) in u[spec.h_col()..spec.h_col() + n].iter_mut().zip(h_prev) {
-            *uj = *uj + c * hj;
-        }
-        let bias = spec.bias_col();
-        u[bias] = u[bias] + c;
-    };
-    let add_d = |dst: &mut ArrayViewMut2<'_, T>, c: T| {
-        for blk in 0..k {
-            for q in 0..r {
-                for j in 0..n {
-                    let dv = d[(blk * r + q) * n + j];
-                    if dv != T::zero() {
-                        let e = &mut dst[[blk * n + j, q * n + j]];
-                        *e = *e + c * dv;
-                    }
-                }
-            }
-        }
-    };
-    if old_term_zero && nd == 0.0 {
-        u.fill(T::zero());
-        dst.fill(T::zero());
-        (T::one(), T::zero())
-    } else if old_term_zero {
-        // Exact: u = p2·a, A = D/p2.
-        let p2 = nd.sqrt() / na.sqrt();
-        u.fill(T::zero());
-        add_a(u, T::from_f64_rounded(p2));
-        dst.fill(T::zero());
-        add_d(&mut dst, T::one());
-        (T::from_f64_rounded(1.0 / p2), T::zero())
-    } else if nd == 0.0 {
-        // Exact: u = p1·u, A = B/p1.
-        let p1 = nbn.sqrt() / nu.sqrt();
-        let c = T::from_f64_rounded(p1);
-        u.iter_mut().for_each(|x| *x = *x * c);
-        (T::from_f64_rounded(1.0 / p1), T::zero())
-    } else {
-        // u = p1·u + s·p2·a, A = B/p1 + s·D/p2 = (1/p1)(B + s·(p1/p2)·D).
-        let p1 = nbn.sqrt() / nu.sqrt();
-        let p2 = nd.sqrt() / na.sqrt();
-        let c = T::from_f64_rounded(p1);
-        u.iter_mut().for_each(|x| *x = *x * c);
-        add_a(u, T::from_f64_rounded(sign * p2));
-        add_d(&mut dst, T::from_f64_rounded(sign * p1 / p2));
-        (T::from_f64_rounded(1.0 / p1), T::from_f64_rounded(sign * p2))
     }
 }
