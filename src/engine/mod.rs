@@ -9,7 +9,7 @@
 //!
 //! Durability (when the engine has a data directory, see [`Durability`]): each model lives in
 //! `<data dir>/models/<name>/` as checkpoints (`checkpoint.rs`) plus a write-ahead log of every
-//! operation since (`wal.rs`). A checkpoint is a consistent copy the worker takes between two
+//! operation since (`wal/`). A checkpoint is a consistent copy the worker takes between two
 //! steps ([`Engine::snapshot`]), written by one serialized writer per model: periodically
 //! ([`Engine::run_checkpoints`]), on demand ([`Engine::checkpoint`]) and at shutdown. At boot,
 //! [`Engine::restore`] loads the newest valid checkpoint of every model and replays its log.
