@@ -2,7 +2,7 @@
 
 use clap::Args;
 
-use kfrtrl::core::model::ClipScope;
+use kfrtrl::core::model::{ClipScope, UpdateUnit};
 use kfrtrl::core::{CellKind, LearnerKind, ModelConfig, OptimizerKind};
 use kfrtrl::tools::bench::{BenchConfig, memory, run as run_bench, run_steps};
 
@@ -95,6 +95,11 @@ pub fn parse_learner(s: &str) -> Result<LearnerArg, String> {
 /// Parses a clip scope.
 pub fn parse_clip_scope(s: &str) -> Result<ClipScope, String> {
     ClipScope::parse(s).ok_or_else(|| format!("unknown clip scope {s:?} (recurrent, per-group, global)"))
+}
+
+/// Parses an update unit (`steps`, `tokens`).
+pub fn parse_update_unit(s: &str) -> Result<UpdateUnit, String> {
+    UpdateUnit::parse(s).ok_or_else(|| format!("unknown update unit {s:?} (steps, tokens)"))
 }
 
 /// Parses `on`/`off` (also `true`/`false`).

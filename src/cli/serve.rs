@@ -54,7 +54,7 @@ model_threads.
 
 [[models]] (one table per model loaded at start; without the key, one model named `default` unless --no-default-model; `models = []`: none): name, \
 vocab_size, cell, hidden, learner, tbptt_window, ok_rank, optimizer, lr, clip, clip_scope, \
-gradient_before_reduction, influence_decay, influence_margin, tokens_per_update, tokens_per_update_ramp, tokens_per_update_start, seed, init_std, uoro_epsilon, max_streams.";
+gradient_before_reduction, influence_decay, influence_margin, tokens_per_update, tokens_per_update_ramp, tokens_per_update_start, update_unit, seed, init_std, uoro_epsilon, max_streams.";
 
 /// Flags of `kfrtrl serve`. Each also reads `KFRTRL_<NAME>` (e.g. `KFRTRL_LISTEN`) and the
 /// config file; a flag wins over the environment, which wins over the file.

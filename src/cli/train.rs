@@ -7,13 +7,14 @@ use std::path::PathBuf;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
+use kfrtrl::core::model::UpdateUnit;
 use kfrtrl::core::pending::UpdateSchedule;
 use kfrtrl::core::{CellKind, LearnerKind, ModelConfig, OptimizerKind};
 use kfrtrl::engine::model_file::{Counters, ModelFile, load, save};
 use kfrtrl::tools::corpus::{Format, Vocab, tokenize_train, tokenize_with};
 use kfrtrl::tools::train::{Start, TrainConfig, train_from};
 
-use super::bench::{LearnerArg, parse_learner};
+use super::bench::{LearnerArg, parse_learner, parse_update_unit};
 
 /// The bundled sample: the first 40,000 bytes of Tiny Shakespeare (public domain).
 const SAMPLE: &[u8] = include_bytes!("../../assets/sample.txt");
@@ -80,21 +81,25 @@ pub struct TrainArgs {
     /// would grow
     #[arg(long, value_parser = parse_margin)]
     influence_margin: Option<Margin>,
-    /// Apply the optimizer once at least this many token gradients have accumulated, averaged,
-    /// over all streams and steps (a step with B learning streams counts B; default 32 for a
-    /// fresh model, reached by the ramp below, or the --init model's). The three schedule flags
-    /// go together: giving any of them replaces the whole schedule, the others then being 1
-    /// token per update, no ramp, a start at 1
+    /// Apply the optimizer, averaged, once the gradients accumulated since the last update cover
+    /// this many steps or tokens (--update-unit; default 32 steps for a fresh model, reached by
+    /// the ramp below, or the --init model's). The three count flags go together: giving any of
+    /// them replaces the three, the others then being 1 per update, no ramp, a start at 1
     #[arg(long)]
     tokens_per_update: Option<usize>,
     /// Reach --tokens-per-update gradually: the n-th update waits for min(K, START + n / RAMP)
-    /// tokens (0: no ramp; default 600 for a fresh model, or the --init model's)
+    /// (0: no ramp; default 600 for a fresh model, or the --init model's)
     #[arg(long)]
     tokens_per_update_ramp: Option<u64>,
-    /// The tokens the ramp's first update waits for, START (default 8 for a fresh model, or the
+    /// What the ramp's first update waits for, START (default 8 for a fresh model, or the
     /// --init model's)
     #[arg(long)]
     tokens_per_update_start: Option<usize>,
+    /// What the three count: steps (a step of the B streams counts 1, so each stream sees an
+    /// update every K of its tokens; the default for a fresh model) or tokens (a step counts its B
+    /// learning streams); default the --init model's
+    #[arg(long, value_parser = parse_update_unit)]
+    update_unit: Option<UpdateUnit>,
     /// Seed of the weights and the random signs.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -316,12 +321,16 @@ pub fn run(args: TrainArgs) -> Result<(), String> {
     // The three settings of the update schedule go together (`UpdateSchedule::asked`); a switch
     // to TBPTT, whose window gathers its tokens itself, leaves the inherited schedule behind.
     let inherited = if learner.kind == LearnerKind::Tbptt && base.learner != LearnerKind::Tbptt {
-        UpdateSchedule::EVERY_STEP
+        UpdateSchedule { unit: base.update_unit, ..UpdateSchedule::EVERY_STEP }
     } else {
         base.update_schedule()
     };
-    let schedule =
-        inherited.asked(args.tokens_per_update, args.tokens_per_update_ramp, args.tokens_per_update_start);
+    let schedule = inherited.asked(
+        args.tokens_per_update,
+        args.tokens_per_update_ramp,
+        args.tokens_per_update_start,
+        args.update_unit,
+    );
     let model = learner.apply(ModelConfig {
         vocab_size: vocab.size,
         optimizer: args.optimizer.unwrap_or(base.optimizer),
@@ -340,6 +349,7 @@ pub fn run(args: TrainArgs) -> Result<(), String> {
         tokens_per_update: schedule.tokens_per_update,
         tokens_per_update_ramp: schedule.tokens_per_update_ramp,
         tokens_per_update_start: schedule.tokens_per_update_start,
+        update_unit: schedule.unit,
         ..base.clone()
     });
     let spec = model.check().map_err(|e| e.to_string())?;

@@ -1,6 +1,7 @@
 //! The named choices of a model configuration: the gradient estimator ([`LearnerKind`]), the
-//! optimizer ([`OptimizerKind`]) and what the gradient clip measures ([`ClipScope`]), with the
-//! names the command line, model definitions and files use for them.
+//! optimizer ([`OptimizerKind`]), what the gradient clip measures ([`ClipScope`]) and what the
+//! update schedule counts ([`UpdateUnit`]), with the names the command line, model definitions
+//! and files use for them.
 
 use serde::{Deserialize, Serialize};
 
@@ -125,6 +126,39 @@ impl ClipScope {
             "global" => Some(ClipScope::Global),
             "recurrent" => Some(ClipScope::Recurrent),
             "per-group" => Some(ClipScope::PerGroup),
+            _ => None,
+        }
+    }
+}
+
+/// What the update schedule (`tokens_per_update` and its ramp) counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpdateUnit {
+    /// Every token of every stream: a step of `B` streams counts `B`, so a model with as many
+    /// busy streams as `tokens_per_update` updates at every step (the unit before it was a
+    /// choice).
+    Tokens,
+    /// The model's batched steps: a step counts 1 whatever number of streams it carries, so with
+    /// every stream busy each one sees an update every `tokens_per_update` of its own tokens, as
+    /// a lone stream does, and the update averages the tokens of all of them.
+    Steps,
+}
+
+impl UpdateUnit {
+    /// The wire name.
+    pub fn name(self) -> &'static str {
+        match self {
+            UpdateUnit::Tokens => "tokens",
+            UpdateUnit::Steps => "steps",
+        }
+    }
+
+    /// Parses a wire name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "tokens" => Some(UpdateUnit::Tokens),
+            "steps" => Some(UpdateUnit::Steps),
             _ => None,
         }
     }

@@ -12,7 +12,7 @@ use super::cell::CellKind;
 use super::float::Float;
 use super::rng::{CounterRng, derive_key};
 
-pub use super::kinds::{ClipScope, LearnerKind, OptimizerKind};
+pub use super::kinds::{ClipScope, LearnerKind, OptimizerKind, UpdateUnit};
 use super::pending::UpdateSchedule;
 
 /// The paper's learning rate, 10^-3.5 (the copy task's default).
@@ -106,6 +106,10 @@ pub struct ModelConfig {
     /// Absent from a saved configuration: 1.
     #[serde(default = "absent::tokens_per_update_start")]
     pub tokens_per_update_start: usize,
+    /// What `tokens_per_update`, its start and its ramp count: tokens of all streams, or the
+    /// model's batched steps ([`UpdateUnit`]). Absent from a saved configuration: tokens.
+    #[serde(default = "absent::update_unit")]
+    pub update_unit: UpdateUnit,
     /// Seed of the weights' initialisation and of every random sign.
     pub seed: u64,
     /// Standard deviation of the Gaussian initialisation of `W` and `V`.
@@ -117,7 +121,7 @@ pub struct ModelConfig {
 /// What a saved configuration that predates a field meant by it (serde's defaults, shared by the
 /// engine's model definitions).
 pub mod absent {
-    use super::{ClipScope, DEFAULT_OK_RANK};
+    use super::{ClipScope, DEFAULT_OK_RANK, UpdateUnit};
 
     /// `clip_scope`: the global clip, the only scope before there was a choice.
     pub fn clip_scope() -> ClipScope {
@@ -137,6 +141,11 @@ pub mod absent {
     /// `tokens_per_update_start`: a ramp from one token per update.
     pub fn tokens_per_update_start() -> usize {
         1
+    }
+
+    /// `update_unit`: tokens, the only unit before there was a choice.
+    pub fn update_unit() -> UpdateUnit {
+        UpdateUnit::Tokens
     }
 
     /// `ok_rank`: the default rank.
@@ -174,6 +183,7 @@ impl ModelConfig {
             tokens_per_update: schedule.tokens_per_update,
             tokens_per_update_ramp: schedule.tokens_per_update_ramp,
             tokens_per_update_start: schedule.tokens_per_update_start,
+            update_unit: schedule.unit,
             ..ModelConfig::default()
         }
     }
@@ -184,6 +194,7 @@ impl ModelConfig {
             tokens_per_update: self.tokens_per_update,
             tokens_per_update_ramp: self.tokens_per_update_ramp,
             tokens_per_update_start: self.tokens_per_update_start,
+            unit: self.update_unit,
         }
     }
 }
@@ -207,6 +218,7 @@ impl Default for ModelConfig {
             tokens_per_update: 1,
             tokens_per_update_ramp: 0,
             tokens_per_update_start: 1,
+            update_unit: UpdateUnit::Tokens,
             seed: 0,
             init_std: 0.01,
             uoro_epsilon: 1e-7,
@@ -531,10 +543,15 @@ mod tests {
             (model.influence_margin, model.tokens_per_update, model.tokens_per_update_ramp),
             (Some(0.01), 32, 600)
         );
-        assert_eq!(model.tokens_per_update_start, 8);
+        assert_eq!((model.tokens_per_update_start, model.update_unit), (8, UpdateUnit::Steps));
+        assert_eq!(ModelConfig::default().update_unit, UpdateUnit::Tokens, "the every-step base");
         let tbptt = ModelConfig::model_defaults(LearnerKind::Tbptt);
         assert_eq!(tbptt.influence_margin, None, "no influence to bound");
-        assert_eq!(tbptt.update_schedule(), UpdateSchedule::EVERY_STEP, "one update per window");
+        assert_eq!(
+            tbptt.update_schedule(),
+            UpdateSchedule { unit: UpdateUnit::Steps, ..UpdateSchedule::EVERY_STEP },
+            "one update per window"
+        );
         tbptt.check().unwrap();
     }
 

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::core::model::ClipScope;
+use crate::core::model::{ClipScope, UpdateUnit};
 use crate::core::pending::UpdateSchedule;
 use crate::core::{CellKind, LearnerKind, ModelConfig, ModelSpec, OptimizerKind};
 
@@ -77,6 +77,11 @@ pub struct ModelDefinition {
     /// saved definition: 1.
     #[serde(default = "crate::core::model::absent::tokens_per_update_start")]
     pub tokens_per_update_start: usize,
+    /// What `tokens_per_update`, its start and its ramp count: `tokens` of all streams, or the
+    /// model's batched `steps` (see [`ModelConfig::update_unit`]). Absent from a saved
+    /// definition: tokens.
+    #[serde(default = "crate::core::model::absent::update_unit")]
+    pub update_unit: UpdateUnit,
     /// Seed of the initial weights and of every random sign.
     pub seed: u64,
     /// Standard deviation of the initial weights.
@@ -117,6 +122,7 @@ impl ModelDefinition {
             tokens_per_update: c.tokens_per_update,
             tokens_per_update_ramp: c.tokens_per_update_ramp,
             tokens_per_update_start: c.tokens_per_update_start,
+            update_unit: c.update_unit,
             seed: c.seed,
             init_std: c.init_std,
             uoro_epsilon: c.uoro_epsilon,
@@ -143,6 +149,7 @@ impl ModelDefinition {
             tokens_per_update: self.tokens_per_update,
             tokens_per_update_ramp: self.tokens_per_update_ramp,
             tokens_per_update_start: self.tokens_per_update_start,
+            update_unit: self.update_unit,
             seed: self.seed,
             init_std: self.init_std,
             uoro_epsilon: self.uoro_epsilon,
@@ -211,6 +218,9 @@ pub struct ModelRequest {
     /// See [`ModelDefinition::tokens_per_update_start`].
     #[serde(default)]
     pub tokens_per_update_start: Option<usize>,
+    /// See [`ModelDefinition::update_unit`].
+    #[serde(default)]
+    pub update_unit: Option<UpdateUnit>,
     /// See [`ModelDefinition::seed`].
     #[serde(default)]
     pub seed: Option<u64>,
@@ -252,7 +262,7 @@ impl ModelRequest {
         // top of another learner's defaults updates at every step (its window gathers the tokens).
         let learner = self.learner.unwrap_or(d.learner);
         let inherited = if learner == LearnerKind::Tbptt && d.learner != LearnerKind::Tbptt {
-            UpdateSchedule::EVERY_STEP
+            UpdateSchedule { unit: d.update_unit, ..UpdateSchedule::EVERY_STEP }
         } else {
             d.model_config().update_schedule()
         };
@@ -260,6 +270,7 @@ impl ModelRequest {
             self.tokens_per_update,
             self.tokens_per_update_ramp,
             self.tokens_per_update_start,
+            self.update_unit,
         );
         ModelDefinition {
             name: self.name,
@@ -283,6 +294,7 @@ impl ModelRequest {
             tokens_per_update: schedule.tokens_per_update,
             tokens_per_update_ramp: schedule.tokens_per_update_ramp,
             tokens_per_update_start: schedule.tokens_per_update_start,
+            update_unit: schedule.unit,
             seed: self.seed.unwrap_or(d.seed),
             init_std: self.init_std.unwrap_or(d.init_std),
             uoro_epsilon: self.uoro_epsilon.unwrap_or(d.uoro_epsilon),
@@ -361,13 +373,32 @@ mod tests {
         );
         assert_eq!(r.model_config().influence_margin, margin);
         assert_eq!((r.tokens_per_update, r.tokens_per_update_ramp, r.tokens_per_update_start), (32, 600, 8));
-        // The schedule's three settings go together: asking for one replaces the default schedule.
+        assert_eq!(r.update_unit, UpdateUnit::Steps);
+        // The schedule's three counts go together: asking for one replaces the default counts; the
+        // unit stays the defaults' unless asked for, on its own or with them.
         let k25 =
             ModelRequest { name: "k".into(), tokens_per_update: Some(25), ..Default::default() }.resolve(&d);
         assert_eq!(
-            (k25.tokens_per_update, k25.tokens_per_update_ramp, k25.tokens_per_update_start),
-            (25, 0, 1)
+            (k25.tokens_per_update, k25.tokens_per_update_ramp, k25.tokens_per_update_start, k25.update_unit),
+            (25, 0, 1, UpdateUnit::Steps)
         );
+        let tokens =
+            ModelRequest { name: "t".into(), update_unit: Some(UpdateUnit::Tokens), ..Default::default() }
+                .resolve(&d);
+        assert_eq!(
+            (tokens.tokens_per_update, tokens.tokens_per_update_ramp, tokens.tokens_per_update_start),
+            (32, 600, 8),
+            "the unit alone keeps the default counts"
+        );
+        assert_eq!(tokens.update_unit, UpdateUnit::Tokens);
+        let tbptt_k4 = ModelRequest {
+            name: "t".into(),
+            learner: Some(LearnerKind::Tbptt),
+            tokens_per_update: Some(4),
+            ..Default::default()
+        }
+        .resolve(&d);
+        assert_eq!((tbptt_k4.tokens_per_update, tbptt_k4.update_unit), (4, UpdateUnit::Steps));
         let ramp = ModelRequest { name: "k".into(), tokens_per_update_ramp: Some(5), ..Default::default() }
             .resolve(&d);
         assert_eq!(ramp.model_config().check().unwrap_err().field, "tokens_per_update_ramp", "a ramp to 1");
@@ -409,14 +440,15 @@ mod tests {
             (1, 0, 1),
             "updates at every step"
         );
+        assert_eq!(d.update_unit, UpdateUnit::Tokens, "the unit before there was a choice");
         let c: ModelConfig = serde_json::from_str(
             r#"{"vocab_size":4,"cell":"tanh","hidden":3,"learner":"kf-rtrl","tbptt_window":25,
             "optimizer":"sgd","lr":0.1,"clip":0.0,"seed":0,"init_std":0.1,"uoro_epsilon":0.0}"#,
         )
         .unwrap();
         assert_eq!(
-            (c.clip_scope, c.gradient_before_reduction, c.influence_decay),
-            (ClipScope::Global, false, 1.0)
+            (c.clip_scope, c.gradient_before_reduction, c.influence_decay, c.update_unit),
+            (ClipScope::Global, false, 1.0, UpdateUnit::Tokens)
         );
     }
 

@@ -217,7 +217,7 @@ fn train_evaluated_by(
     };
     let schedule = spec.config.update_schedule();
     if let Some(p) = pending.filter(|p| kept_optimizer && p.schedule == schedule) {
-        opt.restore_pending(p.sum, p.tokens).expect("a saved pending sum fits its model");
+        opt.restore_pending(p.sum, p.count).expect("a saved pending sum fits its model");
     }
     let mut set = StreamSet::<f32>::new(&spec, b);
     for s in 0..b {

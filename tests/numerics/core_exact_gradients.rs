@@ -15,7 +15,7 @@
 //! `‖measured − oracle‖_F / ‖oracle‖_F`, and every assertion prints the measured value.
 
 use kfrtrl::core::learner::reference::kron_influence;
-use kfrtrl::core::model::ClipScope;
+use kfrtrl::core::model::{ClipScope, UpdateUnit};
 use kfrtrl::core::rng::CounterRng;
 use kfrtrl::core::{
     CellKind, Learner, LearnerKind, ModelConfig, ModelSpec, Optimizer, OptimizerKind, Params, SlotStep,
@@ -54,6 +54,7 @@ fn config(cell: CellKind, n: usize, vocab: usize, learner: LearnerKind, seed: u6
         tokens_per_update: 1,
         tokens_per_update_ramp: 0,
         tokens_per_update_start: 1,
+        update_unit: UpdateUnit::Tokens,
         seed,
         init_std: 0.5,
         uoro_epsilon: 0.0,

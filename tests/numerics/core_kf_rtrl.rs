@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use kfrtrl::core::learner::KfRtrl;
 use kfrtrl::core::learner::reference;
-use kfrtrl::core::model::ClipScope;
+use kfrtrl::core::model::{ClipScope, UpdateUnit};
 use kfrtrl::core::rng::{self, CounterRng, derive_key};
 use kfrtrl::core::{
     CellKind, Float, Gradients, KfStrategy, Learner, LearnerKind, ModelConfig, ModelSpec, Optimizer,
@@ -41,6 +41,7 @@ fn config(cell: CellKind, n: usize, vocab: usize, learner: LearnerKind, seed: u6
         tokens_per_update: 1,
         tokens_per_update_ramp: 0,
         tokens_per_update_start: 1,
+        update_unit: UpdateUnit::Tokens,
         seed,
         init_std: 0.5,
         uoro_epsilon: 1e-7,

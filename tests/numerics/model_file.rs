@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use kfrtrl::core::model::UpdateUnit;
 use kfrtrl::core::{
     CellKind, LearnerKind, ModelConfig, Optimizer, OptimizerKind, Params, SlotStep, StreamSet,
 };
@@ -235,9 +236,10 @@ fn train_save_then_load_gives_the_trained_model() {
     assert_eq!(m.config.cell, CellKind::Tanh);
     assert_eq!(m.counters.symbols, 400);
     assert_eq!(m.counters.steps, 200);
-    // The default schedule's first updates wait for 8 tokens: 2 a step, an update every 4 steps.
-    assert_eq!(m.config.tokens_per_update_start, 8);
-    assert_eq!(m.optimizer.steps, 50);
+    // The default schedule counts steps and its first updates wait for 8 of them, whatever the
+    // 2 streams: 200 steps, 25 updates (counting tokens, 2 a step, would make 50).
+    assert_eq!((m.config.tokens_per_update_start, m.config.update_unit), (8, UpdateUnit::Steps));
+    assert_eq!(m.optimizer.steps, 25);
     let symbols: Vec<String> = serde_json::from_value(m.metadata["symbols"].clone()).unwrap();
     assert_eq!(symbols.len(), m.config.vocab_size);
     // The saved weights give the reported held-out BPC.

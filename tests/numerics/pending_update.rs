@@ -1,8 +1,10 @@
-//! Updates that wait for enough tokens (`tokens_per_update`, `core::pending`): the weights move
-//! only once the accumulated token gradients reach the count, by the optimizer's step on their
-//! average, weighted by each step's tokens; a non-finite step is refused without touching the
-//! sum; a saved sum is checked when restored.
+//! Updates that wait for enough tokens or steps (`tokens_per_update`, `update_unit`,
+//! `core::pending`): the weights move only once the accumulated gradients reach the count, by the
+//! optimizer's step on their average, weighted by each step's tokens (or equally, counting
+//! steps); a non-finite step is refused without touching the sum; a saved sum is checked when
+//! restored.
 
+use kfrtrl::core::model::UpdateUnit;
 use kfrtrl::core::optim::UpdateOutcome;
 use kfrtrl::core::{
     CellKind, Gradients, LearnerKind, ModelConfig, Optimizer, OptimizerKind, Params, SlotStep, StreamSet,
@@ -69,10 +71,32 @@ fn a_ramp_can_start_above_one_token() {
     assert!(ramped_from(7, 4, 0).check().is_err());
 }
 
+/// Counting steps: each step's averaged gradient counts once, whatever its one or two learning
+/// tokens, so that 5 per update come every 5 steps exactly, with the plain mean of the 5 steps'
+/// gradients (a tokens count would weight the steps 1 or 2 and update at irregular steps).
+#[test]
+fn counting_steps_updates_every_k_steps_with_the_mean_of_their_gradients() {
+    let cfg = ModelConfig { update_unit: UpdateUnit::Steps, ..config(5) };
+    let applied = check_schedule(cfg, 40, |_| 5.0);
+    assert_eq!(applied, vec![4, 9, 14, 19, 24, 29, 34, 39]);
+    let by_tokens = check_schedule(config(5), 40, |_| 5.0);
+    assert_ne!(by_tokens, applied, "tokens count the streams of a step");
+}
+
+/// A ramp counts steps too: update `n` waits for `min(7, 3 + n / 4)` steps.
+#[test]
+fn a_ramp_can_count_steps() {
+    let cfg = ModelConfig { update_unit: UpdateUnit::Steps, ..ramped_from(7, 4, 3) };
+    let applied = check_schedule(cfg, 150, |n| 7f64.min(3.0 + (n / 4) as f64));
+    let gaps: Vec<usize> = applied.windows(2).map(|w| w[1] - w[0]).collect();
+    assert_eq!(&gaps[..3], &[3, 3, 3], "three steps per update at first: {applied:?}");
+    assert!(gaps[gaps.len() - 3..].iter().all(|&g| g == 7), "seven at the end: {gaps:?}");
+}
+
 /// Runs `steps` steps of three streams (1 to 3 learning tokens a step) with the configuration's
 /// schedule beside an every-step optimizer fed the hand-made average once `due(updates)` tokens
-/// are in; the weights and the pending count must agree at every step. Returns the steps that
-/// updated.
+/// (or steps, per the configuration's unit) are in; the weights and the pending count must agree
+/// at every step. Returns the steps that updated.
 fn check_schedule(cfg: ModelConfig, steps: usize, due: impl Fn(u64) -> f64) -> Vec<usize> {
     let spec = cfg.check().unwrap();
     let every_step = config(1).check().unwrap();
@@ -98,8 +122,12 @@ fn check_schedule(cfg: ModelConfig, steps: usize, due: impl Fn(u64) -> f64) -> V
         let report = set.step(&mut params, &mut opt, &steps, &mut losses).unwrap();
         let c = reference.score(&ref_params, &steps, &mut losses).unwrap();
         if c > 0.0 {
-            sum.add_scaled(reference.gradients(), c);
-            count += c;
+            let weight = match cfg.update_unit {
+                UpdateUnit::Tokens => c,
+                UpdateUnit::Steps => 1.0,
+            };
+            sum.add_scaled(reference.gradients(), weight);
+            count += weight;
         }
         if count > 0.0 && count >= due(applied_at.len() as u64) {
             sum.scale(1.0 / count);

@@ -59,7 +59,7 @@ async fn every_route_answers_with_its_schema() {
     // Models: create, list, describe.
     let create = json!({"name": "small", "vocab_size": 7, "hidden": 4, "cell": "tanh", "learner": "uoro",
                         "optimizer": "sgd", "lr": 0.05, "clip": 0.0, "seed": 9, "max_streams": 3,
-                        "tokens_per_update": 4, "tokens_per_update_ramp": 2});
+                        "tokens_per_update": 4, "tokens_per_update_ramp": 2, "update_unit": "tokens"});
     server.schemas.check("ModelConfig", &create);
     let r = server.post("/v1/models", &create).await;
     assert_eq!(r.status, StatusCode::CREATED.as_u16(), "{}", r.body);
@@ -71,6 +71,7 @@ async fn every_route_answers_with_its_schema() {
         (&r.body["config"]["tokens_per_update"], &r.body["config"]["tokens_per_update_ramp"]),
         (&json!(4), &json!(2))
     );
+    assert_eq!(r.body["config"]["update_unit"], "tokens");
     assert_eq!(r.body["state"], "ready");
     let r = server.get("/v1/models").await;
     server.schemas.check("ModelList", &r.body);
@@ -252,6 +253,11 @@ async fn bad_input_gets_a_problem_with_a_stable_type() {
     expect(&server.post("/v1/models", &json!({"name": "bytes"})).await, 409, "duplicate-model");
     expect(&server.post("/v1/models", &json!({"vocab_size": 5})).await, 422, "invalid-request");
     expect(&server.post("/v1/models", &json!({"name": "m", "cell": "gru"})).await, 422, "invalid-request");
+    expect(
+        &server.post("/v1/models", &json!({"name": "m", "update_unit": "bytes"})).await,
+        422,
+        "invalid-request",
+    );
     expect(&server.post("/v1/models", &json!({"name": "m", "colour": 1})).await, 400, "unknown-field");
     let r = server.post("/v1/models", &json!({"name": "m", "hidden": 0})).await;
     expect(&r, 422, "invalid-config");

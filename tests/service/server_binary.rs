@@ -254,6 +254,7 @@ async fn the_binary_serves_the_default_model_on_its_defaults() {
         (&config["tokens_per_update_ramp"], &config["tokens_per_update_start"]),
         (&json!(600), &json!(8))
     );
+    assert_eq!(config["update_unit"], "steps", "each stream an update every 8 to 32 of its tokens");
     let reply: Value = http
         .post(server.url("/v1/models/default/streams/s/tokens"))
         .json(&json!({"text": "Hi!"}))
