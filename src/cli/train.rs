@@ -95,7 +95,7 @@ pub struct TrainArgs {
     /// --init model's)
     #[arg(long)]
     tokens_per_update_start: Option<usize>,
-    /// What the three count: steps (a step of the B streams counts 1, so each stream sees an
+    /// What the three count: steps (a learning step of the B streams counts 1, so each stream sees an
     /// update every K of its tokens; the default for a fresh model) or tokens (a step counts its B
     /// learning streams); default the --init model's
     #[arg(long, value_parser = parse_update_unit)]

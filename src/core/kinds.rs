@@ -139,9 +139,10 @@ pub enum UpdateUnit {
     /// busy streams as `tokens_per_update` updates at every step (the unit before it was a
     /// choice).
     Tokens,
-    /// The model's batched steps: a step counts 1 whatever number of streams it carries, so with
-    /// every stream busy each one sees an update every `tokens_per_update` of its own tokens, as
-    /// a lone stream does, and the update averages the tokens of all of them.
+    /// The model's batched steps: a step that learns counts 1 whatever number of streams it
+    /// carries (a step without a learning token counts 0), so with every stream busy each one
+    /// sees an update every `tokens_per_update` of its own tokens, as a lone stream does, and the
+    /// update averages the tokens of all of them.
     Steps,
 }
 

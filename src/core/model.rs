@@ -28,19 +28,20 @@ pub const DEFAULT_MODEL_LR: f64 = 3.162_277_660_168_379_5e-3;
 /// model and a fresh `kfrtrl train` model) sets it for the learners that carry an influence.
 pub const DEFAULT_MODEL_MARGIN: f64 = 0.01;
 
-/// The default model's tokens per update (`tokens_per_update`), reached by the ramp below: a
-/// lone stream updates every 32 tokens once the model is past its first 14,400 updates (about
-/// 280k tokens of one stream), 16 streams every other step (docs/RESULTS.md §4).
+/// The default model's steps per update (`tokens_per_update`, counting steps), reached by the
+/// ramp below: every 32 steps once the model is past its first 14,400 updates (about 280k
+/// tokens of one stream; with `B` busy streams, each update averages `32·B` tokens;
+/// docs/RESULTS.md §4).
 pub const DEFAULT_MODEL_TOKENS_PER_UPDATE: usize = 32;
 
-/// Where the default model's ramp starts (`tokens_per_update_start`): 8 tokens per update. One
+/// Where the default model's ramp starts (`tokens_per_update_start`): 8 steps per update. One
 /// stream's per-token updates early on saturate the RHN's carry gates for good (its dynamics
 /// stop contracting within 50k bytes), while 16 from the start learn `abcdefgh` too slowly.
 pub const DEFAULT_MODEL_TOKENS_PER_UPDATE_START: usize = 8;
 
 /// The default model's ramp (`tokens_per_update_ramp`): 600 updates at each count, so that a
-/// fresh stream's first 4,800 tokens update every 8 tokens, 16 is reached after 4,800 updates
-/// (about 55k tokens of one stream) and 32 after 14,400.
+/// fresh model's first 4,800 steps update every 8 steps, 16 is reached after 4,800 updates
+/// (about 55k steps) and 32 after 14,400.
 pub const DEFAULT_MODEL_TOKENS_PER_UPDATE_RAMP: u64 = 600;
 
 /// Unchecked model configuration, as read from a user; [`ModelConfig::check`] turns it into a
@@ -90,19 +91,19 @@ pub struct ModelConfig {
     /// elsewhere a bias, asked for explicitly. Absent (the default): off.
     #[serde(default)]
     pub influence_margin: Option<f64>,
-    /// Apply the optimizer once at least this many token gradients have accumulated, averaged,
-    /// over any streams and steps ([`crate::core::pending`]); 1 updates at every step. Absent from
-    /// a saved configuration: 1, as before the choice.
+    /// Apply the optimizer, averaged, once the gradients accumulated since the last update cover
+    /// this many steps or tokens (`update_unit`; [`crate::core::pending`]); 1 updates at every
+    /// step. Absent from a saved configuration: 1, as before the choice.
     #[serde(default = "absent::tokens_per_update")]
     pub tokens_per_update: usize,
     /// Reach `tokens_per_update` gradually: the optimizer's `n`-th update (counting from 0) waits
     /// for `min(tokens_per_update, tokens_per_update_start + ⌊n / tokens_per_update_ramp⌋)`
-    /// tokens, so a fresh model updates more often while its first, large gradients are spent
-    /// and a lone stream's updates wait longer as the model ages. 0: no ramp (always
+    /// steps or tokens, so a fresh model updates more often while its first, large gradients are
+    /// spent and its updates wait longer as it ages. 0: no ramp (always
     /// `tokens_per_update`). Absent from a saved configuration: 0.
     #[serde(default)]
     pub tokens_per_update_ramp: u64,
-    /// Where the ramp starts: the tokens the first update waits for (1 to `tokens_per_update`).
+    /// Where the ramp starts: what the first update waits for (1 to `tokens_per_update`).
     /// Absent from a saved configuration: 1.
     #[serde(default = "absent::tokens_per_update_start")]
     pub tokens_per_update_start: usize,
@@ -236,7 +237,7 @@ pub mod limits {
     pub const MAX_RTRL_HIDDEN: usize = 64;
     /// Largest hidden size for exact RTRL as an offline oracle ([`super::ModelConfig::check_as_oracle`]).
     pub const MAX_RTRL_ORACLE_HIDDEN: usize = 256;
-    /// Largest number of tokens per optimizer update.
+    /// Largest number of tokens (or steps) per optimizer update.
     pub const MAX_TOKENS_PER_UPDATE: usize = 65536;
     /// Largest number of updates per level of the ramp to `tokens_per_update`.
     pub const MAX_TOKENS_PER_UPDATE_RAMP: u64 = 1 << 32;

@@ -65,15 +65,15 @@ pub struct ModelDefinition {
     /// Jacobians would let it grow (see [`ModelConfig::influence_margin`]).
     #[serde(default)]
     pub influence_margin: Option<f64>,
-    /// Apply the optimizer once at least this many token gradients have accumulated, over any
-    /// streams and steps (1: at every step). Absent from a saved definition: 1.
+    /// Apply the optimizer once the gradients accumulated cover this many steps or tokens
+    /// (`update_unit`; 1: at every step). Absent from a saved definition: 1.
     #[serde(default = "crate::core::model::absent::tokens_per_update")]
     pub tokens_per_update: usize,
     /// Updates per level of the ramp to `tokens_per_update` (0: none; see
     /// [`ModelConfig::tokens_per_update_ramp`]). Absent from a saved definition: 0.
     #[serde(default)]
     pub tokens_per_update_ramp: u64,
-    /// Tokens the ramp starts from (see [`ModelConfig::tokens_per_update_start`]). Absent from a
+    /// What the ramp starts from (see [`ModelConfig::tokens_per_update_start`]). Absent from a
     /// saved definition: 1.
     #[serde(default = "crate::core::model::absent::tokens_per_update_start")]
     pub tokens_per_update_start: usize,
@@ -100,8 +100,8 @@ impl ModelDefinition {
     }
 
     /// The server's defaults for a model named `name`: [`ModelConfig::model_defaults`] (byte-level
-    /// RHN, n = 128, `ok:8`, Adam 10^-2.5, the adaptive decay's margin 0.01, updates that wait for
-    /// 8 tokens at first and up to 32 later) and `max_streams` streams.
+    /// RHN, n = 128, `ok:8`, Adam 10^-2.5, the adaptive decay's margin 0.01, updates every 8 steps
+    /// at first and up to every 32 later) and `max_streams` streams.
     pub fn with_defaults(name: &str, max_streams: usize) -> Self {
         let c = ModelConfig::model_defaults(ModelConfig::default().learner);
         Self {
@@ -313,7 +313,7 @@ pub fn estimate_model_bytes(spec: &ModelSpec, slots: usize) -> u128 {
     let rn = r * n;
     let weights = rn * m + vocab * (n + 1);
     // Weights, gradient, and Adam's two moments (counted for SGD too: an upper bound), and the
-    // pending sum of a model whose updates wait for more than one token.
+    // pending sum of a model whose updates wait for more than one token or step.
     let pending = u128::from(spec.config.tokens_per_update > 1);
     let model = (4 + pending) * weights;
     let step_scratch = (n + 1) + vocab + n + s + rn + k * rn + k * k * n + s;
@@ -399,6 +399,12 @@ mod tests {
         }
         .resolve(&d);
         assert_eq!((tbptt_k4.tokens_per_update, tbptt_k4.update_unit), (4, UpdateUnit::Steps));
+        let tbptt =
+            ModelRequest { name: "t".into(), learner: Some(LearnerKind::Tbptt), ..Default::default() }
+                .resolve(&d)
+                .model_config()
+                .update_schedule();
+        assert_eq!(tbptt, UpdateSchedule { unit: UpdateUnit::Steps, ..UpdateSchedule::EVERY_STEP });
         let ramp = ModelRequest { name: "k".into(), tokens_per_update_ramp: Some(5), ..Default::default() }
             .resolve(&d);
         assert_eq!(ramp.model_config().check().unwrap_err().field, "tokens_per_update_ramp", "a ramp to 1");

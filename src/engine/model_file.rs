@@ -249,7 +249,9 @@ struct State {
     counters: Counters,
     optimizer: String,
     optimizer_updates: u64,
-    /// Token gradients summed in `pending.*` and not applied yet (`tokens_per_update` above 1).
+    /// The count (tokens or steps, per the config's `update_unit`) of the gradients summed in
+    /// `pending.*` and not applied yet (`tokens_per_update` above 1); the key keeps the name it
+    /// had when only tokens were counted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pending_tokens: Option<f64>,
 }
@@ -319,7 +321,7 @@ pub fn to_bytes_of_version(model: &ModelFile, version: u32) -> Result<Vec<u8>, M
         counters: model.counters,
         optimizer: model.config.optimizer.name().into(),
         optimizer_updates: model.optimizer.steps,
-        pending_tokens: model.optimizer.pending().map(|(_, tokens)| tokens),
+        pending_tokens: model.optimizer.pending().map(|(_, count)| count),
     })
     .map_err(|e| ModelFileError::Inconsistent(e.to_string()))?;
     let metadata = serde_json::Value::Object(model.metadata.clone()).to_string();
@@ -510,9 +512,9 @@ pub fn from_bytes(bytes: &[u8]) -> Result<ModelFile, ModelFileError> {
     // Through `restore`, which refuses moments that would poison the weights (a negative v).
     let mut optimizer = Optimizer::restore(&spec, state.optimizer_updates, moments)
         .map_err(|e| invalid(format!("optimizer state: {e}")))?;
-    if let Some(tokens) = state.pending_tokens {
+    if let Some(count) = state.pending_tokens {
         let sum = Gradients { w: it.next().expect("pending.w"), v: it.next().expect("pending.v") };
-        optimizer.restore_pending(sum, tokens).map_err(|e| invalid(format!("optimizer state: {e}")))?;
+        optimizer.restore_pending(sum, count).map_err(|e| invalid(format!("optimizer state: {e}")))?;
     }
     Ok(ModelFile { config, params, optimizer, counters: state.counters, metadata, extra })
 }

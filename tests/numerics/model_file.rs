@@ -58,15 +58,18 @@ fn round_trip_is_bit_exact_and_training_continues_identically() {
     let dir = tmpdir("roundtrip");
     // With 10 tokens per update (3 a step: every 4 steps), the split at step 30 leaves 6 tokens'
     // gradients summed and not applied: they are saved and continue. With a ramp of 5 updates per
-    // level the updates come every step first and the split falls on another count.
-    for (optimizer, tokens_per_update, tokens_per_update_ramp) in [
-        (OptimizerKind::Adam, 1, 0),
-        (OptimizerKind::Sgd, 1, 0),
-        (OptimizerKind::Adam, 10, 0),
-        (OptimizerKind::Sgd, 10, 0),
-        (OptimizerKind::Adam, 10, 5),
+    // level the updates come every step first and the split falls on another count. Counting
+    // steps, 7 per update, the split leaves 2 steps pending.
+    let (by_tokens, by_steps) = (UpdateUnit::Tokens, UpdateUnit::Steps);
+    for (optimizer, tokens_per_update, tokens_per_update_ramp, update_unit) in [
+        (OptimizerKind::Adam, 1, 0, by_tokens),
+        (OptimizerKind::Sgd, 1, 0, by_tokens),
+        (OptimizerKind::Adam, 10, 0, by_tokens),
+        (OptimizerKind::Sgd, 10, 0, by_tokens),
+        (OptimizerKind::Adam, 10, 5, by_tokens),
+        (OptimizerKind::Adam, 7, 0, by_steps),
     ] {
-        let cfg = ModelConfig { tokens_per_update, tokens_per_update_ramp, ..config(optimizer) };
+        let cfg = ModelConfig { tokens_per_update, tokens_per_update_ramp, update_unit, ..config(optimizer) };
         let spec = cfg.check().unwrap();
         let steps = tokens(60, 3);
         // Uninterrupted.
@@ -94,16 +97,17 @@ fn round_trip_is_bit_exact_and_training_continues_identically() {
             extra: Vec::new(),
         };
         let path = dir.join(format!(
-            "model-{}-{tokens_per_update}-{tokens_per_update_ramp}.safetensors",
-            optimizer.name()
+            "model-{}-{tokens_per_update}-{tokens_per_update_ramp}-{}.safetensors",
+            optimizer.name(),
+            update_unit.name()
         ));
         save(&path, &file).unwrap();
         let loaded = load(&path).unwrap();
         assert_eq!(loaded, file, "every field survives the round trip");
-        // The schedule by hand: 3 tokens a step; update n waits for min(K, 1 + n / ramp).
+        // The schedule by hand: 3 tokens a step (1 step); update n waits for min(K, 1 + n / ramp).
         let (mut updates, mut waiting) = (0u64, 0.0);
         for _ in 0..30 {
-            waiting += 3.0;
+            waiting += if update_unit == by_steps { 1.0 } else { 3.0 };
             let due = match tokens_per_update_ramp {
                 0 => tokens_per_update as f64,
                 ramp => (tokens_per_update as f64).min(1.0 + (updates / ramp) as f64),
@@ -114,7 +118,7 @@ fn round_trip_is_bit_exact_and_training_continues_identically() {
             }
         }
         let pending = (tokens_per_update > 1).then_some(waiting);
-        assert_eq!(loaded.optimizer.pending().map(|(_, tokens)| tokens), pending);
+        assert_eq!(loaded.optimizer.pending().map(|(_, count)| count), pending);
         assert_eq!(loaded.optimizer.steps, updates);
         assert!(waiting > 0.0 || tokens_per_update == 1, "the split leaves a sum pending");
         let (mut p2, mut o2) = (loaded.params, loaded.optimizer);

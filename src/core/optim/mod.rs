@@ -120,8 +120,8 @@ pub enum OptimizerStateError {
     /// A pending gradient sum for a model that updates at every step.
     #[error("a pending gradient sum, but the model updates at every step (tokens_per_update 1)")]
     UnexpectedPending,
-    /// A pending sum with a non-finite value or a token count out of range.
-    #[error("the pending gradient sum is not finite, or its token count is out of range")]
+    /// A pending sum with a non-finite value or a count (tokens or steps) out of range.
+    #[error("the pending gradient sum is not finite, or its count is out of range")]
     BadPending,
 }
 
@@ -153,7 +153,7 @@ pub struct Optimizer<T> {
     pub m: Option<Gradients<T>>,
     /// Adam's second moments (empty for SGD).
     pub v: Option<Gradients<T>>,
-    /// The token gradients waiting for the next update (`tokens_per_update` above 1;
+    /// The gradients waiting for the next update (`tokens_per_update` above 1;
     /// [`crate::core::pending`]).
     pub pending: Option<super::pending::PendingUpdate<T>>,
 }
