@@ -8,6 +8,7 @@ pub mod learner;
 pub mod linalg;
 pub mod model;
 pub mod optim;
+pub mod params;
 pub mod pending;
 pub mod probe;
 pub mod rng;

@@ -56,6 +56,18 @@ impl UpdateSchedule {
         }
     }
 
+    /// The schedule a model running `learner` inherits from defaults made for `defaults_learner`
+    /// whose schedule is `self`: theirs, except that TBPTT asked for on top of another learner's
+    /// defaults updates at every step (its window already gathers its tokens into one update),
+    /// counting in the defaults' unit.
+    pub fn inherited_by(self, defaults_learner: LearnerKind, learner: LearnerKind) -> Self {
+        if learner == LearnerKind::Tbptt && defaults_learner != LearnerKind::Tbptt {
+            Self { unit: self.unit, ..Self::EVERY_STEP }
+        } else {
+            self
+        }
+    }
+
     /// The schedule a user asked for on top of `self` (the defaults): the three counts go
     /// together, so that asking for any of them replaces the default counts and the others take
     /// their every-step values (`tokens_per_update` 25 alone is 25 from the first update, not a
@@ -194,5 +206,23 @@ impl<T: Float> Optimizer<T> {
         pending.sum = sum.into_standard_layout();
         pending.count = count;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tbptt_on_another_learners_defaults_updates_every_step_in_their_unit() {
+        let defaults = UpdateSchedule::default_for(LearnerKind::Ok);
+        assert_eq!(defaults.inherited_by(LearnerKind::Ok, LearnerKind::KfRtrl), defaults);
+        let steps_every = UpdateSchedule { unit: UpdateUnit::Steps, ..UpdateSchedule::EVERY_STEP };
+        assert_eq!(defaults.inherited_by(LearnerKind::Ok, LearnerKind::Tbptt), steps_every);
+        let in_tokens = UpdateSchedule { unit: UpdateUnit::Tokens, ..defaults };
+        assert_eq!(in_tokens.inherited_by(LearnerKind::Ok, LearnerKind::Tbptt), UpdateSchedule::EVERY_STEP);
+        // TBPTT's own defaults (or a schedule asked for them) stay as they are.
+        let own = UpdateSchedule { tokens_per_update: 4, ..steps_every };
+        assert_eq!(own.inherited_by(LearnerKind::Tbptt, LearnerKind::Tbptt), own);
     }
 }

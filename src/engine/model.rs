@@ -4,7 +4,6 @@
 use serde::{Deserialize, Serialize};
 
 use crate::core::model::{ClipScope, UpdateUnit};
-use crate::core::pending::UpdateSchedule;
 use crate::core::{CellKind, LearnerKind, ModelConfig, ModelSpec, OptimizerKind};
 
 /// Longest model or stream name.
@@ -258,14 +257,9 @@ impl ModelRequest {
     /// Fills the missing fields from `defaults` (whose name is ignored).
     pub fn resolve(self, defaults: &ModelDefinition) -> ModelDefinition {
         let d = defaults;
-        // The schedule's three settings go together (`UpdateSchedule::asked`); TBPTT asked for on
-        // top of another learner's defaults updates at every step (its window gathers the tokens).
+        // The schedule's three settings go together (`UpdateSchedule::asked`).
         let learner = self.learner.unwrap_or(d.learner);
-        let inherited = if learner == LearnerKind::Tbptt && d.learner != LearnerKind::Tbptt {
-            UpdateSchedule { unit: d.update_unit, ..UpdateSchedule::EVERY_STEP }
-        } else {
-            d.model_config().update_schedule()
-        };
+        let inherited = d.model_config().update_schedule().inherited_by(d.learner, learner);
         let schedule = inherited.asked(
             self.tokens_per_update,
             self.tokens_per_update_ramp,
@@ -348,6 +342,7 @@ pub fn estimate_model_bytes(spec: &ModelSpec, slots: usize) -> u128 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::pending::UpdateSchedule;
 
     #[test]
     fn names_follow_the_documented_pattern() {
