@@ -8,11 +8,10 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use kfrtrl::core::model::UpdateUnit;
-use kfrtrl::core::pending::UpdateSchedule;
-use kfrtrl::core::{CellKind, LearnerKind, ModelConfig, OptimizerKind};
+use kfrtrl::core::{CellKind, ModelConfig, OptimizerKind, StreamSet};
 use kfrtrl::engine::model_file::{Counters, ModelFile, load, save};
 use kfrtrl::tools::corpus::{Format, Vocab, tokenize_train, tokenize_with};
-use kfrtrl::tools::train::{Start, TrainConfig, train_from};
+use kfrtrl::tools::train::{Start, TrainConfig, streams_from_file, streams_to_file, train_checkpointed};
 
 use super::bench::{LearnerArg, parse_learner, parse_update_unit};
 
@@ -125,10 +124,15 @@ pub struct TrainArgs {
     /// Print one JSON object on stdout at the end.
     #[arg(long)]
     json: bool,
-    /// Write the trained model (weights, optimizer state, config, counters) to this file, in the
-    /// format of the server's checkpoints (safetensors with JSON metadata).
+    /// Write the trained model (weights, optimizer state, config, counters, the streams' states)
+    /// to this file, in the format of the server's checkpoints (safetensors with JSON metadata).
     #[arg(long, value_parser = parse_save_path)]
     save: Option<PathBuf>,
+    /// Also write the --save file every this many steps (atomically), so that a long run stopped
+    /// early continues bit for bit from its last checkpoint: `--init` that file with the same
+    /// flags (less --cell, --hidden and --seed) and `--symbols` for the rest.
+    #[arg(long, value_name = "STEPS", requires = "save")]
+    checkpoint_every: Option<u64>,
 }
 
 /// A file the command writes at its end (`train --save`, `experiment copy --checkpoint`, a
@@ -178,6 +182,8 @@ struct Saved {
     /// The run's batch and reset period, when its file records them (0: no reset).
     batch: Option<usize>,
     reset_every: Option<u64>,
+    /// The streams' states where the run stopped, when its file holds them.
+    streams: Option<Vec<kfrtrl::core::SlotState<f32>>>,
 }
 
 /// Loads `--init` and checks that the model fits the corpus format (or builds the fresh model's
@@ -199,6 +205,7 @@ fn initial(args: &TrainArgs) -> Result<Initial, String> {
     let (format, vocab) = saved_format_and_vocab(path, &file, args.format)?;
     // A server checkpoint counts write-ahead-log records, not steps over this corpus: its run
     // here starts at the corpus's beginning.
+    let streams = streams_from_file(&file).map_err(|e| format!("{}: {e}", path.display()))?;
     let from_server = file.metadata.contains_key("engine");
     let steps = if from_server { 0 } else { file.counters.steps };
     Ok(Initial {
@@ -211,10 +218,12 @@ fn initial(args: &TrainArgs) -> Result<Initial, String> {
                 optimizer: file.optimizer,
                 steps,
                 symbols: file.counters.symbols,
+                streams: None,
             },
             nonfinite_updates: file.counters.nonfinite_updates,
             batch: file.metadata.get("batch").and_then(serde_json::Value::as_u64).map(|b| b as usize),
             reset_every: file.metadata.get("reset_every").and_then(serde_json::Value::as_u64),
+            streams,
         }),
     })
 }
@@ -285,7 +294,14 @@ pub fn run(args: TrainArgs) -> Result<(), String> {
     let mut batch = args.batch;
     let mut reset_every = args.reset_every;
     let (tokens, vocab, saved) = match init.saved {
-        Some(Saved { vocab, start, nonfinite_updates, batch: saved_batch, reset_every: saved_reset }) => {
+        Some(Saved {
+            vocab,
+            start,
+            nonfinite_updates,
+            batch: saved_batch,
+            reset_every: saved_reset,
+            streams,
+        }) => {
             batch = batch.or(saved_batch);
             // A file of `kfrtrl train` from before the period was recorded (a server checkpoint
             // records no batch: its streams never reset periodically).
@@ -298,7 +314,7 @@ pub fn run(args: TrainArgs) -> Result<(), String> {
             reset_every = reset_every.or(saved_reset);
             let tokens =
                 tokenize_with(&data, init.format, &vocab).map_err(|e| format!("{}: {e}", corpus_name()))?;
-            (tokens, vocab, Some((start, nonfinite_updates)))
+            (tokens, vocab, Some((start, nonfinite_updates, streams)))
         }
         None => {
             let (tokens, vocab) =
@@ -318,13 +334,8 @@ pub fn run(args: TrainArgs) -> Result<(), String> {
         Some(name) => parse_learner(name)?,
         None => LearnerArg { kind: base.learner, param: None },
     };
-    // The three settings of the update schedule go together (`UpdateSchedule::asked`); a switch
-    // to TBPTT, whose window gathers its tokens itself, leaves the inherited schedule behind.
-    let inherited = if learner.kind == LearnerKind::Tbptt && base.learner != LearnerKind::Tbptt {
-        UpdateSchedule { unit: base.update_unit, ..UpdateSchedule::EVERY_STEP }
-    } else {
-        base.update_schedule()
-    };
+    // The three settings of the update schedule go together (`UpdateSchedule::asked`).
+    let inherited = base.update_schedule().inherited_by(base.learner, learner.kind);
     let schedule = inherited.asked(
         args.tokens_per_update,
         args.tokens_per_update_ramp,
@@ -353,8 +364,13 @@ pub fn run(args: TrainArgs) -> Result<(), String> {
         ..base.clone()
     });
     let spec = model.check().map_err(|e| e.to_string())?;
+    let batch = match batch {
+        Some(0) => return Err("the --init model records a batch of 0: give --batch".into()),
+        b => b.unwrap_or(8) as u64,
+    };
     let (start, earlier_nonfinite) = match saved {
-        Some((start, nonfinite)) => {
+        Some((mut start, nonfinite, streams)) => {
+            start.streams = streams.and_then(|s| streams_that_fit(&spec, batch as usize, s));
             if start.optimizer.kind() != model.optimizer {
                 eprintln!(
                     "note: the optimizer changes from {} to {}; it starts afresh (and the update schedule's ramp with it)",
@@ -367,10 +383,6 @@ pub fn run(args: TrainArgs) -> Result<(), String> {
         None => (Start::fresh(&spec), 0),
     };
     let (start_steps, start_symbols) = (start.steps, start.symbols);
-    let batch = match batch {
-        Some(0) => return Err("the --init model records a batch of 0: give --batch".into()),
-        b => b.unwrap_or(8) as u64,
-    };
     let reset_every = reset_every.filter(|&n| n > 0);
     let symbols = match (args.symbols, args.epochs) {
         (Some(s), _) => s,
@@ -399,6 +411,9 @@ pub fn run(args: TrainArgs) -> Result<(), String> {
     if args.trace_every == Some(0) {
         return Err("--trace-every must be at least 1".into());
     }
+    if args.checkpoint_every == Some(0) {
+        return Err("--checkpoint-every must be at least 1".into());
+    }
     let cfg = TrainConfig {
         model,
         batch: batch as usize,
@@ -406,13 +421,53 @@ pub fn run(args: TrainArgs) -> Result<(), String> {
         reset_every,
         eval_every: args.eval_every,
         trace_every: args.trace_every,
+        checkpoint_every: args.checkpoint_every,
+    };
+    let metadata = file_metadata(init.format, &vocab, &cfg);
+    // The file a checkpoint or the end writes: the run's model, its counters after `steps` of
+    // this run's steps, and its streams.
+    let model_file = |params: &kfrtrl::core::Params<f32>,
+                      opt: &kfrtrl::core::Optimizer<f32>,
+                      set: &StreamSet<f32>,
+                      steps: u64,
+                      nonfinite: u64,
+                      extra_metadata: &[(&str, f64)]|
+     -> Result<ModelFile, String> {
+        let mut metadata = metadata.clone();
+        for (key, value) in extra_metadata {
+            metadata.insert((*key).into(), (*value).into());
+        }
+        let extra = streams_to_file(set, &mut metadata)?;
+        Ok(ModelFile {
+            config: cfg.model.clone(),
+            params: params.clone(),
+            optimizer: opt.clone(),
+            counters: Counters {
+                steps: start_steps + steps,
+                symbols: start_symbols + steps * batch,
+                nonfinite_updates: earlier_nonfinite + nonfinite,
+            },
+            metadata,
+            extra,
+        })
     };
     let bar = ProgressBar::new(steps * batch);
     bar.set_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} symbols  {per_sec}  ETA {eta}  {msg}")
             .map_err(|e| e.to_string())?,
     );
-    let (report, params, opt) = train_from(&cfg, start, &tokens, eval.as_deref(), |p| {
+    let checkpoint = |c: kfrtrl::tools::train::Checkpoint<'_>| {
+        let Some(path) = &args.save else { return };
+        // A checkpoint that cannot be written costs the run nothing but that checkpoint.
+        let written = model_file(c.params, c.optimizer, c.streams, c.steps, c.nonfinite_updates, &[])
+            .and_then(|file| save(path, &file).map_err(|e| e.to_string()));
+        let symbols = start_symbols + c.steps * batch;
+        bar.suspend(|| match written {
+            Ok(()) => eprintln!("checkpoint at {symbols} symbols: {}", path.display()),
+            Err(e) => eprintln!("warning: checkpoint at {symbols} symbols not written: {e}"),
+        });
+    };
+    let trained = train_checkpointed(&cfg, start, &tokens, eval.as_deref(), |p| {
         // One line per evaluation, also when stderr is not a terminal (the bar is then hidden),
         // so that a long run that is stopped early has still reported its curve.
         if let Some(e) = p.eval {
@@ -443,9 +498,10 @@ pub fn run(args: TrainArgs) -> Result<(), String> {
             bar.set_position(p.symbols);
             bar.set_message(format!("running bpc {:.3}", p.recent_bpc));
         }
-    })
+    }, checkpoint)
     .map_err(|e| e.to_string())?;
     bar.finish_and_clear();
+    let kfrtrl::tools::train::Trained { report, params, optimizer: opt, streams: set } = trained;
     // The report is out before the model is saved: a file that cannot be written must not
     // cost a long run its results.
     if args.json {
@@ -466,95 +522,53 @@ pub fn run(args: TrainArgs) -> Result<(), String> {
         );
     }
     if let Some(path) = &args.trace_plot {
-        plot_trace(path, &report).map_err(|e| format!("{}: {e}", path.display()))?;
+        kfrtrl::tools::train::plot_trace(path, &report).map_err(|e| format!("{}: {e}", path.display()))?;
     }
     if let Some(path) = &args.save {
-        let mut metadata = serde_json::Map::new();
-        metadata.insert("corpus_format".into(), init.format.name().into());
-        if !vocab.symbols.is_empty() {
-            metadata.insert("symbols".into(), vocab.symbols.clone().into());
-        }
-        metadata.insert("learner".into(), cfg.model.learner_label().into());
-        metadata.insert("batch".into(), report.batch.into());
-        metadata.insert("reset_every".into(), cfg.reset_every.unwrap_or(0).into());
-        metadata.insert("train_bpc".into(), report.train_bpc.into());
-        if let Some(e) = report.eval_bpc {
-            metadata.insert("eval_bpc".into(), e.into());
-        }
-        let file = ModelFile {
-            config: cfg.model.clone(),
-            params,
-            optimizer: opt,
-            counters: Counters {
-                steps: start_steps + cfg.steps,
-                symbols: start_symbols + report.symbols,
-                nonfinite_updates: earlier_nonfinite + report.nonfinite_updates,
-            },
-            metadata,
-            extra: Vec::new(),
-        };
+        let mut scores = vec![("train_bpc", report.train_bpc)];
+        scores.extend(report.eval_bpc.map(|e| ("eval_bpc", e)));
+        let file = model_file(&params, &opt, &set, cfg.steps, report.nonfinite_updates, &scores)?;
         save(path, &file).map_err(|e| e.to_string())?;
     }
     Ok(())
 }
 
-/// The trace's four panels: running bpc, gradient norms, influence norms (log scales for norms)
-/// and the exact Jacobians' growth rate.
-fn plot_trace(path: &std::path::Path, report: &kfrtrl::tools::train::TrainReport) -> Result<(), String> {
-    use kfrtrl::tools::experiment::plot::{LegendAt, Panel, Series, line_chart};
-    // Points a log axis cannot draw (zero or negative) are left out of log panels only.
-    let points = |f: &dyn Fn(&kfrtrl::tools::train::TracePoint) -> f64, positive: bool| -> Vec<(f64, f64)> {
-        let keep = |y: f64| y.is_finite() && (!positive || y > 0.0);
-        report.trace.iter().map(|t| (t.symbols as f64, f(t))).filter(|p| keep(p.1)).collect()
+/// What a saved run records beside its model: the corpus format and symbols, the learner, the
+/// batch and the reset period (0: none).
+fn file_metadata(
+    format: Format,
+    vocab: &Vocab,
+    cfg: &TrainConfig,
+) -> serde_json::Map<String, serde_json::Value> {
+    let mut metadata = serde_json::Map::new();
+    metadata.insert("corpus_format".into(), format.name().into());
+    if !vocab.symbols.is_empty() {
+        metadata.insert("symbols".into(), vocab.symbols.clone().into());
+    }
+    metadata.insert("learner".into(), cfg.model.learner_label().into());
+    metadata.insert("batch".into(), cfg.batch.into());
+    metadata.insert("reset_every".into(), cfg.reset_every.unwrap_or(0).into());
+    metadata
+}
+
+/// The saved streams, if this run can continue them: one per stream of `batch`, each fitting the
+/// run's model (its learner may have changed). Otherwise the streams start at zero, with a note.
+fn streams_that_fit(
+    spec: &kfrtrl::core::ModelSpec,
+    batch: usize,
+    streams: Vec<kfrtrl::core::SlotState<f32>>,
+) -> Option<Vec<kfrtrl::core::SlotState<f32>>> {
+    let why_not = if streams.len() != batch {
+        Some(format!("it saved {} streams, this run has {batch}", streams.len()))
+    } else {
+        let mut probe = StreamSet::<f32>::new(spec, 1);
+        streams.iter().find_map(|s| probe.import_slot(0, s).err().map(|e| format!("{e}")))
     };
-    let series = |label: &str, f: &dyn Fn(&kfrtrl::tools::train::TracePoint) -> f64| Series {
-        label: label.into(),
-        points: points(f, true),
-    };
-    let signed_series = |label: &str, f: &dyn Fn(&kfrtrl::tools::train::TracePoint) -> f64| Series {
-        label: label.into(),
-        points: points(f, false),
-    };
-    let panel = |title: &str, y: &str, log_y: bool, series: Vec<Series>| Panel {
-        title: format!("{} {}: {title}", report.learner, report.cell),
-        x_label: "symbols".into(),
-        y_label: y.into(),
-        log_x: false,
-        log_y,
-        series,
-        legend: LegendAt::MiddleRight,
-    };
-    let panels = [
-        panel(
-            "running prequential loss",
-            "bits per symbol",
-            false,
-            vec![series("running bpc", &|t| t.recent_bpc)],
-        ),
-        panel(
-            "gradient norms before clipping",
-            "norm",
-            true,
-            vec![series("W (recurrent)", &|t| t.grad_norm_w), series("V (readout)", &|t| t.grad_norm_v)],
-        ),
-        panel(
-            "carried influence estimate",
-            "Frobenius norm",
-            true,
-            vec![
-                series("mean over streams", &|t| t.influence_norm_mean),
-                series("max", &|t| t.influence_norm_max),
-            ],
-        ),
-        panel(
-            "growth of the exact state Jacobians (above 0: the true influence explodes)",
-            "ln |H v| per step",
-            false,
-            vec![
-                signed_series("mean over streams", &|t| t.tangent_growth_mean),
-                signed_series("max", &|t| t.tangent_growth_max),
-            ],
-        ),
-    ];
-    line_chart(path, &panels).map_err(|e| e.to_string())
+    match why_not {
+        None => Some(streams),
+        Some(reason) => {
+            eprintln!("note: the --init model's streams are not continued ({reason}); they start at zero");
+            None
+        }
+    }
 }

@@ -20,5 +20,6 @@ mod influence_decay;
 mod learners_batched;
 mod model_file;
 mod pending_update;
+mod train_files;
 mod train_reports;
 mod uoro_step;

@@ -260,6 +260,7 @@ fn train_save_then_load_gives_the_trained_model() {
         reset_every: None,
         eval_every: None,
         trace_every: None,
+        checkpoint_every: None,
     };
     let (_, params, _) = train(&cfg, &tokens, None, |_| {}).unwrap();
     assert_eq!(params, m.params);

@@ -5,7 +5,6 @@
 use std::path::PathBuf;
 
 use kfrtrl::core::{CellKind, LearnerKind, ModelConfig, Params};
-use kfrtrl::engine::model_file::load;
 use kfrtrl::tools::train::{TrainConfig, evaluate, train};
 
 fn config(learner: LearnerKind) -> ModelConfig {
@@ -44,6 +43,7 @@ fn frozen_prequential_bpc_is_the_mean_over_each_streams_own_text() {
         reset_every: Some(reset as u64),
         eval_every: None,
         trace_every: None,
+        checkpoint_every: None,
     };
     let (report, params, _) = train(&cfg, &tokens, None, |_| {}).unwrap();
     let spec = cfg.model.check().unwrap();
@@ -83,6 +83,7 @@ fn prequential_loss_is_taken_before_learning_from_the_symbol() {
             reset_every: Some(1),
             eval_every: None,
             trace_every: None,
+            checkpoint_every: None,
         };
         train(&cfg, &tokens, None, |_| {}).unwrap()
     };
@@ -105,7 +106,7 @@ fn prequential_loss_is_taken_before_learning_from_the_symbol() {
     }
 }
 
-fn corpus(name: &str) -> PathBuf {
+pub(crate) fn corpus(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("kfrtrl-cli-train-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("corpus.txt");
@@ -166,6 +167,7 @@ fn a_period_of_zero_is_no_reset_and_no_evaluation() {
             reset_every,
             eval_every,
             trace_every: None,
+            checkpoint_every: None,
         };
         train(&cfg, &tokens, Some(&tokens[..20]), |_| {}).unwrap()
     };
@@ -197,6 +199,7 @@ fn train_bpc_final_of_a_run_shorter_than_ten_steps_is_its_last_steps() {
             reset_every: None,
             eval_every: None,
             trace_every: None,
+            checkpoint_every: None,
         };
         train(&cfg, &tokens, None, |_| {}).unwrap().0
     };
@@ -218,6 +221,7 @@ fn train_refuses_a_run_whose_symbol_count_overflows() {
         reset_every: None,
         eval_every: None,
         trace_every: None,
+        checkpoint_every: None,
     };
     let e = train(&cfg, &text(10), None, |_| {}).unwrap_err();
     assert_eq!(e.field, "steps", "{e}");
@@ -235,6 +239,7 @@ fn running_bpc_is_the_exponential_average_of_the_steps_bpc() {
         reset_every: None,
         eval_every: None,
         trace_every: None,
+        checkpoint_every: None,
     };
     let mut reported = Vec::new();
     let (_, params, _) = train(&cfg, &tokens, None, |p| reported.push((p.symbols, p.recent_bpc))).unwrap();
@@ -255,209 +260,6 @@ fn running_bpc_is_the_exponential_average_of_the_steps_bpc() {
     }
 }
 
-fn kfrtrl(args: &[&str], paths: &[(&str, &std::path::Path)]) -> std::process::Output {
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_kfrtrl"));
-    cmd.arg("train").args(args);
-    for (flag, path) in paths {
-        cmd.arg(flag).arg(path);
-    }
-    cmd.output().unwrap()
-}
-
-fn json(out: &std::process::Output) -> serde_json::Value {
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
-/// A `--save` in a missing directory used to fail only after the whole run, with no report. It
-/// is refused when the flags are parsed: before the corpus is even read.
-#[test]
-fn train_refuses_a_save_path_in_a_missing_directory_before_training() {
-    let dir = std::env::temp_dir().join(format!("kfrtrl-cli-train-save-missing-{}", std::process::id()));
-    let out = kfrtrl(
-        &["--symbols", "20"],
-        &[("--corpus", &dir.join("missing-corpus.txt")), ("--save", &dir.join("nowhere").join("m.st"))],
-    );
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("nowhere") && stderr.contains("does not exist"), "{stderr}");
-    assert!(!stderr.contains("missing-corpus"), "the corpus was read first: {stderr}");
-    assert!(out.stdout.is_empty());
-    let corpus = corpus("save-dir");
-    let out = kfrtrl(&["--symbols", "20"], &[("--corpus", &corpus), ("--save", corpus.parent().unwrap())]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("not a file name"), "{stderr}");
-    std::fs::remove_dir_all(corpus.parent().unwrap()).unwrap();
-}
-
-/// A save that fails at the end (here: a directory that exists but takes no files) used to throw
-/// the run's report away; the report is printed first, then the failure exits 2.
-#[test]
-fn train_prints_its_report_even_when_the_save_fails() {
-    let corpus = corpus("save-fails");
-    let out = kfrtrl(
-        &["--format", "ptb-char", "--hidden", "4", "--symbols", "20", "--json"],
-        &[("--corpus", &corpus), ("--save", std::path::Path::new("/proc/self/model.st"))],
-    );
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("/proc/self/model.st"), "{stderr}");
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("the report is on stdout");
-    assert_eq!(report["symbols"], 24);
-    std::fs::remove_dir_all(corpus.parent().unwrap()).unwrap();
-}
-
-/// `--init` continues a saved model where it stopped: its weights, Adam moments, place in the
-/// corpus, reset phase and sign counters. Stopped at a multiple of the reset period, two runs of
-/// an online learner give the weights of one uninterrupted run exactly, and the same evaluations.
-#[test]
-fn train_continued_with_init_equals_one_uninterrupted_run() {
-    for learner in ["kf-rtrl", "uoro", "rtrl"] {
-        continued_equals_uninterrupted(learner);
-    }
-}
-
-fn continued_equals_uninterrupted(learner: &str) {
-    let corpus = corpus(&format!("init-{learner}"));
-    let dir = corpus.parent().unwrap();
-    let (full, half, rest) = (dir.join("full.st"), dir.join("half.st"), dir.join("rest.st"));
-    let common =
-        ["--format", "ptb-char", "--batch", "2", "--reset-every", "50", "--eval-every", "200", "--json"];
-    let model = [
-        "--cell",
-        "rhn",
-        "--hidden",
-        "6",
-        "--seed",
-        "4",
-        "--lr",
-        "0.01",
-        "--clip",
-        "0",
-        "--learner",
-        learner,
-    ];
-    let one = json(&kfrtrl(
-        &[&common[..], &model, &["--symbols", "800"]].concat(),
-        &[("--corpus", &corpus), ("--eval", &corpus), ("--save", &full)],
-    ));
-    let first = json(&kfrtrl(
-        &[&common[..], &model, &["--symbols", "400"]].concat(),
-        &[("--corpus", &corpus), ("--eval", &corpus), ("--save", &half)],
-    ));
-    // Format, batch and reset period are the saved run's unless given (regression: the batch
-    // fell back to 8 and the resets stopped, which made a continued PTB run worse).
-    let second = json(&kfrtrl(
-        &["--eval-every", "200", "--json", "--symbols", "400"],
-        &[("--corpus", &corpus), ("--eval", &corpus), ("--init", &half), ("--save", &rest)],
-    ));
-    assert_eq!(second["batch"], 2);
-    let (a, b) = (load(&full).unwrap(), load(&rest).unwrap());
-    assert_eq!(a.params, b.params, "{learner}");
-    assert_eq!(a.optimizer, b.optimizer);
-    assert_eq!(a.counters, b.counters);
-    assert_eq!(a.config, b.config);
-    assert_eq!(a.metadata["symbols"], b.metadata["symbols"]);
-    assert_eq!(second["start_symbols"], 400);
-    assert_eq!(second["symbols"], 400);
-    assert_eq!(one["eval_bpc"], second["eval_bpc"]);
-    let evals = |r: &serde_json::Value| r["evals"].as_array().unwrap().clone();
-    assert_eq!(evals(&one), [evals(&first), evals(&second)].concat());
-    // The flags that may change between runs do.
-    let faster = dir.join("faster.st");
-    json(&kfrtrl(
-        &[&common[..], &["--symbols", "400", "--lr", "0.02"]].concat(),
-        &[("--corpus", &corpus), ("--eval", &corpus), ("--init", &half), ("--save", &faster)],
-    ));
-    let c = load(&faster).unwrap();
-    assert_eq!(c.config.lr, 0.02);
-    assert_eq!(c.optimizer.steps, a.optimizer.steps);
-    assert_ne!(c.params, a.params);
-    std::fs::remove_dir_all(dir).unwrap();
-}
-
-/// What `--init` cannot change or read is refused before any training, with the reason.
-#[test]
-fn train_init_refuses_a_changed_model_or_a_foreign_corpus() {
-    let corpus = corpus("init-refusals");
-    let dir = corpus.parent().unwrap();
-    let saved = dir.join("saved.st");
-    json(&kfrtrl(
-        &["--format", "ptb-char", "--hidden", "4", "--symbols", "20", "--json"],
-        &[("--corpus", &corpus), ("--save", &saved)],
-    ));
-    let refused_with = |args: &[&str], corpus: &std::path::Path, init: &std::path::Path, needle: &str| {
-        let out = kfrtrl(args, &[("--corpus", corpus), ("--init", init)]);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{stderr}");
-        assert!(stderr.contains(needle), "{needle:?} not in {stderr}");
-        assert!(out.stdout.is_empty());
-    };
-    let refused =
-        |args: &[&str], corpus: &std::path::Path, needle: &str| refused_with(args, corpus, &saved, needle);
-    refused(&["--hidden", "8"], &corpus, "cannot be used with");
-    refused(&["--cell", "tanh"], &corpus, "cannot be used with");
-    refused(&["--format", "bytes"], &corpus, "was trained on the ptb-char format, not bytes");
-    let foreign = dir.join("foreign.txt");
-    std::fs::write(&foreign, "a b z\n").unwrap();
-    refused(&[], &foreign, "symbol \"z\" is not in the model's vocabulary");
-    refused(&[], &dir.join("missing.txt"), "missing.txt");
-    refused_with(&[], &corpus, &dir.join("missing.st"), "missing.st");
-    std::fs::remove_dir_all(dir).unwrap();
-}
-
-/// A server checkpoint holds a byte-level model whose counters count write-ahead-log records:
-/// `--init` takes its weights, starts at the corpus's beginning and adds up its symbols; a
-/// checkpoint of a model with another vocabulary (no symbol list) is refused.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn train_init_continues_a_server_checkpoint() {
-    use kfrtrl::engine::{
-        Engine, EngineLimits, EngineMetrics, Mode, ModelDefinition, TokenInput, checkpoint,
-    };
-    let corpus = corpus("init-server");
-    let dir = corpus.parent().unwrap().to_path_buf();
-    let metrics = EngineMetrics::register(&prometheus::Registry::new()).unwrap();
-    let engine = Engine::new(EngineLimits::default(), metrics);
-    let mut files = Vec::new();
-    for (name, vocab_size) in [("bytes", 256), ("small", 16)] {
-        let def = ModelDefinition { vocab_size, hidden: 6, ..ModelDefinition::with_defaults(name, 4) };
-        engine.create_model(def).await.unwrap();
-        let input = TokenInput {
-            tokens: vec![1, 2, 3, 4, 5],
-            learn: true,
-            reset: false,
-            top_k: 1,
-            return_losses: false,
-        };
-        engine.tokens(name, "s", input, Mode::Consume).await.unwrap();
-        let file = checkpoint::into_model_file(engine.snapshot(name).await.unwrap()).unwrap();
-        assert!(file.counters.steps > 0 && file.counters.symbols == 5, "{:?}", file.counters);
-        let path = dir.join(format!("{name}.ckpt"));
-        kfrtrl::engine::model_file::save(&path, &file).unwrap();
-        files.push((path, file));
-    }
-    engine.shutdown().await;
-    let (bytes_path, bytes_file) = &files[0];
-    let out = dir.join("continued.st");
-    let report = json(&kfrtrl(
-        &["--symbols", "40", "--batch", "2", "--learner", "frozen", "--json"],
-        &[("--corpus", &corpus), ("--init", bytes_path), ("--save", &out)],
-    ));
-    assert_eq!(report["start_symbols"], 5);
-    let continued = load(&out).unwrap();
-    assert_eq!(continued.params, bytes_file.params);
-    assert_eq!(continued.counters.steps, 20);
-    assert_eq!(continued.counters.symbols, 45);
-    assert_eq!(continued.config.hidden, 6);
-    assert_eq!(continued.metadata["corpus_format"], "bytes");
-    let small = kfrtrl(&["--symbols", "40"], &[("--corpus", &corpus), ("--init", &files[1].0)]);
-    let stderr = String::from_utf8_lossy(&small.stderr);
-    assert_eq!(small.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("the model's vocabulary has 16 symbols, the bytes format 256"), "{stderr}");
-    std::fs::remove_dir_all(dir).unwrap();
-}
-
 /// The trace records every `trace_every`-th step: its clipped flag agrees with the gradient norms
 /// and the clip scope, and the influence norms are those of the carried factors (none for TBPTT).
 #[test]
@@ -474,6 +276,7 @@ fn the_trace_reports_gradient_and_influence_norms_every_n_steps() {
             reset_every: None,
             eval_every: None,
             trace_every: Some(7),
+            checkpoint_every: None,
         };
         let mut seen = Vec::new();
         let (report, _, _) = train(&cfg, &tokens, None, |p| seen.extend(p.trace)).unwrap();
@@ -506,6 +309,7 @@ fn the_trace_reports_the_growth_rate_of_each_streams_jacobians() {
         reset_every: None,
         eval_every: None,
         trace_every: Some(10),
+        checkpoint_every: None,
     };
     let (report, params, _) = train(&cfg, &tokens, None, |_| {}).unwrap();
     let spec = cfg.model.check().unwrap();
@@ -545,6 +349,7 @@ fn the_defaults_learn_abcdefgh_repeated() {
         reset_every: None,
         eval_every: None,
         trace_every: None,
+        checkpoint_every: None,
     };
     let (report, params, _) = train(&cfg, &text, None, |_| {}).unwrap();
     eprintln!("{} last 10%: {:.4} bits", report.learner, report.train_bpc_final);

@@ -1,7 +1,9 @@
 //! Online training on a corpus (`kfrtrl train`): `B` streams read the text from evenly spaced
 //! offsets, every step scores each stream's next symbol before learning from it (prequential
 //! loss) and updates the weights, and evaluation passes run with the weights frozen. A run can
-//! continue a saved model ([`train_from`]): its weights, optimizer and place in the corpus.
+//! continue a saved model ([`train_from`]): its weights, optimizer and place in the corpus, and
+//! its streams' states when the file holds them ([`streams_to_file`]), so that a long run saved
+//! every so often ([`train_checkpointed`]) resumes bit for bit where it stopped.
 
 use std::time::Instant;
 
@@ -9,7 +11,13 @@ use serde::Serialize;
 
 use crate::core::model::ConfigError;
 use crate::core::probe::TangentProbe;
-use crate::core::{ModelConfig, ModelSpec, Optimizer, Params, SlotStep, StreamSet};
+use crate::core::{ModelConfig, ModelSpec, Optimizer, Params, SlotState, SlotStep, StreamSet};
+
+mod plot;
+mod snapshot;
+
+pub use plot::plot_trace;
+pub use snapshot::{Checkpoint, STREAMS_ENTRY, streams_from_file, streams_to_file};
 
 /// What to train and for how long.
 #[derive(Debug, Clone)]
@@ -27,6 +35,9 @@ pub struct TrainConfig {
     pub eval_every: Option<u64>,
     /// Record a [`TracePoint`] every this many steps (diagnostics of a long run's stability).
     pub trace_every: Option<u64>,
+    /// Hand the run's state to the checkpoint callback every this many steps
+    /// ([`train_checkpointed`]).
+    pub checkpoint_every: Option<u64>,
 }
 
 /// The state of a run at one step: what grows when an online learner degrades.
@@ -98,6 +109,19 @@ pub struct TrainReport {
     pub seconds: f64,
 }
 
+/// What a run ends with.
+#[derive(Debug)]
+pub struct Trained {
+    /// The report.
+    pub report: TrainReport,
+    /// The weights.
+    pub params: Params<f32>,
+    /// The optimizer, with any gradients summed and not yet applied.
+    pub optimizer: Optimizer<f32>,
+    /// The streams where they stopped.
+    pub streams: StreamSet<f32>,
+}
+
 /// Where a run starts: fresh weights, or a saved model's.
 #[derive(Debug, Clone)]
 pub struct Start {
@@ -107,18 +131,27 @@ pub struct Start {
     /// rate and clip are always the run's.
     pub optimizer: Optimizer<f32>,
     /// Steps already taken: the streams read on from there, the periodic resets keep their
-    /// phase and the random signs their counters. The streams' states start at zero, so an
-    /// online learner (KF-RTRL, UORO, RTRL) continues an earlier run exactly when this is a
-    /// multiple of the reset period; TBPTT loses the losses of its last unfinished window.
+    /// phase and the random signs their counters.
     pub steps: u64,
     /// Symbols already consumed (the scale of the evaluation points).
     pub symbols: u64,
+    /// The streams' states where the earlier run stopped (one per stream, slot order): with them
+    /// the run continues bit for bit. Without them the streams start at zero, so that an online
+    /// learner (KF-RTRL, OK, UORO, RTRL) continues exactly only at a multiple of the reset
+    /// period, and TBPTT loses the losses of its last unfinished window.
+    pub streams: Option<Vec<SlotState<f32>>>,
 }
 
 impl Start {
     /// Freshly initialised weights and optimizer.
     pub fn fresh(spec: &ModelSpec) -> Self {
-        Self { params: Params::init(spec), optimizer: Optimizer::new(spec), steps: 0, symbols: 0 }
+        Self {
+            params: Params::init(spec),
+            optimizer: Optimizer::new(spec),
+            steps: 0,
+            symbols: 0,
+            streams: None,
+        }
     }
 }
 
@@ -172,22 +205,37 @@ pub fn train_from(
     eval: Option<&[u32]>,
     on_progress: impl FnMut(Progress) + Send,
 ) -> Result<(TrainReport, Params<f32>, Optimizer<f32>), ConfigError> {
-    train_evaluated_by(cfg, start, train, eval, on_progress, evaluate)
+    train_checkpointed(cfg, start, train, eval, on_progress, |_| {})
+        .map(|t| (t.report, t.params, t.optimizer))
 }
 
-/// [`train_from`] with the evaluation pass given, so that a test can count the passes.
+/// [`train_from`], handing the run's state to `on_checkpoint` every `cfg.checkpoint_every`
+/// steps; also returns the streams at the end.
+pub fn train_checkpointed(
+    cfg: &TrainConfig,
+    start: Start,
+    train: &[u32],
+    eval: Option<&[u32]>,
+    on_progress: impl FnMut(Progress) + Send,
+    on_checkpoint: impl FnMut(Checkpoint<'_>) + Send,
+) -> Result<Trained, ConfigError> {
+    train_evaluated_by(cfg, start, train, eval, on_progress, on_checkpoint, evaluate)
+}
+
+/// [`train_checkpointed`] with the evaluation pass given, so that a test can count the passes.
 fn train_evaluated_by(
     cfg: &TrainConfig,
     start: Start,
     train: &[u32],
     eval: Option<&[u32]>,
     mut on_progress: impl FnMut(Progress) + Send,
+    mut on_checkpoint: impl FnMut(Checkpoint<'_>) + Send,
     mut evaluate: impl FnMut(&ModelSpec, &Params<f32>, &[u32]) -> f64 + Send,
-) -> Result<(TrainReport, Params<f32>, Optimizer<f32>), ConfigError> {
+) -> Result<Trained, ConfigError> {
     let spec = cfg.model.check()?;
     assert!(!train.is_empty(), "empty training corpus");
     let b = cfg.batch.max(1);
-    let Start { mut params, mut optimizer, steps: first, symbols: start_symbols } = start;
+    let Start { mut params, mut optimizer, steps: first, symbols: start_symbols, streams } = start;
     let too_long = || ConfigError {
         field: "steps",
         reason: format!(
@@ -220,8 +268,22 @@ fn train_evaluated_by(
         opt.restore_pending(p.sum, p.count).expect("a saved pending sum fits its model");
     }
     let mut set = StreamSet::<f32>::new(&spec, b);
-    for s in 0..b {
-        set.set_sign_counter(s, first);
+    match streams {
+        Some(states) => {
+            if states.len() != b {
+                return Err(ConfigError {
+                    field: "streams",
+                    reason: format!("{} saved streams for a run of {b}", states.len()),
+                });
+            }
+            for (s, state) in states.iter().enumerate() {
+                set.import_slot(s, state).map_err(|e| ConfigError {
+                    field: "streams",
+                    reason: format!("saved stream {s}: {e}"),
+                })?;
+            }
+        }
+        None => (0..b).for_each(|s| set.set_sign_counter(s, first)),
     }
     let len = train.len();
     let offsets: Vec<usize> = (0..b).map(|s| s * len / b).collect();
@@ -312,6 +374,15 @@ fn train_evaluated_by(
                 trace_now = trace.last().copied();
             }
             on_progress(Progress { symbols, total, recent_bpc: recent, eval: eval_now, trace: trace_now });
+            if cfg.checkpoint_every.is_some_and(|every| every > 0 && (i + 1) % every == 0) {
+                on_checkpoint(Checkpoint {
+                    steps: i + 1,
+                    params: &params,
+                    optimizer: &opt,
+                    streams: &set,
+                    nonfinite_updates: nonfinite,
+                });
+            }
         }
     });
     let seconds = start.elapsed().as_secs_f64() - eval_seconds;
@@ -336,7 +407,7 @@ fn train_evaluated_by(
         symbols_per_sec: total as f64 / seconds,
         seconds,
     };
-    Ok((report, params, opt))
+    Ok(Trained { report, params, optimizer: opt, streams: set })
 }
 
 #[cfg(test)]
@@ -359,6 +430,7 @@ mod tests {
                 reset_every: None,
                 eval_every: Some(every),
                 trace_every: None,
+                checkpoint_every: None,
             };
             let spec = cfg.model.check().unwrap();
             let mut passes = 0;
@@ -366,13 +438,88 @@ mod tests {
                 passes += 1;
                 evaluate(spec, params, tokens)
             };
-            let (report, params, _) =
-                train_evaluated_by(&cfg, Start::fresh(&spec), &tokens, Some(&tokens[..10]), |_| {}, counted)
-                    .unwrap();
+            let Trained { report, params, .. } = train_evaluated_by(
+                &cfg,
+                Start::fresh(&spec),
+                &tokens,
+                Some(&tokens[..10]),
+                |_| {},
+                |_| {},
+                counted,
+            )
+            .unwrap();
             assert_eq!(report.evals.len(), evals, "every {every}");
             let at_end = report.evals.last().unwrap().symbols == 20;
             assert_eq!(passes, evals + usize::from(!at_end), "every {every}: one pass per evaluation");
             assert_eq!(report.eval_bpc, Some(evaluate(&spec, &params, &tokens[..10])), "every {every}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod checkpoint_tests {
+    use super::*;
+    use crate::core::{CellKind, LearnerKind};
+
+    /// A run stopped at any checkpoint and continued from it (weights, optimizer with its pending
+    /// sum, streams) ends with the weights of the uninterrupted run, bit for bit, for every kind
+    /// of learner state: no resets, so nothing but the saved streams can make it exact.
+    #[test]
+    fn a_run_continued_from_a_checkpoint_equals_the_uninterrupted_run() {
+        let tokens: Vec<u32> = (0..97u32).map(|t| (t * t + 3 * t) % 7).collect();
+        for learner in [LearnerKind::Ok, LearnerKind::KfRtrl, LearnerKind::Uoro, LearnerKind::Tbptt] {
+            let model = ModelConfig {
+                tbptt_window: 4,
+                vocab_size: 7,
+                cell: CellKind::Rhn,
+                hidden: 5,
+                seed: 3,
+                lr: 0.02,
+                ..ModelConfig::model_defaults(learner)
+            };
+            // Updates wait for several steps, so the checkpoints fall between two updates.
+            assert!(model.tokens_per_update > 1 || learner == LearnerKind::Tbptt);
+            let spec = model.check().unwrap();
+            let cfg = |steps, checkpoint_every| TrainConfig {
+                model: model.clone(),
+                batch: 3,
+                steps,
+                reset_every: None,
+                eval_every: None,
+                trace_every: None,
+                checkpoint_every,
+            };
+            let full = train_checkpointed(&cfg(40, None), Start::fresh(&spec), &tokens, None, |_| {}, |_| {})
+                .unwrap();
+            let mut saved = Vec::new();
+            let first = train_checkpointed(
+                &cfg(30, Some(13)),
+                Start::fresh(&spec),
+                &tokens,
+                None,
+                |_| {},
+                |c| {
+                    let streams = (0..3).map(|s| c.streams.export_slot(s)).collect::<Vec<_>>();
+                    saved.push((c.steps, c.params.clone(), c.optimizer.clone(), streams));
+                },
+            )
+            .unwrap();
+            assert_eq!(saved.iter().map(|s| s.0).collect::<Vec<_>>(), [13, 26], "{learner:?}");
+            let (steps, params, optimizer, streams) = saved.swap_remove(0);
+            let start = Start { params, optimizer, steps, symbols: steps * 3, streams: Some(streams) };
+            let rest =
+                train_checkpointed(&cfg(40 - steps, None), start, &tokens, None, |_| {}, |_| {}).unwrap();
+            assert_eq!(rest.params, full.params, "{learner:?}");
+            assert_eq!(rest.optimizer, full.optimizer, "{learner:?}");
+            assert!(first.report.train_bpc.is_finite());
+            assert_eq!((rest.report.start_symbols, rest.report.symbols), (39, 81));
+            // Without the streams the continuation is not the same run (the negative control).
+            let (steps, params, optimizer, _) = saved.swap_remove(0);
+            let start = Start { params, optimizer, steps, symbols: steps * 3, streams: None };
+            let zeroed =
+                train_checkpointed(&cfg(40 - steps, None), start, &tokens, None, |_| {}, |_| {}).unwrap();
+            assert_ne!(zeroed.params, full.params, "{learner:?}");
+            assert_eq!(full.report.symbols, 120);
         }
     }
 }
