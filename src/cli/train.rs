@@ -34,8 +34,8 @@ pub struct TrainArgs {
     #[arg(long, requires = "eval")]
     eval_every: Option<u64>,
     /// Continue training this saved model (from `--save`, or a byte-level server checkpoint):
-    /// its weights, optimizer state, vocabulary and place in the corpus. Its cell, size and seed
-    /// are kept.
+    /// its weights, optimizer state, vocabulary, place in the corpus and streams' states. Its
+    /// cell, size and seed are kept.
     #[arg(long, conflicts_with_all = ["cell", "hidden", "seed"])]
     init: Option<PathBuf>,
     /// Cell: tanh, rhn, lstm.
@@ -130,7 +130,8 @@ pub struct TrainArgs {
     save: Option<PathBuf>,
     /// Also write the --save file every this many steps (atomically), so that a long run stopped
     /// early continues bit for bit from its last checkpoint: `--init` that file with the same
-    /// flags (less --cell, --hidden and --seed) and `--symbols` for the rest.
+    /// flags (less --cell, --hidden and --seed) and `--symbols` for the rest (the checkpoint's
+    /// line on stderr counts every symbol the model has seen, earlier runs included).
     #[arg(long, value_name = "STEPS", requires = "save")]
     checkpoint_every: Option<u64>,
 }
@@ -207,6 +208,11 @@ fn initial(args: &TrainArgs) -> Result<Initial, String> {
     // here starts at the corpus's beginning.
     let streams = streams_from_file(&file).map_err(|e| format!("{}: {e}", path.display()))?;
     let from_server = file.metadata.contains_key("engine");
+    if streams.is_none() && !from_server {
+        eprintln!(
+            "note: the --init model holds no streams' states (saved before they were); they start at zero"
+        );
+    }
     let steps = if from_server { 0 } else { file.counters.steps };
     Ok(Initial {
         base: file.config,

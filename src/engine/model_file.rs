@@ -21,7 +21,8 @@
 //!
 //! A server checkpoint adds [`ExtraTensor`]s (every stream's state and learner factors, stacked
 //! per name under `streams.`) and its bookkeeping as JSON in `metadata`; `kfrtrl train --save`
-//! writes none, and a model loaded from such a file starts its streams afresh.
+//! adds its streams the same way, with their scalars under the metadata entry `train_streams`
+//! (`tools::train::streams_to_file`), which `kfrtrl train --init` continues.
 
 use std::borrow::Cow;
 use std::io::Write;

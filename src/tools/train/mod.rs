@@ -35,8 +35,8 @@ pub struct TrainConfig {
     pub eval_every: Option<u64>,
     /// Record a [`TracePoint`] every this many steps (diagnostics of a long run's stability).
     pub trace_every: Option<u64>,
-    /// Hand the run's state to the checkpoint callback every this many steps
-    /// ([`train_checkpointed`]).
+    /// Hand the run's state to the checkpoint callback every this many steps, the last step
+    /// excepted ([`train_checkpointed`]).
     pub checkpoint_every: Option<u64>,
 }
 
@@ -105,7 +105,7 @@ pub struct TrainReport {
     pub nonfinite_updates: u64,
     /// Training throughput.
     pub symbols_per_sec: f64,
-    /// Wall time of training (evaluations excluded).
+    /// Wall time of training (evaluations and checkpoints excluded).
     pub seconds: f64,
 }
 
@@ -299,6 +299,7 @@ fn train_evaluated_by(
     let mut evals = Vec::new();
     let mut nonfinite = 0;
     let mut eval_seconds = 0.0;
+    let mut checkpoint_seconds = 0.0;
     let mut trace = Vec::new();
     let mut probes: Vec<TangentProbe> = match cfg.trace_every {
         Some(_) => (0..b).map(|s| TangentProbe::new(&spec, spec.config.seed ^ s as u64)).collect(),
@@ -374,7 +375,10 @@ fn train_evaluated_by(
                 trace_now = trace.last().copied();
             }
             on_progress(Progress { symbols, total, recent_bpc: recent, eval: eval_now, trace: trace_now });
-            if cfg.checkpoint_every.is_some_and(|every| every > 0 && (i + 1) % every == 0) {
+            // The run's end hands over its state itself: no checkpoint at the last step.
+            let last = i + 1 == cfg.steps;
+            if !last && cfg.checkpoint_every.is_some_and(|every| every > 0 && (i + 1) % every == 0) {
+                let c0 = Instant::now();
                 on_checkpoint(Checkpoint {
                     steps: i + 1,
                     params: &params,
@@ -382,10 +386,11 @@ fn train_evaluated_by(
                     streams: &set,
                     nonfinite_updates: nonfinite,
                 });
+                checkpoint_seconds += c0.elapsed().as_secs_f64();
             }
         }
     });
-    let seconds = start.elapsed().as_secs_f64() - eval_seconds;
+    let seconds = start.elapsed().as_secs_f64() - eval_seconds - checkpoint_seconds;
     // An evaluation taken at the last step is of these very weights: the same pass again would
     // only cost its time.
     let at_end = evals.last().filter(|p| p.symbols == start_symbols + total).map(|p| p.bpc);
@@ -461,65 +466,143 @@ mod checkpoint_tests {
     use super::*;
     use crate::core::{CellKind, LearnerKind};
 
+    fn model(learner: LearnerKind) -> ModelConfig {
+        ModelConfig {
+            tbptt_window: 4,
+            vocab_size: 7,
+            cell: CellKind::Rhn,
+            hidden: 5,
+            seed: 3,
+            lr: 0.02,
+            ..ModelConfig::model_defaults(learner)
+        }
+    }
+
+    fn config(
+        model: &ModelConfig,
+        steps: u64,
+        checkpoint_every: Option<u64>,
+        reset_every: Option<u64>,
+    ) -> TrainConfig {
+        TrainConfig {
+            model: model.clone(),
+            batch: 3,
+            steps,
+            reset_every,
+            eval_every: None,
+            trace_every: None,
+            checkpoint_every,
+        }
+    }
+
+    fn tokens() -> Vec<u32> {
+        (0..97u32).map(|t| (t * t + 3 * t) % 7).collect()
+    }
+
+    /// The state a run hands to its checkpoints: steps, weights, optimizer, streams.
+    type Saved = (u64, Params<f32>, Optimizer<f32>, Vec<SlotState<f32>>);
+
+    /// Runs `steps` steps from fresh weights with a checkpoint every `every`, keeping each one.
+    fn checkpoints(cfg: &TrainConfig, spec: &ModelSpec) -> Vec<Saved> {
+        let mut saved = Vec::new();
+        let run = train_checkpointed(
+            cfg,
+            Start::fresh(spec),
+            &tokens(),
+            None,
+            |_| {},
+            |c| {
+                let streams = (0..3).map(|s| c.streams.export_slot(s)).collect::<Vec<_>>();
+                saved.push((c.steps, c.params.clone(), c.optimizer.clone(), streams));
+            },
+        );
+        assert!(run.unwrap().report.train_bpc.is_finite());
+        saved
+    }
+
     /// A run stopped at any checkpoint and continued from it (weights, optimizer with its pending
     /// sum, streams) ends with the weights of the uninterrupted run, bit for bit, for every kind
     /// of learner state: no resets, so nothing but the saved streams can make it exact.
     #[test]
     fn a_run_continued_from_a_checkpoint_equals_the_uninterrupted_run() {
-        let tokens: Vec<u32> = (0..97u32).map(|t| (t * t + 3 * t) % 7).collect();
         for learner in [LearnerKind::Ok, LearnerKind::KfRtrl, LearnerKind::Uoro, LearnerKind::Tbptt] {
-            let model = ModelConfig {
-                tbptt_window: 4,
-                vocab_size: 7,
-                cell: CellKind::Rhn,
-                hidden: 5,
-                seed: 3,
-                lr: 0.02,
-                ..ModelConfig::model_defaults(learner)
-            };
+            let model = model(learner);
             // Updates wait for several steps, so the checkpoints fall between two updates.
             assert!(model.tokens_per_update > 1 || learner == LearnerKind::Tbptt);
             let spec = model.check().unwrap();
-            let cfg = |steps, checkpoint_every| TrainConfig {
-                model: model.clone(),
-                batch: 3,
-                steps,
-                reset_every: None,
-                eval_every: None,
-                trace_every: None,
-                checkpoint_every,
-            };
-            let full = train_checkpointed(&cfg(40, None), Start::fresh(&spec), &tokens, None, |_| {}, |_| {})
-                .unwrap();
-            let mut saved = Vec::new();
-            let first = train_checkpointed(
-                &cfg(30, Some(13)),
+            let full = train_checkpointed(
+                &config(&model, 40, None, None),
                 Start::fresh(&spec),
-                &tokens,
+                &tokens(),
                 None,
                 |_| {},
-                |c| {
-                    let streams = (0..3).map(|s| c.streams.export_slot(s)).collect::<Vec<_>>();
-                    saved.push((c.steps, c.params.clone(), c.optimizer.clone(), streams));
-                },
+                |_| {},
             )
             .unwrap();
+            // 39 steps: checkpoints at 13 and 26, none at the last step.
+            let mut saved = checkpoints(&config(&model, 39, Some(13), None), &spec);
             assert_eq!(saved.iter().map(|s| s.0).collect::<Vec<_>>(), [13, 26], "{learner:?}");
             let (steps, params, optimizer, streams) = saved.swap_remove(0);
             let start = Start { params, optimizer, steps, symbols: steps * 3, streams: Some(streams) };
-            let rest =
-                train_checkpointed(&cfg(40 - steps, None), start, &tokens, None, |_| {}, |_| {}).unwrap();
+            let rest = train_checkpointed(
+                &config(&model, 40 - steps, None, None),
+                start,
+                &tokens(),
+                None,
+                |_| {},
+                |_| {},
+            )
+            .unwrap();
             assert_eq!(rest.params, full.params, "{learner:?}");
             assert_eq!(rest.optimizer, full.optimizer, "{learner:?}");
-            assert!(first.report.train_bpc.is_finite());
             assert_eq!((rest.report.start_symbols, rest.report.symbols), (39, 81));
             // Without the streams the continuation is not the same run (the negative control).
             let (steps, params, optimizer, _) = saved.swap_remove(0);
             let start = Start { params, optimizer, steps, symbols: steps * 3, streams: None };
-            let zeroed =
-                train_checkpointed(&cfg(40 - steps, None), start, &tokens, None, |_| {}, |_| {}).unwrap();
+            let zeroed = train_checkpointed(
+                &config(&model, 40 - steps, None, None),
+                start,
+                &tokens(),
+                None,
+                |_| {},
+                |_| {},
+            )
+            .unwrap();
             assert_ne!(zeroed.params, full.params, "{learner:?}");
-            assert_eq!(full.report.symbols, 120);
+        }
+    }
+
+    /// A file without streams (saved before they were) still continues an online learner exactly
+    /// when the split falls on a multiple of the reset period: the streams start at zero there
+    /// anyway, and their sign counters follow the steps taken.
+    #[test]
+    fn without_streams_a_split_at_a_reset_continues_exactly() {
+        for learner in [LearnerKind::Ok, LearnerKind::KfRtrl, LearnerKind::Uoro, LearnerKind::Rtrl] {
+            let model = model(learner);
+            let spec = model.check().unwrap();
+            let full = train_checkpointed(
+                &config(&model, 39, None, Some(13)),
+                Start::fresh(&spec),
+                &tokens(),
+                None,
+                |_| {},
+                |_| {},
+            )
+            .unwrap();
+            let saved = checkpoints(&config(&model, 30, Some(13), Some(13)), &spec);
+            let (steps, params, optimizer, _) = saved.into_iter().next().unwrap();
+            let start = Start { params, optimizer, steps, symbols: steps * 3, streams: None };
+            let rest = train_checkpointed(
+                &config(&model, 39 - steps, None, Some(13)),
+                start,
+                &tokens(),
+                None,
+                |_| {},
+                |_| {},
+            )
+            .unwrap();
+            assert_eq!(rest.params, full.params, "{learner:?}");
+            assert_eq!(rest.optimizer, full.optimizer, "{learner:?}");
         }
     }
 }
