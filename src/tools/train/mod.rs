@@ -499,6 +499,11 @@ mod checkpoint_tests {
         (0..97u32).map(|t| (t * t + 3 * t) % 7).collect()
     }
 
+    /// A run without checkpoints.
+    fn run(cfg: &TrainConfig, start: Start) -> Trained {
+        train_checkpointed(cfg, start, &tokens(), None, |_| {}, |_| {}).unwrap()
+    }
+
     /// The state a run hands to its checkpoints: steps, weights, optimizer, streams.
     type Saved = (u64, Params<f32>, Optimizer<f32>, Vec<SlotState<f32>>);
 
@@ -530,44 +535,20 @@ mod checkpoint_tests {
             // Updates wait for several steps, so the checkpoints fall between two updates.
             assert!(model.tokens_per_update > 1 || learner == LearnerKind::Tbptt);
             let spec = model.check().unwrap();
-            let full = train_checkpointed(
-                &config(&model, 40, None, None),
-                Start::fresh(&spec),
-                &tokens(),
-                None,
-                |_| {},
-                |_| {},
-            )
-            .unwrap();
+            let full = run(&config(&model, 40, None, None), Start::fresh(&spec));
             // 39 steps: checkpoints at 13 and 26, none at the last step.
             let mut saved = checkpoints(&config(&model, 39, Some(13), None), &spec);
             assert_eq!(saved.iter().map(|s| s.0).collect::<Vec<_>>(), [13, 26], "{learner:?}");
             let (steps, params, optimizer, streams) = saved.swap_remove(0);
             let start = Start { params, optimizer, steps, symbols: steps * 3, streams: Some(streams) };
-            let rest = train_checkpointed(
-                &config(&model, 40 - steps, None, None),
-                start,
-                &tokens(),
-                None,
-                |_| {},
-                |_| {},
-            )
-            .unwrap();
+            let rest = run(&config(&model, 40 - steps, None, None), start);
             assert_eq!(rest.params, full.params, "{learner:?}");
             assert_eq!(rest.optimizer, full.optimizer, "{learner:?}");
             assert_eq!((rest.report.start_symbols, rest.report.symbols), (39, 81));
             // Without the streams the continuation is not the same run (the negative control).
             let (steps, params, optimizer, _) = saved.swap_remove(0);
             let start = Start { params, optimizer, steps, symbols: steps * 3, streams: None };
-            let zeroed = train_checkpointed(
-                &config(&model, 40 - steps, None, None),
-                start,
-                &tokens(),
-                None,
-                |_| {},
-                |_| {},
-            )
-            .unwrap();
+            let zeroed = run(&config(&model, 40 - steps, None, None), start);
             assert_ne!(zeroed.params, full.params, "{learner:?}");
         }
     }
@@ -580,27 +561,11 @@ mod checkpoint_tests {
         for learner in [LearnerKind::Ok, LearnerKind::KfRtrl, LearnerKind::Uoro, LearnerKind::Rtrl] {
             let model = model(learner);
             let spec = model.check().unwrap();
-            let full = train_checkpointed(
-                &config(&model, 39, None, Some(13)),
-                Start::fresh(&spec),
-                &tokens(),
-                None,
-                |_| {},
-                |_| {},
-            )
-            .unwrap();
+            let full = run(&config(&model, 39, None, Some(13)), Start::fresh(&spec));
             let saved = checkpoints(&config(&model, 30, Some(13), Some(13)), &spec);
             let (steps, params, optimizer, _) = saved.into_iter().next().unwrap();
             let start = Start { params, optimizer, steps, symbols: steps * 3, streams: None };
-            let rest = train_checkpointed(
-                &config(&model, 39 - steps, None, Some(13)),
-                start,
-                &tokens(),
-                None,
-                |_| {},
-                |_| {},
-            )
-            .unwrap();
+            let rest = run(&config(&model, 39 - steps, None, Some(13)), start);
             assert_eq!(rest.params, full.params, "{learner:?}");
             assert_eq!(rest.optimizer, full.optimizer, "{learner:?}");
         }
