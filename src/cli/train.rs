@@ -183,8 +183,6 @@ struct Saved {
     /// The run's batch and reset period, when its file records them (0: no reset).
     batch: Option<usize>,
     reset_every: Option<u64>,
-    /// The streams' states where the run stopped, when its file holds them.
-    streams: Option<Vec<kfrtrl::core::SlotState<f32>>>,
 }
 
 /// Loads `--init` and checks that the model fits the corpus format (or builds the fresh model's
@@ -204,8 +202,6 @@ fn initial(args: &TrainArgs) -> Result<Initial, String> {
     };
     let file = load(path).map_err(|e| e.to_string())?;
     let (format, vocab) = saved_format_and_vocab(path, &file, args.format)?;
-    // A server checkpoint counts write-ahead-log records, not steps over this corpus: its run
-    // here starts at the corpus's beginning.
     let streams = streams_from_file(&file).map_err(|e| format!("{}: {e}", path.display()))?;
     let from_server = file.metadata.contains_key("engine");
     if streams.is_none() && !from_server {
@@ -213,6 +209,8 @@ fn initial(args: &TrainArgs) -> Result<Initial, String> {
             "note: the --init model holds no streams' states (saved before they were); they start at zero"
         );
     }
+    // A server checkpoint counts write-ahead-log records, not steps over this corpus: its run
+    // here starts at the corpus's beginning.
     let steps = if from_server { 0 } else { file.counters.steps };
     Ok(Initial {
         base: file.config,
@@ -224,12 +222,11 @@ fn initial(args: &TrainArgs) -> Result<Initial, String> {
                 optimizer: file.optimizer,
                 steps,
                 symbols: file.counters.symbols,
-                streams: None,
+                streams,
             },
             nonfinite_updates: file.counters.nonfinite_updates,
             batch: file.metadata.get("batch").and_then(serde_json::Value::as_u64).map(|b| b as usize),
             reset_every: file.metadata.get("reset_every").and_then(serde_json::Value::as_u64),
-            streams,
         }),
     })
 }
@@ -300,14 +297,7 @@ pub fn run(args: TrainArgs) -> Result<(), String> {
     let mut batch = args.batch;
     let mut reset_every = args.reset_every;
     let (tokens, vocab, saved) = match init.saved {
-        Some(Saved {
-            vocab,
-            start,
-            nonfinite_updates,
-            batch: saved_batch,
-            reset_every: saved_reset,
-            streams,
-        }) => {
+        Some(Saved { vocab, start, nonfinite_updates, batch: saved_batch, reset_every: saved_reset }) => {
             batch = batch.or(saved_batch);
             // A file of `kfrtrl train` from before the period was recorded (a server checkpoint
             // records no batch: its streams never reset periodically).
@@ -320,7 +310,7 @@ pub fn run(args: TrainArgs) -> Result<(), String> {
             reset_every = reset_every.or(saved_reset);
             let tokens =
                 tokenize_with(&data, init.format, &vocab).map_err(|e| format!("{}: {e}", corpus_name()))?;
-            (tokens, vocab, Some((start, nonfinite_updates, streams)))
+            (tokens, vocab, Some((start, nonfinite_updates)))
         }
         None => {
             let (tokens, vocab) =
@@ -375,8 +365,8 @@ pub fn run(args: TrainArgs) -> Result<(), String> {
         b => b.unwrap_or(8) as u64,
     };
     let (start, earlier_nonfinite) = match saved {
-        Some((mut start, nonfinite, streams)) => {
-            start.streams = streams.and_then(|s| streams_that_fit(&spec, batch as usize, s));
+        Some((mut start, nonfinite)) => {
+            start.streams = start.streams.take().and_then(|s| streams_that_fit(&spec, batch as usize, s));
             if start.optimizer.kind() != model.optimizer {
                 eprintln!(
                     "note: the optimizer changes from {} to {}; it starts afresh (and the update schedule's ramp with it)",

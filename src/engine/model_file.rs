@@ -34,7 +34,9 @@ use serde::{Deserialize, Serialize};
 
 use super::checksum::checksum_of;
 use crate::core::model::ConfigError;
-use crate::core::{Gradients, ModelConfig, ModelSpec, Optimizer, OptimizerKind, Params, SlotState};
+use crate::core::{
+    Gradients, ModelConfig, ModelSpec, Optimizer, OptimizerKind, Params, SlotState, StreamSet,
+};
 
 /// The `format` entry of the header.
 pub const FORMAT: &str = "kfrtrl-model";
@@ -229,6 +231,30 @@ pub fn unstack_slot_tensors(
                 .collect()
         })
         .collect())
+}
+
+/// Every slot of `set`, exported and stacked under `prefix` ([`stack_slot_tensors`]): the
+/// layout, each slot's scalars and the tensors, for a file that saves a whole set.
+pub fn stack_slots(
+    prefix: &str,
+    set: &StreamSet<f32>,
+) -> Result<(SlotLayout, Vec<SlotScalars>, Vec<ExtraTensor>), String> {
+    let mut states: Vec<SlotState<f32>> = (0..set.capacity()).map(|s| set.export_slot(s)).collect();
+    let scalars = states.iter().map(SlotScalars::of).collect();
+    let mut rows: Vec<&mut SlotState<f32>> = states.iter_mut().collect();
+    let (layout, extra) = stack_slot_tensors(prefix, &mut rows)?;
+    Ok((layout, scalars, extra))
+}
+
+/// The inverse of [`stack_slots`]: one slot state per entry of `scalars`, in order.
+pub fn unstack_slots(
+    prefix: &str,
+    layout: &SlotLayout,
+    scalars: Vec<SlotScalars>,
+    extra: &[ExtraTensor],
+) -> Result<Vec<SlotState<f32>>, String> {
+    let tensors = unstack_slot_tensors(prefix, layout, extra, scalars.len())?;
+    Ok(scalars.into_iter().zip(tensors).map(|(s, t)| s.with_tensors(t)).collect())
 }
 
 fn invalid(reason: impl Into<String>) -> ModelFileError {

@@ -32,10 +32,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::core::model::ConfigError;
 use crate::core::rng::{CounterRng, derive_key};
-use crate::core::{ModelConfig, ModelSpec, Optimizer, Params, SlotState, SlotStep, StreamSet, UpdateOutcome};
-use crate::engine::model_file::{
-    Counters, ModelFile, SlotLayout, SlotScalars, stack_slot_tensors, unstack_slot_tensors,
-};
+use crate::core::{ModelConfig, ModelSpec, Optimizer, Params, SlotStep, StreamSet, UpdateOutcome};
+use crate::engine::model_file::{Counters, ModelFile, SlotLayout, SlotScalars, stack_slots, unstack_slots};
 
 /// Vocabulary size of the task.
 pub const VOCAB: usize = 4;
@@ -383,10 +381,7 @@ impl CopyRun {
 
     /// The run as a model file: see [`CopyRun`].
     pub fn snapshot(&self) -> Result<ModelFile, String> {
-        let mut states: Vec<SlotState<f32>> = (0..self.batch).map(|s| self.set.export_slot(s)).collect();
-        let scalars: Vec<SlotScalars> = states.iter().map(SlotScalars::of).collect();
-        let mut rows: Vec<&mut SlotState<f32>> = states.iter_mut().collect();
-        let (layout, extra) = stack_slot_tensors(STREAMS_PREFIX, &mut rows)?;
+        let (layout, scalars, extra) = stack_slots(STREAMS_PREFIX, &self.set)?;
         let json = SnapshotJson {
             batch: self.batch,
             data_seed: self.cfg.data_seed,
@@ -459,11 +454,10 @@ impl CopyRun {
         if json.level == 0 || json.level > 1_000_000 || !ema.is_finite() || json.max_length < json.level {
             return Err("the snapshot's curriculum is invalid".into());
         }
-        let tensors = unstack_slot_tensors(STREAMS_PREFIX, &json.layout, &file.extra, b)?;
-        for (slot, (scalars, tensors)) in json.slots.into_iter().zip(tensors).enumerate() {
-            run.set
-                .import_slot(slot, &scalars.with_tensors(tensors))
-                .map_err(|e| format!("stream {slot} of the snapshot: {e}"))?;
+        for (slot, state) in
+            unstack_slots(STREAMS_PREFIX, &json.layout, json.slots, &file.extra)?.iter().enumerate()
+        {
+            run.set.import_slot(slot, state).map_err(|e| format!("stream {slot} of the snapshot: {e}"))?;
         }
         run.params = file.params;
         run.opt = file.optimizer;

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::core::{Optimizer, Params, SlotState, StreamSet};
 use crate::engine::model_file::{
-    ExtraTensor, ModelFile, SlotLayout, SlotScalars, stack_slot_tensors, unstack_slot_tensors,
+    ExtraTensor, ModelFile, SlotLayout, SlotScalars, stack_slots, unstack_slots,
 };
 
 /// A run's state at a checkpoint, after a whole step: with the place in the corpus it makes a
@@ -42,10 +42,7 @@ pub fn streams_to_file(
     set: &StreamSet<f32>,
     metadata: &mut serde_json::Map<String, serde_json::Value>,
 ) -> Result<Vec<ExtraTensor>, String> {
-    let mut states: Vec<SlotState<f32>> = (0..set.capacity()).map(|s| set.export_slot(s)).collect();
-    let slots: Vec<SlotScalars> = states.iter().map(SlotScalars::of).collect();
-    let mut rows: Vec<&mut SlotState<f32>> = states.iter_mut().collect();
-    let (layout, extra) = stack_slot_tensors(STREAMS_PREFIX, &mut rows)?;
+    let (layout, slots, extra) = stack_slots(STREAMS_PREFIX, set)?;
     let json = serde_json::to_value(StreamsJson { layout, slots }).map_err(|e| e.to_string())?;
     metadata.insert(STREAMS_ENTRY.into(), json);
     Ok(extra)
@@ -56,6 +53,5 @@ pub fn streams_from_file(file: &ModelFile) -> Result<Option<Vec<SlotState<f32>>>
     let Some(entry) = file.metadata.get(STREAMS_ENTRY) else { return Ok(None) };
     let json: StreamsJson =
         serde_json::from_value(entry.clone()).map_err(|e| format!("{STREAMS_ENTRY} metadata: {e}"))?;
-    let tensors = unstack_slot_tensors(STREAMS_PREFIX, &json.layout, &file.extra, json.slots.len())?;
-    Ok(Some(json.slots.into_iter().zip(tensors).map(|(scalars, t)| scalars.with_tensors(t)).collect()))
+    unstack_slots(STREAMS_PREFIX, &json.layout, json.slots, &file.extra).map(Some)
 }
