@@ -91,8 +91,9 @@ fn steady_state_steps_allocate_nothing_in_pool() {
     let mut report = Vec::new();
     for cell in CellKind::ALL {
         for learner in learners {
-            // (16, 24): enough window entries (24 × 3) for TBPTT to split its rows over the pool.
-            for (hidden, batch) in [(4, 1), (8, 5), (16, 24), (128, 3)] {
+            // (16, 24): enough window entries (24 × 3) for TBPTT to split its rows over the pool;
+            // (8, 200): windows flushed in two chunks side by side.
+            for (hidden, batch) in [(4, 1), (8, 5), (16, 24), (128, 3), (8, 200)] {
                 if learner == LearnerKind::Rtrl && hidden > 8 {
                     continue;
                 }

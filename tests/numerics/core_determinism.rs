@@ -10,6 +10,17 @@ fn run(threads: usize, cell: CellKind, learner: LearnerKind) -> (Params<f32>, Ve
 }
 
 fn run_config(threads: usize, config: ModelConfig, batch: usize) -> (Params<f32>, Vec<f32>, Vec<u64>) {
+    run_steps(threads, config, batch, 25, 7)
+}
+
+/// `steps` steps of `batch` streams; stream `b` skips the steps `t` where `skip` divides `t + b`.
+fn run_steps(
+    threads: usize,
+    config: ModelConfig,
+    batch: usize,
+    steps: u32,
+    skip: usize,
+) -> (Params<f32>, Vec<f32>, Vec<u64>) {
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
     pool.install(|| {
         let spec = ModelConfig { vocab_size: 256, ok_rank: 3, seed: 3, ..config }.check().unwrap();
@@ -18,9 +29,9 @@ fn run_config(threads: usize, config: ModelConfig, batch: usize) -> (Params<f32>
         let mut set = StreamSet::<f32>::new(&spec, batch);
         let mut losses = vec![0.0; batch];
         let mut loss_bits = Vec::new();
-        for t in 0..25u32 {
+        for t in 0..steps {
             let inputs: Vec<SlotStep> = (0..batch)
-                .filter(|b| !(t as usize + b).is_multiple_of(7))
+                .filter(|b| !(t as usize + b).is_multiple_of(skip))
                 .map(|b| SlotStep {
                     slot: b,
                     token: (t * 31 + b as u32 * 17) % 256,
@@ -77,6 +88,28 @@ fn two_streams_at_width_256_do_not_depend_on_the_thread_count() {
             &run_config(2, config, 2),
             &format!("{learner} with 2 threads"),
         );
+    }
+}
+
+/// TBPTT windows of 8 entries flush at most 64 slots per chunk: 130 streams in step flush in
+/// three chunks (44, 43 and 43 slots) every 8 steps, one chunk after another on one thread, two
+/// and then one side by side on two, all three at once on three.
+#[test]
+fn tbptt_chunks_side_by_side_do_not_depend_on_the_thread_count() {
+    for cell in [CellKind::Tanh, CellKind::Rhn] {
+        let config = ModelConfig {
+            cell,
+            learner: LearnerKind::Tbptt,
+            hidden: 32,
+            tbptt_window: 8,
+            ..ModelConfig::default()
+        };
+        // A skip period longer than the run: every stream advances at every step.
+        let one = run_steps(1, config.clone(), 130, 17, 1000);
+        for threads in [2, 3] {
+            let other = run_steps(threads, config.clone(), 130, 17, 1000);
+            assert_same_run(&one, &other, &format!("{cell} tbptt:8 with {threads} threads"));
+        }
     }
 }
 

@@ -32,10 +32,10 @@ fn rel(a: &[f64], b: &[f64]) -> f64 {
     if nb == 0.0 { diff } else { diff / nb }
 }
 
-/// What stream `b` does at step `t`: nothing before its start, a reset at one step, a
-/// predict-only token at others.
-fn step_of(b: usize, t: usize, token: u32) -> Option<SlotStep> {
-    let start = 3 * b;
+/// What stream `b` does at step `t`: nothing before its start (`stagger · b`), a reset at one
+/// step, a predict-only token at others.
+fn step_of(b: usize, t: usize, token: u32, stagger: usize) -> Option<SlotStep> {
+    let start = stagger * b;
     (t >= start).then(|| SlotStep {
         slot: b,
         token,
@@ -47,7 +47,14 @@ fn step_of(b: usize, t: usize, token: u32) -> Option<SlotStep> {
 /// Runs `streams` streams together and one set per stream, with frozen weights, and returns the
 /// worst relative difference of the summed gradients over all steps and how many steps flushed
 /// windows of several streams at once.
-fn batched_vs_alone(cell: CellKind, n: usize, vocab: usize, streams: usize, window: usize) -> (f64, usize) {
+fn batched_vs_alone(
+    cell: CellKind,
+    n: usize,
+    vocab: usize,
+    streams: usize,
+    window: usize,
+    stagger: usize,
+) -> (f64, usize) {
     let spec = config(cell, n, vocab, LearnerKind::Tbptt, window).check().unwrap();
     let params = Params::<f64>::init(&spec);
     let mut batched = StreamSet::<f64>::new(&spec, streams);
@@ -57,7 +64,7 @@ fn batched_vs_alone(cell: CellKind, n: usize, vocab: usize, streams: usize, wind
     let (mut worst, mut shared_flushes) = (0.0f64, 0);
     for t in 0..6 * window + 3 * streams {
         let steps: Vec<SlotStep> =
-            (0..streams).filter_map(|b| step_of(b, t, rng.below(vocab as u64) as u32)).collect();
+            (0..streams).filter_map(|b| step_of(b, t, rng.below(vocab as u64) as u32, stagger)).collect();
         if steps.is_empty() {
             continue;
         }
@@ -90,11 +97,27 @@ fn tbptt_batched_windows_equal_each_stream_alone() {
     for cell in CellKind::ALL {
         // Small and exact; then wide enough that the GEMMs split over threads.
         for (n, vocab, streams) in [(5, 4, 5), (64, 11, 12)] {
-            let (worst, shared) = batched_vs_alone(cell, n, vocab, streams, 4);
+            let (worst, shared) = batched_vs_alone(cell, n, vocab, streams, 4, 3);
             println!(
                 "{cell} n={n} B={streams}: worst relative difference {worst:.3e}, {shared} shared flushes"
             );
             assert!(shared >= 3, "{cell}: too few steps flushed several streams together ({shared})");
+        }
+    }
+}
+
+/// Windows of 64 entries flush at most 8 slots per chunk: 20 streams in step flush in three
+/// chunks (7, 7 and 6 slots), side by side on a pool of two or three threads.
+#[test]
+fn tbptt_windows_flushed_in_several_chunks_equal_each_stream_alone() {
+    for threads in [1, 2, 3] {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        for cell in CellKind::ALL {
+            let (worst, shared) = pool.install(|| batched_vs_alone(cell, 5, 4, 20, 64, 0));
+            println!(
+                "{cell}, {threads} threads: worst relative difference {worst:.3e}, {shared} shared flushes"
+            );
+            assert!(shared >= 2, "{cell}: too few steps flushed several streams together ({shared})");
         }
     }
 }

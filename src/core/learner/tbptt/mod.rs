@@ -6,15 +6,18 @@
 //! backpropagated (`finish_sequence`); only entries not yet scored are dropped.
 //!
 //! The windows that complete in one step are backpropagated together, in chunks of slots whose
-//! `F·K` entries fit one GEMM depth block (512): the readout gradient, the readout's `∂L/∂h`, the
-//! recomputed forward step and `∇W_h` are one GEMM each over all the chunk's entries, and only the
-//! recursion `∂L/∂h_{j−1} = … + dZ_j W_h` is one GEMM per entry, over the chunk's slots. Sums over
-//! entries never exceed a depth block, so that results are bit-identical across thread counts.
-//! Nothing is allocated per token: the gathered rows live in scratch sized for one chunk.
+//! `F·K` entries fit one GEMM depth block (512), several chunks at once on the pool's threads
+//! (`flush.rs`): the readout gradient, the readout's `∂L/∂h`, the recomputed forward step and
+//! `∇W_h` are one GEMM each over all the chunk's entries, and only the recursion
+//! `∂L/∂h_{j−1} = … + dZ_j W_h` is one GEMM per entry, over the chunk's slots. Sums over entries
+//! never exceed a depth block and chunks are added in chunk order, so that results are
+//! bit-identical across thread counts. Nothing is allocated per token: the gathered rows live in
+//! scratch sized for one chunk per thread.
 
-use ndarray::{Array2, Array3, ArrayView1, ArrayView2, ArrayViewMut1, Axis, Zip, s};
+use ndarray::{Array2, Array3, ArrayView1, ArrayView2, Axis, s};
+use rayon::prelude::*;
 
-use crate::core::linalg::{Par, gemm, through_d};
+use crate::core::linalg::Par;
 
 use super::SlotStep;
 use crate::core::float::{Float, all_finite};
@@ -23,6 +26,10 @@ use crate::core::optim::Gradients;
 use crate::core::slot_state::{SlotState, SlotStateError, names};
 
 use super::StepInputs;
+
+mod flush;
+
+use flush::{ChunkScratch, Windows, chunk_layout, chunk_slots};
 
 /// Truncated-BPTT windows of every slot.
 #[derive(Debug, Clone)]
@@ -44,44 +51,22 @@ pub struct Tbptt<T> {
     scratch: Box<Scratch<T>>,
 }
 
-/// Entries summed by one reduction GEMM at most (a depth block of the backend).
-const DEPTH_BLOCK: usize = 512;
-
-/// Slots backpropagated together when their windows hold `len` entries.
-fn chunk_slots(len: usize) -> usize {
-    (DEPTH_BLOCK / len.max(1)).max(1)
-}
-
-/// Rows gathered for one chunk of the batched backward pass: `F` flushing slots, and their
-/// `R = len·F` entries, entry `j` of slot row `f` at row `j·F + f`.
+/// The flushing slots of one step and the state after each one's window; the scratch of the
+/// chunks backpropagated at once.
 #[derive(Debug, Clone)]
 struct Scratch<T> {
     /// The flushing slots, in row order (all chunks).
     slots: Vec<usize>,
     /// The state after each slot's last flushed entry (`slots.len() × s`).
     last: Array2<T>,
-    /// `h` after each entry, `h` before it, its readout error (`R × n`, `R × n`, `R × vocab`).
-    h_after: Array2<T>,
-    h_prev: Array2<T>,
-    err: Array2<T>,
-    /// The readout's `∂L/∂h` at each entry, `E V_h` (`R × n`).
-    readout_dh: Array2<T>,
-    /// Recomputed pre-activations, cell derivatives and `∂L/∂z` of each entry.
-    z: Array2<T>,
-    d: Array2<T>,
-    carry: Array2<T>,
-    dz: Array2<T>,
-    /// The cell's next state of each entry (computed with the derivatives, not needed).
-    next: Array2<T>,
-    /// `∂L/∂s` after the entry, then before it (`F × s` each).
-    g: Array2<T>,
-    g2: Array2<T>,
+    /// One per chunk run side by side.
+    chunks: Vec<ChunkScratch<T>>,
 }
 
 impl<T: Float> Tbptt<T> {
     /// Empty windows for `capacity` slots.
     pub fn new(spec: &ModelSpec, capacity: usize) -> Self {
-        let (n, r, k, s_len, kw) = (spec.n, spec.r, spec.k, spec.state_len(), spec.config.tbptt_window);
+        let (s_len, kw) = (spec.state_len(), spec.config.tbptt_window);
         Self {
             window: kw,
             prev: Array3::zeros((capacity, kw, s_len)),
@@ -93,21 +78,13 @@ impl<T: Float> Tbptt<T> {
             flushed: vec![0; capacity],
             scratch: Box::new({
                 let f = chunk_slots(kw).min(capacity);
-                let rows = f * kw;
+                // As many chunks side by side as the pool has threads (results do not depend on
+                // it), never more than the capacity can fill.
+                let side_by_side = rayon::current_num_threads().clamp(1, capacity.div_ceil(f));
                 Scratch {
                     slots: Vec::with_capacity(capacity),
                     last: Array2::zeros((capacity, s_len)),
-                    h_after: Array2::zeros((rows, n)),
-                    h_prev: Array2::zeros((rows, n)),
-                    err: Array2::zeros((rows, spec.vocab)),
-                    readout_dh: Array2::zeros((rows, n)),
-                    z: Array2::zeros((rows, r * n)),
-                    d: Array2::zeros((rows, k * r * n)),
-                    carry: Array2::zeros((rows, k * k * n)),
-                    dz: Array2::zeros((rows, r * n)),
-                    next: Array2::zeros((rows, s_len)),
-                    g: Array2::zeros((f, s_len)),
-                    g2: Array2::zeros((f, s_len)),
+                    chunks: (0..side_by_side).map(|_| ChunkScratch::new(spec, f, kw)).collect(),
                 }
             }),
         }
@@ -306,151 +283,34 @@ impl<T: Float> Tbptt<T> {
     }
 
     /// Backpropagates the first `len` entries of the windows of `scratch.slots` into `grad`, in
-    /// chunks of [`chunk_slots`]; `scratch.last` holds, row by row, the state after each slot's
-    /// entry `len − 1`.
+    /// the chunks of [`chunk_ranges`], as many at once as there are chunk scratches;
+    /// `scratch.last` holds, row by row, the state after each slot's entry `len − 1`.
     fn flush(&mut self, spec: &ModelSpec, params: &Params<T>, len: usize, grad: &mut Gradients<T>) {
-        for &b in &self.scratch.slots {
+        let Scratch { slots, last, chunks } = &mut *self.scratch;
+        for &b in slots.iter() {
             self.flushed[b] = len;
         }
-        let per_chunk = chunk_slots(len);
-        let mut first = 0;
-        while first < self.scratch.slots.len() {
-            let end = (first + per_chunk).min(self.scratch.slots.len());
-            self.flush_chunk(spec, params, len, first..end, grad);
-            first = end;
-        }
-    }
-
-    /// One chunk of [`Tbptt::flush`]: the slots `scratch.slots[chunk]`.
-    fn flush_chunk(
-        &mut self,
-        spec: &ModelSpec,
-        params: &Params<T>,
-        len: usize,
-        chunk: std::ops::Range<usize>,
-        grad: &mut Gradients<T>,
-    ) {
-        let (n, k) = (spec.n, spec.k);
-        let hoff = spec.h_offset();
-        let (h_col, bias) = (spec.h_col(), spec.bias_col());
-        let w_h = params.w_h(spec);
-        let v_h = params.v.slice(s![.., ..n]);
-        let Scratch { slots, last, h_after, h_prev, err, readout_dh, z, d, carry, dz, next, g, g2 } =
-            &mut *self.scratch;
-        let slots = &slots[chunk.clone()];
-        let f = slots.len();
-        let rows = s![..len * f, ..];
-        for j in 0..len {
-            for (row, &b) in slots.iter().enumerate() {
-                let at = j * f + row;
-                let after = if j + 1 < len {
-                    self.prev.slice(s![b, j + 1, hoff..])
-                } else {
-                    last.slice(s![chunk.start + row, hoff..])
-                };
-                h_after.row_mut(at).assign(&after);
-                h_prev.row_mut(at).assign(&self.prev.slice(s![b, j, hoff..]));
-                err.row_mut(at).assign(&self.err.slice(s![b, j, ..]));
+        let windows = Windows { prev: &self.prev, tokens: &self.tokens, err: &self.err };
+        let (count, size) = chunk_layout(slots.len(), len);
+        let range = |c: usize| c * size..((c + 1) * size).min(slots.len());
+        for wave in (0..count).step_by(chunks.len()) {
+            let width = chunks.len().min(count - wave);
+            let run = |scratch: &mut ChunkScratch<T>, c: usize, par| {
+                let last = last.slice(s![range(c), ..]);
+                scratch.backprop(spec, params, &windows, &slots[range(c)], last, len, par);
+            };
+            if width == 1 {
+                run(&mut chunks[0], wave, Par::Pool);
+            } else {
+                chunks[..width]
+                    .par_iter_mut()
+                    .enumerate()
+                    .for_each(|(i, scratch)| run(scratch, wave + i, Par::Single));
+            }
+            for (i, scratch) in chunks[..width].iter().enumerate() {
+                scratch.accumulate(spec, &windows, &slots[range(wave + i)], len, grad);
             }
         }
-        let (h_after, h_prev, err) = (h_after.slice(rows), h_prev.slice(rows), err.slice(rows));
-        // Readout of every entry: ∇V += Eᵀ [H_after 1], and its ∂L/∂h, E V_h.
-        gemm(T::one(), err.t(), h_after, T::one(), grad.v.slice_mut(s![.., ..n]), Par::Pool);
-        let mut v_bias = grad.v.column_mut(n);
-        for e in err.rows() {
-            v_bias.zip_mut_with(&e, |acc, &ev| *acc = *acc + ev);
-        }
-        let mut readout_dh = readout_dh.slice_mut(rows);
-        gemm(T::one(), err, v_h, T::zero(), readout_dh.view_mut(), Par::Pool);
-        // Every entry's cell derivatives: from its output where the cell allows (tanh), else from
-        // the forward step run again, Z = H_prev W_hᵀ + W_x + b.
-        // One task per entry row (on the pool when there are enough): rows are independent.
-        let cell = spec.cell();
-        let pooled = len * f >= 64;
-        let (mut d_rows, mut carry_rows, mut next_rows) =
-            (d.slice_mut(rows), carry.slice_mut(rows), next.slice_mut(rows));
-        if cell.output_determines_derivatives() {
-            let work = |_at: usize,
-                        h: ArrayView1<'_, T>,
-                        mut d: ArrayViewMut1<'_, T>,
-                        mut carry: ArrayViewMut1<'_, T>| {
-                cell.derivatives_from_next(
-                    h.to_slice().expect("row"),
-                    d.as_slice_mut().expect("row"),
-                    carry.as_slice_mut().expect("row"),
-                );
-            };
-            let zip = Zip::indexed(h_after.rows()).and(d_rows.rows_mut()).and(carry_rows.rows_mut());
-            if pooled { zip.par_for_each(work) } else { zip.for_each(work) }
-        } else {
-            let mut z = z.slice_mut(rows);
-            gemm(T::one(), h_prev, w_h.t(), T::zero(), z.view_mut(), Par::Pool);
-            let (prev_all, tokens) = (&self.prev, &self.tokens);
-            let work = |at: usize,
-                        mut z: ArrayViewMut1<'_, T>,
-                        mut next: ArrayViewMut1<'_, T>,
-                        mut d: ArrayViewMut1<'_, T>,
-                        mut carry: ArrayViewMut1<'_, T>| {
-                let (j, b) = (at / f, slots[at % f]);
-                let token = tokens[[b, j]] as usize;
-                let zr = z.as_slice_mut().expect("row");
-                for (q_row, zv) in zr.iter_mut().enumerate() {
-                    *zv = *zv + params.w[[q_row, token]] + params.w[[q_row, bias]];
-                }
-                let prev = prev_all.slice(s![b, j, ..]);
-                cell.forward(
-                    n,
-                    zr,
-                    prev.to_slice().expect("row"),
-                    next.as_slice_mut().expect("row"),
-                    d.as_slice_mut().expect("row"),
-                    carry.as_slice_mut().expect("row"),
-                );
-            };
-            let zip = Zip::indexed(z.rows_mut())
-                .and(next_rows.rows_mut())
-                .and(d_rows.rows_mut())
-                .and(carry_rows.rows_mut());
-            if pooled { zip.par_for_each(work) } else { zip.for_each(work) }
-        }
-        // The recursion over the window, all the chunk's slots at once.
-        let (mut g, mut g2) = (g.slice_mut(s![..f, ..]), g2.slice_mut(s![..f, ..]));
-        g.fill(T::zero());
-        for j in (0..len).rev() {
-            let entry = s![j * f..(j + 1) * f, ..];
-            g.slice_mut(s![.., hoff..]).zip_mut_with(&readout_dh.slice(entry), |a, &b| *a = *a + b);
-            for (row, &b) in slots.iter().enumerate() {
-                let at = j * f + row;
-                let token = self.tokens[[b, j]] as usize;
-                let (gr, d, carry) = (g.row(row), d.row(at), carry.row(at));
-                let (gr, d, carry) =
-                    (gr.to_slice().expect("row"), d.to_slice().expect("row"), carry.to_slice().expect("row"));
-                // ∂L/∂z of each gate row: Σ over state blocks of D ∘ ∂L/∂s.
-                let dzr = dz.row_mut(at).into_slice().expect("row");
-                through_d(spec, gr, d, dzr);
-                // The carried part of ∂L/∂s before the step.
-                let mut g2r = g2.row_mut(row);
-                for bj in 0..k {
-                    for l in 0..n {
-                        let mut acc = T::zero();
-                        for bi in 0..k {
-                            acc = acc + carry[(bi * k + bj) * n + l] * gr[bi * n + l];
-                        }
-                        g2r[bj * n + l] = acc;
-                    }
-                }
-                // Input and bias columns of ∇W (the token's one-hot picks one column).
-                for (q_row, &dzv) in dzr.iter().enumerate() {
-                    grad.w[[q_row, token]] = grad.w[[q_row, token]] + dzv;
-                    grad.w[[q_row, bias]] = grad.w[[q_row, bias]] + dzv;
-                }
-            }
-            gemm(T::one(), dz.slice(entry), w_h, T::one(), g2.slice_mut(s![.., hoff..]), Par::Pool);
-            std::mem::swap(&mut g, &mut g2);
-        }
-        // ∇W_h += dZᵀ H_prev over every entry.
-        let dz = dz.slice(rows);
-        gemm(T::one(), dz.t(), h_prev, T::one(), grad.w.slice_mut(s![.., h_col..h_col + n]), Par::Pool);
     }
 
     pub(super) fn advance(&mut self, step: &StepInputs<'_, T>) {
