@@ -241,3 +241,30 @@ impl<T: Float> ChunkScratch<T> {
         gemm(T::one(), dz.t(), h_prev, T::one(), grad.w.slice_mut(s![.., h_col..h_col + n]), Par::Pool);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The layout is the contract behind bit-identical results: every chunk's sums fit one depth
+    /// block, and chunks are as few and as even as that allows (results and speed depend on it,
+    /// the thread count never does).
+    #[test]
+    fn chunks_fit_a_depth_block_and_are_as_few_and_even_as_it_allows() {
+        assert_eq!((chunk_slots(25), chunk_slots(8), chunk_slots(512), chunk_slots(600)), (20, 64, 1, 1));
+        assert_eq!(chunk_slots(0), DEPTH_BLOCK);
+        for (flushing, len, layout) in
+            [(32, 25, (2, 16)), (130, 8, (3, 44)), (20, 25, (1, 20)), (1, 600, (1, 1))]
+        {
+            assert_eq!(chunk_layout(flushing, len), layout, "{flushing} slots of {len} entries");
+        }
+        for flushing in 1..200 {
+            for len in [1, 3, 8, 25, 64, 100, 511, 513] {
+                let (count, size) = chunk_layout(flushing, len);
+                assert!(size * len <= DEPTH_BLOCK || size == 1, "{flushing}×{len}: chunks of {size}");
+                assert!(count * size >= flushing && (count - 1) * size < flushing, "{flushing}×{len}");
+                assert_eq!(count, flushing.div_ceil(chunk_slots(len)), "{flushing}×{len}: not the fewest");
+            }
+        }
+    }
+}
