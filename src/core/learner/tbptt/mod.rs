@@ -47,8 +47,7 @@ pub struct Tbptt<T> {
     /// Length of the window last backpropagated (its entries stay in the buffers until
     /// overwritten), so that a non-finite gradient can be traced to the window that made it.
     flushed: Vec<usize>,
-    /// Boxed: a dozen arrays would make this the largest variant of `Learner` by far.
-    scratch: Box<Scratch<T>>,
+    scratch: Scratch<T>,
 }
 
 /// The flushing slots of one step and the state after each one's window; the scratch of the
@@ -76,7 +75,7 @@ impl<T: Float> Tbptt<T> {
             scored: vec![0; capacity],
             learned: vec![0; capacity],
             flushed: vec![0; capacity],
-            scratch: Box::new({
+            scratch: {
                 let f = chunk_slots(kw).min(capacity);
                 // As many chunks side by side as the pool has threads (results do not depend on
                 // it), never more than the capacity can fill.
@@ -86,7 +85,7 @@ impl<T: Float> Tbptt<T> {
                     last: Array2::zeros((capacity, s_len)),
                     chunks: (0..side_by_side).map(|_| ChunkScratch::new(spec, f, kw)).collect(),
                 }
-            }),
+            },
         }
     }
 
@@ -286,7 +285,7 @@ impl<T: Float> Tbptt<T> {
     /// the chunks of [`chunk_ranges`], as many at once as there are chunk scratches;
     /// `scratch.last` holds, row by row, the state after each slot's entry `len − 1`.
     fn flush(&mut self, spec: &ModelSpec, params: &Params<T>, len: usize, grad: &mut Gradients<T>) {
-        let Scratch { slots, last, chunks } = &mut *self.scratch;
+        let Scratch { slots, last, chunks } = &mut self.scratch;
         for &b in slots.iter() {
             self.flushed[b] = len;
         }
